@@ -1,0 +1,89 @@
+"""Writing output folders safely: refuse to overwrite without ``force``, write into a temporary
+sibling folder, and rename it into place only when it is complete."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ShrinkError
+
+RECORD = "shrink.json"
+_LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "SOURCE.md")
+
+
+def check_output(output: str | Path, force: bool = False) -> Path:
+    """Fail early if ``output`` exists and is not an empty folder (unless ``force``)."""
+    out = Path(output).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise ShrinkError(f"output '{output}' exists and is a file")
+        if any(out.iterdir()) and not force:
+            raise ShrinkError(f"output folder '{output}' exists and is not empty "
+                              "(use --force to replace it)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ShrinkError(f"cannot write '{output}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ShrinkError(f"cannot write '{output}': folder '{parent}' is not writable")
+    return out
+
+
+@contextmanager
+def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``output`` in one rename.
+
+    If the block raises, the temporary folder is removed and ``output`` is left untouched.
+    """
+    out = check_output(output, force).resolve()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_license_files(src: Path | None, dst: Path) -> list[str]:
+    """Carry license and provenance files of a local source model into an output folder."""
+    copied: list[str] = []
+    if src is None or not src.is_dir():
+        return copied
+    for pattern in _LICENSE_PATTERNS:
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+                copied.append(f.name)
+    return copied
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"shrink": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def write_record(folder: Path, previous: dict | None, stage: dict, **top) -> dict:
+    """Write ``shrink.json``: the previous stages of the source model plus this one."""
+    record = dict(previous or {"format": 1, "stages": []})
+    record.update({k: v for k, v in top.items() if v is not None})
+    record["stages"] = list(record.get("stages", [])) + [{**stage, "versions": versions()}]
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,29 @@
+"""Progress bars on stderr (rich), off when SHRINK_NO_PROGRESS is set or enabled=False."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+T = TypeVar("T")
+stderr = Console(stderr=True)
+
+
+def progress_bar(items: Iterable[T], description: str, enabled: bool = True,
+                 total: int | None = None) -> Iterator[T]:
+    if not enabled or os.environ.get("SHRINK_NO_PROGRESS"):
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=stderr,
+                  transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
