@@ -232,5 +232,139 @@ def eval_cmd(model, data, samples, seq_len, seed, batch_size, json_out, dtype, d
                       f"{data} ({result.seconds:.1f} s)")
 
 
+# --- analytic: estimate and claims (no weights needed) ---
+
+def _count(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.3f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n:,.0f}"
+
+
+def _gb(n_bytes: float) -> str:
+    from .estimate import GB
+
+    return f"{n_bytes / GB:.2f} GB"
+
+
+def _flops(n: float) -> str:
+    return f"{n / 1e9:.2f} GFLOP"
+
+
+@main.command("estimate")
+@click.argument("model")
+@click.option("--drop", default=0, show_default=True, help="Number of decoder layers removed.")
+@click.option("--bits", type=click.Choice(["16", "8", "4", "3", "2"]), default="16",
+              show_default=True, help="Weight bits; below 16 uses the GPTQ layout for Linears.")
+@click.option("--group-size", default=128, show_default=True,
+              help="GPTQ group size (-1: one group per output channel).")
+@click.option("--context", default=4096, show_default=True, help="Context length in tokens.")
+@click.option("--batch", default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--gpu", default="all", show_default=True,
+              help="GPU from the table ('4090', 'rtx-3090', 'm3max', ...) or 'all'.")
+@click.option("--json", "json_out", metavar="FILE|-", default=None,
+              help="Also write the estimate as JSON to FILE ('-': print only JSON on stdout).")
+def estimate(model, drop, bits, group_size, context, batch, gpu, json_out):
+    """Estimate parameters, memory, KV cache, FLOPs and GPU fit of MODEL from its config alone.
+
+    MODEL is an alias (llama-2-7b, smollm2-135m, ...), a folder with config.json, a .json file or a
+    hub id. No weights are loaded.
+    """
+    from .estimate import estimate as run_estimate
+
+    est = run_estimate(model, drop=drop, bits=int(bits), group_size=group_size, context=context,
+                       batch=batch, gpu=gpu)
+    if json_out == "-":
+        write_json(est.to_dict(), "-")
+        return
+    kept = est.params.layers
+    quant = "fp16" if est.bits == 16 else f"GPTQ {est.bits}-bit, group {est.group_size}"
+    console.print(f"[bold]{est.model}[/] ({est.model_type}): {kept} of {est.layers} layers, {quant}, "
+                  f"context {est.context}, batch {est.batch}")
+
+    p = est.params
+    table = Table(title="Parameters")
+    for col in ("part", "params", "share"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    parts = [("embedding", p.embedding), ("attention", p.attention), ("MLP", p.mlp),
+             ("norms", p.norms), ("head" + (" (tied)" if est.shape.tied else ""), p.head)]
+    for name, value in parts:
+        table.add_row(name, _count(value), f"{value / p.total:.1%}")
+    table.add_row("[bold]total[/]", f"[bold]{_count(p.total)}[/]", "100%")
+    table.add_row("per layer", _count(p.per_layer), f"{p.per_layer / p.total:.1%}")
+    console.print(table)
+
+    w = est.weights
+    table = Table(title="Memory (GB = 1e9 bytes)")
+    table.add_column("item")
+    table.add_column("size", justify="right")
+    table.add_row(f"attention + MLP weights ({w.bits_per_linear_weight:.2f} bits/weight)",
+                  _gb(w.linear_bytes))
+    table.add_row("embedding, head, norms, biases (16-bit)", _gb(w.other_bytes))
+    table.add_row("[bold]weights[/]", f"[bold]{_gb(w.total_bytes)}[/]")
+    table.add_row(f"KV cache fp16 ({est.context} tokens x {est.batch})", _gb(est.kv_cache_bytes))
+    table.add_row("[bold]weights + KV cache[/]", f"[bold]{_gb(w.total_bytes + est.kv_cache_bytes)}[/]")
+    console.print(table)
+
+    f = est.flops
+    table = Table(title="Forward FLOPs per token")
+    table.add_column("part")
+    table.add_column("FLOPs", justify="right")
+    table.add_row("matmul 2*(L*(attn+MLP) + d*V)", _flops(f.matmul))
+    table.add_row(f"attention over context 4*L*h*d_h*{f.context}", _flops(f.attention))
+    table.add_row("[bold]total[/]", f"[bold]{_flops(f.total)}[/]")
+    console.print(table)
+
+    table = Table(title="GPUs (roofline: upper bounds)")
+    for col in ("GPU", "memory", "usable", "needed", "fits", "decode tok/s", "prefill tok/s"):
+        table.add_column(col, justify="left" if col in ("GPU", "fits") else "right")
+    for g in est.gpus:
+        prefill = "n/a" if g.prefill_tokens_per_s is None else f"{g.prefill_tokens_per_s:,.0f}"
+        table.add_row(g.gpu, f"{g.memory_gb:g} GB", f"{g.usable_gb:.1f} GB", f"{g.needed_gb:.2f} GB",
+                      "[green]yes[/]" if g.fits else "[red]no[/]",
+                      f"{g.decode_tokens_per_s:,.1f}", prefill)
+    console.print(table)
+    for line in est.assumptions:
+        console.print(f"[dim]- {line}[/]")
+    console.print("[dim]- decode tok/s = batch x bandwidth / (weight bytes read per token + KV bytes);"
+                  " prefill tok/s = FP16 FLOP/s / FLOPs per token at the full context[/]")
+    if json_out:
+        write_json(est.to_dict(), json_out)
+
+
+@main.command("claims")
+@click.option("--markdown", is_flag=True, help="Print a markdown table instead of a rich table.")
+@click.option("--json", "json_out", metavar="FILE|-", default=None,
+              help="Also write the checks as JSON to FILE ('-': print only JSON on stdout).")
+def claims(markdown, json_out):
+    """Check the papers' memory/FLOPs claims (ShortGPT, Gromov et al.) against exact arithmetic."""
+    from .claims import TOLERANCE, check_claims, format_exact, format_stated, to_markdown
+
+    checks = check_claims()
+    if json_out == "-":
+        write_json([c.to_dict() for c in checks], "-")
+        return
+    if markdown:
+        click.echo(to_markdown(checks), nl=False)
+    else:
+        table = Table(title="Paper claims vs exact arithmetic")
+        for col in ("#", "claim", "stated", "exact", "stated/exact", "verdict"):
+            table.add_column(col, justify="left" if col in ("claim", "verdict") else "right")
+        colors = {"holds": "green", "approximately": "yellow", "wrong": "red"}
+        for i, c in enumerate(checks, 1):
+            ratio = "-" if c.ratio is None else f"{c.ratio:.3f}"
+            table.add_row(str(i), c.claim, format_stated(c), format_exact(c), ratio,
+                          f"[{colors[c.verdict]}]{c.verdict}[/]")
+        console.print(table)
+        for i, c in enumerate(checks, 1):
+            console.print(f"{i}. [{colors[c.verdict]}]{c.verdict}[/]: {c.note}"
+                          + (f" Measure: {c.bench}" if c.bench else ""), highlight=False)
+        console.print(f"[dim]Verdict rule: stated/exact {TOLERANCE}. Sources: Gromov et al."
+                      " (arXiv 2403.17887) sec. 5; ShortGPT (arXiv 2403.03853).[/]")
+    if json_out:
+        write_json([c.to_dict() for c in checks], json_out)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,228 @@
+"""Pruning leaves a valid checkpoint: reloaded == in memory, kept weights bitwise equal, per-layer
+config sliced, generation with the KV cache works, for every architecture."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import shrink
+from shrink.cli import main
+from shrink.errors import ShrinkError
+from shrink.pruning import choose_layers, parse_layers
+from tests.conftest import ARCHS
+
+REMOVE = [1, 4]
+
+
+def _ids():
+    return torch.randint(3, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_reload_equal_and_generate(tiny_model_dir, tmp_path, arch):
+    src = tiny_model_dir(arch)
+    original = load_file(src / "model.safetensors")
+    loaded = shrink.load_model(str(src))
+    shrink.prune_model(loaded.model, REMOVE)
+    cfg = loaded.model.config
+    assert cfg.num_hidden_layers == 4
+    layer_types = getattr(AutoConfig.from_pretrained(src), "layer_types", None)
+    if layer_types is not None:
+        assert cfg.layer_types == [t for i, t in enumerate(layer_types) if i not in REMOVE]
+    with torch.no_grad():
+        in_memory = loaded.model(_ids()).logits
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(_ids()).logits, in_memory)
+    # kept layers are bitwise the originals, renumbered
+    saved = load_file(tmp_path / "model.safetensors")
+    kept = [i for i in range(6) if i not in REMOVE]
+    for new, old in enumerate(kept):
+        prefix_new, prefix_old = f"model.layers.{new}.", f"model.layers.{old}."
+        names = [k for k in original if k.startswith(prefix_old)]
+        assert names
+        for k in names:
+            assert torch.equal(saved[prefix_new + k[len(prefix_old):]], original[k])
+    assert not any(k.startswith("model.layers.4.") for k in saved)
+    # independent check: a model built with 4 layers from the renumbered original weights
+    small_cfg = AutoConfig.from_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_config(small_cfg)
+    remap = {}
+    for k, v in original.items():
+        if k.startswith("model.layers."):
+            idx = int(k.split(".")[2])
+            if idx in REMOVE:
+                continue
+            k = k.replace(f"model.layers.{idx}.", f"model.layers.{kept.index(idx)}.", 1)
+        remap[k] = v
+    fresh.load_state_dict(remap, strict=False)
+    fresh.tie_weights()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(_ids()).logits, in_memory, atol=1e-5)
+    # generation with the KV cache, in a fresh process
+    result = shrink.verify_in_subprocess(tmp_path)
+    assert result["ok"] and result["num_layers"] == 4 and result["cache_matches_no_cache"]
+
+
+def test_qwen3_window_layers_recounted(tiny_model_dir):
+    loaded = shrink.load_model(str(tiny_model_dir("qwen3")))
+    assert loaded.model.config.max_window_layers == 3
+    shrink.prune_model(loaded.model, [0, 4])
+    assert loaded.model.config.max_window_layers == 2  # layers 1, 2 were below the old bound
+
+
+def test_without_layers_restores(tiny_model_dir):
+    loaded = shrink.load_model(str(tiny_model_dir("gemma3")))
+    model = loaded.model
+    with torch.no_grad():
+        before = model(_ids()).logits
+        with shrink.without_layers(model, [0, 5]):
+            assert model.config.num_hidden_layers == 4 and len(model.config.layer_types) == 4
+            assert model.model.layers[0].self_attn.layer_idx == 0
+            model(_ids())
+        assert model.config.num_hidden_layers == 6 and len(model.config.layer_types) == 6
+        assert [l.self_attn.layer_idx for l in model.model.layers] == list(range(6))
+        assert torch.equal(model(_ids()).logits, before)
+
+
+def test_choose_layers():
+    scores = shrink.LayerScores(model="m", num_layers=6, bi=[.9, .2, .1, .3, .4, .8],
+                                relmag=[.9, .5, .4, .1, .2, .8], tokens=1, samples=1,
+                                angular=[[.5, .2, .1, .3, .2, .4], [.5, .3, .2, .1, .4],
+                                         [.6, .5, .4, .6], [.7, .6, .8], [.9, .9], [1.0]])
+    assert choose_layers("bi", 2, 6, scores)[0] == [1, 2]
+    assert choose_layers("relmag", 2, 6, scores)[0] == [3, 4]
+    assert choose_layers("angular", 2, 6, scores)[0] == [3, 4]
+    assert choose_layers("angular", 3, 6, scores)[0] == [2, 3, 4]
+    assert choose_layers("last", 2, 6)[0] == [3, 4]  # keeps the final layer
+    r1 = choose_layers("random", 3, 6, seed=1)[0]
+    assert r1 == choose_layers("random", 3, 6, seed=1)[0] and len(set(r1)) == 3
+    for bad in (0, 6, -1):
+        with pytest.raises(ShrinkError, match="between 1 and 5"):
+            choose_layers("bi", bad, 6, scores)
+    assert parse_layers("21,22, 25-27") == [21, 22, 25, 26, 27]
+    with pytest.raises(ShrinkError):
+        parse_layers("x")
+
+
+def test_iterative_first_step_is_lowest_bi(tiny_model_dir):
+    loaded = shrink.load_model(str(tiny_model_dir("llama")))
+    ids = _ids()
+    scores = shrink.score_layers(loaded.model, ids, show_progress=False)
+    removed, steps = shrink.iterative_bi(loaded.model, ids, 3, show_progress=False)
+    assert steps[0]["removed"] == scores.lowest("bi", 1)[0]
+    assert len(removed) == 3 and len(set(removed)) == 3
+    # step 2 scores equal scores of the model with step 1's layer removed
+    with shrink.without_layers(loaded.model, [steps[0]["removed"]]):
+        again = shrink.score_layers(loaded.model, ids, show_progress=False)
+    assert steps[1]["bi"] == pytest.approx(again.bi)
+    assert loaded.model.config.num_hidden_layers == 6
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_cli_prune_writes_record_and_chains(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    out = tmp_path / "p1"
+    r = _run(["prune", str(src), "--drop", "2", "--strategy", "bi", "-o", str(out),
+              "--samples", "4", "--seq-len", "32", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "shrink.json").read_text())
+    stage = record["stages"][0]
+    assert stage["stage"] == "prune" and len(stage["removed_layers"]) == 2
+    assert stage["verification"]["ok"] and stage["scores"]["num_layers"] == 6
+    assert stage["calibration"]["samples"] == 4
+    assert json.loads((tmp_path / "r.json").read_text())["removed_layers"] == stage["removed_layers"]
+    assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
+    # prune the pruned model: original numbering is kept across stages
+    out2 = tmp_path / "p2"
+    r = _run(["prune", str(out), "--layers", "0", "-o", str(out2), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    rec2 = json.loads((out2 / "shrink.json").read_text())
+    assert len(rec2["stages"]) == 2
+    kept1 = stage["kept_original_layers"]
+    assert rec2["stages"][1]["removed_original_layers"] == [kept1[0]]
+    assert AutoConfig.from_pretrained(out2).num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("strategy", ["angular", "iterative", "last", "random", "relmag"])
+def test_cli_prune_strategies(tiny_model_dir, tmp_path, strategy):
+    out = tmp_path / strategy
+    r = _run(["prune", str(tiny_model_dir("qwen2")), "--drop", "2", "--strategy", strategy,
+              "-o", str(out), "--samples", "2", "--seq-len", "16", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    stage = json.loads((out / "shrink.json").read_text())["stages"][0]
+    assert stage["strategy"] == strategy and len(stage["removed_layers"]) == 2
+
+
+def _bad(args, tmp_path, expect):
+    proc = subprocess.run([sys.executable, "-m", "shrink.cli", *args], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:") and expect in proc.stderr, proc.stderr
+    return proc
+
+
+def test_bad_inputs(tiny_model_dir, tmp_path):
+    from transformers import BertConfig
+
+    src = str(tiny_model_dir("llama"))
+    out = tmp_path / "out"
+    _bad(["prune", src, "--drop", "0", "-o", str(out)], tmp_path, "between 1 and 5")
+    _bad(["prune", src, "--drop", "6", "-o", str(out)], tmp_path, "between 1 and 5")
+    _bad(["prune", src, "--layers", "1,9", "-o", str(out)], tmp_path, "out of range")
+    _bad(["prune", src, "--layers", "1,1", "-o", str(out)], tmp_path, "more than once")
+    _bad(["prune", src, "--layers", "0-5", "-o", str(out)], tmp_path, "at least one must stay")
+    _bad(["prune", str(tmp_path / "missing"), "--drop", "1", "-o", str(out)], tmp_path,
+         "no such model folder")
+    _bad(["prune", "not-an-alias", "--drop", "1", "-o", str(out)], tmp_path, "known alias")
+    bert = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               architectures=["BertForMaskedLM"]).save_pretrained(bert)
+    _bad(["prune", str(bert), "--drop", "1", "-o", str(out)], tmp_path, "BertForMaskedLM")
+    _bad(["score", str(tmp_path)], tmp_path, "not a model folder")
+    _bad(["eval", src, "--data", str(tmp_path / "nope.txt")], tmp_path, "no such text source")
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _bad(["prune", src, "--drop", "1", "-o", str(out)], tmp_path, "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "out"]  # no partial folders
+
+
+def test_force_replaces_atomically(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    r = _run(["prune", str(tiny_model_dir("mistral")), "--layers", "2", "-o", str(out),
+              "--force", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_verification_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import shrink.pruning as pruning
+
+    def broken(path):
+        raise ShrinkError("verification failed (simulated)")
+
+    monkeypatch.setattr(pruning, "verify_in_subprocess", broken)
+    with pytest.raises(ShrinkError, match="simulated"):
+        pruning.prune(str(tiny_model_dir("llama")), tmp_path / "out", layers=[1])
+    assert list(tmp_path.iterdir()) == []
