@@ -56,6 +56,17 @@ def _numeric(claim, source, stated, exact, unit, note, bench=None) -> ClaimCheck
     return ClaimCheck(claim, source, stated, exact, unit, ratio, verdict, TOLERANCE, note.strip(), bench)
 
 
+# Commands that measure what the arithmetic predicts (a GPU with enough memory, the weights
+# local): peak memory and decode throughput with `shrink bench`, ratios to the dense model.
+BENCH_70B_DENSE = "shrink bench LLAMA_2_70B_DIR --device cuda"
+BENCH_70B_PRUNED = ("shrink build --config gromov-llama-2-70b -o l2-70b-40L && "
+                    "shrink bench l2-70b-40L/model --device cuda")
+BENCH_13B = ("shrink prune llama-2-13b --drop 10 -o l2-13b-30L && "
+             "shrink bench l2-13b-30L --baseline LLAMA_2_13B_DIR --device cuda")
+BENCH_7B = ("shrink prune llama-2-7b --drop 9 -o l2-7b-23L && shrink quantize l2-7b-23L "
+            "--gptq 4bit -o l2-7b-23L-gptq && shrink bench l2-7b-23L-gptq --device cuda")
+
+
 def check_claims() -> list[ClaimCheck]:
     """Every claim, checked. Dense 70B at fp16; 'pruned' = 40 of 80 layers dropped (50%)."""
     dense = estimate("llama-2-70b", bits=16, context=CONTEXT)
@@ -69,7 +80,7 @@ def check_claims() -> list[ClaimCheck]:
     checks.append(_numeric(
         "Llama-2-70B takes ~140 GB (fp16)", GROMOV, 140.0, dense.weights.total_gb, "GB",
         f"exact: {dense.params.total / 1e9:.3f} B parameters x 2 bytes.",
-        "shrink bench llama-2-70b --bits 16",
+        BENCH_70B_DENSE,
     ))
     checks.append(_numeric(
         "Llama-2-70B needs ~3e10 FLOPs per token", GROMOV, 3e10, float(dense.flops.matmul),
@@ -81,7 +92,7 @@ def check_claims() -> list[ClaimCheck]:
         "4-bit + 50% of layers pruned: ~17.5 GB", GROMOV, 17.5, pruned4.weights.total_gb, "GB",
         "exact: GPTQ 4-bit g128 (4.16 bits per weight with scales, zeros, g_idx), embeddings and head "
         "in fp16; 17.5 is 140/8, pure 4-bit.",
-        "shrink bench llama-2-70b --drop 40 --bits 4",
+        BENCH_70B_PRUNED,
     ))
     checks.append(_numeric(
         "4-bit + 50% pruned: ~1.5e10 FLOPs per token", GROMOV, 1.5e10, float(pruned4.flops.matmul),
@@ -102,7 +113,7 @@ def check_claims() -> list[ClaimCheck]:
         "Llama-2-13B minus 10 layers removes ~25% of parameters", SHORTGPT, 0.25, removed13,
         "fraction",
         f"exact: 1 - {b13_cut.params.total / 1e9:.3f}/{b13.params.total / 1e9:.3f} = {removed13:.1%}.",
-        "shrink bench llama-2-13b --drop 10",
+        BENCH_13B,
     ))
     flops13 = 1 - b13_cut.flops.matmul / b13.flops.matmul
     checks.append(_numeric(
@@ -110,14 +121,14 @@ def check_claims() -> list[ClaimCheck]:
         f"exact matmul FLOPs: 1 - {b13_cut.flops.matmul / 1e9:.1f}G/{b13.flops.matmul / 1e9:.1f}G = "
         f"{flops13:.1%} (also {1 - b13_cut.flops.total / b13.flops.total:.1%} with attention "
         f"over {CONTEXT} tokens).",
-        "shrink bench llama-2-13b --drop 10",
+        BENCH_13B,
     ))
     removed7 = 1 - b7_cut.params.total / b7.params.total
     checks.append(_numeric(
         "Llama-2-7B minus 9 of 32 layers is a 27.1% reduction (Table 2)", SHORTGPT, 0.271, removed7,
         "fraction",
         f"matches the parameter fraction removed, {removed7:.2%} (the layer fraction is 9/32 = 28.1%).",
-        "shrink bench llama-2-7b --drop 9 --bits 4",
+        BENCH_7B,
     ))
     return checks
 
@@ -146,7 +157,7 @@ def _consumer_gpus(pruned4) -> ClaimCheck:
             f"needs {needed:.2f} GB. Fits: {fit_text or 'none'}. Does not fit: {miss_text or 'none'}. "
             "So 24 GB cards and up, not 12-16 GB cards."
         ),
-        bench="shrink bench llama-2-70b --drop 40 --bits 4",
+        bench=BENCH_70B_PRUNED,
     )
 
 

@@ -200,7 +200,7 @@ def prune(model: str, output: str | Path, drop: int | None = None, strategy: str
           seq_len: int = 256, seed: int = 0, skip_first: int = 1, batch_size: int = 4,
           dtype: str | None = None, device: str | None = None, force: bool = False,
           trust_remote_code: bool = False, verify: bool = True,
-          show_progress: bool = True) -> PruneResult:
+          show_progress: bool = True, streaming: bool | None = None) -> PruneResult:
     """Score (when the strategy needs it), remove layers, save a checkpoint, verify it in a fresh
     process, and move it into place at ``output``. Either ``drop`` + ``strategy`` or ``layers``."""
     # Cheap checks first: nothing heavy runs and nothing is written if the request is bad.
@@ -216,6 +216,15 @@ def prune(model: str, output: str | Path, drop: int | None = None, strategy: str
         if strategy not in STRATEGIES:
             raise ShrinkError(f"unknown strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
         choose_layers("last", drop, L)  # validates drop against L
+    if streaming is not False:  # layer by layer from the safetensors files (shrink.streaming)
+        from .streaming import decide_streaming, prune_streaming
+
+        if decide_streaming(resolved, device, dtype, streaming, method=strategy,
+                            show_progress=show_progress):
+            return prune_streaming(model, output, resolved, L,
+                                   remove if layers is not None else None, drop, strategy, calib,
+                                   samples, seq_len, seed, skip_first, batch_size, dtype, device,
+                                   force, trust_remote_code, verify, show_progress)
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     hf = loaded.model
     previous = read_shrink_json(resolved.path)

@@ -30,8 +30,8 @@ def test_score_prune_eval(tmp_path, embedded_dir):
     r = run(main, ["eval", str(out), "--samples", "2", "--seq-len", "128", "--json", "-"],
             catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    pruned = json.loads(r.output)
+    pruned = json.loads(r.stdout)
     r = run(main, ["eval", "--samples", "2", "--seq-len", "128", "--json", "-"],
             catch_exceptions=False)
-    dense = json.loads(r.output)
+    dense = json.loads(r.stdout)
     assert 5 < dense["perplexity"] < pruned["perplexity"] < 10 * dense["perplexity"]

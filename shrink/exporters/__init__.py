@@ -1,0 +1,1 @@
+"""Exporters: turn a shrunk model into artifacts other runtimes load (GPTQ, ...)."""

@@ -1,0 +1,121 @@
+"""The Hugging Face model card (README.md) that ``shrink build`` writes beside its artifacts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# Licenses of the aliased base models (for the card's front matter), by hub id prefix.
+_LICENSES = {
+    "meta-llama/Llama-2": "llama2",
+    "meta-llama/Llama-3.1": "llama3.1",
+    "mistralai/": "apache-2.0",
+    "Qwen/Qwen2.5-72B": "other",
+    "Qwen/Qwen2.5": "apache-2.0",
+    "HuggingFaceTB/SmolLM2": "apache-2.0",
+}
+
+
+def license_for(base_model: str | None) -> str | None:
+    if not base_model:
+        return None
+    for prefix, lic in _LICENSES.items():
+        if base_model.startswith(prefix):
+            return lic
+    return None
+
+
+def _fmt_bytes(n: int | float | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def model_card(report: dict, scores: dict | None, has_plot: bool,
+               recipe_text: str | None) -> str:
+    s = report["settings"]
+    base = report.get("base_model")
+    tags = ["shrink", "pruned", "layer-pruning"]
+    if report.get("heal"):
+        tags.append("lora-healed")
+    if report.get("quantize"):
+        tags += ["gptq", f"{report['quantize']['bits']}-bit"]
+    if report.get("export"):
+        tags.append("onnx")
+    front = ["---"]
+    if base:
+        front.append(f"base_model: {base}")
+    lic = license_for(base)
+    if lic:
+        front.append(f"license: {lic}")
+    front += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+    front += [f"- {t}" for t in tags]
+    front.append("---")
+    L0, L1 = report["num_layers"]
+    p0, p1 = report["params"]
+    lines = front + [
+        "",
+        f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed",
+        "",
+        f"Made with [shrink](https://pypi.org/project/shrink-llm/) {report['shrink_version']} "
+        f"from `{base or report['source_model']}`: {L0 - L1} decoder layers removed "
+        f"({report['strategy']}: {report['reason']})"
+        + (", healed with a LoRA fine-tune" if report.get("heal") else "")
+        + (f", quantized to {report['quantize']['bits']}-bit GPTQ" if report.get("quantize") else "")
+        + (f", exported to ONNX ({report['export'].get('method')})" if report.get("export") else "")
+        + ".",
+        "",
+        "## Layers removed",
+        "",
+        f"Removed (original numbering): `{report['removed_layers']}`.",
+        "",
+    ]
+    if scores:
+        lines += ["| layer | Block Influence | relative magnitude | removed |", "|---|---|---|---|"]
+        for i, (bi, rm) in enumerate(zip(scores["bi"], scores["relmag"])):
+            lines.append(f"| {i} | {bi:.4f} | {rm:.4f} | {'yes' if i in report['removed_layers'] else ''} |")
+        lines.append("")
+    if has_plot:
+        lines += ["![layer scores](scores.png)", ""]
+    sizes = report["sizes_bytes"]
+    arith = report.get("arithmetic", {})
+    lines += ["## Size and compute", "",
+              "| | dense | this model |", "|---|---|---|",
+              f"| decoder layers | {L0} | {L1} |",
+              f"| parameters | {p0 / 1e6:,.1f} M | {p1 / 1e6:,.1f} M ({100 * (1 - p1 / p0):.1f}% fewer) |",
+              f"| weights on disk | {_fmt_bytes(sizes.get('dense'))} | {_fmt_bytes(sizes.get('final_model'))}"
+              + (f" (ONNX: {_fmt_bytes(sizes['onnx'])})" if sizes.get("onnx") else "") + " |"]
+    if "dense" in arith and "pruned" in arith:
+        d, q = arith["dense"], arith["pruned"]
+        lines.append(f"| forward FLOPs per token (context {arith['context']}) | "
+                     f"{d['flops_per_token'] / 1e9:.3f} G | {q['flops_per_token'] / 1e9:.3f} G "
+                     f"({q['flops_per_token'] / d['flops_per_token']:.3f}x) |")
+    lines += ["", "## Perplexity", "",
+              f"On held-out text (`{s['eval_data']}`, {s['eval_samples']} x {s['eval_seq_len']} "
+              "tokens; never used for scoring, healing or calibration):", "",
+              "| model | perplexity |", "|---|---|"]
+    for label, row in report.get("perplexity", {}).items():
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(f"| {label} | {row['perplexity']:.3f}{note} |")
+    if report.get("quantize"):
+        q = report["quantize"]
+        lines += ["", f"GPTQ: {q['bits']}-bit, group size {q['group_size']}, "
+                      f"{q['bits_per_weight']:.2f} bits per quantized weight (scales, zeros and "
+                      "g_idx included)." + (f" {q['group_size_note']}" if q.get("group_size_note")
+                                             else "")]
+    if report.get("export"):
+        e = report["export"]
+        lines += ["", f"ONNX: `onnx/` ({e.get('method')}, KV cache: "
+                      f"{'yes' if e.get('kv_cache') else 'no'})."]
+    lines += ["", "## Use", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("path/to/model")',
+              'tokenizer = AutoTokenizer.from_pretrained("path/to/model")', "```", "",
+              "or `shrink generate model --prompt \"...\"`.", "",
+              "## Reproduce", ""]
+    if report.get("command"):
+        lines += ["The command that made this folder:", "", "```bash", report["command"], "```",
+                  ""]
+    lines += ["Every setting is in `recipe.yaml` beside this card:", "", "```bash",
+              "shrink build --config recipe.yaml", "```", ""]
+    if recipe_text:
+        lines += ["```yaml", recipe_text.rstrip(), "```", ""]
+    lines += ["Every stage's record (scores, settings, verification, library versions) is in "
+              "`model/shrink.json`; all the numbers above are in `report.json`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""shrink bench: artifact kinds, report structure and ratios, the drop sweep. No timing is
+asserted (these machines are noisy); only structure and deterministic numbers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import shrink
+from shrink import bench as B
+from shrink.cli import main
+from shrink.errors import ShrinkError
+
+
+def test_artifact_kinds(tiny_model_dir, tmp_path):
+    from shrink.generate import artifact_kind
+
+    assert artifact_kind(tiny_model_dir("llama")) == "hf"
+    g = tmp_path / "g"
+    g.mkdir()
+    (g / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    assert artifact_kind(g) == "gptq"
+    o = tmp_path / "o"
+    o.mkdir()
+    (o / "genai_config.json").write_text("{}")
+    assert artifact_kind(o) == "onnx"
+    with pytest.raises(ShrinkError, match="not a model folder"):
+        artifact_kind(tmp_path)
+    with pytest.raises(ShrinkError, match="not a folder"):
+        artifact_kind(tmp_path / "missing")
+
+
+def test_bench_two_artifacts(tiny_model_dir, tmp_path):
+    dense = tiny_model_dir("llama")
+    pruned = tmp_path / "pruned"
+    shrink.prune(str(dense), pruned, layers=[1, 2], verify=False, show_progress=False)
+    report = B.bench([str(dense), str(pruned)], prompt_len=8, gen_len=4, repeats=2,
+                     ppl_samples=1, ppl_seq_len=16, show_progress=False)
+    base, cand = report.results
+    assert base.ratios["decode_tokens_per_s"] == 1.0 and len(base.runs) == 2
+    assert base.layers == 6 and cand.layers == 4
+    # FLOPs ratio is the analytic one: 2*(L*(attn+mlp) + d*V) + 4*L*d*c
+    d, f, V, c, kv = 64, 128, 49152, 12, 2 * 16
+    per_layer = 2 * (2 * d * d + 2 * d * kv + 3 * d * f) + 4 * d * c
+    expected = (4 * per_layer + 2 * d * V) / (6 * per_layer + 2 * d * V)
+    assert cand.ratios["flops_per_token"] == pytest.approx(expected, rel=1e-9)
+    # perplexity is the same computation as shrink.evaluate's
+    ev = shrink.evaluate(str(pruned), samples=1, seq_len=16, show_progress=False)
+    assert cand.median["perplexity"] == pytest.approx(ev.perplexity, rel=1e-5)
+    assert cand.median["decode_tokens_per_s"] > 0 and cand.median["peak_rss_bytes"] > 0
+    md = B.to_markdown(report)
+    assert md.count("\n| ") >= 3 and "pruned" in md
+
+
+def test_sweep_drop(tiny_model_dir):
+    points = B.sweep_drop(str(tiny_model_dir("llama")), [0, 2], prompt_len=8, gen_len=4,
+                          repeats=1, ppl_samples=1, ppl_seq_len=16, calib_samples=2,
+                          calib_seq_len=16, show_progress=False)
+    assert [p.drop for p in points] == [0, 2] and points[0].removed == []
+    assert len(points[1].removed) == 2
+    full = shrink.evaluate(str(tiny_model_dir("llama")), samples=1, seq_len=16,
+                           show_progress=False)
+    assert points[0].perplexity == pytest.approx(full.perplexity, rel=1e-5)
+    assert points[1].flops_per_token < points[0].flops_per_token
+
+
+def test_bench_cli(tiny_model_dir, tmp_path):
+    run = CliRunner().invoke
+    r = run(main, ["bench", str(tiny_model_dir("qwen2")), "--repeats", "1", "--gen-len", "3",
+                   "--prompt-len", "8", "--ppl-samples", "0", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["results"][0]["kind"] == "hf"
+    r = run(main, ["bench", str(tmp_path)])
+    assert r.exit_code == 2 and "not a model folder" in r.output
+    r = run(main, ["bench", str(tiny_model_dir("llama")), "--sweep-drop", "0,9"])
+    assert r.exit_code == 2 and "out of range" in r.output
+    r = run(main, ["bench"])
+    assert r.exit_code == 2

@@ -1,0 +1,186 @@
+"""shrink build: recipes, early validation, stage markers, resume after SIGINT/SIGKILL with the
+same final weights, model card and report."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shrink.cli import main
+from shrink.errors import ShrinkError
+from shrink.pipeline import (BuildSettings, build, default_output, load_recipe, make_settings,
+                             validate)
+
+FAST = ["--calib-samples", "2", "--calib-seq-len", "32", "--eval-samples", "1",
+        "--eval-seq-len", "64"]
+HEAL_FAST = ["--heal-steps", "4", "--batch-size", "2", "--heal-seq-len", "32", "--rank", "4"]
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_shipped_recipes_are_valid():
+    for name in ("smollm2-135m", "shortgpt-llama-2-13b", "gromov-llama-2-70b"):
+        values = load_recipe(name)
+        values.pop("description", None)
+        s = make_settings(values)
+        assert s.drop and s.model
+    s = make_settings(load_recipe("shortgpt-llama-2-13b"))
+    assert (s.model, s.drop, s.strategy, s.heal) == ("llama-2-13b", 10, "bi", False)
+    g = make_settings(load_recipe("gromov-llama-2-70b"))
+    assert (g.drop, g.strategy, g.method, g.preset, g.gptq) == (40, "angular", "qlora", "gromov",
+                                                                 "4bit")
+
+
+def test_recipe_errors(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: smollm2-135m\ndrop: 2\nheal_stepz: 3\n")
+    with pytest.raises(ShrinkError, match="unknown key.*heal_stepz"):
+        load_recipe(str(bad))
+    bad.write_text("drop: [1\n")
+    with pytest.raises(ShrinkError, match="not valid YAML"):
+        load_recipe(str(bad))
+    with pytest.raises(ShrinkError, match="no recipe"):
+        load_recipe("nope")
+    with pytest.raises(ShrinkError, match="must be an integer"):
+        make_settings({"drop": "two"})
+    with pytest.raises(ShrinkError, match="true or false"):
+        make_settings({"heal": "yes"})
+
+
+def test_bad_settings_fail_before_any_stage(tiny_model_dir, tmp_path):
+    src = str(tiny_model_dir("llama"))
+    cases = [
+        (BuildSettings(model=src, drop=6), "between 1 and 5"),
+        (BuildSettings(model=src, drop=2, gptq="5bit"), "bit"),
+        (BuildSettings(model=src, drop=2, onnx="int4", onnx_target="tpu"), "target"),
+        (BuildSettings(model=src, drop=2, onnx="fp16", onnx_target="cpu"), "cuda"),
+        (BuildSettings(model=src, drop=2, strategy="magic"), "strategy"),
+        (BuildSettings(model=src, drop=2, heal_steps=0), "heal-steps"),
+        (BuildSettings(model=src), "--drop"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ShrinkError, match=message):
+            build(settings, output=tmp_path / "out", show_progress=False)
+        assert not (tmp_path / "out").exists()
+
+
+def test_disk_space_checked_first(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1))
+    with pytest.raises(ShrinkError, match="not enough disk space"):
+        build(BuildSettings(model=str(tiny_model_dir("llama")), drop=2), output=tmp_path / "o",
+              show_progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_output_name():
+    s = BuildSettings(model="meta-llama/Llama-2-13b-hf", drop=10, gptq="4bit", onnx="int4")
+    assert default_output(s) == "Llama-2-13b-hf-drop10-healed-gptq4-onnx-int4"
+
+
+def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen3")
+    out = tmp_path / "b"
+    r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
+                                  *FAST], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == [6, 4] and len(report["removed_layers"]) == 2
+    assert set(report["perplexity"]) == {"dense", "pruned"}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: text-generation" in card
+    assert "- pruned" in card and "## Perplexity" in card and "shrink build --config" in card
+    assert (out / "recipe.yaml").exists()
+    assert (out / "scores.png").exists()
+    # the final model reloads and generates in a fresh process
+    from shrink.verify import verify_in_subprocess
+
+    assert verify_in_subprocess(out / "model")["ok"]
+    # a second run refuses without --resume/--force; with --resume it skips everything
+    r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
+                                  *FAST])
+    assert r.exit_code == 2 and "--resume" in r.output
+    before = _digest(out / "model")
+    r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
+                                  "--resume", *FAST, "--json", "-"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert all(s["skipped"] for s in json.loads(r.stdout)["stages"])
+    # a changed evaluation setting reruns only the evaluate stage
+    r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
+                                  "--resume", *FAST[:-1], "32", "--json", "-"],
+                           catch_exceptions=False)
+    stages = {s["name"]: s["skipped"] for s in json.loads(r.stdout)["stages"]}
+    assert stages == {"prune": True, "evaluate": False}
+    assert _digest(out / "model") == before
+
+
+def _run_until(args: list[str], cwd: Path, marker: Path, sig: int, timeout: float = 300) -> int:
+    """Start `shrink build`, wait until `marker` exists, send `sig`; return the exit code."""
+    env = {**os.environ, "SHRINK_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "shrink.cli", "build", *args], cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"build ended before {marker}: {proc.stderr.read().decode()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{marker} never appeared")
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    return proc.wait(timeout=120)
+
+
+STAGE_CASES = [
+    ("prune", signal.SIGKILL, []),
+    ("prune", signal.SIGINT, []),
+    ("heal", signal.SIGKILL, ["peft"]),
+    ("heal", signal.SIGINT, ["peft"]),
+    ("quantize", signal.SIGKILL, ["gptqmodel"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,sig,needs", STAGE_CASES,
+                         ids=[f"{s}-{g.name}" for s, g, _ in STAGE_CASES])
+def test_kill_and_resume_gives_identical_weights(tiny_model_dir, tmp_path, stage, sig, needs):
+    for module in needs:
+        pytest.importorskip(module)
+    src = str(tiny_model_dir("llama"))
+    args = [src, "--drop", "2", *FAST]
+    if stage in ("heal", "quantize"):
+        args += HEAL_FAST
+    else:
+        args += ["--no-heal"]
+    if stage == "quantize":
+        args += ["--gptq", "4bit", "--group-size", "32", "--gptq-samples", "4",
+                 "--gptq-seq-len", "32"]
+    ref = tmp_path / "ref"
+    r = CliRunner().invoke(main, ["build", *args, "-o", str(ref)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "killed"
+    index = {"prune": 1, "heal": 2, "quantize": 3}[stage]
+    stage_dir = out / "stages" / f"{index:02d}-{stage}"
+    code = _run_until([*args, "-o", str(out)], tmp_path, stage_dir, sig)
+    assert code != 0  # it was interrupted
+    assert not (out / "model").exists() and not (stage_dir / "done.json").exists()
+    r = CliRunner().invoke(main, ["build", *args, "-o", str(out), "--resume"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert _digest(out / "model") == _digest(ref / "model")
