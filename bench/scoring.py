@@ -94,7 +94,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scoring.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"# Layer scoring: shrink's hooks vs naive output_hidden_states\n",
+    md = ["# Layer scoring: shrink's hooks vs naive output_hidden_states\n",
           f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; model: "
           f"{report['model']}; {a.samples} x {a.seq_len} tokens, batch {a.batch_size}, "
           f"{a.repeats} interleaved repeats (medians), each in a fresh process.\n",

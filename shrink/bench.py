@@ -150,36 +150,13 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
     ttft, decode = run(gen_len)
     result = {"ttft_s": ttft, "decode_s": decode, "peak_rss_bytes": _vm("VmHWM")}
     if ppl_samples:
-        result["perplexity"] = _onnx_perplexity(og, model, tok, ppl_samples, ppl_seq_len)
+        from .data import token_blocks
+        from .evaluate import onnx_perplexity
+
+        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
+        result["perplexity"] = onnx_perplexity(path, blocks.input_ids,
+                                               show_progress=False).perplexity
     return result
-
-
-def _onnx_perplexity(og, model, tok, samples: int, seq_len: int) -> float | None:
-    """Teacher-forced perplexity from onnxruntime-genai logits (None if the build cannot)."""
-    import math
-
-    import numpy as np
-
-    from .data import token_blocks
-
-    blocks = token_blocks(tok, EVALUATION, samples, seq_len, seed=0).input_ids.numpy()
-    nll, count = 0.0, 0
-    try:
-        for row in blocks:
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=seq_len + 1, do_sample=False)
-            gen = og.Generator(model, params)
-            gen.append_tokens(row[None, :])
-            logits = np.asarray(gen.get_output("logits"), dtype=np.float64)[0]
-            if logits.shape[0] != seq_len:
-                return None
-            logits = logits - logits.max(-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            nll -= logp[np.arange(seq_len - 1), row[1:]].sum()
-            count += seq_len - 1
-    except Exception:  # noqa: BLE001 - an older genai build has no full-sequence logits
-        return None
-    return math.exp(nll / count)
 
 
 def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
@@ -272,8 +249,11 @@ def _run_worker(path: Path, kind: str, opts: dict) -> dict:
 def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu",
           prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeats: int = 3,
           warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
-          show_progress: bool = True) -> BenchReport:
-    """Benchmark artifacts (HF, GPTQ or ONNX folders) against a baseline, interleaved."""
+          tasks: list[str] | None = None, tasks_path: str | None = None,
+          limit: int | None = None, show_progress: bool = True) -> BenchReport:
+    """Benchmark artifacts (HF, GPTQ or ONNX folders) against a baseline, interleaved.
+
+    ``tasks``: lm-evaluation-harness tasks run on every HF/GPTQ artifact (the ``eval`` extra)."""
     from .models import check_device
     from .progress import progress_bar
 
@@ -304,6 +284,13 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
             run = _run_worker(Path(res.path), res.kind, {**opts, "ppl_samples": ppl_samples,
                                                          "gen_len": 2, "warmup": 0})
             res.median["perplexity"] = run.get("perplexity")
+    if tasks:
+        from .lmeval import run_tasks
+
+        for res in progress_bar(results, "lm-eval tasks", enabled=show_progress):
+            if res.kind != "onnx":
+                res.median["tasks"] = run_tasks(res.path, tasks, tasks_path, limit=limit,
+                                                device=device)
     for res in results:
         m = res.median
         m["ttft_s"] = statistics.median(r["ttft_s"] for r in res.runs)
@@ -331,7 +318,7 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
             r["flops_per_token"] = res.flops_per_token / base.flops_per_token
     settings = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
                     repeats=repeats, warmup=warmup, ppl_samples=ppl_samples,
-                    ppl_seq_len=ppl_seq_len)
+                    ppl_seq_len=ppl_seq_len, tasks=tasks, tasks_path=tasks_path, limit=limit)
     return BenchReport(settings, names[0], results, _machine(device))
 
 

@@ -625,8 +625,12 @@ def generate_cmd(artifact, prompt, max_new_tokens, temperature, top_p, seed):
 @click.option("--markdown", "md_out", default=None, metavar="FILE", help="Write a markdown table.")
 @click.option("--plot", default=None, metavar="FILE.png", help="Throughput/memory bars, or the "
               "sweep curve.")
+@click.option("--tasks", default=None, metavar="T1,T2",
+              help="lm-evaluation-harness tasks on HF/GPTQ artifacts (the eval extra).")
+@click.option("--tasks-path", default=None, metavar="DIR", help="Folder of custom task YAMLs.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Documents per task.")
 def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batch, repeats,
-              ppl_samples, json_out, md_out, plot):
+              ppl_samples, json_out, md_out, plot, tasks, tasks_path, limit):
     """Measure ARTIFACTS (HF, GPTQ or ONNX folders): time to first token, decode tokens/s,
     peak memory, size on disk, perplexity and FLOPs per token, as ratios to a baseline.
 
@@ -668,8 +672,10 @@ def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batc
         return
     if not artifacts:
         raise ShrinkError("give one or more artifact folders (or --sweep-drop)")
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     report = B.bench(list(artifacts), baseline=baseline, device=device, prompt_len=prompt_len,
-                     gen_len=gen_len, batch=batch, repeats=repeats, ppl_samples=ppl_samples)
+                     gen_len=gen_len, batch=batch, repeats=repeats, ppl_samples=ppl_samples,
+                     tasks=task_list, tasks_path=tasks_path, limit=limit)
     if json_out:
         write_json(report.to_dict(), json_out)
     if json_out != "-":
@@ -689,6 +695,10 @@ def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batc
                           f"{r.flops_per_token / 1e9:.3f}" if r.flops_per_token else "?",
                           f"{q.get('decode_tokens_per_s', 1):.2f}", f"{q['size_bytes']:.2f}")
         console.print(table)
+        for r in report.results:
+            for task, metrics in r.median.get("tasks", {}).items():
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                console.print(f"{Path(r.name).name or r.name}: {task}: {shown}")
     if md_out:
         Path(md_out).write_text(B.to_markdown(report))
         err.print(f"wrote {md_out}")

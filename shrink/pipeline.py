@@ -260,7 +260,7 @@ def _stage_settings(name: str, s: BuildSettings) -> dict:
                  "temperature", "kd_alpha", "seed", "eval_data"],
         "quantize": ["gptq", "group_size", "desc_act", "sym", "damp", "calib", "gptq_samples",
                      "gptq_seq_len", "seed"],
-        "export": ["onnx", "onnx_target"],
+        "export": ["onnx", "onnx_target", "gptq"],
         "evaluate": ["eval_data", "eval_samples", "eval_seq_len", "model"],
     }[name]
     return {k: d[k] for k in keys}
@@ -308,7 +308,10 @@ def _run_stage(name: str, s: BuildSettings, stage_dir: Path, inputs: dict[str, P
     if name == "export":
         from .exporters.onnx import export_onnx
 
-        src = inputs.get("float_model", inputs["model"])
+        # int4 from the GPTQ checkpoint when there is one (the builder keeps its calibrated
+        # weights; measured better than the builder's own round-to-nearest int4), else from
+        # the full-precision model
+        src = inputs["model"] if s.onnx == "int4" else inputs["float_model"]
         r = export_onnx(src, stage_dir / "onnx", precision=s.onnx, target=s.onnx_target,
                         force=True, log=stderr.print if show_progress else None)
         return {"onnx": str(stage_dir / "onnx"), "kv_cache": r.kv_cache, "method": r.method,
@@ -400,11 +403,12 @@ def build(settings: BuildSettings, output: str | Path | None = None, resume: boo
 
 
 def _eval_targets(s: BuildSettings, info: dict) -> dict[str, str]:
-    """What the evaluate stage measures: the source and every model the build made."""
+    """What the evaluate stage measures: the source and every artifact the build made."""
     targets = {"dense": s.model}
-    for stage, label in (("prune", "pruned"), ("heal", "healed"), ("quantize", "quantized")):
+    for stage, label, key in (("prune", "pruned", "model"), ("heal", "healed", "model"),
+                              ("quantize", "quantized", "model"), ("export", "onnx", "onnx")):
         if stage in info:
-            targets[label] = info[stage]["model"]
+            targets[label] = info[stage][key]
     return targets
 
 
@@ -453,11 +457,6 @@ def _finish(out: Path, s: BuildSettings, resolved, state: dict, info: dict,
     if "export" in info:
         sizes["onnx"] = info["export"]["size_bytes"]
     ppl = dict(info.get("evaluate", {}).get("perplexity", {}))
-    if "export" in info:
-        v = info["export"].get("verification") or {}
-        if v.get("perplexity_onnx") is not None:
-            ppl["onnx"] = {"perplexity": v["perplexity_onnx"],
-                           "note": "from the export verification (its own evaluation blocks)"}
     report = {
         "shrink_version": __version__, "source_model": s.model,
         "base_model": record.get("base_model"), "settings": s.to_dict(),

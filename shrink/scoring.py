@@ -91,6 +91,66 @@ def _base_model(model: nn.Module) -> nn.Module:
     return parent if isinstance(parent, PreTrainedModel) else model
 
 
+def check_score_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       skip_first: int) -> torch.Tensor:
+    """Validate scorer inputs; return the attention mask (all ones when none is given)."""
+    if input_ids.dim() != 2:
+        raise ShrinkError("input_ids must be (samples, seq_len)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if skip_first < 0:
+        raise ShrinkError(f"--skip-first must be >= 0, got {skip_first}")
+    if skip_first >= int(attention_mask.sum(-1).min()):
+        raise ShrinkError(f"--skip-first {skip_first} leaves no tokens in the shortest sample")
+    return attention_mask
+
+
+def token_masks(mask: torch.Tensor, skip_first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens counted by BI/relmag as a float mask, index of each row's last real token)."""
+    real = mask.bool()
+    position = real.long().cumsum(-1)  # 1-based index among non-padding tokens
+    valid = (real & (position > skip_first)).float()
+    last_idx = torch.stack([r.nonzero().max() for r in real])
+    return valid, last_idx
+
+
+class ScoreAccumulator:
+    """Running float64 sums behind LayerScores, shared by the in-memory and streamed scorers."""
+
+    def __init__(self, num_layers: int):
+        self.L = num_layers
+        self.bi_sum = torch.zeros(num_layers, dtype=torch.float64)
+        self.rm_sum = torch.zeros(num_layers, dtype=torch.float64)
+        self.ang_sum = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
+        self.tokens = 0
+        self.samples = 0
+
+    def add_layer(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor,
+                  valid: torch.Tensor) -> None:
+        """One batch through layer i: input and output residual streams (B, T, d)."""
+        x_in, x_out = x_in.float(), x_out.float()
+        cos = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-12)
+        rel = (x_out - x_in).norm(dim=-1) / x_out.norm(dim=-1).clamp_min(1e-12)
+        self.bi_sum[i] += ((1.0 - cos) * valid).sum().item()
+        self.rm_sum[i] += (rel * valid).sum().item()
+
+    def add_samples(self, last: torch.Tensor, valid: torch.Tensor) -> None:
+        """A batch's last-token states (B, L+1, d): x_0 .. x_L, and its counted-token mask."""
+        unit = F.normalize(last.float(), dim=-1)
+        cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
+        self.ang_sum += (torch.arccos(cos) / math.pi).sum(0).double().cpu()
+        self.samples += last.shape[0]
+        self.tokens += int(valid.sum().item())
+
+    def result(self, model_name: str, settings: dict) -> LayerScores:
+        L = self.L
+        ang = self.ang_sum / self.samples
+        angular = [[float(ang[l, l + n]) for l in range(L - n + 1)] for n in range(1, L + 1)]
+        return LayerScores(model=model_name, num_layers=L, bi=(self.bi_sum / self.tokens).tolist(),
+                           relmag=(self.rm_sum / self.tokens).tolist(), angular=angular,
+                           tokens=self.tokens, samples=self.samples, settings=settings)
+
+
 @torch.no_grad()
 def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  *, batch_size: int = 4, skip_first: int = 1, model_name: str = "",
@@ -101,23 +161,11 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     (the BOS / attention-sink token behaves unlike text; see the README). Padding (attention_mask
     == 0) is never counted; the angular distance uses the last non-padding token of each sample.
     """
-    if input_ids.dim() != 2:
-        raise ShrinkError("input_ids must be (samples, seq_len)")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if skip_first < 0:
-        raise ShrinkError(f"--skip-first must be >= 0, got {skip_first}")
-    if skip_first >= int(attention_mask.sum(-1).min()):
-        raise ShrinkError(f"--skip-first {skip_first} leaves no tokens in the shortest sample")
+    attention_mask = check_score_inputs(input_ids, attention_mask, skip_first)
     _, _, layers = find_layers(model)
     L = len(layers)
     device = next(model.parameters()).device
-    bi_sum = torch.zeros(L, dtype=torch.float64)
-    rm_sum = torch.zeros(L, dtype=torch.float64)
-    counted = 0
-    ang_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    n_samples = 0
-
+    acc = ScoreAccumulator(L)
     state: dict = {}
 
     def pre_hook(idx):
@@ -129,15 +177,10 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     def post_hook(idx):
         def hook(module, args, kwargs, output):
-            x_in = state.pop("in").float()
-            x_out = _hidden(output).float()
-            valid = state["valid"]
-            cos = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-12)
-            rel = (x_out - x_in).norm(dim=-1) / x_out.norm(dim=-1).clamp_min(1e-12)
-            bi_sum[idx] += ((1.0 - cos) * valid).sum().item()
-            rm_sum[idx] += (rel * valid).sum().item()
+            x_out = _hidden(output)
+            acc.add_layer(idx, state.pop("in"), x_out, state["valid"])
             if idx == L - 1:
-                state["last"][:, L] = x_out[state["rows"], state["last_idx"]]
+                state["last"][:, L] = x_out[state["rows"], state["last_idx"]].float()
         return hook
 
     handles = []
@@ -151,28 +194,17 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         for start in progress_bar(batches, "scoring layers", enabled=show_progress):
             ids = input_ids[start:start + batch_size].to(device)
             mask = attention_mask[start:start + batch_size].to(device)
-            real = mask.bool()
-            position = real.long().cumsum(-1)  # 1-based index among non-padding tokens
-            valid = (real & (position > skip_first)).float()
+            valid, last_idx = token_masks(mask, skip_first)
             B = ids.shape[0]
-            last_idx = torch.stack([r.nonzero().max() for r in real])
             state.update(valid=valid, rows=torch.arange(B, device=device), last_idx=last_idx,
                          last=torch.zeros(B, L + 1, hidden, device=device, dtype=torch.float32))
             runner(input_ids=ids, attention_mask=mask, use_cache=False)
-            counted += int(valid.sum().item())
-            unit = F.normalize(state["last"], dim=-1)
-            cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
-            ang_sum += (torch.arccos(cos) / math.pi).sum(0).double().cpu()
-            n_samples += B
+            acc.add_samples(state["last"], valid)
     finally:
         for h in handles:
             h.remove()
-    ang = ang_sum / n_samples
-    angular = [[float(ang[l, l + n]) for l in range(L - n + 1)] for n in range(1, L + 1)]
-    return LayerScores(model=model_name, num_layers=L, bi=(bi_sum / counted).tolist(),
-                       relmag=(rm_sum / counted).tolist(), angular=angular, tokens=counted,
-                       samples=n_samples, settings={"skip_first": skip_first,
-                                                    "batch_size": batch_size, **(settings or {})})
+    return acc.result(model_name, {"skip_first": skip_first, "batch_size": batch_size,
+                                   **(settings or {})})
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ShrinkError
@@ -512,16 +511,9 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     """Layer scores of the model in ``model_dir`` without ever holding more than one decoder
     layer: the same :class:`shrink.scoring.LayerScores` (BI, relmag, angular distances) as
     :func:`shrink.scoring.score_layers` on the loaded model, to float rounding."""
-    from .scoring import LayerScores
+    from .scoring import ScoreAccumulator, check_score_inputs, token_masks
 
-    if input_ids.dim() != 2:
-        raise ShrinkError("input_ids must be (samples, seq_len)")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if skip_first < 0:
-        raise ShrinkError(f"--skip-first must be >= 0, got {skip_first}")
-    if skip_first >= int(attention_mask.sum(-1).min()):
-        raise ShrinkError(f"--skip-first {skip_first} leaves no tokens in the shortest sample")
+    attention_mask = check_score_inputs(input_ids, attention_mask, skip_first)
     device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)
     folder = Path(model_dir)
@@ -551,18 +543,9 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     acts, acts_file = _activation_store((N, S, H), torch_dtype, offload_dir)
     batches = [slice(s, min(s + batch_size, N)) for s in range(0, N, batch_size)]
     masks = [attention_mask[sl].to(device) for sl in batches]
-    bi_sum = torch.zeros(L, dtype=torch.float64)
-    rm_sum = torch.zeros(L, dtype=torch.float64)
+    acc = ScoreAccumulator(L)
     last = torch.zeros(N, L + 1, H, dtype=torch.float32)
-    counted = 0
-    valids, last_idxs = [], []
-    for sl, mask in zip(batches, masks):
-        real = mask.bool()
-        position = real.long().cumsum(-1)
-        valid = (real & (position > skip_first)).float()
-        valids.append(valid)
-        last_idxs.append(torch.stack([r.nonzero().max() for r in real]))
-        counted += int(valid.sum().item())
+    valids, last_idxs = zip(*(token_masks(mask, skip_first) for mask in masks))
     try:
         # 1. Embeddings alone: layer-0 inputs of every sample.
         loader = _Loader(ck, device)
@@ -582,15 +565,11 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
                                              attention_mask=mask)
                 y = _hidden(layer(x, *args[1:], **kwargs))
                 rows = torch.arange(x.shape[0], device=x.device)
-                x_in, x_out = x.float(), y.float()
-                cos = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-12)
-                rel = (x_out - x_in).norm(dim=-1) / x_out.norm(dim=-1).clamp_min(1e-12)
-                bi_sum[i] += ((1.0 - cos) * valids[b]).sum().item()
-                rm_sum[i] += (rel * valids[b]).sum().item()
-                last[sl, i] = x_in[rows, last_idxs[b]].cpu()
+                acc.add_layer(i, x, y, valids[b])
+                last[sl, i] = x[rows, last_idxs[b]].float().cpu()
                 if i == L - 1:
-                    last[sl, L] = x_out[rows, last_idxs[b]].cpu()
-                del x_in, x_out, x
+                    last[sl, L] = y[rows, last_idxs[b]].float().cpu()
+                del x
                 acts[sl].copy_(y)
                 del y
             loader.free(layer)
@@ -602,24 +581,15 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
         del acts
         if acts_file is not None:
             acts_file.unlink(missing_ok=True)
-    ang_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    for sl in batches:
-        unit = F.normalize(last[sl], dim=-1)
-        cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
-        ang_sum += (torch.arccos(cos) / math.pi).sum(0).double()
-    ang = ang_sum / N
-    angular = [[float(ang[l, l + n]) for l in range(L - n + 1)] for n in range(1, L + 1)]
+    for b, sl in enumerate(batches):
+        acc.add_samples(last[sl], valids[b])
     seconds = time.perf_counter() - t_start
-    return LayerScores(model=model_name or str(model_dir), num_layers=L,
-                       bi=(bi_sum / counted).tolist(), relmag=(rm_sum / counted).tolist(),
-                       angular=angular, tokens=counted, samples=N,
-                       settings={"skip_first": skip_first, "batch_size": batch_size,
-                                 **(settings or {}),
-                                 "streaming": {"device": device, "dtype": str(torch_dtype)[6:],
-                                               "activations_on_disk": on_disk,
-                                               "estimate": est.describe(),
-                                               "seconds": round(seconds, 2),
-                                               "tokens_per_second": round(N * S / seconds, 1)}})
+    return acc.result(model_name or str(model_dir), {
+        "skip_first": skip_first, "batch_size": batch_size, **(settings or {}),
+        "streaming": {"device": device, "dtype": str(torch_dtype)[6:],
+                      "activations_on_disk": on_disk, "estimate": est.describe(),
+                      "seconds": round(seconds, 2),
+                      "tokens_per_second": round(N * S / seconds, 1)}})
 
 
 def score_model_streaming(model: str, resolved, data: str, samples: int, seq_len: int, seed: int,

@@ -16,8 +16,7 @@ from click.testing import CliRunner
 
 from shrink.cli import main
 from shrink.errors import ShrinkError
-from shrink.pipeline import (BuildSettings, build, default_output, load_recipe, make_settings,
-                             validate)
+from shrink.pipeline import BuildSettings, build, default_output, load_recipe, make_settings
 
 FAST = ["--calib-samples", "2", "--calib-seq-len", "32", "--eval-samples", "1",
         "--eval-seq-len", "64"]
@@ -184,3 +183,54 @@ def test_kill_and_resume_gives_identical_weights(tiny_model_dir, tmp_path, stage
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert _digest(out / "model") == _digest(ref / "model")
+
+
+@pytest.mark.slow
+def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
+    for module in ("peft", "gptqmodel", "onnxruntime_genai"):
+        pytest.importorskip(module)
+    out = tmp_path / "all"
+    r = CliRunner().invoke(main, [
+        "build", str(tiny_model_dir("llama")), "--drop", "2", "-o", str(out), *FAST, *HEAL_FAST,
+        "--gptq", "4bit", "--group-size", "32", "--gptq-samples", "4", "--gptq-seq-len", "32",
+        "--onnx", "int4"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["prune", "heal", "quantize", "export",
+                                                     "evaluate"]
+    assert set(report["perplexity"]) >= {"dense", "pruned", "healed", "quantized", "onnx"}
+    assert report["quantize"]["bits"] == 4 and report["export"]["kv_cache"]
+    card = (out / "README.md").read_text()
+    for tag in ("- gptq", "- onnx", "- lora-healed"):
+        assert tag in card
+    record = json.loads((out / "model" / "shrink.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["prune", "heal", "quantize"]
+    # the final artifacts run in their real consumers, in fresh processes
+    from shrink.exporters.gptq import verify_gptq_in_subprocess
+
+    assert verify_gptq_in_subprocess(out / "model", eval_data=None)["finite_logits"]
+    proc = subprocess.run([sys.executable, "-m", "shrink.cli", "generate", str(out / "onnx"),
+                           "--prompt", "Hello", "--max-new-tokens", "4"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob(".*"))  # nothing written beside OUT
+
+
+@pytest.mark.slow
+def test_build_embedded_default_recipe_shortened(tmp_path, embedded_dir):
+    """The no-argument recipe end to end on the real SmolLM2, with shorter budgets."""
+    for module in ("peft", "gptqmodel", "onnxruntime_genai"):
+        pytest.importorskip(module)
+    out = tmp_path / "smol"
+    r = CliRunner().invoke(main, [
+        "build", "--config", "smollm2-135m", "-o", str(out), "--heal-steps", "2",
+        "--heal-seq-len", "64", "--calib-samples", "4", "--gptq-samples", "4",
+        "--gptq-seq-len", "64", "--eval-samples", "1", "--eval-seq-len", "128"],
+        catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == [30, 24] and report["quantize"]["group_size"] == 64
+    assert report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "license: apache-2.0" in (out / "README.md").read_text()
+    ppl = {k: v["perplexity"] for k, v in report["perplexity"].items()}
+    assert ppl["dense"] < ppl["pruned"] and all(v < 1000 for v in ppl.values())

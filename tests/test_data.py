@@ -6,7 +6,6 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-import shrink
 from shrink.data import NOVELS, SPLITS, load_texts, token_blocks
 from shrink.errors import ShrinkError
 
