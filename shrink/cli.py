@@ -235,7 +235,8 @@ def prune(model, drop, strategy, layers, output, force, skip_first, no_verify, d
 @model_options
 def eval_cmd(model, data, samples, seq_len, seed, batch_size, json_out, dtype, device,
              trust_remote_code):
-    """Perplexity of MODEL on held-out text (default: Persuasion, never used to score or heal)."""
+    """Perplexity of MODEL (a model folder, GPTQ or ONNX folder, hub id or alias) on held-out
+    text (default: Persuasion, never used to score, heal or calibrate)."""
     from .evaluate import evaluate
 
     result = evaluate(model, data=data, samples=samples, seq_len=seq_len, seed=seed,

@@ -25,12 +25,20 @@ def check_output(output: str | Path, force: bool = False) -> Path:
         if any(out.iterdir()) and not force:
             raise ShrinkError(f"output folder '{output}' exists and is not empty "
                               "(use --force to replace it)")
-    parent = out.resolve().parent
+    parent = existing_ancestor(out.resolve().parent)
     if not parent.is_dir():
-        raise ShrinkError(f"cannot write '{output}': folder '{parent}' does not exist")
+        raise ShrinkError(f"cannot write '{output}': '{parent}' is not a folder")
     if not os.access(parent, os.W_OK):
         raise ShrinkError(f"cannot write '{output}': folder '{parent}' is not writable")
     return out
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder above (or at) ``path`` that exists (missing parents get created)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 @contextmanager
@@ -40,6 +48,7 @@ def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
     If the block raises, the temporary folder is removed and ``output`` is left untouched.
     """
     out = check_output(output, force).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

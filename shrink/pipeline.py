@@ -188,7 +188,9 @@ def estimate_disk(s: BuildSettings, source: Path | None) -> int:
 
 
 def check_disk(out: Path, need: int) -> None:
-    probe = out if out.exists() else out.resolve().parent
+    from .outputs import existing_ancestor
+
+    probe = existing_ancestor(out)
     free = shutil.disk_usage(probe).free
     if need > free:
         raise ShrinkError(f"not enough disk space in {probe}: the build writes about "

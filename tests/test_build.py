@@ -95,7 +95,7 @@ def test_default_output_name():
 
 def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
     src = tiny_model_dir("qwen3")
-    out = tmp_path / "b"
+    out = tmp_path / "not-yet" / "b"  # missing parents are created
     r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
                                   *FAST], catch_exceptions=False)
     assert r.exit_code == 0, r.output

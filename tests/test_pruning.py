@@ -148,7 +148,7 @@ def test_cli_prune_writes_record_and_chains(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["removed_layers"] == stage["removed_layers"]
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
     # prune the pruned model: original numbering is kept across stages
-    out2 = tmp_path / "p2"
+    out2 = tmp_path / "missing-parent" / "p2"
     r = _run(["prune", str(out), "--layers", "0", "-o", str(out2), "--no-verify"])
     assert r.exit_code == 0, r.output
     rec2 = json.loads((out2 / "shrink.json").read_text())
