@@ -1,6 +1,7 @@
-"""ONNX int4 (onnxruntime-genai, CPU) against PyTorch fp32 (CPU) on the embedded SmolLM2-135M,
-dense and with 6 layers pruned by shrink: time to first token, decode tokens/s, peak memory (each
-runtime measured in its own fresh process, so RSS is clean) and size on disk.
+"""ONNX int4 (onnxruntime-genai, CPU; with the default 8-bit LM head and with a 4-bit one)
+against PyTorch fp32 (CPU) on the embedded SmolLM2-135M, dense and with 6 layers pruned by
+shrink: time to first token, decode tokens/s, peak memory (each runtime measured in its own
+fresh process, so RSS is clean), size on disk, perplexity and top-1 agreement.
 
     python bench/onnx_vs_torch.py [--workdir DIR] [--out bench/results/onnx.md]
 """
@@ -154,24 +155,30 @@ def main() -> None:
     print(f"pruned in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     rows = []
     for name, hf in (("dense (30 layers)", dense), ("pruned 6 (24 layers)", pruned)):
-        onnx_dir = work / f"{hf.name}-onnx-int4"
-        if (onnx_dir / "shrink.json").is_file():  # reuse an export from an earlier run
-            v = json.loads((onnx_dir / "shrink.json").read_text())["stages"][-1]["verification"]
-        else:
-            t = time.perf_counter()
-            v = export_onnx(hf, onnx_dir, precision="int4").verification
-            print(f"exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        for runtime, path in (("torch", hf), ("onnx", onnx_dir)):
+        targets = [("torch", None, hf)]
+        for head in ("int8", "int4"):  # the default 8-bit LM head, and the smallest file
+            onnx_dir = work / f"{hf.name}-onnx-int4-head-{head}"
+            if (onnx_dir / "shrink.json").is_file():  # reuse an export from an earlier run
+                v = json.loads((onnx_dir / "shrink.json").read_text())["stages"][-1][
+                    "verification"]
+            else:
+                t = time.perf_counter()
+                v = export_onnx(hf, onnx_dir, precision="int4", lm_head=head).verification
+                print(f"exported {name} (LM head {head}) in {time.perf_counter() - t:.0f} s",
+                      file=sys.stderr)
+            targets.append(("onnx", (head, v), onnx_dir))
+        for runtime, extra, path in targets:
             load_before = os.getloadavg()[0]
             m = _measure_in_subprocess(runtime, path)
             m["loadavg_1min"] = round(max(load_before, os.getloadavg()[0]), 1)
             print(name, runtime, json.dumps({k: m[k] for k in m if k != "runs"}),
                   file=sys.stderr)
-            rows.append({"model": name, "runtime": runtime, "path": str(path),
+            head, ver = extra if extra else (None, v)
+            rows.append({"model": name, "runtime": runtime, "lm_head": head, "path": str(path),
                          "weights_bytes": _weights_bytes(path), **m,
-                         "top1_agreement": v["top1_agreement"] if runtime == "onnx" else None,
-                         "perplexity": v["perplexity_onnx"] if runtime == "onnx"
-                         else v["perplexity_torch"]})
+                         "top1_agreement": ver["top1_agreement"] if runtime == "onnx" else None,
+                         "perplexity": ver["perplexity_onnx"] if runtime == "onnx"
+                         else ver["perplexity_torch"]})
     _write(rows, Path(args.out), v["eval_data"])
 
 
@@ -180,11 +187,15 @@ def _write(rows: list[dict], out: Path, eval_data: dict) -> None:
     import onnxruntime_genai
     import torch
 
-    label = {"torch": "PyTorch fp32", "onnx": "ONNX int4 (onnxruntime-genai)"}
+    def label(r: dict) -> str:
+        if r["runtime"] == "torch":
+            return "PyTorch fp32"
+        return f"ONNX int4, LM head {r['lm_head']} (onnxruntime-genai)"
+
     lines = [
         "# ONNX int4 vs PyTorch fp32 on CPU (embedded SmolLM2-135M)", "",
         "Command: `python bench/onnx_vs_torch.py`", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, onnxruntime-genai {onnxruntime_genai.__version__}.", "",
         f"Batch 1, greedy, a {PROMPT_TOKENS}-token prompt from Persuasion, {NEW_TOKENS} new "
@@ -193,16 +204,16 @@ def _write(rows: list[dict], out: Path, eval_data: dict) -> None:
         "included). Time to first token includes prefill of the prompt. Perplexity and top-1 "
         f"agreement (ONNX vs PyTorch argmax, teacher-forced) come from the export's verification "
         f"on {eval_data['samples']} x {eval_data['seq_len']} held-out tokens.", "",
-        "The 2 cores are shared with other jobs: a load average above 2 means the run competed "
-        "for CPU, which hurts PyTorch (2 intra-op threads) more than onnxruntime; compare rows "
-        "measured at similar load.", "",
+        "A load average above the core count means the run competed for CPU, which hurts "
+        "PyTorch (2 intra-op threads) far more than onnxruntime; compare rows measured at "
+        "similar load.", "",
         "| model | runtime | weights on disk | time to first token | decode tokens/s | "
         "peak RSS | perplexity | top-1 agreement | machine load (1-min avg) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         top1 = f"{100 * r['top1_agreement']:.1f}%" if r["top1_agreement"] is not None else "-"
-        lines.append(f"| {r['model']} | {label[r['runtime']]} | "
+        lines.append(f"| {r['model']} | {label(r)} | "
                      f"{r['weights_bytes'] / 2**20:.1f} MiB | {1000 * r['ttft_s']:.0f} ms | "
                      f"{r['decode_tok_s']:.1f} | {r['peak_rss_mib']:.0f} MiB | "
                      f"{r['perplexity']:.2f} | {top1} | {r['loadavg_1min']} |")

@@ -538,6 +538,9 @@ def heal(model_dir, output, method, rank, alpha, dropout, targets, steps, lr, wa
               help="Export to ONNX (onnxruntime-genai model builder, with KV cache).")
 @click.option("--precision", default="int4", show_default=True,
               help="Weights: int4 (MatMulNBits), fp16 (CUDA only) or fp32.")
+@click.option("--lm-head", default="int8", show_default=True,
+              type=click.Choice(["int8", "int4"], case_sensitive=False),
+              help="Bits of the LM head in an int4 export (int4: smallest file, lower quality).")
 @click.option("--target", default="cpu", show_default=True,
               help="Execution provider the model is built for: cpu or cuda.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
@@ -545,8 +548,8 @@ def heal(model_dir, output, method, rank, alpha, dropout, targets, steps, lr, wa
 @click.option("--no-fallback", is_flag=True,
               help="Fail instead of falling back to a forward-pass-only (no KV cache) export.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result (- for stdout).")
-def export_cmd(model_dir, output, to_onnx, precision, target, force, no_verify, no_fallback,
-               json_out):
+def export_cmd(model_dir, output, to_onnx, precision, lm_head, target, force, no_verify,
+               no_fallback, json_out):
     """Export MODEL_DIR (a Hugging Face or GPTQ folder) for another runtime. --onnx writes
     model.onnx + genai_config.json + tokenizer + shrink.json, verified against PyTorch."""
     if not to_onnx:
@@ -555,13 +558,15 @@ def export_cmd(model_dir, output, to_onnx, precision, target, force, no_verify, 
 
     quiet = json_out == "-"
     result = export_onnx(model_dir, output, precision=precision.lower(), target=target.lower(),
-                         force=force, verify=not no_verify, fallback=not no_fallback,
+                         lm_head=lm_head.lower(), force=force, verify=not no_verify,
+                         fallback=not no_fallback,
                          log=None if quiet else (lambda line: err.print(line, highlight=False)))
     if json_out:
         write_json(result.to_dict(), json_out)
     if not quiet:
         mb = 1024 * 1024
-        console.print(f"{result.method}: {result.precision} for {result.target}, model "
+        head = f" (LM head {result.lm_head})" if result.lm_head else ""
+        console.print(f"{result.method}: {result.precision}{head} for {result.target}, model "
                       f"{result.model_bytes / mb:.1f} MiB (source folder "
                       f"{result.source_bytes / mb:.1f} MiB), KV cache: "
                       f"{'yes' if result.kv_cache else 'NO (forward pass only)'}")
@@ -753,6 +758,8 @@ def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batc
 @click.option("--gptq-seq-len", type=int, default=None)
 @click.option("--onnx", default=None, type=click.Choice(["int4", "fp16", "fp32"]))
 @click.option("--onnx-target", default=None, type=click.Choice(["cpu", "cuda"]))
+@click.option("--onnx-lm-head", default=None, type=click.Choice(["int8", "int4"]),
+              help="LM head bits in an int4 ONNX export [default: int8].")
 @click.option("--eval-data", default=None)
 @click.option("--eval-samples", type=int, default=None)
 @click.option("--eval-seq-len", type=int, default=None)

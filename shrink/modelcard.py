@@ -101,7 +101,9 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
                                              else "")]
     if report.get("export"):
         e = report["export"]
-        lines += ["", f"ONNX: `onnx/` ({e.get('method')}, KV cache: "
+        prec = report.get("settings", {}).get("onnx")
+        head = f", LM head {e['lm_head']}" if e.get("lm_head") else ""
+        lines += ["", f"ONNX: `onnx/` ({prec}{head}; {e.get('method')}, KV cache: "
                       f"{'yes' if e.get('kv_cache') else 'no'})."]
     lines += ["", "## Use", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -13,6 +13,8 @@ from pathlib import Path
 from .errors import ShrinkError
 
 RECORD = "shrink.json"
+# files that mark a folder as one shrink (or another model tool) wrote: --force may replace it
+_MODEL_MARKERS = (RECORD, "config.json", "genai_config.json", "report.json", "stages")
 _LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "SOURCE.md")
 
 
@@ -22,15 +24,31 @@ def check_output(output: str | Path, force: bool = False) -> Path:
     if out.exists():
         if not out.is_dir():
             raise ShrinkError(f"output '{output}' exists and is a file")
-        if any(out.iterdir()) and not force:
-            raise ShrinkError(f"output folder '{output}' exists and is not empty "
-                              "(use --force to replace it)")
+        if any(out.iterdir()):
+            if not force:
+                raise ShrinkError(f"output folder '{output}' exists and is not empty "
+                                  "(use --force to replace it)")
+            check_replaceable(out)
     parent = existing_ancestor(out.resolve().parent)
     if not parent.is_dir():
         raise ShrinkError(f"cannot write '{output}': '{parent}' is not a folder")
     if not os.access(parent, os.W_OK):
         raise ShrinkError(f"cannot write '{output}': folder '{parent}' is not writable")
     return out
+
+
+def check_replaceable(folder: Path) -> None:
+    """--force replaces model folders, never a folder that holds other work: the current
+    folder or one above it, the home folder, a git checkout, or a folder with no model in it."""
+    folder = Path(folder).expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if folder == home or folder == cwd or folder in cwd.parents or folder == Path(folder.anchor):
+        raise ShrinkError(f"refusing to replace '{folder}' with --force: it is the current or "
+                          "home folder or above them; choose a new output folder")
+    if (folder / ".git").exists() or not any((folder / m).exists() for m in _MODEL_MARKERS):
+        raise ShrinkError(f"refusing to replace '{folder}' with --force: it does not look like "
+                          "a model folder (no config.json or shrink.json); remove it yourself "
+                          "or choose a new output folder")
 
 
 def existing_ancestor(path: Path) -> Path:

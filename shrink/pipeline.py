@@ -66,6 +66,7 @@ class BuildSettings:
     gptq_seq_len: int = 512
     onnx: str | None = None  # "int4", "fp16", "fp32"
     onnx_target: str = "cpu"
+    onnx_lm_head: str = "int8"
     eval_data: str = EVALUATION
     eval_samples: int = 8
     eval_seq_len: int = 512
@@ -159,6 +160,8 @@ def validate(s: BuildSettings) -> int:
             raise ShrinkError(f"unknown ONNX precision '{s.onnx}'; use int4, fp16 or fp32")
         if s.onnx_target not in ("cpu", "cuda"):
             raise ShrinkError(f"unknown ONNX target '{s.onnx_target}'; use cpu or cuda")
+        if s.onnx_lm_head not in ("int8", "int4"):
+            raise ShrinkError(f"unknown ONNX LM head '{s.onnx_lm_head}'; use int8 or int4")
         if s.onnx == "fp16" and s.onnx_target == "cpu":
             raise ShrinkError("--onnx fp16 needs --onnx-target cuda (fp16 ONNX runs on GPUs)")
     if s.heal:
@@ -262,7 +265,7 @@ def _stage_settings(name: str, s: BuildSettings) -> dict:
                  "temperature", "kd_alpha", "seed", "eval_data"],
         "quantize": ["gptq", "group_size", "desc_act", "sym", "damp", "calib", "gptq_samples",
                      "gptq_seq_len", "seed"],
-        "export": ["onnx", "onnx_target", "gptq"],
+        "export": ["onnx", "onnx_target", "onnx_lm_head", "gptq"],
         "evaluate": ["eval_data", "eval_samples", "eval_seq_len", "model"],
     }[name]
     return {k: d[k] for k in keys}
@@ -315,8 +318,10 @@ def _run_stage(name: str, s: BuildSettings, stage_dir: Path, inputs: dict[str, P
         # the full-precision model
         src = inputs["model"] if s.onnx == "int4" else inputs["float_model"]
         r = export_onnx(src, stage_dir / "onnx", precision=s.onnx, target=s.onnx_target,
-                        force=True, log=stderr.print if show_progress else None)
+                        lm_head=s.onnx_lm_head, force=True,
+                        log=stderr.print if show_progress else None)
         return {"onnx": str(stage_dir / "onnx"), "kv_cache": r.kv_cache, "method": r.method,
+                "lm_head": r.lm_head,
                 "size_bytes": r.folder_bytes, "verification": r.verification}
     if name == "evaluate":
         from .evaluate import evaluate
@@ -349,6 +354,7 @@ def build(settings: BuildSettings, output: str | Path | None = None, resume: boo
           show_progress: bool = True) -> BuildResult:
     """Run the whole chain into ``output``; see the module docstring."""
     from .models import resolve
+    from .outputs import check_replaceable
 
     s = settings
     L = validate(s)
@@ -361,6 +367,8 @@ def build(settings: BuildSettings, output: str | Path | None = None, resume: boo
     resolved = resolve(s.model)
     check_disk(out, estimate_disk(s, resolved.path))
     if force and not resume and out.exists():
+        if any(out.iterdir()):
+            check_replaceable(out)
         shutil.rmtree(out)
     stages_dir = out / "stages"
     stages_dir.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ def test_bad_settings_fail_before_any_stage(tiny_model_dir, tmp_path):
         (BuildSettings(model=src, drop=2, gptq="5bit"), "bit"),
         (BuildSettings(model=src, drop=2, onnx="int4", onnx_target="tpu"), "target"),
         (BuildSettings(model=src, drop=2, onnx="fp16", onnx_target="cpu"), "cuda"),
+        (BuildSettings(model=src, drop=2, onnx="int4", onnx_lm_head="fp8"), "LM head"),
         (BuildSettings(model=src, drop=2, strategy="magic"), "strategy"),
         (BuildSettings(model=src, drop=2, heal_steps=0), "heal-steps"),
         (BuildSettings(model=src), "--drop"),
@@ -203,6 +204,7 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
     card = (out / "README.md").read_text()
     for tag in ("- gptq", "- onnx", "- lora-healed"):
         assert tag in card
+    assert report["export"]["lm_head"] == "int8" and "int4, LM head int8" in card
     record = json.loads((out / "model" / "shrink.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["prune", "heal", "quantize"]
     # the final artifacts run in their real consumers, in fresh processes

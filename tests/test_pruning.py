@@ -168,9 +168,9 @@ def test_cli_prune_strategies(tiny_model_dir, tmp_path, strategy):
     assert stage["strategy"] == strategy and len(stage["removed_layers"]) == 2
 
 
-def _bad(args, tmp_path, expect):
+def _bad(args, cwd, expect):
     proc = subprocess.run([sys.executable, "-m", "shrink.cli", *args], capture_output=True,
-                          text=True, cwd=tmp_path)
+                          text=True, cwd=cwd)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -209,11 +209,36 @@ def test_force_replaces_atomically(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("{}")  # an earlier model folder
     r = _run(["prune", str(tiny_model_dir("mistral")), "--layers", "2", "-o", str(out),
               "--force", "--no-verify"])
     assert r.exit_code == 0, r.output
-    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+    assert not (out / "old.txt").exists() and (out / "config.json").stat().st_size > 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):
+    """--force replaces model folders only: not a folder of other files, a git checkout, the
+    current folder or the home folder (a typo like '-o . --force' must not delete a project)."""
+    src = str(tiny_model_dir("llama"))
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious")
+    (work / "config.json").write_text("{}")  # looks like a model folder, but it is the cwd
+    for target in (work, tmp_path, "."):
+        _bad(["prune", src, "--drop", "1", "-o", str(target), "--force"], work,
+             "current or home")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2")
+    _bad(["prune", src, "--drop", "1", "-o", str(other), "--force"], tmp_path, "model folder")
+    (other / "config.json").write_text("{}")
+    (other / ".git").mkdir()
+    _bad(["prune", src, "--drop", "1", "-o", str(other), "--force"], tmp_path, "model folder")
+    _bad(["build", src, "--drop", "1", "--no-heal", "-o", str(other), "--force"], tmp_path,
+         "model folder")
+    assert (work / "notes.txt").read_text() == "precious" and (work / "config.json").exists()
+    assert (other / "data.csv").read_text() == "1,2"
 
 
 def test_failed_verification_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
