@@ -61,8 +61,8 @@ def main() -> None:
         "",
         f"Command: `{cmd.strip()}`",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), shared with other jobs "
-        f"(load average at the end: {os.getloadavg()[0]:.1f}), torch {torch.__version__}, "
+        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}; load average at the end: "
+        f"{os.getloadavg()[0]:.1f}), torch {torch.__version__}, "
         f"GPTQModel {version('gptqmodel')}, optimum {version('optimum')}.",
         "",
         f"Calibration: {first['calibration']['samples']} x {first['calibration']['seq_len']} "

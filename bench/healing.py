@@ -117,8 +117,9 @@ def main() -> None:
         "Final training loss (mean of the last steps): "
         + ", ".join(f"{k} {v['final_loss']:.3f}" for k, v in runs.items()) + ".",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while "
-        f"measured: times are upper bounds, the load varied between runs), torch {torch.__version__}, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (load average at the end "
+        f"{os.getloadavg()[0]:.1f}; above the core count, other jobs shared the CPU and the times "
+        f"are upper bounds), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Total wall time {total / 60:.1f} min "
         f"(prune {prune_s:.0f} s; each heal includes loading, tokenizing and two evaluations).",
         "",

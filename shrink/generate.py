@@ -73,22 +73,15 @@ def onnx_record(path: Path) -> dict:
     return {}
 
 
-def import_genai():
+def import_onnx_runtime(module: str):
+    """onnxruntime_genai or onnxruntime, or one line naming the extra to install."""
+    import importlib
+
     try:
-        import onnxruntime_genai as og
+        return importlib.import_module(module)
     except ImportError as e:
-        raise ShrinkError(f"running an ONNX model needs onnxruntime-genai ({e}): run "
+        raise ShrinkError(f"running an ONNX model needs {module.replace('_', '-')} ({e}): run "
                           f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
-    return og
-
-
-def import_ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ShrinkError(f"running an ONNX model needs onnxruntime ({e}): run {ONNX_EXTRA} "
-                          f"(or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
-    return ort
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -115,7 +108,7 @@ class GenaiRunner:
     kv_cache = True
 
     def __init__(self, path: str | Path):
-        og = import_genai()
+        og = import_onnx_runtime("onnxruntime_genai")
         self.og = og
         self.path = Path(path)
         try:
@@ -190,7 +183,7 @@ class PlainOnnxRunner:
     kv_cache = False
 
     def __init__(self, path: str | Path, target: str | None = None):
-        ort = import_ort()
+        ort = import_onnx_runtime("onnxruntime")
         self.path = Path(path)
         models = sorted(self.path.glob("*.onnx"))
         if not models:

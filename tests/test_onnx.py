@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,16 @@ def test_missing_extra_is_named(monkeypatch, tiny_model_dir, tmp_path):
     with pytest.raises(ShrinkError, match=r"pip install 'shrink-llm\[onnx\]'"):
         export_onnx(tiny_model_dir("llama"), tmp_path / "o", precision="int4")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module", ["onnxruntime_genai", "onnxruntime"])
+def test_generate_names_the_missing_runtime(module, monkeypatch):
+    from shrink.generate import import_onnx_runtime
+
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    with pytest.raises(ShrinkError, match=rf"needs {module.replace('_', '-')} .*"
+                                          r"pip install 'shrink-llm\[onnx\]'"):
+        import_onnx_runtime(module)
 
 
 def test_mixed_cpu_gpu_install_is_detected(monkeypatch):

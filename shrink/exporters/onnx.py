@@ -62,7 +62,8 @@ class OnnxResult:
         return {"output": str(self.output), "precision": self.precision, "target": self.target,
                 "method": self.method, "kv_cache": self.kv_cache, "model_bytes": self.model_bytes,
                 "folder_bytes": self.folder_bytes, "source_bytes": self.source_bytes,
-                "lm_head": self.lm_head, "builder_error": self.builder_error, "verification": self.verification}
+                "lm_head": self.lm_head, "builder_error": self.builder_error,
+                "verification": self.verification}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +212,9 @@ def _head_matmul(model) -> str | None:
 
 
 def _torch_export(src: Path, out: Path, precision: str, target: str,
-                  lm_head: str | None = None) -> None:
-    """Forward pass only (input_ids, attention_mask -> logits), then int4 weights if asked."""
+                  lm_head: str | None = None) -> str | None:
+    """Forward pass only (input_ids, attention_mask -> logits), then int4 weights if asked.
+    Returns the LM head's precision in an int4 export (int4 when no head MatMul is found)."""
     import torch
     from transformers import AutoConfig
 
@@ -284,6 +286,9 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
     model.config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
+    if precision != "int4":
+        return None
+    return "int8" if head else "int4"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +450,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "int
             say(f"the model builder cannot build this model ({builder_error}); falling back to "
                 "torch.onnx.export")
             say(f"warning: {NO_KV_NOTE}")
-            _torch_export(src, tmp, precision, target, head)
+            head = _torch_export(src, tmp, precision, target, head)
             method, kv_cache = "torch.onnx.export", False
         copy_license_files(src, tmp)
         model_bytes = _folder_bytes(tmp, (".onnx", ".onnx.data", ".data"))
