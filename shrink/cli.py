@@ -57,8 +57,9 @@ def main():
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    # torchao (pulled in by the gptq/qlora extras) logs import-time noise on every command
-    for noisy in ("torchao", "torch.utils._pytree"):
+    # torchao (pulled in by the gptq/qlora extras) logs import-time noise on every command;
+    # huggingface_hub logs each failed HTTP request before the error shrink reports anyway
+    for noisy in ("torchao", "torch.utils._pytree", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -45,7 +45,10 @@ def check_replaceable(folder: Path) -> None:
     if folder == home or folder == cwd or folder in cwd.parents or folder == Path(folder.anchor):
         raise ShrinkError(f"refusing to replace '{folder}' with --force: it is the current or "
                           "home folder or above them; choose a new output folder")
-    if (folder / ".git").exists() or not any((folder / m).exists() for m in _MODEL_MARKERS):
+    if (folder / ".git").exists():
+        raise ShrinkError(f"refusing to replace '{folder}' with --force: it is a git checkout; "
+                          "choose a new output folder")
+    if not any((folder / m).exists() for m in _MODEL_MARKERS):
         raise ShrinkError(f"refusing to replace '{folder}' with --force: it does not look like "
                           "a model folder (no config.json or shrink.json); remove it yourself "
                           "or choose a new output folder")

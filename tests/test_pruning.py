@@ -234,7 +234,9 @@ def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):
     _bad(["prune", src, "--drop", "1", "-o", str(other), "--force"], tmp_path, "model folder")
     (other / "config.json").write_text("{}")
     (other / ".git").mkdir()
-    _bad(["prune", src, "--drop", "1", "-o", str(other), "--force"], tmp_path, "model folder")
+    _bad(["prune", src, "--drop", "1", "-o", str(other), "--force"], tmp_path, "git checkout")
+    (other / ".git").rmdir()
+    (other / "config.json").unlink()
     _bad(["build", src, "--drop", "1", "--no-heal", "-o", str(other), "--force"], tmp_path,
          "model folder")
     assert (work / "notes.txt").read_text() == "precious" and (work / "config.json").exists()
