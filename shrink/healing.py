@@ -605,7 +605,7 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
         logging_strategy="steps", logging_steps=1, save_strategy="steps", save_steps=save_steps,
         save_total_limit=2, report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
         use_cpu=not on_cuda, bf16=bf16, fp16=on_cuda and not bf16,
-        gradient_checkpointing=False, ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0, dataloader_pin_memory=on_cuda, remove_unused_columns=False,
     )
     from transformers import default_data_collator
