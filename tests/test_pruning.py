@@ -3,6 +3,7 @@ config sliced, generation with the KV cache works, for every architecture."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -168,9 +169,9 @@ def test_cli_prune_strategies(tiny_model_dir, tmp_path, strategy):
     assert stage["strategy"] == strategy and len(stage["removed_layers"]) == 2
 
 
-def _bad(args, cwd, expect):
+def _bad(args, cwd, expect, env=None):
     proc = subprocess.run([sys.executable, "-m", "shrink.cli", *args], capture_output=True,
-                          text=True, cwd=cwd)
+                          text=True, cwd=cwd, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -228,6 +229,12 @@ def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):
     for target in (work, tmp_path, "."):
         _bad(["prune", src, "--drop", "1", "-o", str(target), "--force"], work,
              "current or home")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.json").write_text("{}")
+    _bad(["prune", src, "--drop", "1", "-o", "~", "--force"], tmp_path, "current or home",
+         env={**os.environ, "HOME": str(home)})
+    assert (home / "config.json").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "data.csv").write_text("1,2")
