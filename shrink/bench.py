@@ -22,16 +22,13 @@ from pathlib import Path
 
 from .data import EVALUATION
 from .errors import ShrinkError
+from .outputs import folder_bytes
 
 def _resolve_artifact(name: str) -> tuple[Path, str]:
     from .generate import artifact_kind, artifact_path
 
     path = artifact_path(name)
     return path.resolve(), artifact_kind(path)
-
-
-def size_on_disk(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _vm(field_name: str) -> int:
@@ -104,7 +101,8 @@ def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: in
     ids = _prompt_ids(tok, prompt_len, batch).to(device)
     for _ in range(warmup):
         _time_hf(model, ids, min(gen_len, 4), device)
-    Path("/proc/self/clear_refs").write_text("5") if device == "cpu" else None
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")
     ttft, decode = _time_hf(model, ids, gen_len, device)
     result = {"ttft_s": ttft, "decode_s": decode,
               "peak_rss_bytes": _vm("VmHWM")}
@@ -120,12 +118,11 @@ def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: in
 
 def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch: int,
                   warmup: int, ppl_samples: int, ppl_seq_len: int) -> dict:
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise ShrinkError("ONNX artifacts need onnxruntime-genai: pip install 'shrink-llm[onnx]'"
-                          ) from None
     from transformers import AutoTokenizer
+
+    from .generate import import_onnx_runtime
+
+    og = import_onnx_runtime("onnxruntime_genai")
 
     tok = AutoTokenizer.from_pretrained(path)
     model = og.Model(str(path))
@@ -162,9 +159,8 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
 def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
             batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256) -> dict:
     """Measure one artifact in THIS process (the worker side); see :func:`bench`."""
-    import torch
+    import torch  # noqa: F401 - before the RSS baseline: torch itself is not model memory
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     p = Path(path)
     rss0 = _vm("VmRSS")
     t0 = time.perf_counter()
@@ -264,10 +260,15 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
     if not names:
         raise ShrinkError("no artifact to benchmark")
     resolved = [_resolve_artifact(n) for n in names]
+    manager = None
+    if tasks:  # check the extra and the task names before minutes of timing
+        from .lmeval import run_tasks, task_manager
+
+        manager = task_manager(tasks, tasks_path)
     results = []
     for name, (path, kind) in zip(names, resolved):
         layers, flops, wbytes = _analytic(path, kind, prompt_len + gen_len)
-        results.append(ArtifactResult(name, str(path), kind, size_on_disk(path), layers, flops,
+        results.append(ArtifactResult(name, str(path), kind, folder_bytes(path), layers, flops,
                                       wbytes))
     opts = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
                 warmup=warmup, ppl_samples=0, ppl_seq_len=ppl_seq_len)
@@ -277,20 +278,17 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
         order += seq if r % 2 == 0 else seq[::-1]
     for i in progress_bar(order, "benchmark runs", enabled=show_progress):
         res = results[i]
-        run = _run_worker(Path(res.path), res.kind, {**opts, "ppl_samples": 0})
-        res.runs.append(run)
+        res.runs.append(_run_worker(Path(res.path), res.kind, opts))
     if ppl_samples:  # perplexity is deterministic: once per artifact
         for res in progress_bar(results, "perplexity", enabled=show_progress):
             run = _run_worker(Path(res.path), res.kind, {**opts, "ppl_samples": ppl_samples,
                                                          "gen_len": 2, "warmup": 0})
             res.median["perplexity"] = run.get("perplexity")
     if tasks:
-        from .lmeval import run_tasks
-
         for res in progress_bar(results, "lm-eval tasks", enabled=show_progress):
             if res.kind != "onnx":
                 res.median["tasks"] = run_tasks(res.path, tasks, tasks_path, limit=limit,
-                                                device=device)
+                                                device=device, manager=manager)
     for res in results:
         m = res.median
         m["ttft_s"] = statistics.median(r["ttft_s"] for r in res.runs)

@@ -128,8 +128,10 @@ def _bos_prefix(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
-def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0) -> TokenBlocks:
-    """Tokenize a text source into ``samples`` non-overlapping blocks of ``seq_len`` tokens.
+def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0,
+                 at_most: bool = False) -> TokenBlocks:
+    """Tokenize a text source into ``samples`` non-overlapping blocks of ``seq_len`` tokens
+    (with ``at_most``, as many as the source holds when that is fewer; none is not an error).
 
     Documents are joined with the EOS token; blocks are picked at random (``seed``) among all the
     non-overlapping blocks, then kept in text order. A tokenizer that prepends BOS gets BOS at the
@@ -146,7 +148,9 @@ def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int =
         if eos is not None:
             stream.append(eos)
     available = len(stream) // body
-    if available < samples:
+    if at_most:
+        samples = min(samples, available)
+    elif available < samples:
         raise ShrinkError(f"text source '{source}' has {len(stream)} tokens: only {available} "
                           f"blocks of {seq_len} tokens are possible, {samples} asked for")
     picks = sorted(random.Random(seed).sample(range(available), samples))

@@ -7,3 +7,9 @@ class ShrinkError(Exception):
     The CLI prints ``error: <message>`` on stderr and exits non-zero, without a traceback.
     Messages are one line and say what to do about it.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    the one-line errors shrink shows when a library fails."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -73,8 +73,10 @@ def evaluate(model: str, data: str = EVALUATION, samples: int = 16, seq_len: int
              trust_remote_code: bool = False, show_progress: bool = True) -> PerplexityResult:
     """Perplexity of a model on a text source (default: the held-out novel). ``model`` is anything
     load_model takes, or an ONNX folder written by ``shrink export``."""
+    from .generate import is_onnx_folder
+
     folder = Path(model).expanduser()
-    if folder.is_dir() and ((folder / "genai_config.json").is_file() or any(folder.glob("*.onnx"))):
+    if is_onnx_folder(folder):
         from transformers import AutoTokenizer
 
         blocks = token_blocks(AutoTokenizer.from_pretrained(folder), data, samples, seq_len, seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 
 ONNX_EXTRA = "pip install 'shrink-llm[onnx]'"
 ONNX_GPU_EXTRA = "pip install 'shrink-llm[onnx-gpu]'"
@@ -32,6 +32,12 @@ def artifact_path(artifact: str | Path) -> Path:
     return p
 
 
+def is_onnx_folder(path: str | Path) -> bool:
+    """A folder holding an ONNX model (onnxruntime-genai's genai_config.json or a .onnx file)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "genai_config.json").is_file() or any(p.glob("*.onnx")))
+
+
 def artifact_kind(path: str | Path) -> str:
     """``"onnx"`` (a folder with a .onnx model), ``"gptq"`` (an HF folder whose config has a GPTQ
     ``quantization_config``) or ``"hf"`` (any other HF model folder)."""
@@ -39,7 +45,7 @@ def artifact_kind(path: str | Path) -> str:
     if not p.is_dir():
         raise ShrinkError(f"'{path}' is not a folder; give a model folder written by shrink "
                           "(Hugging Face, GPTQ or ONNX)")
-    if (p / "genai_config.json").is_file() or any(p.glob("*.onnx")):
+    if is_onnx_folder(p):
         return "onnx"
     config = p / "config.json"
     if not config.is_file():
@@ -114,7 +120,7 @@ class GenaiRunner:
         try:
             self.model = og.Model(str(self.path))
         except Exception as e:  # noqa: BLE001 - og raises RuntimeError with long text
-            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            line = first_line(e)
             raise ShrinkError(f"onnxruntime-genai cannot load {path}: {line}") from None
         self.tokenizer = og.Tokenizer(self.model)
         cfg = json.loads((self.path / "genai_config.json").read_text())
@@ -308,7 +314,7 @@ def _generate_transformers(path: Path, kind: str, prompt: str, max_new_tokens: i
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        msg = first_line(e)
         raise ShrinkError(f"cannot load {path} with transformers: {msg}") from None
     model.eval()
 

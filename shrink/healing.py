@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import EVALUATION, HEALING, token_blocks
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 from .models import (_text_config, check_decoder_only, check_device, load_config, read_shrink_json,
                      resolve)
 from .outputs import atomic_output, check_output, copy_license_files, write_record
 
 METHODS = ("lora", "qlora")
-TARGET_GROUPS = ("mlp", "attn", "all")
 QLORA_INSTALL = "pip install 'shrink-llm[qlora]'"
 HEAL_INSTALL = "pip install 'shrink-llm[heal]'"
 
@@ -177,7 +176,7 @@ def _check_teacher(teacher: str, student_config, student_tok, trust_remote_code:
         ttok = AutoTokenizer.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ShrinkError(f"cannot load the tokenizer of teacher '{teacher}': "
-                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                          f"{first_line(e)}") from None
     sv, tv = (_text_config(student_config).vocab_size, _text_config(tconfig).vocab_size)
     if sv != tv or student_tok.get_vocab() != ttok.get_vocab():
         raise ShrinkError(f"teacher '{teacher}' has a different tokenizer or vocabulary "
@@ -506,13 +505,12 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
                         if teacher else None)
 
     global_batch = s["batch_size"] * s["grad_accum"] * world_size
-    probe = token_blocks(tokenizer, data, 1, s["seq_len"], seed)
-    if probe.available < global_batch:
-        raise ShrinkError(f"too little healing text: '{data}' gives {probe.available} blocks of "
+    train = token_blocks(tokenizer, data, s["steps"] * global_batch, s["seq_len"], seed,
+                         at_most=True)
+    if train.available < global_batch:
+        raise ShrinkError(f"too little healing text: '{data}' gives {train.available} blocks of "
                           f"{s['seq_len']} tokens, one optimizer step needs {global_batch} "
                           "(give more text, or lower --seq-len / --batch-size)")
-    needed = s["steps"] * global_batch
-    train = token_blocks(tokenizer, data, min(needed, probe.available), s["seq_len"], seed)
     evalb = token_blocks(tokenizer, eval_data, s["eval_samples"], s["seq_len"], seed)
 
     settings = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 
 # Short aliases users can type instead of hub ids. Configs of these ship as package data in
 # shrink/configs/<alias>.json so that analytic commands work offline.
@@ -140,7 +140,7 @@ def load_config(resolved: ResolvedModel, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         if resolved.hub_id is not None:
             raise ShrinkError(f"cannot load '{resolved.name}' ({resolved.hub_id}) from the hub: {msg}"
                               ) from None
@@ -233,7 +233,7 @@ def load_model(model: str, dtype: str | torch.dtype | None = None, device: str |
             resolved.location, dtype=torch_dtype, use_safetensors=True,
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise ShrinkError(f"cannot load '{resolved.name}': {msg}") from None
     hf_model.to(device)
     hf_model.eval()

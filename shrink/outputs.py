@@ -54,6 +54,17 @@ def check_replaceable(folder: Path) -> None:
                           "or choose a new output folder")
 
 
+def safetensors_bytes(folder: str | Path) -> int:
+    """Bytes of the ``*.safetensors`` files at the top of a model folder (its weights)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def folder_bytes(folder: str | Path, suffixes: tuple[str, ...] | None = None) -> int:
+    """Bytes of every file under ``folder``, or of those whose names end in ``suffixes``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()
+               and (suffixes is None or f.name.endswith(suffixes)))
+
+
 def existing_ancestor(path: Path) -> Path:
     """The nearest folder above (or at) ``path`` that exists (missing parents get created)."""
     path = Path(path).resolve()

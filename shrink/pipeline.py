@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .data import CALIBRATION, EVALUATION, HEALING
 from .errors import ShrinkError
+from .outputs import atomic_output, check_replaceable, existing_ancestor, safetensors_bytes
 from .progress import stderr
 
 MARKER = "done.json"
@@ -172,13 +173,9 @@ def validate(s: BuildSettings) -> int:
     return L
 
 
-def _weights_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
 def estimate_disk(s: BuildSettings, source: Path | None) -> int:
     """Bytes the build will write at most: pruned and healed copies, GPTQ, ONNX, finals."""
-    base = _weights_bytes(source) if source is not None else 0
+    base = safetensors_bytes(source) if source is not None else 0
     total = base  # prune
     if s.heal:
         total += base * 2  # healed model + trainer checkpoints (adapter-sized, bounded by base)
@@ -191,8 +188,6 @@ def estimate_disk(s: BuildSettings, source: Path | None) -> int:
 
 
 def check_disk(out: Path, need: int) -> None:
-    from .outputs import existing_ancestor
-
     probe = existing_ancestor(out)
     free = shutil.disk_usage(probe).free
     if need > free:
@@ -300,16 +295,16 @@ def _run_stage(name: str, s: BuildSettings, stage_dir: Path, inputs: dict[str, P
     if name == "quantize":
         from .exporters.gptq import quantize_gptq
 
+        # eval_samples=0: the evaluate stage measures the input and the output of this stage on
+        # the same blocks; measuring here too would reload the full-precision model for it
         r = quantize_gptq(inputs["model"], stage_dir / "model", bits=s.gptq,
                           group_size=s.group_size, desc_act=s.desc_act, sym=s.sym, damp=s.damp,
                           calib=s.calib, samples=s.gptq_samples, seq_len=s.gptq_seq_len,
-                          seed=s.seed, eval_data=s.eval_data, eval_samples=s.eval_samples,
-                          eval_seq_len=s.eval_seq_len, device=s.device, force=True,
+                          seed=s.seed, eval_samples=0, device=s.device, force=True,
                           show_progress=show_progress)
         return {"model": str(stage_dir / "model"), "quantized": str(stage_dir / "model"),
                 "bits": r.bits, "group_size": r.group_size, "group_size_note": r.group_size_note,
-                "bits_per_weight": r.bits_per_weight, "size_bytes": r.size_bytes_after,
-                "ppl": r.perplexity_after}
+                "bits_per_weight": r.bits_per_weight, "size_bytes": r.size_bytes_after}
     if name == "export":
         from .exporters.onnx import export_onnx
 
@@ -354,16 +349,15 @@ def build(settings: BuildSettings, output: str | Path | None = None, resume: boo
           show_progress: bool = True) -> BuildResult:
     """Run the whole chain into ``output``; see the module docstring."""
     from .models import resolve
-    from .outputs import check_replaceable
 
     s = settings
     L = validate(s)
     out = Path(output or default_output(s)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ShrinkError(f"output '{out}' exists and is a file")
     if out.exists() and any(out.iterdir()) and not (resume or force):
         raise ShrinkError(f"output folder '{out}' exists and is not empty (use --resume to "
                           "continue it, --force to start over)")
-    if out.exists() and not out.is_dir():
-        raise ShrinkError(f"output '{out}' exists and is a file")
     resolved = resolve(s.model)
     check_disk(out, estimate_disk(s, resolved.path))
     if force and not resume and out.exists():
@@ -423,12 +417,8 @@ def _eval_targets(s: BuildSettings, info: dict) -> dict[str, str]:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    with atomic_output(dst, force=True) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _finish(out: Path, s: BuildSettings, resolved, state: dict, info: dict,
@@ -461,9 +451,9 @@ def _finish(out: Path, s: BuildSettings, resolved, state: dict, info: dict,
                             "layers": cfg.get("num_hidden_layers")}
     except ShrinkError as e:
         arith["error"] = str(e)
-    sizes = {"dense": _weights_bytes(Path(resolved.path)) if resolved.path else None,
-             "pruned": _weights_bytes(Path(info["prune"]["model"])),
-             "final_model": _weights_bytes(out / "model")}
+    sizes = {"dense": safetensors_bytes(Path(resolved.path)) if resolved.path else None,
+             "pruned": safetensors_bytes(Path(info["prune"]["model"])),
+             "final_model": safetensors_bytes(out / "model")}
     if "export" in info:
         sizes["onnx"] = info["export"]["size_bytes"]
     ppl = dict(info.get("evaluate", {}).get("perplexity", {}))

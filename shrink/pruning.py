@@ -195,6 +195,17 @@ def _base_model_id(resolved, config, previous: dict | None) -> str | None:
     return name if name and name.count("/") == 1 and not Path(name).exists() else None
 
 
+def original_layers(previous: dict | None, L: int) -> list[int]:
+    """The source model's layer numbers in the original (unpruned) model, from the
+    ``kept_original_layers`` of its last prune stage in ``shrink.json`` (0..L-1 without one)."""
+    for st in reversed((previous or {}).get("stages", [])):
+        if "kept_original_layers" in st:
+            if len(st["kept_original_layers"]) == L:
+                return st["kept_original_layers"]
+            break
+    return list(range(L))
+
+
 def prune(model: str, output: str | Path, drop: int | None = None, strategy: str = "bi",
           layers: list[int] | None = None, calib: str = CALIBRATION, samples: int = 32,
           seq_len: int = 256, seed: int = 0, skip_first: int = 1, batch_size: int = 4,
@@ -253,13 +264,7 @@ def prune(model: str, output: str | Path, drop: int | None = None, strategy: str
     prune_model(hf, remove)
     kept = [i for i in range(L) if i not in remove]
     params_after = sum(p.numel() for p in hf.parameters())
-    prev_kept = None
-    if previous:
-        for st in reversed(previous.get("stages", [])):
-            if "kept_original_layers" in st:
-                prev_kept = st["kept_original_layers"]
-                break
-    orig = prev_kept if prev_kept is not None and len(prev_kept) == L else list(range(L))
+    orig = original_layers(previous, L)
     removed_original = [orig[i] for i in remove]
     kept_original = [orig[i] for i in kept]
 

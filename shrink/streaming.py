@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 from .models import check_decoder_only, check_device, find_layers, parse_dtype, read_shrink_json
 from .progress import progress_bar, stderr
 
@@ -201,7 +201,7 @@ def _load_config(folder: Path, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - one line for the user
         raise ShrinkError(f"cannot read the config of {folder}: "
-                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                          f"{first_line(e)}") from None
     check_decoder_only(config)
     if config.model_type not in SUPPORTED:
         raise ShrinkError(f"streaming does not support {config.model_type} yet (supported: "
@@ -390,10 +390,6 @@ def _layer_inputs(base: nn.Module, layers: nn.ModuleList, target: int, **forward
     return captured["args"], captured["kwargs"]
 
 
-def _hidden(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 # --------------------------------------------------------------------------------------------
 # Estimates.
 
@@ -480,12 +476,12 @@ def estimate(ck: Checkpoint, config, prefix: str, embed_prefix: str, samples: in
 
 
 def _activation_store(shape: tuple[int, int, int], dtype: torch.dtype, offload_dir,
-                      ) -> tuple[torch.Tensor, Path | None]:
-    """All samples' hidden states: a CPU tensor when they take under half the available RAM
-    (and no ``offload_dir`` was forced), else a file-backed tensor in ``offload_dir``."""
+                      on_disk: bool) -> tuple[torch.Tensor, Path | None]:
+    """All samples' hidden states: a CPU tensor, or (``on_disk``, see
+    :func:`activations_on_disk`) a file-backed tensor in ``offload_dir`` or the temp folder."""
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if offload_dir is None and nbytes < 0.5 * available_memory("cpu"):
+    if not on_disk:
         return torch.empty(shape, dtype=dtype), None
     folder = Path(offload_dir) if offload_dir is not None else Path(tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
@@ -497,6 +493,8 @@ def _activation_store(shape: tuple[int, int, int], dtype: torch.dtype, offload_d
 
 
 def activations_on_disk(shape, dtype, offload_dir) -> bool:
+    """Hidden states go to a file when ``offload_dir`` is given or they would take half the
+    available RAM or more."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return offload_dir is not None or nbytes >= 0.5 * available_memory("cpu")
 
@@ -511,7 +509,7 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     """Layer scores of the model in ``model_dir`` without ever holding more than one decoder
     layer: the same :class:`shrink.scoring.LayerScores` (BI, relmag, angular distances) as
     :func:`shrink.scoring.score_layers` on the loaded model, to float rounding."""
-    from .scoring import ScoreAccumulator, check_score_inputs, token_masks
+    from .scoring import ScoreAccumulator, _hidden, check_score_inputs, token_masks
 
     attention_mask = check_score_inputs(input_ids, attention_mask, skip_first)
     device = check_device(device)
@@ -540,7 +538,7 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
             owner, _, a = name.rpartition(".")
             model.get_submodule(owner)._buffers[a] = buf.to(device)
 
-    acts, acts_file = _activation_store((N, S, H), torch_dtype, offload_dir)
+    acts, acts_file = _activation_store((N, S, H), torch_dtype, offload_dir, on_disk)
     batches = [slice(s, min(s + batch_size, N)) for s in range(0, N, batch_size)]
     masks = [attention_mask[sl].to(device) for sl in batches]
     acc = ScoreAccumulator(L)
@@ -814,7 +812,7 @@ def prune_streaming(model: str, output, resolved, L: int, remove: list[int] | No
                     offload_dir=None):
     """:func:`shrink.pruning.prune` for a model that does not fit: stream-score when the strategy
     needs scores, choose, then :func:`stream_prune`. Returns a ``PruneResult``."""
-    from .pruning import PruneResult, _base_model_id, choose_layers
+    from .pruning import PruneResult, _base_model_id, choose_layers, original_layers
 
     scores = None
     calib_info = None
@@ -832,16 +830,10 @@ def prune_streaming(model: str, output, resolved, L: int, remove: list[int] | No
         raise ShrinkError(f"strategy '{strategy}' needs the whole model in memory and cannot "
                           "stream; use bi, angular, relmag, last or random")
     previous = read_shrink_json(resolved.path)
-    prev_kept = None
-    for st in reversed((previous or {}).get("stages", [])):
-        if "kept_original_layers" in st:
-            prev_kept = st["kept_original_layers"]
-            break
-    orig = prev_kept if prev_kept is not None and len(prev_kept) == L else list(range(L))
-    removed_sorted = sorted(remove)
-    kept = [i for i in range(L) if i not in removed_sorted]
+    orig = original_layers(previous, L)
+    kept = [i for i in range(L) if i not in remove]
     stage = {"stage": "prune", "source": resolved.location, "strategy": strategy,
-             "reason": reason, "removed_original_layers": [orig[i] for i in removed_sorted],
+             "reason": reason, "removed_original_layers": [orig[i] for i in remove],
              "kept_original_layers": [orig[i] for i in kept], "seed": seed,
              "skip_first": skip_first, "calibration": calib_info,
              "scores": scores.to_dict() if scores is not None else None}

@@ -75,6 +75,12 @@ def test_bad_settings_fail_before_any_stage(tiny_model_dir, tmp_path):
         with pytest.raises(ShrinkError, match=message):
             build(settings, output=tmp_path / "out", show_progress=False)
         assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("keep")
+    for force in (False, True):
+        with pytest.raises(ShrinkError, match="is a file"):
+            build(BuildSettings(model=src, drop=2), output=tmp_path / "file", force=force,
+                  show_progress=False)
+    assert (tmp_path / "file").read_text() == "keep"
 
 
 def test_disk_space_checked_first(tiny_model_dir, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from shrink.data import NOVELS, SPLITS, load_texts, token_blocks
@@ -62,3 +63,16 @@ def test_too_little_text_says_how_many(tok, tmp_path):
         load_texts("austen:nope")
     with pytest.raises(ShrinkError, match="no such text source"):
         load_texts(str(tmp_path / "missing.txt"))
+
+
+def test_at_most_takes_what_the_source_holds(tok, tmp_path):
+    txt = tmp_path / "short.txt"
+    txt.write_text("word " * 100)
+    n = (len(tok(txt.read_text(), add_special_tokens=False)["input_ids"]) + 1) // 32
+    some = token_blocks(tok, str(txt), 50, 32, seed=3, at_most=True)
+    assert some.available == n and some.input_ids.shape == (n, 32)
+    assert torch.equal(some.input_ids, token_blocks(tok, str(txt), n, 32, seed=3).input_ids)
+    few = token_blocks(tok, str(txt), 2, 32, seed=3, at_most=True)  # enough text: as asked
+    assert torch.equal(few.input_ids, token_blocks(tok, str(txt), 2, 32, seed=3).input_ids)
+    none = token_blocks(tok, str(txt), 5, 4096, at_most=True)
+    assert none.available == 0 and none.input_ids.numel() == 0

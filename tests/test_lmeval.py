@@ -90,6 +90,20 @@ def test_bench_tasks_cli_and_errors(tiny_model_dir, task_dir, tmp_path):
         run_tasks(tiny_model_dir("llama"), ["shrink_tiny_mc"], tasks_path=tmp_path / "nope")
 
 
+def test_bench_checks_tasks_before_timing(tiny_model_dir, task_dir, monkeypatch):
+    """A wrong task name fails at once, before any benchmark run."""
+    pytest.importorskip("lm_eval")
+    import shrink.bench as B
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a benchmark run started before the tasks were checked")
+
+    monkeypatch.setattr(B, "_run_worker", no_runs)
+    with pytest.raises(ShrinkError, match="unknown lm-eval task"):
+        B.bench([str(tiny_model_dir("llama"))], tasks=["no_such_task_xyz"], tasks_path=task_dir,
+                show_progress=False)
+
+
 @pytest.mark.slow
 def test_custom_task_on_embedded_model(embedded_dir, task_dir):
     pytest.importorskip("lm_eval")

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from ..data import CALIBRATION, EVALUATION, token_blocks
-from ..errors import ShrinkError
+from ..errors import ShrinkError, first_line
 from ..models import (check_decoder_only, check_device, find_layers, load_config, read_shrink_json,
                       resolve)
-from ..outputs import atomic_output, check_output, copy_license_files, write_record
+from ..outputs import (atomic_output, check_output, copy_license_files, safetensors_bytes,
+                       write_record)
 from ..progress import stderr
 
 BITS = (2, 3, 4, 8)
@@ -216,10 +217,6 @@ def safetensors_tensors(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def weights_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in _safetensors_files(folder))
-
-
 def bits_per_weight(folder: Path, linears: dict[str, tuple[int, int]]) -> tuple[float, int]:
     """Bits per weight over the quantized Linears of a GPTQ folder, counting qweight, qzeros,
     scales and g_idx (biases excluded); and how many Linears were quantized."""
@@ -245,10 +242,6 @@ def _check_source(config, name: str) -> None:
         raise ShrinkError(f"'{name}' is already quantized ({method}); quantize the unquantized "
                           "(pruned or healed) model folder instead")
     check_decoder_only(config)
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def quantize_gptq(model_dir: str | Path, output: str | Path, bits: int | str = 4,
@@ -312,12 +305,12 @@ def quantize_gptq(model_dir: str | Path, output: str | Path, bits: int | str = 4
             qconfig = QuantizeConfig(bits=bits, group_size=g, desc_act=desc_act, sym=sym,
                                      damp_percent=damp, device=device)
         except (ValueError, TypeError) as e:
-            raise ShrinkError(f"GPTQModel refuses these settings: {_one_line(e)}") from None
+            raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
         try:
             qmodel = GPTQModel.load(resolved.location, qconfig)
         except Exception as e:  # noqa: BLE001 - unsupported architectures and the like: one line
             raise ShrinkError(f"GPTQModel cannot load '{resolved.name}' for quantization: "
-                              f"{_one_line(e)}") from None
+                              f"{first_line(e)}") from None
         t0 = time.perf_counter()
         with _logs_outside_cwd():
             qmodel.quantize(calibration, batch_size=1)
@@ -330,8 +323,8 @@ def quantize_gptq(model_dir: str | Path, output: str | Path, bits: int | str = 4
         gc.collect()
         copy_license_files(resolved.path, tmp)
         bpw, count = bits_per_weight(tmp, linears)
-        size_before = weights_bytes(resolved.path) if resolved.path is not None else 0
-        size_after = weights_bytes(tmp)
+        size_before = safetensors_bytes(resolved.path) if resolved.path is not None else 0
+        size_after = safetensors_bytes(tmp)
         verification: dict = {}
         if verify:
             if show_progress:

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ShrinkError
-from ..generate import ONNX_EXTRA, ONNX_GPU_EXTRA
-from ..outputs import atomic_output, check_output, copy_license_files, write_record
+from ..generate import ONNX_EXTRA, ONNX_GPU_EXTRA, is_onnx_folder
+from ..outputs import (atomic_output, check_output, copy_license_files, folder_bytes,
+                       write_record)
 
 PRECISIONS = ("int4", "fp16", "fp32")
 LM_HEADS = ("int8", "int4")  # the LM head's bits in an int4 export
@@ -116,14 +117,9 @@ def _source_folder(model_dir: str | Path) -> Path:
                           "Hugging Face folder)")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ShrinkError(f"'{model_dir}' is not a model folder (no config.json in it)")
-    if any(p.glob("*.onnx")):
+    if is_onnx_folder(p):
         raise ShrinkError(f"'{model_dir}' is already an ONNX folder; give the Hugging Face folder")
     return p.resolve()
-
-
-def _folder_bytes(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()
-               and (suffixes is None or f.name.endswith(suffixes)))
 
 
 def _last_error_line(text: str) -> str:
@@ -453,7 +449,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "int
             head = _torch_export(src, tmp, precision, target, head)
             method, kv_cache = "torch.onnx.export", False
         copy_license_files(src, tmp)
-        model_bytes = _folder_bytes(tmp, (".onnx", ".onnx.data", ".data"))
+        model_bytes = folder_bytes(tmp, (".onnx", ".onnx.data", ".data"))
         verification: dict = {}
         if verify:
             say("verifying in a fresh process against PyTorch")
@@ -471,16 +467,16 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "int
             "note": None if kv_cache else NO_KV_NOTE,
             "builder_error": builder_error or None,
             "source_quantization": quant_method,
-            "model_bytes": model_bytes, "source_bytes": _folder_bytes(src),
+            "model_bytes": model_bytes, "source_bytes": folder_bytes(src),
             "files": sorted(f.name for f in tmp.iterdir()),
             "seconds": round(time.perf_counter() - t0, 1),
             "onnx_versions": versions,
             "verification": verification or None,
         }
         record = write_record(tmp, previous, stage, source_model=str(model_dir))
-        folder_bytes = _folder_bytes(tmp)
+        total_bytes = folder_bytes(tmp)
     return OnnxResult(Path(output), precision, target, method, kv_cache, model_bytes,
-                      folder_bytes, stage["source_bytes"], head, builder_error or None,
+                      total_bytes, stage["source_bytes"], head, builder_error or None,
                       verification, record)
 
 
