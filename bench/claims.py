@@ -4,7 +4,7 @@ Run: python bench/claims.py   (no weights, no network; same table as `shrink cla
 """
 from pathlib import Path
 
-from shrink.claims import check_claims, to_markdown
+from shrink.analysis.claims import check_claims, to_markdown
 
 COMMAND = "python bench/claims.py"
 OUT = Path(__file__).resolve().parent / "results" / "claims.md"

@@ -1,7 +1,7 @@
 """GPTQ (GPTQModel) on the embedded SmolLM2-135M: size on disk, bits per weight, perplexity fp32 vs
 4-bit vs 8-bit, and time to quantize on this machine's CPU.
 
-Each bit width goes through ``shrink.exporters.gptq.quantize_gptq`` exactly as ``shrink quantize``
+Each bit width goes through ``shrink.stages.quantize.quantize_gptq`` exactly as ``shrink quantize``
 runs it: checks, perplexity of the source, GPTQ, save, reload with transformers in a fresh process
 and perplexity there. Writes bench/results/gptq.md and bench/results/gptq.json.
 
@@ -35,8 +35,8 @@ def main() -> None:
 
     import torch
 
-    from shrink.exporters.gptq import quantize_gptq
-    from shrink.models import ensure_embedded
+    from shrink.stages.quantize import quantize_gptq
+    from shrink.core.models import ensure_embedded
 
     src = ensure_embedded()
     runs = []

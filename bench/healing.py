@@ -40,9 +40,9 @@ def main() -> None:
 
     import torch
 
-    from shrink.healing import heal
-    from shrink.models import EMBEDDED, ensure_embedded
-    from shrink.pruning import prune
+    from shrink.stages.heal import heal
+    from shrink.core.models import EMBEDDED, ensure_embedded
+    from shrink.stages.prune import prune
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

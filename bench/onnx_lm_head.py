@@ -21,9 +21,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/onnx_lm_head.md")
     a = ap.parse_args()
     os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
-    from shrink.evaluate import evaluate
-    from shrink.exporters.onnx import export_onnx
-    from shrink.outputs import folder_bytes
+    from shrink.stages.evaluate import evaluate
+    from shrink.stages.export.onnx import export_onnx
+    from shrink.core.outputs import folder_bytes
 
     build = Path(a.build)
     report = json.loads((build / "report.json").read_text())

@@ -26,7 +26,7 @@ REPEATS = 3
 
 
 def _prompt_ids(tokenizer) -> list[int]:
-    from shrink.data import token_blocks
+    from shrink.core.data import token_blocks
 
     return token_blocks(tokenizer, PROMPT_SOURCE, 1, PROMPT_TOKENS, seed=1).input_ids[0].tolist()
 
@@ -140,9 +140,9 @@ def main() -> None:
         return
 
     os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
-    from shrink.exporters.onnx import export_onnx
-    from shrink.models import EMBEDDED, ensure_embedded
-    from shrink.pruning import prune
+    from shrink.stages.export.onnx import export_onnx
+    from shrink.core.models import EMBEDDED, ensure_embedded
+    from shrink.stages.prune import prune
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="shrink-onnx-bench-"))
     work.mkdir(parents=True, exist_ok=True)

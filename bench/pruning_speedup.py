@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from shrink.bench import sweep_drop
+from shrink.stages.bench import sweep_drop
 
 
 def main() -> None:

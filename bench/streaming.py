@@ -31,7 +31,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch, transformers
 from transformers.models.llama import modeling_llama  # noqa: F401  (counted in the baseline)
-import shrink.scoring, shrink.streaming
+import shrink.core.scores, shrink.streaming
 mode, folder = sys.argv[1], sys.argv[2]
 cap, samples, seq_len = (int(a) for a in sys.argv[3:6])
 def vm(key):
@@ -51,7 +51,7 @@ try:
     else:
         m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         out["load_seconds"] = time.perf_counter() - t0
-        s = shrink.scoring.score_layers(m.eval(), ids, batch_size=4, show_progress=False)
+        s = shrink.core.scores.score_layers(m.eval(), ids, batch_size=4, show_progress=False)
     out.update(ok=True, bi=s.bi, angular1=s.angular[0])
 except (MemoryError, RuntimeError, OSError) as e:
     out.update(ok=False, error=(type(e).__name__ + ": " + str(e).splitlines()[0])[:240])

@@ -42,7 +42,7 @@ def tiny_config(arch: str, layers: int = 6):
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from shrink.models import ensure_embedded
+    from shrink.core.models import ensure_embedded
 
     return ensure_embedded()
 

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 import shrink
 from shrink import bench as B
 from shrink.cli import main
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 
 
 def test_artifact_kinds(tiny_model_dir, tmp_path):
-    from shrink.generate import artifact_kind
+    from shrink.runtime.generate import artifact_kind
 
     assert artifact_kind(tiny_model_dir("llama")) == "hf"
     g = tmp_path / "g"
@@ -45,8 +45,8 @@ def test_bench_two_artifacts(tiny_model_dir, tmp_path):
     per_layer = 2 * (2 * d * d + 2 * d * kv + 3 * d * f) + 4 * d * c
     expected = (4 * per_layer + 2 * d * V) / (6 * per_layer + 2 * d * V)
     assert cand.ratios["flops_per_token"] == pytest.approx(expected, rel=1e-9)
-    # perplexity is the same computation as shrink.evaluate's
-    ev = shrink.evaluate(str(pruned), samples=1, seq_len=16, show_progress=False)
+    # perplexity is the same computation as shrink.stages.evaluate's
+    ev = shrink.stages.evaluate(str(pruned), samples=1, seq_len=16, show_progress=False)
     assert cand.median["perplexity"] == pytest.approx(ev.perplexity, rel=1e-5)
     assert cand.median["decode_tokens_per_s"] > 0 and cand.median["peak_rss_bytes"] > 0
     md = B.to_markdown(report)
@@ -59,7 +59,7 @@ def test_sweep_drop(tiny_model_dir):
                           calib_seq_len=16, show_progress=False)
     assert [p.drop for p in points] == [0, 2] and points[0].removed == []
     assert len(points[1].removed) == 2
-    full = shrink.evaluate(str(tiny_model_dir("llama")), samples=1, seq_len=16,
+    full = shrink.stages.evaluate(str(tiny_model_dir("llama")), samples=1, seq_len=16,
                            show_progress=False)
     assert points[0].perplexity == pytest.approx(full.perplexity, rel=1e-5)
     assert points[1].flops_per_token < points[0].flops_per_token

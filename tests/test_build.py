@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from shrink.cli import main
-from shrink.errors import ShrinkError
-from shrink.pipeline import BuildSettings, build, default_output, load_recipe, make_settings
+from shrink.core.errors import ShrinkError
+from shrink.stages.build import BuildSettings, build, default_output, load_recipe, make_settings
 
 FAST = ["--calib-samples", "2", "--calib-seq-len", "32", "--eval-samples", "1",
         "--eval-seq-len", "64"]
@@ -115,7 +115,7 @@ def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
     assert (out / "recipe.yaml").exists()
     assert (out / "scores.png").exists()
     # the final model reloads and generates in a fresh process
-    from shrink.verify import verify_in_subprocess
+    from shrink.runtime.verify import verify_in_subprocess
 
     assert verify_in_subprocess(out / "model")["ok"]
     # a second run refuses without --resume/--force; with --resume it skips everything
@@ -214,7 +214,7 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
     record = json.loads((out / "model" / "shrink.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["prune", "heal", "quantize"]
     # the final artifacts run in their real consumers, in fresh processes
-    from shrink.exporters.gptq import verify_gptq_in_subprocess
+    from shrink.stages.quantize import verify_gptq_in_subprocess
 
     assert verify_gptq_in_subprocess(out / "model", eval_data=None)["finite_logits"]
     proc = subprocess.run([sys.executable, "-m", "shrink.cli", "generate", str(out / "onnx"),

@@ -4,7 +4,7 @@ import json
 from click.testing import CliRunner
 
 from shrink.cli import claims as claims_cmd
-from shrink.claims import check_claims, to_markdown, verdict_for
+from shrink.analysis.claims import check_claims, to_markdown, verdict_for
 
 
 def by_claim(checks, words):

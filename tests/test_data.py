@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from shrink.data import NOVELS, SPLITS, load_texts, token_blocks
-from shrink.errors import ShrinkError
+from shrink.core.data import NOVELS, SPLITS, load_texts, token_blocks
+from shrink.core.errors import ShrinkError
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from shrink.cli import estimate as estimate_cmd
-from shrink.errors import ShrinkError
-from shrink.estimate import (
+from shrink.core.errors import ShrinkError
+from shrink.analysis.estimate import (
     GPUS,
     count_params,
     estimate,
@@ -17,7 +17,7 @@ from shrink.estimate import (
     load_config,
     weight_memory,
 )
-from shrink.models import ALIASES
+from shrink.core.models import ALIASES
 
 # d=8, f=16, L=2, h=2, h_kv=1 (so d_h=4), V=10, separate head.
 TINY = {

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from shrink.cli import main
-from shrink.errors import ShrinkError
-from shrink.exporters import gptq
-from shrink.exporters.gptq import choose_group_size, parse_bits
+from shrink.core.errors import ShrinkError
+from shrink.stages import quantize as gptq
+from shrink.stages.quantize import choose_group_size, parse_bits
 
 HAS_GPTQ = find_spec("gptqmodel") is not None and find_spec("optimum") is not None
 
@@ -163,7 +163,7 @@ def test_already_quantized_refused(tiny_gptq, tmp_path):
 
 def test_pruned_gemma3_then_quantize(tiny_model_dir, tmp_path, needs_gptq):
     """prune -> quantize on an architecture with per-layer layer_types; the record keeps both."""
-    from shrink.pruning import prune
+    from shrink.stages.prune import prune
 
     pruned = tmp_path / "pruned"
     prune(str(tiny_model_dir("gemma3")), pruned, layers=[1, 4], verify=False,

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 pytest.importorskip("peft")
 
 from shrink.cli import main  # noqa: E402
-from shrink.errors import ShrinkError  # noqa: E402
-from shrink.healing import heal, kd_loss, work_dir_for  # noqa: E402
+from shrink.core.errors import ShrinkError  # noqa: E402
+from shrink.stages.heal import heal, kd_loss, work_dir_for  # noqa: E402
 
 try:
     import bitsandbytes  # noqa: F401
@@ -148,7 +148,7 @@ def test_qlora_gromov_preset_cpu(tiny_model_dir, tmp_path):
 def test_target_groups(arch):
     from conftest import tiny_config
 
-    from shrink.healing import _meta_model, resolve_targets
+    from shrink.stages.heal import _meta_model, resolve_targets
 
     model = _meta_model(tiny_config(arch))
     assert resolve_targets(model, "mlp") == ["down_proj", "gate_proj", "up_proj"]
@@ -162,7 +162,7 @@ def test_target_groups(arch):
 def test_gromov_family():
     from transformers import LlamaConfig, MistralConfig
 
-    from shrink.healing import _preset_values, gromov_family
+    from shrink.stages.heal import _preset_values, gromov_family
 
     l7 = LlamaConfig(hidden_size=4096, intermediate_size=11008, vocab_size=32000,
                      num_hidden_layers=23)  # pruned: the widths identify it
@@ -187,7 +187,7 @@ def test_qlora_gradients_match_dequantized_reference(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from shrink.healing import guard_4bit_cpu, is_4bit_packed
+    from shrink.stages.heal import guard_4bit_cpu, is_4bit_packed
 
     src = tiny_model_dir("llama", 2)
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from shrink.cli import main
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 
 DOCS = [
     {"question": "The capital of France is", "choices": ["Paris", "London", "Rome"], "answer": 0},
@@ -66,7 +66,7 @@ def _independent_accuracy(model_dir) -> float:
 
 def test_custom_task_matches_independent_loglikelihood(tiny_model_dir, task_dir):
     pytest.importorskip("lm_eval")
-    from shrink.lmeval import run_tasks
+    from shrink.runtime.lmeval import run_tasks
 
     model = tiny_model_dir("llama")
     results = run_tasks(model, ["shrink_tiny_mc"], tasks_path=task_dir)
@@ -75,7 +75,7 @@ def test_custom_task_matches_independent_loglikelihood(tiny_model_dir, task_dir)
 
 def test_bench_tasks_cli_and_errors(tiny_model_dir, task_dir, tmp_path):
     pytest.importorskip("lm_eval")
-    from shrink.lmeval import run_tasks
+    from shrink.runtime.lmeval import run_tasks
 
     r = CliRunner().invoke(main, ["bench", str(tiny_model_dir("qwen2")), "--repeats", "1",
                                   "--gen-len", "2", "--prompt-len", "8", "--ppl-samples", "0",
@@ -93,7 +93,7 @@ def test_bench_tasks_cli_and_errors(tiny_model_dir, task_dir, tmp_path):
 def test_bench_checks_tasks_before_timing(tiny_model_dir, task_dir, monkeypatch):
     """A wrong task name fails at once, before any benchmark run."""
     pytest.importorskip("lm_eval")
-    import shrink.bench as B
+    import shrink.stages.bench as B
 
     def no_runs(*args, **kwargs):
         raise AssertionError("a benchmark run started before the tasks were checked")
@@ -107,7 +107,7 @@ def test_bench_checks_tasks_before_timing(tiny_model_dir, task_dir, monkeypatch)
 @pytest.mark.slow
 def test_custom_task_on_embedded_model(embedded_dir, task_dir):
     pytest.importorskip("lm_eval")
-    from shrink.lmeval import run_tasks
+    from shrink.runtime.lmeval import run_tasks
 
     acc = run_tasks("smollm2-135m", ["shrink_tiny_mc"], tasks_path=task_dir)["shrink_tiny_mc"]["acc"]
     assert acc == pytest.approx(_independent_accuracy(embedded_dir))

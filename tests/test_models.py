@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 
 import shrink
-from shrink.errors import ShrinkError
-from shrink.models import ALIASES, check_decoder_only, find_layers, resolve
+from shrink.core.errors import ShrinkError
+from shrink.core.models import ALIASES, check_decoder_only, find_layers, resolve
 
 
 def test_resolve_kinds(tiny_model_dir, tmp_path):
@@ -77,7 +77,7 @@ def test_embedded_package_missing_gives_install_command(monkeypatch, tmp_path):
 def test_dtype_and_device_options():
     import torch
 
-    from shrink.models import check_device, parse_dtype
+    from shrink.core.models import check_device, parse_dtype
 
     assert parse_dtype(None, "cpu") == torch.float32
     assert parse_dtype("auto", "cuda") == torch.bfloat16

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 pytest.importorskip("onnxruntime_genai")
 
 from shrink.cli import main  # noqa: E402
-from shrink.errors import ShrinkError  # noqa: E402
-from shrink.exporters.onnx import export_onnx  # noqa: E402
-from shrink.generate import artifact_kind, generate  # noqa: E402
+from shrink.core.errors import ShrinkError  # noqa: E402
+from shrink.stages.export.onnx import export_onnx  # noqa: E402
+from shrink.runtime.generate import artifact_kind, generate  # noqa: E402
 
 
 def _stage(folder: Path) -> dict:
@@ -101,7 +101,7 @@ def test_int4_lm_head_is_8bit_unless_asked(tiny_model_dir, llama_fp32, llama_int
 
 def test_pruned_model_exports(tiny_model_dir, tmp_path):
     """A model with layers removed by shrink.prune (renumbered layer_idx, fewer layers)."""
-    from shrink.pruning import prune
+    from shrink.stages.prune import prune
 
     pruned = tmp_path / "pruned"
     prune(str(tiny_model_dir("llama")), pruned, layers=[2, 3], verify=False,
@@ -233,7 +233,7 @@ def test_missing_extra_is_named(monkeypatch, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("module", ["onnxruntime_genai", "onnxruntime"])
 def test_generate_names_the_missing_runtime(module, monkeypatch):
-    from shrink.generate import import_onnx_runtime
+    from shrink.runtime.generate import import_onnx_runtime
 
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     with pytest.raises(ShrinkError, match=rf"needs {module.replace('_', '-')} .*"
@@ -242,7 +242,7 @@ def test_generate_names_the_missing_runtime(module, monkeypatch):
 
 
 def test_mixed_cpu_gpu_install_is_detected(monkeypatch):
-    from shrink.exporters import onnx as onnx_export
+    from shrink.stages.export import onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "_installed", lambda dist: dist in ("onnxruntime",
                                                                           "onnxruntime-gpu"))
@@ -274,10 +274,10 @@ def test_gptq_folder_without_extra(monkeypatch, tiny_model_dir, tmp_path):
                     reason="needs gptqmodel + optimum (shrink-llm[gptq])")
 def test_gptq_checkpoint_exports(tiny_model_dir, tmp_path):
     """A GPTQ checkpoint written by `shrink quantize` goes through the builder as int4."""
-    from shrink.exporters import gptq as gptq_export
+    from shrink.stages import quantize as gptq_export
 
     if not hasattr(gptq_export, "quantize_gptq"):
-        pytest.skip("shrink.exporters.gptq has no quantize_gptq")
+        pytest.skip("shrink.stages.quantize has no quantize_gptq")
     q = tmp_path / "gptq"
     gptq_export.quantize_gptq(str(tiny_model_dir("llama")), q, samples=8, seq_len=64,
                               eval_samples=0, verify=False, show_progress=False)

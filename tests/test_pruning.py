@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import shrink
 from shrink.cli import main
-from shrink.errors import ShrinkError
-from shrink.pruning import choose_layers, parse_layers
+from shrink.core.errors import ShrinkError
+from shrink.stages.prune import choose_layers, parse_layers
 from tests.conftest import ARCHS
 
 REMOVE = [1, 4]
@@ -251,7 +251,7 @@ def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):
 
 
 def test_failed_verification_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    import shrink.pruning as pruning
+    import shrink.stages.prune as pruning
 
     def broken(path):
         raise ShrinkError("verification failed (simulated)")

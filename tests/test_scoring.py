@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import shrink
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 from tests.conftest import ARCHS
 
 

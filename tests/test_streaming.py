@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from conftest import TOKENIZER_FILES
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
@@ -71,7 +71,7 @@ def test_layers_really_split_across_shards(sharded_dir):
 def test_stream_score_equals_in_memory(arch, sharded_dir):
     from transformers import AutoModelForCausalLM
 
-    from shrink.scoring import score_layers
+    from shrink.core.scores import score_layers
     from shrink.streaming import stream_score
 
     folder = sharded_dir(arch)
@@ -101,7 +101,7 @@ def test_offloaded_activations_equal_and_cleaned(sharded_dir, tmp_path):
 
 
 def test_score_model_dispatch(sharded_dir):
-    from shrink.scoring import score_model
+    from shrink.core.scores import score_model
 
     folder = str(sharded_dir("llama"))
     kw = dict(samples=3, seq_len=32, show_progress=False)
@@ -116,7 +116,7 @@ def test_score_model_dispatch(sharded_dir):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3"])
 def test_stream_prune_equals_in_memory(arch, sharded_dir, tmp_path):
-    from shrink.pruning import prune
+    from shrink.stages.prune import prune
 
     folder = str(sharded_dir(arch))
     remove = [1, 3]
@@ -146,7 +146,7 @@ def test_stream_prune_equals_in_memory(arch, sharded_dir, tmp_path):
 
 def test_stream_prune_by_score_and_rebase(sharded_dir, tmp_path):
     """--strategy bi streams the scoring too; a second prune keeps original layer numbers."""
-    from shrink.pruning import prune
+    from shrink.stages.prune import prune
 
     folder = str(sharded_dir("qwen3"))
     kw = dict(drop=2, strategy="bi", samples=3, seq_len=32, verify=False, show_progress=False)
@@ -164,8 +164,8 @@ def test_stream_prune_by_score_and_rebase(sharded_dir, tmp_path):
 
 
 def test_streaming_refusals(sharded_dir, tmp_path):
-    from shrink.pruning import prune
-    from shrink.scoring import score_model
+    from shrink.stages.prune import prune
+    from shrink.core.scores import score_model
     from shrink.streaming import stream_prune
 
     folder = str(sharded_dir("llama"))
@@ -211,7 +211,7 @@ def test_cli_streaming(sharded_dir, tmp_path):
 
 CAPPED = textwrap.dedent("""
     import json, resource, sys, torch
-    import transformers, shrink.streaming, shrink.scoring  # imported before the cap is set
+    import transformers, shrink.streaming, shrink.core.scores  # imported before the cap is set
     from transformers import AutoModelForCausalLM
     mode, folder, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
     def vm(key):
@@ -227,7 +227,7 @@ CAPPED = textwrap.dedent("""
             out = {"ok": True, "bi": s.bi}
         else:
             m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            out = {"ok": True, "bi": shrink.scoring.score_layers(m, ids, show_progress=False).bi}
+            out = {"ok": True, "bi": shrink.core.scores.score_layers(m, ids, show_progress=False).bi}
     except (MemoryError, RuntimeError, OSError) as e:
         out = {"ok": False, "error": type(e).__name__ + ": " + str(e)[:200]}
     out.update(baseline=base, cap=base + budget, peak_rss=vm("VmHWM:"))
@@ -273,7 +273,7 @@ def test_stream_prune_too_big_to_reload(sharded_dir, tmp_path, monkeypatch):
     check stands in and the record says the reload was skipped."""
     import shrink.streaming as streaming
 
-    monkeypatch.setattr(streaming, "_fits_for_verify", lambda params: False)
+    monkeypatch.setattr(streaming, "fits_for_verify", lambda params: False)
     res = streaming.stream_prune(sharded_dir("llama"), tmp_path / "o", [0], show_progress=False)
     assert res.verification["reload"] == "skipped" and res.verification["structure_ok"]
     stage = json.loads((tmp_path / "o" / "shrink.json").read_text())["stages"][-1]

@@ -1,0 +1,158 @@
+"""Text sources -> fixed-length token blocks.
+
+A source is one of:
+- ``austen:calibration`` / ``austen:healing`` / ``austen:evaluation`` (the shipped corpus, split by
+  novel so that no text is reused across roles), or ``austen:<novel>`` for one novel;
+- a ``.txt`` file, a folder of ``.txt`` files, or a ``.jsonl`` file with a ``text`` field;
+- ``hf:NAME[:CONFIG][:SPLIT]``, read with the ``datasets`` library (needs network).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from shrink.core.errors import ShrinkError
+
+NOVELS = ["emma", "northanger-abbey", "pride-and-prejudice", "sense-and-sensibility",
+          "mansfield-park", "persuasion"]
+SPLITS: dict[str, list[str]] = {
+    "calibration": ["emma", "northanger-abbey"],
+    "healing": ["pride-and-prejudice", "sense-and-sensibility", "mansfield-park"],
+    "evaluation": ["persuasion"],
+}
+CALIBRATION = "austen:calibration"
+HEALING = "austen:healing"
+EVALUATION = "austen:evaluation"
+
+
+@dataclass
+class TokenBlocks:
+    """``input_ids`` of shape (samples, seq_len) and where they came from."""
+
+    input_ids: torch.Tensor
+    source: str
+    seq_len: int
+    seed: int
+    available: int  # how many blocks the source could give
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def describe(self) -> dict:
+        return {"source": self.source, "samples": int(self.input_ids.shape[0]),
+                "seq_len": self.seq_len, "seed": self.seed, "tokens": self.num_tokens,
+                "blocks_available": self.available}
+
+
+def _reflow(text: str) -> str:
+    """Join hard-wrapped lines into paragraphs (Project Gutenberg style text)."""
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p for p in paras if p)
+
+
+def _novel(name: str) -> str:
+    f = resources.files("shrink") / "corpus" / "austen" / f"{name}.txt.gz"
+    with f.open("rb") as fh:
+        return _reflow(gzip.decompress(fh.read()).decode("utf-8"))
+
+
+def load_texts(source: str) -> list[str]:
+    """Documents of a text source, as a list of strings."""
+    if source.startswith("austen:"):
+        key = source.split(":", 1)[1]
+        names = SPLITS.get(key) or ([key] if key in NOVELS else None)
+        if names is None:
+            raise ShrinkError(f"unknown corpus part '{source}'; use austen:calibration, "
+                              f"austen:healing, austen:evaluation or austen:<novel> ({', '.join(NOVELS)})")
+        return [_novel(n) for n in names]
+    if source.startswith("hf:"):
+        return _hf_texts(source)
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise ShrinkError(f"no .txt files in folder '{source}'")
+        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if not p.is_file():
+        raise ShrinkError(f"no such text source '{source}' (a .txt, .jsonl, folder, "
+                          "austen:<split> or hf:NAME[:CONFIG][:SPLIT])")
+    if p.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ShrinkError(f"{source} line {i} is not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ShrinkError(f"{source} line {i} has no string field 'text'")
+            texts.append(row["text"])
+        return texts
+    return [p.read_text(encoding="utf-8", errors="replace")]
+
+
+def _hf_texts(source: str) -> list[str]:
+    parts = source[3:].split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    try:
+        import datasets
+    except ImportError:
+        raise ShrinkError("hf: text sources need the 'datasets' package: pip install datasets"
+                          ) from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise ShrinkError(f"cannot load dataset {source}: {str(e).splitlines()[0]}") from None
+    if "text" not in ds.column_names:
+        raise ShrinkError(f"dataset {source} has no 'text' column ({', '.join(ds.column_names)})")
+    return [t for t in ds["text"] if t]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer itself starts every encoding with BOS (Llama-2 style), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0,
+                 at_most: bool = False) -> TokenBlocks:
+    """Tokenize a text source into ``samples`` non-overlapping blocks of ``seq_len`` tokens
+    (with ``at_most``, as many as the source holds when that is fewer; none is not an error).
+
+    Documents are joined with the EOS token; blocks are picked at random (``seed``) among all the
+    non-overlapping blocks, then kept in text order. A tokenizer that prepends BOS gets BOS at the
+    start of every block, as the model sees text in use.
+    """
+    if samples < 1 or seq_len < 2:
+        raise ShrinkError(f"need samples >= 1 and seq-len >= 2 (got {samples} and {seq_len})")
+    prefix = _bos_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for text in load_texts(source):
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    available = len(stream) // body
+    if at_most:
+        samples = min(samples, available)
+    elif available < samples:
+        raise ShrinkError(f"text source '{source}' has {len(stream)} tokens: only {available} "
+                          f"blocks of {seq_len} tokens are possible, {samples} asked for")
+    picks = sorted(random.Random(seed).sample(range(available), samples))
+    rows = [prefix + stream[i * body:(i + 1) * body] for i in picks]
+    return TokenBlocks(torch.tensor(rows, dtype=torch.long), source, seq_len, seed, available)

@@ -1,1 +1,0 @@
-"""Exporters: turn a shrunk model into artifacts other runtimes load (GPTQ, ...)."""

@@ -1,0 +1,342 @@
+"""Run any artifact shrink writes and stream its text: a Hugging Face folder (transformers), a GPTQ
+folder (transformers + GPTQModel/optimum), or an ONNX folder (onnxruntime-genai with its KV cache, or
+plain onnxruntime for a forward-pass-only export, which re-runs the whole sequence per token).
+
+The ONNX runners here are also what ``shrink.stages.export.onnx`` uses to verify an export.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from shrink.core.quiet import third_party_quiet
+from shrink.runtime.gptq import require_gptq
+from shrink.core.errors import ShrinkError, first_line
+
+ONNX_EXTRA = "pip install 'shrink-llm[onnx]'"
+ONNX_GPU_EXTRA = "pip install 'shrink-llm[onnx-gpu]'"
+
+Stream = Callable[[str], None]
+
+
+def artifact_path(artifact: str | Path) -> Path:
+    """A folder path; the embedded model's name (smollm2-135m) also works."""
+    from shrink.core.models import EMBEDDED, ensure_embedded
+
+    p = Path(artifact).expanduser()
+    if not p.exists() and str(artifact).lower() == EMBEDDED:
+        return ensure_embedded()
+    return p
+
+
+def is_onnx_folder(path: str | Path) -> bool:
+    """A folder holding an ONNX model (onnxruntime-genai's genai_config.json or a .onnx file)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "genai_config.json").is_file() or any(p.glob("*.onnx")))
+
+
+def artifact_kind(path: str | Path) -> str:
+    """``"onnx"`` (a folder with a .onnx model), ``"gptq"`` (an HF folder whose config has a GPTQ
+    ``quantization_config``) or ``"hf"`` (any other HF model folder)."""
+    p = artifact_path(path)
+    if not p.is_dir():
+        raise ShrinkError(f"'{path}' is not a folder; give a model folder written by shrink "
+                          "(Hugging Face, GPTQ or ONNX)")
+    if is_onnx_folder(p):
+        return "onnx"
+    config = p / "config.json"
+    if not config.is_file():
+        raise ShrinkError(f"'{path}' is not a model folder (no config.json, genai_config.json or "
+                          ".onnx file in it)")
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as e:
+        raise ShrinkError(f"cannot read {config}: {e}") from None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "gptq":
+        return "gptq"
+    if method:
+        raise ShrinkError(f"'{path}' is quantized with '{method}', which shrink does not run; "
+                          "shrink runs plain HF, GPTQ and ONNX folders")
+    return "hf"
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX runners
+# ----------------------------------------------------------------------------------------------
+
+def onnx_record(path: Path) -> dict:
+    """The last ``export`` stage of an ONNX folder's shrink.json (empty if none)."""
+    f = Path(path) / "shrink.json"
+    if not f.is_file():
+        return {}
+    for stage in reversed(json.loads(f.read_text()).get("stages", [])):
+        if stage.get("stage") == "export":
+            return stage
+    return {}
+
+
+def import_onnx_runtime(module: str):
+    """onnxruntime_genai or onnxruntime, or one line naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ShrinkError(f"running an ONNX model needs {module.replace('_', '-')} ({e}): run "
+                          f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+class GenaiRunner:
+    """An onnxruntime-genai folder (model builder output, with KV cache)."""
+
+    kv_cache = True
+
+    def __init__(self, path: str | Path):
+        og = import_onnx_runtime("onnxruntime_genai")
+        self.og = og
+        self.path = Path(path)
+        try:
+            self.model = og.Model(str(self.path))
+        except Exception as e:  # noqa: BLE001 - og raises RuntimeError with long text
+            line = first_line(e)
+            raise ShrinkError(f"onnxruntime-genai cannot load {path}: {line}") from None
+        self.tokenizer = og.Tokenizer(self.model)
+        cfg = json.loads((self.path / "genai_config.json").read_text())
+        self.context_length = int(cfg["model"].get("context_length") or 2048)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def _generator(self, max_length: int, **search):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, **search)
+        return self.og.Generator(self.model, params)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Teacher-forced logits for every position of ``ids``: (len(ids), vocab), float32."""
+        gen = self._generator(len(ids) + 1)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        out = np.asarray(gen.get_output("logits"))
+        return out.reshape(-1, out.shape[-1])[-len(ids):].astype(np.float32)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, min_new_tokens: int = 0,
+                     on_token: Callable[[int], None] | None = None) -> list[int]:
+        max_length = len(ids) + max_new_tokens
+        if max_length > self.context_length:
+            raise ShrinkError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} "
+                              f"exceed the model's context length {self.context_length}")
+        search = dict(do_sample=temperature > 0, min_length=len(ids) + min_new_tokens)
+        if temperature > 0:
+            search.update(temperature=float(temperature), top_p=float(top_p))
+        if seed is not None:
+            search["random_seed"] = int(seed)
+        gen = self._generator(max_length, **search)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        new: list[int] = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok)
+        return new
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, stream: Stream | None) -> str:
+        ids = self.encode(prompt)
+        tstream = self.tokenizer.create_stream()
+        pieces: list[str] = []
+
+        def on_token(tok: int) -> None:
+            piece = tstream.decode(tok)
+            pieces.append(piece)
+            if stream is not None and piece:
+                stream(piece)
+
+        new = self.generate_ids(ids, max_new_tokens, temperature, top_p, seed, on_token=on_token)
+        eos = set(int(t) for t in self.tokenizer.eos_token_ids)
+        kept = [t for t in new if t not in eos]
+        return self.tokenizer.decode(np.asarray(kept, dtype=np.int32)) if kept else ""
+
+
+class PlainOnnxRunner:
+    """A forward-pass-only ONNX export (no KV cache): every new token re-runs the whole
+    sequence through plain onnxruntime."""
+
+    kv_cache = False
+
+    def __init__(self, path: str | Path, target: str | None = None):
+        ort = import_onnx_runtime("onnxruntime")
+        self.path = Path(path)
+        models = sorted(self.path.glob("*.onnx"))
+        if not models:
+            raise ShrinkError(f"no .onnx file in {path}")
+        target = target or onnx_record(self.path).get("target", "cpu")
+        providers = ["CPUExecutionProvider"]
+        if target == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ShrinkError(f"{path} was exported for CUDA but this onnxruntime has no "
+                                  f"CUDAExecutionProvider: run {ONNX_GPU_EXTRA}")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(models[0]), opts, providers=providers)
+        from transformers import AutoTokenizer
+
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(self.path)
+        eos: set[int] = set()
+        for src in (self.path / "generation_config.json", self.path / "config.json"):
+            if src.is_file():
+                val = json.loads(src.read_text()).get("eos_token_id")
+                eos.update(val if isinstance(val, list) else [val] if val is not None else [])
+        if self.hf_tokenizer.eos_token_id is not None:
+            eos.add(self.hf_tokenizer.eos_token_id)
+        self.eos = eos
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf_tokenizer(text)["input_ids"])
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        x = np.asarray([ids], dtype=np.int64)
+        out = self.session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0]
+        return out[0].astype(np.float32)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, min_new_tokens: int = 0,
+                     on_token: Callable[[int], None] | None = None) -> list[int]:
+        rng = np.random.default_rng(seed)
+        seq = list(ids)
+        new: list[int] = []
+        for step in range(max_new_tokens):
+            last = self.logits(seq)[-1]
+            if step < min_new_tokens and self.eos:
+                last[list(self.eos)] = -np.inf
+            tok = _sample(last, temperature, top_p, rng)
+            new.append(tok)
+            seq.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok in self.eos:
+                break
+        return new
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, stream: Stream | None) -> str:
+        ids = self.encode(prompt)
+        new: list[int] = []
+        shown = ""
+
+        def on_token(tok: int) -> None:
+            nonlocal shown
+            if tok in self.eos:
+                return
+            new.append(tok)
+            text = self.hf_tokenizer.decode(new, skip_special_tokens=True)
+            # Emit only text that can no longer change (a trailing U+FFFD is a partial character).
+            if text.endswith("\ufffd"):
+                return
+            if stream is not None and len(text) > len(shown):
+                stream(text[len(shown):])
+            shown = text
+
+        self.generate_ids(ids, max_new_tokens, temperature, top_p, seed, on_token=on_token)
+        final = self.hf_tokenizer.decode(new, skip_special_tokens=True)
+        if stream is not None and len(final) > len(shown):
+            stream(final[len(shown):])
+        return final
+
+
+def onnx_runner(path: str | Path, target: str | None = None):
+    """The right runner for an ONNX folder: onnxruntime-genai when it has genai_config.json."""
+    p = Path(path)
+    if (p / "genai_config.json").is_file():
+        return GenaiRunner(p)
+    return PlainOnnxRunner(p, target)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers (HF and GPTQ folders)
+# ----------------------------------------------------------------------------------------------
+
+def _generate_transformers(path: Path, kind: str, prompt: str, max_new_tokens: int,
+                           temperature: float, top_p: float, seed: int | None,
+                           stream: Stream | None) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    if kind == "gptq":
+        require_gptq("this is a GPTQ checkpoint; loading it")
+    tok = AutoTokenizer.from_pretrained(path)
+    kwargs = ({"dtype": torch.float32} if kind == "hf" else
+              {"device_map": "cuda" if torch.cuda.is_available() else "cpu"})
+    try:
+        with third_party_quiet():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        msg = first_line(e)
+        raise ShrinkError(f"cannot load {path} with transformers: {msg}") from None
+    model.eval()
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if stream is not None and text:
+                stream(text)
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    enc = tok(prompt, return_tensors="pt").to(model.device)
+    sample = temperature > 0
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                      else tok.eos_token_id,
+                      streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True))
+    if sample:
+        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p))
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(**enc, **gen_kwargs)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             stream: Stream | None = None) -> str:
+    """Generate a continuation of ``prompt`` with any artifact shrink writes, calling ``stream``
+    with each new piece of text as it is produced; return the whole continuation.
+    ``temperature`` 0 means greedy decoding."""
+    if max_new_tokens < 1:
+        raise ShrinkError("--max-new-tokens must be at least 1")
+    if temperature < 0:
+        raise ShrinkError("--temperature must be >= 0 (0 means greedy)")
+    if not 0 < top_p <= 1:
+        raise ShrinkError("--top-p must be in (0, 1]")
+    path = artifact_path(artifact)
+    kind = artifact_kind(path)
+    if kind == "onnx":
+        return onnx_runner(path).generate(prompt, max_new_tokens, temperature, top_p, seed, stream)
+    return _generate_transformers(path, kind, prompt, max_new_tokens, temperature, top_p, seed,
+                                  stream)

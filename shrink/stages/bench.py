@@ -1,0 +1,450 @@
+"""Measured side of the benchmark harness: latency, throughput, memory, size, perplexity.
+
+Every measurement of an artifact runs in a fresh process (``python -m shrink.stages.bench --worker``), so
+peak memory is that artifact's alone. Artifacts are measured interleaved (baseline, A, B, baseline,
+A, B, ...) over ``repeats`` rounds, and the report gives medians and ratios to the baseline taken
+in the same run: these machines are noisy, ratios taken together are what can be trusted.
+
+Decode is timed with a plain loop (prefill the prompt, then one token at a time with the KV cache,
+greedy, never stopping at EOS), the same loop for every HF and GPTQ model; ONNX artifacts use
+onnxruntime-genai's generator the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shrink.core.data import EVALUATION
+from shrink.runtime.worker import run_worker
+from shrink.core.errors import ShrinkError
+from shrink.core.outputs import folder_bytes
+
+def _resolve_artifact(name: str) -> tuple[Path, str]:
+    from shrink.runtime.generate import artifact_kind, artifact_path
+
+    path = artifact_path(name)
+    return path.resolve(), artifact_kind(path)
+
+
+def _vm(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _config_dict(path: Path) -> dict | None:
+    for name in ("config.json",):
+        f = path / name
+        if f.is_file():
+            return json.loads(f.read_text())
+    return None
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _prompt_ids(tokenizer, prompt_len: int, batch: int):
+    from shrink.core.data import token_blocks
+
+    return token_blocks(tokenizer, EVALUATION, batch, prompt_len, seed=1234).input_ids
+
+
+def _time_hf(model, ids, gen_len: int, device: str) -> tuple[float, float]:
+    """(time to first token, decode seconds for gen_len - 1 further tokens)."""
+    import torch
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(gen_len - 1):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: int, batch: int,
+                warmup: int, ppl_samples: int, ppl_seq_len: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shrink.stages.evaluate import perplexity
+
+    tok = AutoTokenizer.from_pretrained(path)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    kwargs = {"device_map": device} if kind == "gptq" else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except ImportError as e:
+        raise ShrinkError(f"cannot load GPTQ artifact {path}: {e}; pip install 'shrink-llm[gptq]'"
+                          ) from None
+    model.to(device).eval()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    ids = _prompt_ids(tok, prompt_len, batch).to(device)
+    for _ in range(warmup):
+        _time_hf(model, ids, min(gen_len, 4), device)
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")
+    ttft, decode = _time_hf(model, ids, gen_len, device)
+    result = {"ttft_s": ttft, "decode_s": decode,
+              "peak_rss_bytes": _vm("VmHWM")}
+    if device.startswith("cuda"):
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    if ppl_samples:
+        from shrink.core.data import token_blocks
+
+        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
+        result["perplexity"] = perplexity(model, blocks.input_ids, show_progress=False).perplexity
+    return result
+
+
+def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch: int,
+                  warmup: int, ppl_samples: int, ppl_seq_len: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from shrink.runtime.generate import import_onnx_runtime
+
+    og = import_onnx_runtime("onnxruntime_genai")
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = og.Model(str(path))
+    ids = _prompt_ids(tok, prompt_len, batch).numpy()
+
+    def run(n: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_len + n, do_sample=False, batch_size=batch)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            gen.generate_next_token()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    for _ in range(warmup):
+        run(min(gen_len, 4))
+    Path("/proc/self/clear_refs").write_text("5")
+    ttft, decode = run(gen_len)
+    result = {"ttft_s": ttft, "decode_s": decode, "peak_rss_bytes": _vm("VmHWM")}
+    if ppl_samples:
+        from shrink.core.data import token_blocks
+        from shrink.stages.evaluate import onnx_perplexity
+
+        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
+        result["perplexity"] = onnx_perplexity(path, blocks.input_ids,
+                                               show_progress=False).perplexity
+    return result
+
+
+def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
+            batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256) -> dict:
+    """Measure one artifact in THIS process (the worker side); see :func:`bench`."""
+    import torch  # noqa: F401 - before the RSS baseline: torch itself is not model memory
+
+    p = Path(path)
+    rss0 = _vm("VmRSS")
+    t0 = time.perf_counter()
+    if kind == "onnx":
+        r = _measure_onnx(p, device, prompt_len, gen_len, batch, warmup, ppl_samples, ppl_seq_len)
+    else:
+        r = _measure_hf(p, kind, device, prompt_len, gen_len, batch, warmup, ppl_samples,
+                        ppl_seq_len)
+    r.update(rss_before_load_bytes=rss0, wall_s=time.perf_counter() - t0)
+    return r
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class ArtifactResult:
+    name: str
+    path: str
+    kind: str
+    size_bytes: int
+    layers: int | None
+    flops_per_token: float | None  # analytic, matmul + attention at the benchmark's context
+    weight_bytes_per_token: float | None  # analytic bytes read per decoded token (bandwidth)
+    runs: list[dict] = field(default_factory=list)
+    median: dict = field(default_factory=dict)
+    ratios: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchReport:
+    settings: dict
+    baseline: str
+    results: list[ArtifactResult]
+    machine: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _analytic(path: Path, kind: str, context: int) -> tuple[int | None, float | None, float | None]:
+    cfg = _config_dict(path)
+    if cfg is None:
+        return None, None, None
+    from shrink.analysis.estimate import flops_per_token, weight_memory
+
+    try:
+        f = flops_per_token(cfg, context=context)
+        bits, group = 16, 128
+        q = cfg.get("quantization_config") or {}
+        if q:
+            bits, group = int(q.get("bits", 4)), int(q.get("group_size", 128))
+        w = weight_memory(cfg, bits=bits, group_size=group)
+        layers = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get(
+            "num_hidden_layers")
+        return layers, f.total, w.total_bytes
+    except ShrinkError:
+        return cfg.get("num_hidden_layers"), None, None
+
+
+def _machine(device: str) -> dict:
+    import platform
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device}
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _run_worker(path: Path, kind: str, opts: dict) -> dict:
+    return run_worker("shrink.stages.bench:measure", path=str(path), kind=kind, **opts)
+
+
+def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu",
+          prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeats: int = 3,
+          warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
+          tasks: list[str] | None = None, tasks_path: str | None = None,
+          limit: int | None = None, show_progress: bool = True) -> BenchReport:
+    """Benchmark artifacts (HF, GPTQ or ONNX folders) against a baseline, interleaved.
+
+    ``tasks``: lm-evaluation-harness tasks run on every HF/GPTQ artifact (the ``eval`` extra)."""
+    from shrink.core.models import check_device
+    from shrink.core.progress import progress_bar
+
+    device = check_device(device)
+    if gen_len < 2 or prompt_len < 2 or batch < 1 or repeats < 1:
+        raise ShrinkError("need --gen-len >= 2, --prompt-len >= 2, --batch >= 1, --repeats >= 1")
+    names = ([baseline] if baseline else []) + [a for a in artifacts if a != baseline]
+    if not names:
+        raise ShrinkError("no artifact to benchmark")
+    resolved = [_resolve_artifact(n) for n in names]
+    manager = None
+    if tasks:  # check the extra and the task names before minutes of timing
+        from shrink.runtime.lmeval import run_tasks, task_manager
+
+        manager = task_manager(tasks, tasks_path)
+    results = []
+    for name, (path, kind) in zip(names, resolved):
+        layers, flops, wbytes = _analytic(path, kind, prompt_len + gen_len)
+        results.append(ArtifactResult(name, str(path), kind, folder_bytes(path), layers, flops,
+                                      wbytes))
+    opts = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
+                warmup=warmup, ppl_samples=0, ppl_seq_len=ppl_seq_len)
+    order = []
+    for r in range(repeats):
+        seq = list(range(len(results)))
+        order += seq if r % 2 == 0 else seq[::-1]
+    for i in progress_bar(order, "benchmark runs", enabled=show_progress):
+        res = results[i]
+        res.runs.append(_run_worker(Path(res.path), res.kind, opts))
+    if ppl_samples:  # perplexity is deterministic: once per artifact
+        for res in progress_bar(results, "perplexity", enabled=show_progress):
+            run = _run_worker(Path(res.path), res.kind, {**opts, "ppl_samples": ppl_samples,
+                                                         "gen_len": 2, "warmup": 0})
+            res.median["perplexity"] = run.get("perplexity")
+    if tasks:
+        for res in progress_bar(results, "lm-eval tasks", enabled=show_progress):
+            if res.kind != "onnx":
+                res.median["tasks"] = run_tasks(res.path, tasks, tasks_path, limit=limit,
+                                                device=device, manager=manager)
+    for res in results:
+        m = res.median
+        m["ttft_s"] = statistics.median(r["ttft_s"] for r in res.runs)
+        m["decode_tokens_per_s"] = statistics.median(
+            batch * (gen_len - 1) / r["decode_s"] for r in res.runs)
+        m["prefill_tokens_per_s"] = statistics.median(
+            batch * prompt_len / r["ttft_s"] for r in res.runs)
+        m["e2e_s"] = statistics.median(r["ttft_s"] + r["decode_s"] for r in res.runs)
+        m["peak_rss_bytes"] = statistics.median(r["peak_rss_bytes"] for r in res.runs)
+        if any("peak_cuda_bytes" in r for r in res.runs):
+            m["peak_cuda_bytes"] = statistics.median(r["peak_cuda_bytes"] for r in res.runs)
+        if res.weight_bytes_per_token and device.startswith("cuda"):
+            m["achieved_bandwidth_gb_s"] = res.weight_bytes_per_token * m[
+                "decode_tokens_per_s"] / batch / 1e9
+    base = results[0]
+    for res in results:
+        r = res.ratios
+        for key in ("ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_s",
+                    "peak_rss_bytes", "peak_cuda_bytes", "perplexity"):
+            a, b = res.median.get(key), base.median.get(key)
+            if a is not None and b:
+                r[key] = a / b
+        r["size_bytes"] = res.size_bytes / base.size_bytes
+        if res.flops_per_token and base.flops_per_token:
+            r["flops_per_token"] = res.flops_per_token / base.flops_per_token
+    settings = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
+                    repeats=repeats, warmup=warmup, ppl_samples=ppl_samples,
+                    ppl_seq_len=ppl_seq_len, tasks=tasks, tasks_path=tasks_path, limit=limit)
+    return BenchReport(settings, names[0], results, _machine(device))
+
+
+def to_markdown(report: BenchReport) -> str:
+    s = report.settings
+    lines = [f"Device {s['device']}, prompt {s['prompt_len']} tokens, {s['gen_len']} generated, "
+             f"batch {s['batch']}, {s['repeats']} interleaved repeats (medians); ratios are to "
+             f"`{report.baseline}`.", "",
+             "| artifact | kind | layers | size MB | TTFT ms | decode tok/s | prefill tok/s | "
+             "peak RSS MB | perplexity | GFLOP/token | decode x | FLOPs x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.results:
+        m, q = r.median, r.ratios
+        ppl = m.get("perplexity")
+        lines.append(
+            f"| {r.name} | {r.kind} | {r.layers or '?'} | {r.size_bytes / 1e6:.0f} | "
+            f"{1000 * m['ttft_s']:.1f} | {m['decode_tokens_per_s']:.1f} | "
+            f"{m['prefill_tokens_per_s']:.0f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{'n/a' if ppl is None else f'{ppl:.2f}'} | "
+            f"{'?' if r.flops_per_token is None else f'{r.flops_per_token / 1e9:.3f}'} | "
+            f"{q.get('decode_tokens_per_s', 1):.2f} | "
+            f"{q['flops_per_token'] if 'flops_per_token' in q else float('nan'):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class SweepPoint:
+    drop: int
+    removed: list[int]
+    perplexity: float
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    flops_per_token: float | None
+
+
+def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_len: int = 128,
+               gen_len: int = 32, repeats: int = 3, ppl_samples: int = 4, ppl_seq_len: int = 256,
+               calib_samples: int = 16, calib_seq_len: int = 256,
+               show_progress: bool = True) -> list[SweepPoint]:
+    """Prune by BI at each setting (in memory, one scoring) and measure perplexity and speed.
+
+    Throughput is measured interleaved across settings within each repeat (medians)."""
+    from shrink.core.data import CALIBRATION, token_blocks
+    from shrink.analysis.estimate import flops_per_token
+    from shrink.stages.evaluate import perplexity
+    from shrink.core.models import load_model
+    from shrink.stages.prune import without_layers
+    from shrink.core.scores import score_layers
+
+    loaded = load_model(model, device=device)
+    hf, tok = loaded.model, loaded.tokenizer
+    L = hf.config.num_hidden_layers
+    bad = [d for d in drops if not 0 <= d < L]
+    if bad:
+        raise ShrinkError(f"--sweep-drop values {bad} out of range 0..{L - 1}")
+    dev = str(next(hf.parameters()).device)
+    calib = token_blocks(tok, CALIBRATION, calib_samples, calib_seq_len)
+    scores = score_layers(hf, calib.input_ids, show_progress=show_progress)
+    evalb = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len)
+    prompt = _prompt_ids(tok, prompt_len, 1).to(dev)
+    cfg = hf.config.to_dict()
+    timings: dict[int, list[tuple[float, float]]] = {d: [] for d in drops}
+    ppl: dict[int, float] = {}
+
+    def removed(d):
+        return scores.lowest("bi", d) if d else []
+
+    from contextlib import nullcontext
+
+    from shrink.core.progress import progress_bar
+
+    for rep in progress_bar(range(repeats), "sweep", enabled=show_progress):
+        for d in drops if rep % 2 == 0 else drops[::-1]:
+            with without_layers(hf, removed(d)) if d else nullcontext(hf):
+                _time_hf(hf, prompt, 4, dev)  # warm-up
+                timings[d].append(_time_hf(hf, prompt, gen_len, dev))
+                if d not in ppl:
+                    ppl[d] = perplexity(hf, evalb.input_ids, show_progress=False).perplexity
+    points = []
+    for d in drops:
+        try:
+            f = flops_per_token(cfg, context=prompt_len + gen_len, drop=d).total
+        except ShrinkError:
+            f = None
+        points.append(SweepPoint(
+            d, removed(d), ppl[d],
+            statistics.median((gen_len - 1) / dec for _, dec in timings[d]),
+            statistics.median(prompt_len / t for t, _ in timings[d]), f))
+    return points
+
+
+def plot_bench(report: BenchReport, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name if len(r.name) < 28 else "..." + r.name[-25:] for r in report.results]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    vals = [
+        ("decode tokens/s", [r.median["decode_tokens_per_s"] for r in report.results]),
+        ("peak RSS (MB)", [r.median["peak_rss_bytes"] / 2**20 for r in report.results]),
+        ("size on disk (MB)", [r.size_bytes / 1e6 for r in report.results]),
+    ]
+    for ax, (title, v) in zip(axes, vals):
+        ax.bar(range(len(v)), v, color=["tab:gray"] + ["tab:blue"] * (len(v) - 1))
+        ax.set_xticks(range(len(v)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(points: list[SweepPoint], path: str | Path, model: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p.drop for p in points]
+    fig, ax1 = plt.subplots(figsize=(7, 4.2))
+    ax1.plot(x, [p.perplexity for p in points], "o-", color="tab:red", label="perplexity")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("layers removed (lowest Block Influence)")
+    ax1.set_ylabel("perplexity on held-out text (log)", color="tab:red")
+    ax2 = ax1.twinx()
+    ax2.plot(x, [p.decode_tokens_per_s for p in points], "s--", color="tab:blue",
+             label="decode tokens/s")
+    ax2.set_ylabel("decode tokens/s", color="tab:blue")
+    ax1.set_title(f"{model}: quality and speed vs layers removed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

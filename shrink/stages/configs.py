@@ -1,0 +1,316 @@
+"""One typed config per stage: the single place for a setting's name, type, default, validation
+and help text.
+
+The CLI options (``shrink prune --drop``, ``shrink build --heal-steps``), the YAML recipe
+(``heal: {steps: 100}``), the resume hash of a build stage and the ``settings`` of every
+``--json`` output are all derived from these classes; nothing restates a setting elsewhere.
+Configs are frozen pydantic models: unknown keys, wrong types and impossible values are one clear
+error naming the key path (``heal.steps``).
+
+Settings that are not about *what* a stage computes (where it writes, ``--force``, ``--resume``,
+``--json``, whether to verify) belong to the command or the runner, not to a config.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shrink.core.errors import ShrinkError
+
+CALIBRATION = "austen:calibration"
+HEALING = "austen:healing"
+EVALUATION = "austen:evaluation"
+TEXT_HELP = ("Text: austen:<split|novel>, a .txt/.jsonl file or folder, or "
+             "hf:NAME[:CONFIG][:SPLIT] (needs network).")
+GPTQ_BITS = ("2bit", "3bit", "4bit", "8bit")
+
+
+class Config(BaseModel):
+    """Base of every stage config: frozen, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def settings(self) -> dict:
+        """Every setting as plain JSON values (what records, hashes and --json outputs hold)."""
+        return self.model_dump(mode="json")
+
+
+def cli(**hints) -> dict:
+    """Extra CLI hints for a field: ``metavar``, ``short`` (e.g. "-o"), ``parse`` (a parser name
+    in shrink.cli.options), ``hidden``."""
+    return {"cli": hints}
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+class ModelOptions(Config):
+    """How the source model is loaded (shared by every command that loads one)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+    device: str | None = Field(
+        None, description="cpu or cuda (default: cuda when available).",
+        json_schema_extra=cli(metavar="DEVICE"))
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None and v.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"'{v}' is not a device; use cpu or cuda")
+        return v
+
+    def load_kwargs(self) -> dict:
+        return {"dtype": None if self.dtype == "auto" else self.dtype, "device": self.device,
+                "trust_remote_code": self.trust_remote_code}
+
+
+class TextBlocks(Config):
+    """Token blocks of a text source: the same four settings wherever text is read."""
+
+    data: str = Field(CALIBRATION, description=TEXT_HELP, json_schema_extra=cli(metavar="SOURCE"))
+    samples: int = Field(32, ge=1, description="Number of token blocks.")
+    seq_len: int = Field(256, ge=2, description="Tokens per block.")
+    seed: int = Field(0, description="Seed for choosing the blocks.")
+    batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class ScoreConfig(TextBlocks):
+    """``shrink score``: rank the decoder layers."""
+
+    metric: Literal["bi", "angular", "relmag", "ppl"] = Field(
+        "bi", description="Which score ranks the layers (bi, angular and relmag come from one "
+                          "pass; ppl takes L+1 passes).")
+    skip_first: int = Field(1, ge=0, description="Leave the first K tokens of each block out of "
+                                                 "BI/relmag (the attention sink).")
+    streaming: bool | None = Field(
+        None, description="Read one layer at a time from the safetensors files (default: only "
+                          "when the weights do not fit in the device's available memory).")
+
+
+class PruneConfig(ScoreConfig):
+    """``shrink prune``: remove decoder layers (scores them first when the strategy needs it)."""
+
+    drop: int | None = Field(None, ge=1, description="Number of layers to remove.")
+    layers: list[int] | None = Field(
+        None, description="Remove exactly these layers, e.g. 21,22,25-27 (instead of --drop).",
+        json_schema_extra=cli(parse="layers", metavar="LIST"))
+    strategy: str = Field("bi", description="How to pick the layers (see `shrink prune --help`).",
+                          json_schema_extra=cli(parse="strategy"))
+    metric: Literal["bi", "angular", "relmag", "ppl"] = Field(
+        "bi", description="Score shown in the table (the strategy decides what is removed).",
+        json_schema_extra=cli(hidden=True))
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from shrink.stages.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy '{v}'; use one of {', '.join(STRATEGIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _drop_or_layers(self) -> PruneConfig:
+        if self.layers is not None:
+            if self.drop is not None and self.drop != len(self.layers):
+                raise ValueError("drop and layers disagree; give one of them")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError("layers lists a layer more than once")
+        return self
+
+    def count(self) -> int | None:
+        return len(self.layers) if self.layers is not None else self.drop
+
+
+class HealConfig(Config):
+    """``shrink heal``: LoRA / QLoRA fine-tune (optionally distilled), merged into the weights.
+    Unset values come from ``preset`` if one is given, else the defaults named in the help."""
+
+    method: Literal["lora", "qlora"] | None = Field(
+        None, description="lora: 16/32-bit base; qlora: 4-bit NF4 base (bitsandbytes). "
+                          "[default: lora]")
+    preset: Literal["gromov"] | None = Field(
+        None, description="Gromov et al.'s recipe: QLoRA, MLP only, alpha = rank, rank/LR by "
+                          "family, 100 warm-up steps, 5000 steps x batch 16. Explicit values win.")
+    rank: int | None = Field(None, ge=1, description="LoRA rank. [default: 8]")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha. [default: = rank]")
+    dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout. [default: 0.05]")
+    targets: str | None = Field(None, description="mlp, attn, all, or Linear names like "
+                                                  "gate_proj,up_proj. [default: mlp]")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps. [default: 100]")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (cosine). "
+                                                     "[default: 3e-4]")
+    warmup: int | None = Field(None, ge=0, description="Warm-up steps. [default: 10% of steps, "
+                                                       "at most 100]")
+    batch_size: int | None = Field(None, ge=1, description="Blocks per device per micro-step. "
+                                                           "[default: 4]")
+    grad_accum: int | None = Field(None, ge=1, description="Gradient accumulation. [default: 1]")
+    seq_len: int | None = Field(None, ge=2, description="Tokens per block. [default: 512]")
+    data: str = Field(HEALING, description="Healing text. " + TEXT_HELP,
+                      json_schema_extra=cli(metavar="SOURCE"))
+    seed: int = Field(0, description="Seed for blocks, adapter initialisation and data order.")
+    teacher: str | None = Field(None, description="Distil from this model (same tokenizer), "
+                                                  "e.g. the unpruned one.",
+                                json_schema_extra=cli(metavar="MODEL"))
+    kd_temperature: float = Field(2.0, gt=0, description="Distillation temperature T (KL "
+                                                         "scaled by T^2).")
+    kd_alpha: float | None = Field(None, ge=0, le=1, description="Weight of the KL term; "
+                                   "1 - kd_alpha goes to the LM loss. [default: 0.5]")
+    save_adapter: bool = Field(False, description="Also keep the LoRA adapter in OUT/adapter.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (for "
+                                   "--resume). [default: steps/10, at most 500]")
+
+    @model_validator(mode="after")
+    def _kd(self) -> HealConfig:
+        if self.teacher is None and self.kd_alpha is not None:
+            raise ValueError("kd_alpha mixes distillation and LM loss: it needs a teacher")
+        return self
+
+
+class QuantizeConfig(TextBlocks):
+    """``shrink quantize``: GPTQ through GPTQModel, a standard GPTQ checkpoint."""
+
+    gptq: str = Field(..., description="GPTQ weight bits: 2bit, 3bit, 4bit or 8bit.",
+                      json_schema_extra=cli(metavar="BITS"))
+    group_size: int | None = Field(
+        None, description="Input columns sharing one scale/zero; -1: one group per output "
+                          "channel. Default 128, or the largest power of two dividing every "
+                          "layer's input width when 128 does not (reported).")
+    desc_act: bool = Field(False, description="Quantize columns in order of decreasing "
+                                              "activation (act-order).")
+    sym: bool = Field(True, description="Symmetric quantization.")
+    damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its "
+                                                      "mean diagonal.")
+    samples: int = Field(64, ge=1, description="Calibration blocks.")
+    seq_len: int = Field(512, ge=2, description="Tokens per calibration block.")
+
+    @field_validator("gptq", mode="before")
+    @classmethod
+    def _bits(cls, v) -> str:
+        text = str(v).strip().lower()
+        text = text if text.endswith("bit") else f"{text}bit"
+        if text not in GPTQ_BITS:
+            raise ValueError(f"'{v}' is not a GPTQ bit width; use {', '.join(GPTQ_BITS)}")
+        return text
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v < 1:
+            raise ValueError("group_size must be -1 or a positive integer")
+        return v
+
+    def bits(self) -> int:
+        return int(self.gptq[:-3])
+
+
+class ExportConfig(Config):
+    """``shrink export``: ONNX for onnxruntime(-genai)."""
+
+    onnx: Literal["int4", "fp16", "fp32"] | None = Field(
+        None, description="ONNX weights: int4 (MatMulNBits), fp16 (CUDA only) or fp32.",
+        json_schema_extra=cli(metavar="PRECISION"))
+    lm_head: Literal["int8", "int4"] = Field(
+        "int8", description="Bits of the LM head in an int4 ONNX export (int4: smallest file, "
+                            "lower quality).")
+    target: Literal["cpu", "cuda"] = Field("cpu", description="Execution provider the ONNX "
+                                                              "model is built for.")
+    fallback: bool = Field(True, description="Fall back to a forward-pass-only (no KV cache) "
+                                             "ONNX export when the builder cannot build it.")
+
+    @model_validator(mode="after")
+    def _format(self) -> ExportConfig:
+        if self.onnx == "fp16" and self.target == "cpu":
+            raise ValueError("onnx fp16 needs target cuda (fp16 ONNX runs on GPUs)")
+        return self
+
+    def formats(self) -> list[str]:
+        return [f for f in ("onnx",) if getattr(self, f) is not None]
+
+
+class EvaluateConfig(TextBlocks):
+    """``shrink eval``: perplexity on held-out text. The defaults are shrink's one fixed
+    evaluation set (Persuasion, 8 x 512 tokens, seed 0): every command that reports a
+    perplexity uses it unless told otherwise, and names it beside the number."""
+
+    data: str = Field(EVALUATION, description="Held-out text. " + TEXT_HELP,
+                      json_schema_extra=cli(metavar="SOURCE"))
+    samples: int = Field(8, ge=1, description="Evaluation blocks.")
+    seq_len: int = Field(512, ge=2, description="Tokens per evaluation block.")
+
+    def name(self) -> str:
+        """How every surface labels a perplexity measured on this set."""
+        return f"{self.data}, {self.samples} x {self.seq_len} tokens, seed {self.seed}"
+
+
+class BenchConfig(Config):
+    """``shrink bench``: measured latency, throughput, memory and perplexity."""
+
+    device: str = Field("cpu", description="cpu or cuda.")
+    prompt_len: int = Field(128, ge=2, description="Prompt tokens.")
+    gen_len: int = Field(64, ge=2, description="Generated tokens.")
+    batch: int = Field(1, ge=1, description="Sequences decoded together.")
+    repeats: int = Field(3, ge=1, description="Interleaved rounds (medians are reported).")
+    ppl_samples: int = Field(4, ge=0, description="Blocks of held-out text for perplexity "
+                                                  "(0: skip).")
+
+
+# ----------------------------------------------------------------------------- the build recipe
+
+STAGE_CONFIGS: dict[str, type[Config]] = {
+    "prune": PruneConfig, "heal": HealConfig, "quantize": QuantizeConfig,
+    "export": ExportConfig, "evaluate": EvaluateConfig,
+}
+
+
+class BuildConfig(ModelOptions):
+    """``shrink build``: a recipe, nested by stage. A stage set to null (``heal: null``) or left
+    out (``quantize``, ``export``) does not run."""
+
+    model: str = Field("smollm2-135m", description="Model folder, hub id or alias.")
+    prune: PruneConfig = Field(default_factory=lambda: PruneConfig(drop=6))
+    heal: HealConfig | None = Field(default_factory=HealConfig)
+    quantize: QuantizeConfig | None = None
+    export: ExportConfig | None = None
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("heal", mode="before")
+    @classmethod
+    def _no_heal(cls, v):
+        return None if v is False else v
+
+    def stages(self) -> list[str]:
+        return [name for name in STAGE_CONFIGS if getattr(self, name) is not None]
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(dtype=self.dtype, device=self.device,
+                            trust_remote_code=self.trust_remote_code)
+
+
+def make(cls: type[Config], values: dict, where: str = "") -> Config:
+    """Build a config from user values; a validation error becomes one ShrinkError line that
+    names the key path, e.g. ``heal.steps: Input should be greater than or equal to 1 (got 0)``."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        raise ShrinkError(describe(e, where)) from None
+
+
+def describe(e: ValidationError, where: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        path = ".".join(x for x in (where, path) if x)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") \
+            and not isinstance(err.get("input"), dict) else ""
+        parts.append(f"{path}: {msg}{got}" if path else f"{msg}{got}")
+    return "; ".join(parts)

@@ -1,0 +1,56 @@
+"""Perplexity on held-out text."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shrink.core.data import EVALUATION, token_blocks
+from shrink.core.models import load_model
+from shrink.core.progress import progress_bar
+from shrink.core.perplexity import PerplexityResult, perplexity
+
+
+def onnx_perplexity(onnx_dir: str | Path, input_ids: torch.Tensor,
+                    show_progress: bool = True) -> PerplexityResult:
+    """Perplexity of an ONNX artifact (onnxruntime-genai or plain onnxruntime), teacher-forced on
+    the same blocks and with the same arithmetic as :func:`perplexity`."""
+    from shrink.runtime.generate import onnx_runner
+
+    runner = onnx_runner(onnx_dir)
+    total_nll, total_tokens = 0.0, 0
+    t0 = time.perf_counter()
+    for row in progress_bar(input_ids, "perplexity (ONNX)", enabled=show_progress):
+        logits = torch.from_numpy(runner.logits(row.tolist())).float()
+        total_nll += F.cross_entropy(logits[:-1], row[1:], reduction="sum").item()
+        total_tokens += row.numel() - 1
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, total_tokens, time.perf_counter() - t0)
+
+
+def evaluate(model: str, data: str = EVALUATION, samples: int = 16, seq_len: int = 512,
+             seed: int = 0, batch_size: int = 4, dtype: str | None = None, device: str | None = None,
+             trust_remote_code: bool = False, show_progress: bool = True) -> PerplexityResult:
+    """Perplexity of a model on a text source (default: the held-out novel). ``model`` is anything
+    load_model takes, or an ONNX folder written by ``shrink export``."""
+    from shrink.runtime.generate import is_onnx_folder
+
+    folder = Path(model).expanduser()
+    if is_onnx_folder(folder):
+        from transformers import AutoTokenizer
+
+        blocks = token_blocks(AutoTokenizer.from_pretrained(folder), data, samples, seq_len, seed)
+        result = onnx_perplexity(folder, blocks.input_ids, show_progress=show_progress)
+        result.data = blocks.describe()
+        result.model = model
+        return result
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    blocks = token_blocks(loaded.tokenizer, data, samples, seq_len, seed)
+    result = perplexity(loaded.model, blocks.input_ids, batch_size=batch_size,
+                        show_progress=show_progress)
+    result.data = blocks.describe()
+    result.model = model
+    return result

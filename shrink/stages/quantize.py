@@ -1,0 +1,356 @@
+"""GPTQ quantization through GPTQModel: a (pruned, healed) model folder -> a standard GPTQ
+checkpoint (safetensors + ``quantization_config``) that ``transformers`` reloads when GPTQModel and
+optimum are installed, and that GPTQ runtimes (vLLM, SGLang, TGI, GPTQModel itself) load.
+
+Layer pruning and quantization are orthogonal (ShortGPT, Table 2): prune, heal, then quantize.
+
+GPTQModel does the work (calibration capture, Hessians, packing, saving); shrink adds the checks
+before any heavy work, a group size that fits the model, the measured size and bits per weight,
+perplexity before/after, a reload in a fresh process, and the ``shrink.json`` record.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shrink.core.data import CALIBRATION, EVALUATION, token_blocks
+from shrink.core.quiet import stdout_to_stderr
+from shrink.runtime.gptq import cpu_workers, logs_outside_cwd, require_gptq
+from shrink.runtime.worker import run_worker
+from shrink.core.errors import ShrinkError, first_line
+from shrink.core.models import (check_decoder_only, check_device, find_layers, load_config, read_shrink_json,
+                      resolve)
+from shrink.core.outputs import (atomic_output, check_output, copy_license_files, safetensors_bytes,
+                       write_record)
+from shrink.core.progress import stderr
+
+BITS = (2, 3, 4, 8)
+DEFAULT_GROUP_SIZE = 128
+# Group sizes offered when the requested one does not fit; powers of two are what GPTQ kernels
+# (Marlin, ExLlama, Triton) support.
+GROUP_SIZES = (1024, 512, 256, 128, 64, 32, 16)
+
+
+@dataclass
+class GptqResult:
+    output: Path
+    bits: int
+    group_size: int
+    group_size_requested: int | None  # None: the default (128, or the largest that fits)
+    group_size_note: str | None  # set when the default 128 did not fit and a smaller one was used
+    desc_act: bool
+    sym: bool
+    damp: float
+    device: str
+    calibration: dict
+    seconds: float  # GPTQ itself (GPTQModel.quantize), not loading or evaluation
+    size_bytes_before: int  # safetensors bytes of the source
+    size_bytes_after: int  # safetensors bytes of the output
+    bits_per_weight: float  # over the quantized Linear weights, with scales/zeros/g_idx
+    quantized_linears: int
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    evaluation: dict | None = None
+    verification: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d.pop("record")
+        return d
+
+
+def parse_bits(value: int | str) -> int:
+    """``4``, ``"4"`` or ``"4bit"`` -> 4; anything GPTQ here does not support -> ShrinkError."""
+    text = str(value).strip().lower().removesuffix("bits").removesuffix("bit").removesuffix("-")
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = None
+    if bits not in BITS:
+        raise ShrinkError(f"unsupported GPTQ bit width '{value}'; use one of "
+                          f"{', '.join(f'{b}bit' for b in BITS)}")
+    return bits
+
+
+def quantizable_linears(config, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """Every nn.Linear inside the decoder layers (what GPTQ quantizes; embeddings, norms and the
+    head stay 16-bit): name -> (in_features, out_features). Built on the meta device: no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    _, _, layers = find_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    out: dict[str, tuple[int, int]] = {}
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                out[f"{prefix}.{i}.{name}"] = (module.in_features, module.out_features)
+    return out
+
+
+def choose_group_size(linears: dict[str, tuple[int, int]],
+                      requested: int | None) -> tuple[int, str | None]:
+    """The group size to use, and a note when the default had to be lowered.
+
+    A group of g input columns shares one scale and zero, so g must divide every quantized layer's
+    input width. An explicit size that does not fit is an error naming the layer and the sizes that
+    would; the default (None -> 128) falls back to the largest power of two that fits, reported.
+    """
+    if requested is not None and requested != -1 and requested < 1:
+        raise ShrinkError(f"--group-size must be a positive number of columns or -1 (one group "
+                          f"per output channel), got {requested}")
+    if requested == -1 or not linears:
+        return (requested if requested is not None else DEFAULT_GROUP_SIZE), None
+    widths = sorted({k for k, _ in linears.values()})
+    fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in widths)]
+    g = requested if requested is not None else DEFAULT_GROUP_SIZE
+    bad = [(name, k) for name, (k, _) in linears.items() if k % g]
+    if not bad:
+        return g, None
+    options = ", ".join(str(x) for x in fits) if fits else "none of 16..1024"
+    if requested is None and fits:
+        smaller = [x for x in fits if x < DEFAULT_GROUP_SIZE] or fits
+        chosen = smaller[0]
+        return chosen, (f"group size {DEFAULT_GROUP_SIZE} does not divide the input width "
+                        f"{bad[0][1]} of {bad[0][0]} ({len(bad)} layers); used {chosen}, the "
+                        f"largest that divides every input width ({', '.join(map(str, widths))})")
+    name, k = bad[0]
+    more = f" and {len(bad) - 1} other layers" if len(bad) > 1 else ""
+    raise ShrinkError(f"group size {g} does not divide the input width {k} of {name}{more}; "
+                      f"group sizes that fit every layer: {options} (or -1, one group per output "
+                      "channel)")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def safetensors_tensors(folder: Path) -> dict[str, int]:
+    """tensor name -> bytes, read from the safetensors headers (no weights loaded)."""
+    sizes: dict[str, int] = {}
+    for f in _safetensors_files(folder):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                sizes[name] = end - start
+    return sizes
+
+
+def bits_per_weight(folder: Path, linears: dict[str, tuple[int, int]]) -> tuple[float, int]:
+    """Bits per weight over the quantized Linears of a GPTQ folder, counting qweight, qzeros,
+    scales and g_idx (biases excluded); and how many Linears were quantized."""
+    tensors = safetensors_tensors(folder)
+    total_bytes, total_weights, count = 0, 0, 0
+    for name, (k, n) in linears.items():
+        if f"{name}.qweight" not in tensors:
+            continue
+        count += 1
+        total_weights += k * n
+        total_bytes += sum(tensors.get(f"{name}.{part}", 0)
+                           for part in ("qweight", "qzeros", "scales", "g_idx"))
+    if count == 0:
+        raise ShrinkError(f"no GPTQ-packed Linear (.qweight) found in {folder}")
+    return 8 * total_bytes / total_weights, count
+
+
+def _check_source(config, name: str) -> None:
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = (qc.get("quant_method") if isinstance(qc, dict)
+                  else getattr(qc, "quant_method", "?"))
+        raise ShrinkError(f"'{name}' is already quantized ({method}); quantize the unquantized "
+                          "(pruned or healed) model folder instead")
+    check_decoder_only(config)
+
+
+def quantize_gptq(model_dir: str | Path, output: str | Path, bits: int | str = 4,
+                  group_size: int | None = None, desc_act: bool = False, sym: bool = True,
+                  damp: float = 0.01, calib: str = CALIBRATION, samples: int = 128,
+                  seq_len: int = 512, seed: int = 0, eval_data: str = EVALUATION,
+                  eval_samples: int = 16, eval_seq_len: int = 512, device: str | None = None,
+                  force: bool = False, verify: bool = True,
+                  show_progress: bool = True) -> GptqResult:
+    """Quantize ``model_dir`` with GPTQ (GPTQModel) and write a standard GPTQ folder to ``output``.
+
+    ``group_size`` None means 128, or the largest power of two dividing every quantized layer's
+    input width when 128 does not (reported in ``group_size_note``); an explicit size that does not
+    fit is a ShrinkError. ``eval_samples`` 0 skips the perplexities. ``verify`` reloads the output
+    with transformers in a fresh process (finite logits, greedy generation, perplexity).
+    """
+    bits = parse_bits(bits)
+    if not 0 < damp < 1:
+        raise ShrinkError(f"--damp must be between 0 and 1 (a fraction of the mean Hessian "
+                          f"diagonal), got {damp}")
+    if samples < 1 or seq_len < 2:
+        raise ShrinkError(f"need --samples >= 1 and --seq-len >= 2 (got {samples}, {seq_len})")
+    check_output(output, force)
+    require_gptq()
+    resolved = resolve(str(model_dir))
+    config = load_config(resolved)
+    _check_source(config, resolved.name)
+    linears = quantizable_linears(config)
+    g, note = choose_group_size(linears, group_size)
+    device = check_device(device)
+    previous = read_shrink_json(resolved.path)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+    blocks = token_blocks(tokenizer, calib, samples, seq_len, seed)
+    eval_blocks = (token_blocks(tokenizer, eval_data, eval_samples, eval_seq_len, seed)
+                   if eval_samples > 0 else None)
+    if note and show_progress:
+        stderr.print(f"note: {note}")
+
+    ppl_before = None
+    if eval_blocks is not None:
+        from shrink.core.perplexity import perplexity
+        from shrink.core.models import load_model
+
+        loaded = load_model(str(model_dir), device=device)
+        ppl_before = perplexity(loaded.model, eval_blocks.input_ids,
+                                show_progress=show_progress).perplexity
+        del loaded
+        gc.collect()
+
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)}
+                   for row in blocks.input_ids]
+    with cpu_workers(), stdout_to_stderr():
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from gptqmodel import __version__ as gptqmodel_version
+
+        try:
+            qconfig = QuantizeConfig(bits=bits, group_size=g, desc_act=desc_act, sym=sym,
+                                     damp_percent=damp, device=device)
+        except (ValueError, TypeError) as e:
+            raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
+        try:
+            qmodel = GPTQModel.load(resolved.location, qconfig)
+        except Exception as e:  # noqa: BLE001 - unsupported architectures and the like: one line
+            raise ShrinkError(f"GPTQModel cannot load '{resolved.name}' for quantization: "
+                              f"{first_line(e)}") from None
+        t0 = time.perf_counter()
+        with logs_outside_cwd():
+            qmodel.quantize(calibration, batch_size=1)
+        seconds = time.perf_counter() - t0
+
+    with atomic_output(output, force) as tmp:
+        with stdout_to_stderr():
+            qmodel.save(str(tmp))
+        del qmodel
+        gc.collect()
+        copy_license_files(resolved.path, tmp)
+        bpw, count = bits_per_weight(tmp, linears)
+        size_before = safetensors_bytes(resolved.path) if resolved.path is not None else 0
+        size_after = safetensors_bytes(tmp)
+        verification: dict = {}
+        if verify:
+            if show_progress:
+                stderr.print("verifying: reload with transformers in a fresh process, logits, "
+                             "greedy generation"
+                             + (", perplexity" if eval_blocks is not None else ""))
+            verification = verify_gptq_in_subprocess(
+                tmp, eval_data if eval_blocks is not None else None, eval_samples, eval_seq_len,
+                seed, device)
+        ppl_after = verification.get("perplexity")
+        stage = {
+            "stage": "quantize", "method": "gptq", "source": resolved.location,
+            "bits": bits, "group_size": g, "group_size_requested": group_size,
+            "group_size_note": note, "desc_act": desc_act, "sym": sym, "damp": damp,
+            "format": "gptq", "device": device, "calibration": blocks.describe(),
+            "seconds": round(seconds, 2), "size_bytes_before": size_before,
+            "size_bytes_after": size_after, "bits_per_weight": round(bpw, 4),
+            "quantized_linears": count,
+            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "evaluation": eval_blocks.describe() if eval_blocks is not None else None,
+            "verification": verification or None,
+            "tools": {"gptqmodel": gptqmodel_version, "optimum": _dist_version("optimum")},
+        }
+        record = write_record(tmp, previous, stage, source_model=str(model_dir))
+    return GptqResult(Path(output), bits, g, group_size, note, desc_act, sym, damp, device,
+                      blocks.describe(), seconds, size_before, size_after, bpw, count, ppl_before,
+                      ppl_after, eval_blocks.describe() if eval_blocks is not None else None,
+                      verification, record)
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+# --- verification in a fresh process: the real consumer is transformers.from_pretrained ---
+
+def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, samples: int = 16,
+                    seq_len: int = 512, seed: int = 0, device: str | None = None,
+                    prompt: str = "The capital of France is", max_new_tokens: int = 8) -> dict:
+    """Load a GPTQ folder with ``AutoModelForCausalLM.from_pretrained`` (GPTQModel + optimum
+    behind it); check finite logits and greedy generation; measure perplexity on ``eval_data``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shrink.core.perplexity import perplexity
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device)
+    load_seconds = time.perf_counter() - t0
+    model.eval()
+    qlinear = type(model.get_submodule(next(iter(
+        n for n, m in model.named_modules() if hasattr(m, "qweight"))))).__name__
+    enc = tok(prompt, return_tensors="pt").to(device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        logits = model(**enc).logits
+        finite = bool(torch.isfinite(logits).all())
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        cached = model.generate(**enc, use_cache=True, **kw)
+        uncached = model.generate(**enc, use_cache=False, **kw)
+    new = cached[0, enc["input_ids"].shape[1]:]
+    result = {
+        "loaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
+        "quant_linear": qlinear, "dtype": str(model.dtype).removeprefix("torch."),
+        "device": device, "load_seconds": round(load_seconds, 2),
+        "finite_logits": finite, "generated_tokens": int(new.numel()),
+        # informative only: in 16-bit arithmetic an argmax may flip between the two paths
+        "cache_matches_no_cache": bool(torch.equal(cached, uncached)),
+        "prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
+    }
+    if eval_data:
+        blocks = token_blocks(tok, eval_data, samples, seq_len, seed)
+        ppl = perplexity(model, blocks.input_ids, show_progress=False)
+        result.update(perplexity=ppl.perplexity, perplexity_seconds=round(ppl.seconds, 2),
+                      evaluation=blocks.describe())
+    result["ok"] = finite and new.numel() > 0 and math.isfinite(result.get("perplexity", 0.0))
+    return result
+
+
+def verify_gptq_in_subprocess(path: str | Path, eval_data: str | None = EVALUATION,
+                              samples: int = 16, seq_len: int = 512, seed: int = 0,
+                              device: str | None = None, timeout: float = 3600) -> dict:
+    """Run :func:`verify_gptq_dir` in a fresh Python process; ShrinkError if it fails."""
+    result = run_worker("shrink.stages.quantize:verify_gptq_dir", timeout=timeout,
+                        path=str(path), eval_data=eval_data, samples=samples, seq_len=seq_len,
+                        seed=seed, device=device)
+    if not result["ok"]:
+        raise ShrinkError(f"verification of the GPTQ checkpoint {path} failed: "
+                          f"{json.dumps(result)}")
+    return result

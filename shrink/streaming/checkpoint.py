@@ -1,0 +1,163 @@
+"""The checkpoint on disk: which safetensors file holds which tensor, where, and reading and
+writing tensors without loading the model."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from shrink.core.errors import ShrinkError
+from shrink.core.errors import first_line
+from shrink.core.models import check_decoder_only
+
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+           "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+COPY_CHUNK = 64 << 20
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: list[int]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.nbytes // max(self.numel, 1) if self.numel else 1
+
+
+def read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensors, metadata, data start) of a safetensors file, from its JSON header only."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ShrinkError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 << 20:
+            raise ShrinkError(f"{path} is not a safetensors file (header of {n} bytes)")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta, 8 + n
+
+
+class Checkpoint:
+    """A folder of safetensors weights (one ``model.safetensors`` or shards + index json)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({self.folder / f for f in weight_map.values()})
+        elif (self.folder / SINGLE).is_file():
+            files = [self.folder / SINGLE]
+        else:
+            raise ShrinkError(f"no safetensors weights in {self.folder} ({SINGLE} or {INDEX}): "
+                              "streaming reads safetensors checkpoints only")
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[Path, dict] = {}
+        for path in files:
+            if not path.is_file():
+                raise ShrinkError(f"shard {path.name} listed in {INDEX} is missing")
+            header, meta, start = read_header(path)
+            self.metadata[path] = meta
+            for key, info in header.items():
+                a, b = info["data_offsets"]
+                self.tensors[key] = TensorInfo(path, info["dtype"], list(info["shape"]),
+                                               start + a, start + b)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def weights_bytes(folder: str | Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes the checkpoint's weights take in memory when loaded in ``dtype``."""
+    ck = Checkpoint(folder)
+    if dtype is None:
+        return ck.nbytes
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel * size if t.dtype.startswith(("F", "BF")) else t.nbytes
+               for t in ck.tensors.values())
+
+
+def readinto(f, info: TensorInfo, out: torch.Tensor) -> None:
+    """Read the tensor's byte range from an open file into the uint8 tensor ``out``."""
+    view = memoryview(out.numpy())
+    f.seek(info.start)
+    done = 0
+    while done < info.nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise ShrinkError(f"{info.file} is truncated")
+        done += n
+
+
+def write_safetensors(out: Path, entries: list[tuple[str, TensorInfo]], metadata: dict) -> int:
+    """Write a safetensors file whose tensors are byte ranges of other files, copied in 64 MiB
+    chunks (the format: 8-byte header length, JSON header padded to 8, then the data)."""
+    entries = sorted(entries, key=lambda e: (-e[1].itemsize, e[0]))  # keeps every tensor aligned
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in entries:
+        header[name] = {"dtype": t.dtype, "shape": t.shape,
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    handles: dict[Path, object] = {}
+    try:
+        with open(out, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for _, t in entries:
+                src = handles.get(t.file)
+                if src is None:
+                    src = handles[t.file] = open(t.file, "rb")
+                src.seek(t.start)
+                left = t.nbytes
+                while left:
+                    chunk = src.read(min(left, COPY_CHUNK))
+                    if not chunk:
+                        raise ShrinkError(f"{t.file} is truncated")
+                    f.write(chunk)
+                    left -= len(chunk)
+    finally:
+        for h in handles.values():
+            h.close()
+    return offset
+
+
+def load_folder_config(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        raise ShrinkError(f"cannot read the config of {folder}: "
+                          f"{first_line(e)}") from None
+    check_decoder_only(config)
+    if config.model_type not in SUPPORTED:
+        raise ShrinkError(f"streaming does not support {config.model_type} yet (supported: "
+                          f"{', '.join(SUPPORTED)}); use --no-streaming")
+    return config
