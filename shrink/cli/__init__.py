@@ -1,7 +1,6 @@
 """The ``shrink`` command line: a thin layer over the Python API (parse, call, print)."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -12,7 +11,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from shrink.cli.options import config_options, values
 from shrink.core.errors import ShrinkError
+from shrink.stages.configs import (STAGE_CONFIGS, BenchConfig, EvaluateConfig,
+                                   ExportConfig, HealConfig, ModelOptions, PruneConfig,
+                                   QuantizeConfig, ScoreConfig, make)
 
 console = Console()
 err = Console(stderr=True)
@@ -51,51 +54,44 @@ def main():
     MODEL is a local Hugging Face folder, a hub id (org/name), an alias such as llama-2-13b, or
     the embedded default smollm2-135m (no network needed).
     """
-    import logging
+    from shrink.core.quiet import quiet_process
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # torchao (pulled in by the gptq/qlora extras) logs import-time noise on every command;
-    # huggingface_hub logs each failed HTTP request before the error shrink reports anyway
-    for noisy in ("torchao", "torch.utils._pytree", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_process()
 
 
 def model_options(f):
-    """Options shared by every command that loads a model."""
-    @click.option("--dtype", default="auto", show_default=True,
-                  type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                  help="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).")
-    @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-    @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
-    return wrapper
+    """Options shared by every command that loads a model (ModelOptions)."""
+    return config_options(ModelOptions)(f)
 
 
-def data_options(default_source: str, samples: int, seq_len: int):
-    def deco(f):
-        @click.option("--data", "data", default=default_source, show_default=True,
-                      help="Text: austen:<split|novel>, a .txt/.jsonl file or folder, or "
-                           "hf:NAME[:CONFIG][:SPLIT].")
-        @click.option("--samples", default=samples, show_default=True, type=click.IntRange(1),
-                      help="Number of token blocks.")
-        @click.option("--seq-len", default=seq_len, show_default=True, type=click.IntRange(2),
-                      help="Tokens per block.")
-        @click.option("--seed", default=0, show_default=True, help="Seed for block selection.")
-        @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-        @functools.wraps(f)
-        def wrapper(*args, **kwargs):
-            return f(*args, **kwargs)
-        return wrapper
-    return deco
+def output_options(f):
+    """-o/--output, --force, --no-verify and --json: what every writing command takes."""
+    f = click.option("--json", "json_out", default=None, metavar="FILE",
+                     help="Write the result as JSON (- for stdout).")(f)
+    f = click.option("--no-verify", is_flag=True,
+                     help="Skip the fresh-process check of the output.")(f)
+    f = click.option("--force", is_flag=True, help="Replace the output if it exists (only a "
+                     "folder shrink or another model tool wrote).")(f)
+    return click.option("-o", "--output", required=True, help="Output folder.")(f)
 
 
-def write_json(obj: dict, dest: str) -> None:
-    text = json.dumps(obj, indent=2)
+def build_config(cls, kwargs: dict, where: str = ""):
+    """The typed config of a stage command from its options (errors name the setting)."""
+    return make(cls, values(cls, kwargs), where)
+
+
+def load_options(kwargs: dict) -> ModelOptions:
+    return build_config(ModelOptions, kwargs)
+
+
+def write_json(result, dest: str, settings: dict | None = None) -> None:
+    """One envelope for every --json output: {"command", "settings", "result", "versions"}."""
+    from shrink.core.outputs import versions
+
+    ctx = click.get_current_context(silent=True)
+    envelope = {"command": ctx.command_path if ctx else "shrink", "settings": settings or {},
+                "result": result, "versions": versions()}
+    text = json.dumps(envelope, indent=2, default=str)
     if dest == "-":
         click.echo(text)
     else:
@@ -128,47 +124,39 @@ def scores_table(scores, metric: str, chosen: list[int]) -> Table:
 
 @main.command()
 @click.argument("model", default="smollm2-135m")
-@click.option("--metric", default="bi", show_default=True,
-              type=click.Choice(["bi", "angular", "relmag", "ppl"]),
-              help="Which score ranks the layers (all cheap ones are computed in one pass).")
+@config_options(ScoreConfig)
 @click.option("--drop", type=int, default=None,
-              help="Mark the layers this many removals would take.")
-@click.option("--skip-first", default=1, show_default=True, type=click.IntRange(0),
-              help="Leave the first K tokens of each block out of BI/relmag (attention sink).")
-@data_options("austen:calibration", 32, 256)
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write all scores (- for stdout).")
+              help="Mark the layers this many removals would take (by --metric).")
+@click.option("--json", "json_out", default=None, metavar="FILE",
+              help="Write all scores (- for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png",
               help="BI bar chart and angular-distance heatmap.")
-@click.option("--streaming/--no-streaming", default=None,
-              help="Read one layer at a time from the safetensors files (default: only when the "
-                   "weights do not fit in the device's available memory).")
 @model_options
-def score(model, metric, drop, skip_first, data, samples, seq_len, seed, batch_size, json_out,
-          plot, streaming, dtype, device, trust_remote_code):
+def score(model, drop, json_out, plot, **kwargs):
     """Score every decoder layer of MODEL (Block Influence, angular distance, relative magnitude,
     optionally perplexity without each layer)."""
-    from shrink.stages.prune import choose_layers
-    from shrink.core.scores import score_model
+    from shrink.stages.score import score as run_score
+    from shrink.stages.strategies import choose_layers
 
-    scores = score_model(model, metric=metric, data=data, samples=samples, seq_len=seq_len,
-                         seed=seed, batch_size=batch_size, skip_first=skip_first, dtype=dtype,
-                         device=device, trust_remote_code=trust_remote_code,
-                         streaming=streaming)
+    config = build_config(ScoreConfig, kwargs)
+    load = load_options(kwargs)
+    check_writable(json_out, plot)
+    scores = run_score(model, config, load=load)
     chosen: list[int] = []
     if drop is not None:
-        chosen, reason = choose_layers(metric, drop, scores.num_layers, scores)
+        chosen, reason = choose_layers(config.metric, drop, scores.num_layers, scores)
         err.print(f"--drop {drop}: would remove {chosen}: {reason}")
     if json_out != "-":
-        console.print(scores_table(scores, metric, chosen))
-        if metric == "angular":
+        console.print(scores_table(scores, config.metric, chosen))
+        if config.metric == "angular":
             for n in sorted({1, 2, 4, drop or 0, scores.num_layers // 4, scores.num_layers // 2}
                             - {0}):
                 start, d = scores.best_block(n)
                 console.print(f"best block of {n:>2}: layers {start}..{start + n - 1} "
                               f"(angular distance {d:.4f})")
     if json_out:
-        write_json({**scores.to_dict(), "metric": metric, "drop": drop, "chosen": chosen},
-                   json_out)
+        write_json({**scores.to_dict(), "drop": drop, "chosen": chosen}, json_out,
+                   config.settings())
     if plot:
         from shrink.report.plots import plot_scores
 
@@ -176,54 +164,42 @@ def score(model, metric, drop, skip_first, data, samples, seq_len, seed, batch_s
         err.print(f"wrote {plot}")
 
 
+def check_writable(*paths: str | None) -> None:
+    """Fail before any work when a --json/--plot file cannot be written."""
+    for p in paths:
+        if p and p != "-":
+            parent = Path(p).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ShrinkError(f"cannot write '{p}': folder '{parent}' does not exist")
+
+
 @main.command()
 @click.argument("model", default="smollm2-135m")
-@click.option("--drop", type=int, default=None, help="Number of layers to remove.")
-@click.option("--strategy", default="bi", show_default=True,
-              type=click.Choice(["bi", "angular", "iterative", "relmag", "ppl", "last", "random"]),
-              help="How to pick the layers.")
-@click.option("--layers", default=None, help="Explicit layers to remove, e.g. 21,22,25-27.")
-@click.option("-o", "--output", required=True, help="Output model folder.")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-@click.option("--skip-first", default=1, show_default=True, type=click.IntRange(0))
-@click.option("--no-verify", is_flag=True, help="Skip the fresh-process reload check.")
-@data_options("austen:calibration", 32, 256)
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result (- for stdout).")
-@click.option("--streaming/--no-streaming", default=None,
-              help="Read one layer at a time from the safetensors files (default: only when the "
-                   "weights do not fit in the device's available memory).")
+@config_options(PruneConfig)
+@output_options
 @model_options
-def prune(model, drop, strategy, layers, output, force, skip_first, no_verify, data, samples,
-          seq_len, seed, batch_size, json_out, streaming, dtype, device, trust_remote_code):
-    """Remove decoder layers from MODEL and write a standard Hugging Face folder to OUTPUT."""
-    from shrink.stages.prune import parse_layers, prune as prune_model
+def prune(model, output, force, no_verify, json_out, **kwargs):
+    """Remove decoder layers from MODEL and write a standard Hugging Face folder to OUTPUT.
 
-    if layers is not None and drop is not None and len(parse_layers(layers)) != drop:
-        raise ShrinkError("--drop and --layers disagree; give one of them")
-    result = prune_model(model, output, drop=drop, strategy=strategy,
-                         layers=parse_layers(layers) if layers is not None else None, calib=data,
-                         samples=samples, seq_len=seq_len, seed=seed, skip_first=skip_first,
-                         batch_size=batch_size, dtype=dtype, device=device, force=force,
-                         trust_remote_code=trust_remote_code, verify=not no_verify,
-                         streaming=streaming)
-    summary = {
-        "output": str(result.output), "strategy": result.strategy, "reason": result.reason,
-        "removed_layers": result.removed, "removed_original_layers": result.removed_original,
-        "num_layers": [result.num_layers_before, len(result.kept)],
-        "params": [result.params_before, result.params_after],
-        "verification": result.verification,
-    }
+    Strategies (--strategy): bi, angular, relmag, ppl, iterative, last, random, and any
+    registered with shrink.register_strategy."""
+    from shrink.stages.prune import prune as run_prune
+
+    config = build_config(PruneConfig, kwargs)
+    load = load_options(kwargs)
+    check_writable(json_out)
+    result = run_prune(model, output, config, load=load, force=force, verify=not no_verify)
     if json_out:
-        write_json(summary, json_out)
+        write_json(result.summary(), json_out, config.settings())
     if json_out != "-":
         console.print(f"removed layers {result.removed} ({result.reason})")
         console.print(f"layers {result.num_layers_before} -> {len(result.kept)}, parameters "
                       f"{result.params_before / 1e6:.1f} M -> {result.params_after / 1e6:.1f} M "
                       f"({100 * (1 - result.params_after / result.params_before):.1f}% fewer)")
-        if result.verification.get("reload") == "skipped":
-            console.print(f"not reloaded: {result.verification['reason']}")
-        elif result.verification:
-            v = result.verification
+        v = result.verification
+        if v.get("reload") == "skipped":
+            console.print(f"not reloaded: {v['reason']}")
+        elif v:
             console.print(f"verified in a fresh process: finite logits, cached generation == "
                           f"uncached; '{v['prompt']}' -> {v['completion']!r}")
         console.print(f"wrote {result.output}")
@@ -231,23 +207,25 @@ def prune(model, drop, strategy, layers, output, force, skip_first, no_verify, d
 
 @main.command(name="eval")
 @click.argument("model", default="smollm2-135m")
-@data_options("austen:evaluation", 16, 512)
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result (- for stdout).")
+@config_options(EvaluateConfig)
+@click.option("--json", "json_out", default=None, metavar="FILE",
+              help="Write the result (- for stdout).")
 @model_options
-def eval_cmd(model, data, samples, seq_len, seed, batch_size, json_out, dtype, device,
-             trust_remote_code):
+def eval_cmd(model, json_out, **kwargs):
     """Perplexity of MODEL (a model folder, GPTQ or ONNX folder, hub id or alias) on held-out
-    text (default: Persuasion, never used to score, heal or calibrate)."""
+    text (default: the fixed evaluation set, Persuasion 8 x 512, never used to score, heal or
+    calibrate)."""
     from shrink.stages.evaluate import evaluate
 
-    result = evaluate(model, data=data, samples=samples, seq_len=seq_len, seed=seed,
-                      batch_size=batch_size, dtype=dtype, device=device,
-                      trust_remote_code=trust_remote_code)
+    config = build_config(EvaluateConfig, kwargs)
+    load = load_options(kwargs)
+    check_writable(json_out)
+    result = evaluate(model, config, load=load)
     if json_out:
-        write_json(result.to_dict(), json_out)
+        write_json(result.to_dict(), json_out, config.settings())
     if json_out != "-":
-        console.print(f"{model}: perplexity {result.perplexity:.3f} on {result.tokens} tokens of "
-                      f"{data} ({result.seconds:.1f} s)")
+        console.print(f"{model}: perplexity {result.perplexity:.3f} on {config.name()} "
+                      f"({result.tokens} predicted tokens, {result.seconds:.1f} s)")
 
 
 # --- analytic: estimate and claims (no weights needed) ---
@@ -388,46 +366,23 @@ def claims(markdown, json_out):
 
 @main.command("quantize")
 @click.argument("model_dir")
-@click.option("-o", "--output", required=True, help="Output folder (a standard GPTQ checkpoint).")
-@click.option("--gptq", "gptq_bits", required=True, metavar="2bit|3bit|4bit|8bit",
-              help="GPTQ weight bits.")
-@click.option("--group-size", type=int, default=None,
-              help="Input columns sharing one scale/zero; -1: one group per output channel. "
-                   "Default 128, or the largest power of two dividing every layer's input width "
-                   "when 128 does not (reported).")
-@click.option("--desc-act/--no-desc-act", default=False, show_default=True,
-              help="Quantize columns in order of decreasing activation (act-order).")
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric quantization.")
-@click.option("--damp", default=0.01, show_default=True, type=float,
-              help="Hessian dampening, a fraction of its mean diagonal.")
-@click.option("--calib", default="austen:calibration", show_default=True,
-              help="Calibration text: austen:<split|novel>, a .txt/.jsonl file or folder, or "
-                   "hf:NAME[:CONFIG][:SPLIT].")
-@click.option("--samples", default=128, show_default=True, type=click.IntRange(1),
-              help="Calibration blocks.")
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2),
-              help="Tokens per calibration block.")
-@click.option("--seed", default=0, show_default=True, help="Seed for block selection.")
-@click.option("--eval-samples", default=16, show_default=True, type=click.IntRange(0),
-              help="Evaluation blocks (austen:evaluation) for perplexity before/after; 0 skips.")
-@click.option("--eval-seq-len", default=512, show_default=True, type=click.IntRange(2))
+@config_options(QuantizeConfig, required=("gptq",))
+@config_options(EvaluateConfig, prefix="eval", exclude=("batch_size",))
+@click.option("--no-eval", is_flag=True, help="Skip the perplexity before/after.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-@click.option("--no-verify", is_flag=True, help="Skip the fresh-process reload check.")
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result (- for stdout).")
-def quantize(model_dir, output, gptq_bits, group_size, desc_act, sym, damp, calib, samples,
-             seq_len, seed, eval_samples, eval_seq_len, device, force, no_verify, json_out):
+@output_options
+def quantize(model_dir, output, force, no_verify, json_out, no_eval, device, **kwargs):
     """Quantize MODEL_DIR (e.g. a pruned, healed model) with GPTQ and write a standard GPTQ
     checkpoint that transformers (with GPTQModel + optimum), vLLM and other runtimes load."""
-    from shrink.stages.quantize import parse_bits, quantize_gptq
+    from shrink.stages.quantize import quantize as run_quantize
 
-    result = quantize_gptq(model_dir, output, bits=parse_bits(gptq_bits), group_size=group_size,
-                           desc_act=desc_act, sym=sym, damp=damp, calib=calib, samples=samples,
-                           seq_len=seq_len, seed=seed, eval_samples=eval_samples,
-                           eval_seq_len=eval_seq_len, device=device, force=force,
-                           verify=not no_verify)
+    config = build_config(QuantizeConfig, kwargs)
+    evaluation = make(EvaluateConfig, values(EvaluateConfig, kwargs, "eval"), "eval")
+    check_writable(json_out)
+    result = run_quantize(model_dir, output, config, evaluation=None if no_eval else evaluation,
+                          device=device, force=force, verify=not no_verify)
     if json_out:
-        write_json(result.to_dict(), json_out)
+        write_json(result.to_dict(), json_out, config.settings())
     if json_out != "-":
         mb = 1e6
         console.print(f"GPTQ {result.bits}-bit, group size {result.group_size}"
@@ -441,7 +396,7 @@ def quantize(model_dir, output, gptq_bits, group_size, desc_act, sym, damp, cali
         if result.perplexity_before is not None:
             after = (f"{result.perplexity_after:.3f}" if result.perplexity_after is not None
                      else "not measured (--no-verify)")
-            console.print(f"perplexity on {result.evaluation['source']}: "
+            console.print(f"perplexity on {evaluation.name()}: "
                           f"{result.perplexity_before:.3f} -> {after}")
         if result.verification:
             v = result.verification
@@ -454,69 +409,29 @@ def quantize(model_dir, output, gptq_bits, group_size, desc_act, sym, damp, cali
 
 @main.command()
 @click.argument("model_dir")
-@click.option("-o", "--output", required=True, help="Output model folder (merged checkpoint).")
-@click.option("--method", type=click.Choice(["lora", "qlora"]), default=None,
-              help="lora: 16/32-bit base; qlora: 4-bit NF4 base (bitsandbytes). [default: lora]")
-@click.option("--rank", type=int, default=None, help="LoRA rank. [default: 8]")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha. [default: = rank]")
-@click.option("--dropout", type=float, default=None, help="LoRA dropout. [default: 0.05]")
-@click.option("--targets", default=None,
-              help="mlp, attn, all, or Linear names like gate_proj,up_proj. [default: mlp]")
-@click.option("--steps", type=int, default=None, help="Optimizer steps. [default: 100]")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (cosine). [default: 3e-4]")
-@click.option("--warmup", type=int, default=None,
-              help="Warm-up steps. [default: 10% of steps, at most 100]")
-@click.option("--batch-size", type=int, default=None,
-              help="Blocks per device per micro-step. [default: 4]")
-@click.option("--grad-accum", type=int, default=None, help="Gradient accumulation. [default: 1]")
-@click.option("--seq-len", type=int, default=None, help="Tokens per block. [default: 512]")
-@click.option("--data", default="austen:healing", show_default=True,
-              help="Healing text: austen:<split|novel>, .txt/.jsonl file or folder, hf:NAME.")
-@click.option("--eval-data", default="austen:evaluation", show_default=True,
-              help="Held-out text for perplexity before/after.")
-@click.option("--eval-samples", type=int, default=None,
-              help="Evaluation blocks of --seq-len tokens. [default: 16]")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--teacher", default=None, metavar="MODEL",
-              help="Distil from this model (same tokenizer), e.g. the unpruned model.")
-@click.option("--temperature", default=2.0, show_default=True, type=float,
-              help="Distillation temperature T (KL scaled by T^2).")
-@click.option("--kd-alpha", type=float, default=None,
-              help="Weight of the KL term; 1 - kd_alpha goes to the LM loss. [default: 0.5]")
-@click.option("--preset", type=click.Choice(["gromov"]), default=None,
-              help="Gromov et al.'s recipe: QLoRA, MLP only, alpha = rank, rank/LR by family, "
-                   "100 warm-up steps, 5000 steps x batch 16. Explicit options win.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
-@click.option("--save-adapter", is_flag=True, help="Also keep the LoRA adapter in OUTPUT/adapter.")
-@click.option("--save-steps", type=int, default=None,
-              help="Checkpoint every N steps (for --resume). [default: steps/10, at most 500]")
-@click.option("--no-verify", is_flag=True, help="Skip the fresh-process reload check.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT; discard an interrupted run's checkpoints.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result (- for stdout).")
-def heal(model_dir, output, method, rank, alpha, dropout, targets, steps, lr, warmup, batch_size,
-         grad_accum, seq_len, data, eval_data, eval_samples, seed, teacher, temperature, kd_alpha,
-         preset, resume, save_adapter, save_steps, no_verify, force, device, trust_remote_code,
-         json_out):
+@config_options(HealConfig)
+@config_options(EvaluateConfig, prefix="eval", exclude=("batch_size",))
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an "
+              "interrupted run.")
+@output_options
+@model_options
+def heal(model_dir, output, force, no_verify, json_out, resume, **kwargs):
     """Heal a pruned MODEL_DIR: LoRA/QLoRA fine-tune (optionally distilled from --teacher), merge
     the adapter into a full-precision copy and write a standard HF folder to OUTPUT, with
     perplexity before/after, loss.png and shrink.json. Runs on several GPUs/nodes under
     `accelerate launch -m shrink.cli heal ...` unchanged."""
     from shrink.stages.heal import heal as run_heal
 
-    result = run_heal(model_dir, output, method=method, rank=rank, alpha=alpha, dropout=dropout,
-                      targets=targets, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size,
-                      grad_accum=grad_accum, seq_len=seq_len, data=data, eval_data=eval_data,
-                      eval_samples=eval_samples, seed=seed, teacher=teacher,
-                      temperature=temperature, kd_alpha=kd_alpha, resume=resume,
-                      save_adapter=save_adapter, preset=preset, force=force, device=device,
-                      save_steps=save_steps, verify=not no_verify,
-                      trust_remote_code=trust_remote_code)
+    config = build_config(HealConfig, kwargs)
+    evaluation = make(EvaluateConfig, values(EvaluateConfig, kwargs, "eval"), "eval")
+    load = load_options(kwargs)
+    check_writable(json_out)
+    result = run_heal(model_dir, output, config, evaluation=evaluation, load=load, resume=resume,
+                      force=force, verify=not no_verify)
     if result.output is None:  # not the main process of a multi-process run
         return
     if json_out:
-        write_json(result.to_dict(), json_out)
+        write_json(result.to_dict(), json_out, config.settings())
     if json_out != "-":
         st = result.settings
         kd = f", distilled from {st['teacher']} (kd_alpha {st['kd_alpha']}, T {st['temperature']})" \
@@ -526,7 +441,7 @@ def heal(model_dir, output, method, rank, alpha, dropout, targets, steps, lr, wa
                       + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
         if result.final_loss is not None:
             console.print(f"final training loss {result.final_loss:.4f}")
-        console.print(f"perplexity on {st['eval_data']}: {result.ppl_before:.3f} -> "
+        console.print(f"perplexity on {evaluation.name()}: {result.ppl_before:.3f} -> "
                       f"{result.ppl_after:.3f}")
         console.print(f"merged (max |logit diff| vs adapter model "
                       f"{result.merge_check['max_abs_logit_diff']:.1e}); wrote {result.output}")
@@ -534,37 +449,23 @@ def heal(model_dir, output, method, rank, alpha, dropout, targets, steps, lr, wa
 
 @main.command("export")
 @click.argument("model_dir")
-@click.option("-o", "--output", required=True, help="Output folder.")
-@click.option("--onnx", "to_onnx", is_flag=True,
-              help="Export to ONNX (onnxruntime-genai model builder, with KV cache).")
-@click.option("--precision", default="int4", show_default=True,
-              help="Weights: int4 (MatMulNBits), fp16 (CUDA only) or fp32.")
-@click.option("--lm-head", default="int8", show_default=True,
-              type=click.Choice(["int8", "int4"], case_sensitive=False),
-              help="Bits of the LM head in an int4 export (int4: smallest file, lower quality).")
-@click.option("--target", default="cpu", show_default=True,
-              help="Execution provider the model is built for: cpu or cuda.")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-@click.option("--no-verify", is_flag=True, help="Skip the fresh-process comparison with PyTorch.")
-@click.option("--no-fallback", is_flag=True,
-              help="Fail instead of falling back to a forward-pass-only (no KV cache) export.")
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result (- for stdout).")
-def export_cmd(model_dir, output, to_onnx, precision, lm_head, target, force, no_verify,
-               no_fallback, json_out):
+@config_options(ExportConfig)
+@output_options
+def export_cmd(model_dir, output, force, no_verify, json_out, **kwargs):
     """Export MODEL_DIR (a Hugging Face or GPTQ folder) for another runtime. --onnx writes
     model.onnx + genai_config.json + tokenizer + shrink.json, verified against PyTorch."""
-    if not to_onnx:
-        raise ShrinkError("choose an export format: --onnx")
-    from shrink.stages.export.onnx import export_onnx
+    from shrink.stages.export import export
 
+    config = build_config(ExportConfig, kwargs)
+    check_writable(json_out)
     quiet = json_out == "-"
-    result = export_onnx(model_dir, output, precision=precision.lower(), target=target.lower(),
-                         lm_head=lm_head.lower(), force=force, verify=not no_verify,
-                         fallback=not no_fallback,
-                         log=None if quiet else (lambda line: err.print(line, highlight=False)))
+    results = export(model_dir, output, config, force=force, verify=not no_verify,
+                     log=None if quiet else (lambda line: err.print(line, highlight=False)))
     if json_out:
-        write_json(result.to_dict(), json_out)
-    if not quiet:
+        write_json({k: r.to_dict() for k, r in results.items()}, json_out, config.settings())
+    if quiet:
+        return
+    for result in results.values():
         mb = 1024 * 1024
         head = f" (LM head {result.lm_head})" if result.lm_head else ""
         console.print(f"{result.method}: {result.precision}{head} for {result.target}, model "
@@ -621,13 +522,7 @@ def generate_cmd(artifact, prompt, max_new_tokens, temperature, top_p, seed):
 @click.option("--sweep-drop", default=None, metavar="N,N,...",
               help="Prune MODEL by BI at each setting (in memory) and plot perplexity and speed "
                    "against layers removed.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(2))
-@click.option("--gen-len", default=64, show_default=True, type=click.IntRange(2))
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
-@click.option("--ppl-samples", default=4, show_default=True, type=click.IntRange(0),
-              help="Blocks of held-out text for perplexity (0: skip).")
+@config_options(BenchConfig)
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write results (- for stdout).")
 @click.option("--markdown", "md_out", default=None, metavar="FILE", help="Write a markdown table.")
 @click.option("--plot", default=None, metavar="FILE.png", help="Throughput/memory bars, or the "
@@ -636,14 +531,18 @@ def generate_cmd(artifact, prompt, max_new_tokens, temperature, top_p, seed):
               help="lm-evaluation-harness tasks on HF/GPTQ artifacts (the eval extra).")
 @click.option("--tasks-path", default=None, metavar="DIR", help="Folder of custom task YAMLs.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Documents per task.")
-def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batch, repeats,
-              ppl_samples, json_out, md_out, plot, tasks, tasks_path, limit):
+def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, tasks_path, limit,
+              **kwargs):
     """Measure ARTIFACTS (HF, GPTQ or ONNX folders): time to first token, decode tokens/s,
     peak memory, size on disk, perplexity and FLOPs per token, as ratios to a baseline.
 
     With --sweep-drop, ARTIFACTS is one model (default: the embedded one)."""
     from shrink.stages import bench as B
 
+    config = build_config(BenchConfig, kwargs)
+    device, prompt_len, gen_len = config.device, config.prompt_len, config.gen_len
+    batch, repeats, ppl_samples = config.batch, config.repeats, config.ppl_samples
+    check_writable(json_out, md_out, plot)
     if sweep_drop is not None:
         if len(artifacts) > 1:
             raise ShrinkError("--sweep-drop takes one model")
@@ -717,6 +616,52 @@ def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batc
 # --- build: the one-command pipeline ---
 
 
+# --- build: the one-command pipeline; its options are every stage's, prefixed where needed ---
+
+BUILD_PREFIX = {"prune": "prune", "heal": "heal", "quantize": "quantize", "export": "export",
+                "evaluate": "eval"}
+
+
+def _build_prefixes() -> dict[str, dict[str, str]]:
+    """Per stage, the option prefix of each setting: none when the name is unique among the
+    stages (``--drop``, ``--gptq``, ``--onnx``), the stage's prefix when several stages use it
+    (``--heal-steps``, ``--eval-samples``, ``--quantize-seed``)."""
+    from collections import Counter
+
+    names = Counter(n for cls in STAGE_CONFIGS.values() for n in cls.model_fields)
+    names.update(list(ModelOptions.model_fields))
+    return {stage: {n: (BUILD_PREFIX[stage] if names[n] > 1 else "")
+                    for n in cls.model_fields} for stage, cls in STAGE_CONFIGS.items()}
+
+
+def build_options(f):
+    for stage, cls in reversed(list(STAGE_CONFIGS.items())):
+        prefixes = _build_prefixes()[stage]
+        for prefix in sorted(set(prefixes.values())):
+            exclude = tuple(n for n, pre in prefixes.items() if pre != prefix)
+            f = config_options(cls, prefix, exclude=exclude)(f)
+    return f
+
+
+def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) -> dict:
+    """The recipe's settings with the options the user typed on top."""
+    prefixes = _build_prefixes()
+    for stage, cls in STAGE_CONFIGS.items():
+        given: dict = {}
+        for prefix in set(prefixes[stage].values()):
+            sub = {k: v for k, v in kwargs.items()
+                   if k in {(f"{prefix}_{n}" if prefix else n) for n, pre in
+                            prefixes[stage].items() if pre == prefix}}
+            given.update(values(cls, sub, prefix, ctx=ctx, only_given=True))
+        if given:
+            base[stage] = {**(base.get(stage) or {}), **given}
+    if no_heal:
+        base["heal"] = None
+    for name, value in values(ModelOptions, kwargs, ctx=ctx, only_given=True).items():
+        base[name] = value
+    return base
+
+
 @main.command("build")
 @click.argument("model", required=False)
 @click.option("--config", "recipe", default=None, metavar="RECIPE",
@@ -726,84 +671,32 @@ def bench_cmd(artifacts, baseline, sweep_drop, device, prompt_len, gen_len, batc
               "model and settings).")
 @click.option("--resume", is_flag=True, help="Skip stages already done with the same settings.")
 @click.option("--force", is_flag=True, help="Start over in an existing output folder.")
-@click.option("--drop", type=int, default=None, help="Layers to remove.")
-@click.option("--layers", default=None, help="Explicit layers to remove, e.g. 21,22,25-27.")
-@click.option("--strategy", "--metric", "strategy", default=None,
-              type=click.Choice(["bi", "angular", "iterative", "relmag", "ppl", "last", "random"]))
-@click.option("--skip-first", type=int, default=None)
-@click.option("--calib", default=None, help="Calibration text (scoring and GPTQ).")
-@click.option("--calib-samples", type=int, default=None)
-@click.option("--calib-seq-len", type=int, default=None)
 @click.option("--no-heal", is_flag=True, help="Skip the healing fine-tune.")
-@click.option("--method", default=None, type=click.Choice(["lora", "qlora"]))
-@click.option("--preset", default=None, type=click.Choice(["gromov"]))
-@click.option("--rank", type=int, default=None)
-@click.option("--alpha", type=float, default=None)
-@click.option("--targets", default=None)
-@click.option("--heal-steps", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--warmup", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--grad-accum", type=int, default=None)
-@click.option("--heal-seq-len", type=int, default=None)
-@click.option("--heal-data", default=None)
-@click.option("--teacher", default=None, help="Distill from this model (e.g. the dense one).")
-@click.option("--temperature", type=float, default=None)
-@click.option("--kd-alpha", type=float, default=None)
-@click.option("--gptq", default=None, help="GPTQ bits: 2bit, 3bit, 4bit or 8bit.")
-@click.option("--group-size", type=int, default=None)
-@click.option("--desc-act/--no-desc-act", default=None)
-@click.option("--sym/--asym", default=None)
-@click.option("--damp", type=float, default=None)
-@click.option("--gptq-samples", type=int, default=None)
-@click.option("--gptq-seq-len", type=int, default=None)
-@click.option("--onnx", default=None, type=click.Choice(["int4", "fp16", "fp32"]))
-@click.option("--onnx-target", default=None, type=click.Choice(["cpu", "cuda"]))
-@click.option("--onnx-lm-head", default=None, type=click.Choice(["int8", "int4"]),
-              help="LM head bits in an int4 ONNX export [default: int8].")
-@click.option("--eval-data", default=None)
-@click.option("--eval-samples", type=int, default=None)
-@click.option("--eval-seq-len", type=int, default=None)
-@click.option("--seed", type=int, default=None)
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write report.json here "
               "too (- for stdout).")
+@build_options
 @model_options
 @click.pass_context
-def build_cmd(ctx, model, recipe, output, resume, force, no_heal, layers, json_out, **options):
+def build_cmd(ctx, model, recipe, output, resume, force, no_heal, json_out, **kwargs):
     """Score, prune, heal, quantize (GPTQ) and/or export (ONNX), verify, and write a model card.
 
-    With no arguments: the embedded SmolLM2 end to end on a CPU (recipe smollm2-135m)."""
-    from shrink.stages.build import build, command_line, load_recipe, make_settings
-    from shrink.stages.prune import parse_layers
+    With no arguments: the embedded SmolLM2 end to end on a CPU (recipe smollm2-135m). A
+    setting several stages share is namespaced by its stage (--heal-steps, --eval-samples)."""
+    from shrink.stages.build import build, command_line, load_recipe, recipe_config
 
-    recipe_text = None
-    values: dict = {}
     if recipe is None and model is None:
         recipe = "smollm2-135m"
+    base: dict = {}
     if recipe is not None:
-        values = load_recipe(recipe)
-        from importlib import resources
-
-        p = Path(recipe)
-        recipe_text = p.read_text() if p.is_file() else (
-            resources.files("shrink") / "recipes" / f"{recipe}.yaml").read_text()
-        output = output or values.pop("output", None)
-        values.pop("description", None)
+        config, _ = load_recipe(recipe)
+        base = config.settings()
     if model is not None:
-        values["model"] = model
-    for key, value in options.items():
-        if value is not None and key != "dtype" or (key == "dtype" and value != "auto"):
-            values[key] = value
-    if layers is not None:
-        values["layers"] = parse_layers(layers)
-        values.pop("drop", None)
-    if no_heal:
-        values["heal"] = False
-    settings = make_settings(values)
-    result = build(settings, output=output, resume=resume, force=force, command=command_line(),
-                   recipe_text=recipe_text)
+        base["model"] = model
+    config = recipe_config(build_values(ctx, kwargs, base, no_heal), "settings")
+    check_writable(json_out)
+    result = build(config, output=output, resume=resume, force=force, command=command_line())
     if json_out:
-        write_json(result.report, json_out)
+        write_json(result.report, json_out, config.settings())
     if json_out != "-":
         table = Table(title=f"shrink build -> {result.output}")
         for col in ("stage", "status", "seconds"):
@@ -812,8 +705,9 @@ def build_cmd(ctx, model, recipe, output, resume, force, no_heal, layers, json_o
             table.add_row(st.name, "resumed (done earlier)" if st.skipped else "ran",
                           f"{st.seconds:.1f}")
         console.print(table)
+        console.print(f"perplexity on {config.evaluate.name()}:")
         for label, row in result.report["perplexity"].items():
-            console.print(f"perplexity {label:>9}: {row['perplexity']:.3f}")
+            console.print(f"  {label:>9}: {row['perplexity']:.3f}")
         console.print(f"model card: {result.output / 'README.md'}; report: "
                       f"{result.output / 'report.json'}")
 

@@ -19,7 +19,6 @@ from shrink.core.errors import ShrinkError
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar
 
-METRICS = ("bi", "angular", "relmag", "ppl")
 
 
 @dataclass

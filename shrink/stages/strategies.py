@@ -1,45 +1,163 @@
-"""Strategies that choose the layers to remove."""
+"""Strategies that choose the layers to remove: a registry.
+
+Adding a strategy is one function in one file, registered once::
+
+    from shrink.stages.strategies import Selection, register_strategy
+
+    @register_strategy("middle", help="the n layers around the middle", streams=True)
+    def middle(sel: Selection) -> tuple[list[int], str]:
+        start = (sel.num_layers - sel.n) // 2
+        return list(range(start, start + sel.n)), "the middle of the stack"
+
+The CLI's choices (``shrink prune --strategy``, ``shrink build --strategy``), whether a strategy
+needs layer scores, and whether it can run streamed (layer by layer, for models larger than
+memory) all come from here.
+"""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+
 from shrink.core.errors import ShrinkError
+from shrink.core.layers import without_layers
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar
-from shrink.core.scores import LayerScores, score_layers
-from shrink.core.layers import without_layers
+from shrink.core.scores import LayerScores, removal_perplexity, score_layers
 
 
-STRATEGIES = ("bi", "angular", "iterative", "relmag", "ppl", "last", "random")
-NEEDS_SCORES = {"bi", "angular", "relmag", "ppl"}
+@dataclass
+class Selection:
+    """What a strategy may look at. ``scores`` is filled when the strategy ``needs_scores``;
+    ``model`` and ``input_ids`` (calibration blocks) only on the in-memory path."""
+
+    n: int
+    num_layers: int
+    scores: LayerScores | None = None
+    model: nn.Module | None = None
+    input_ids: torch.Tensor | None = None
+    seed: int = 0
+    batch_size: int = 4
+    skip_first: int = 1
+    show_progress: bool = True
+    details: dict = field(default_factory=dict)  # anything the strategy wants recorded
 
 
-def choose_layers(strategy: str, n: int, num_layers: int, scores: LayerScores | None = None,
-                  seed: int = 0) -> tuple[list[int], str]:
-    """Layers to remove for a score-based or fixed strategy, and a one-line reason."""
+Choose = Callable[[Selection], tuple[list[int], str]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    choose: Choose
+    help: str
+    needs_scores: bool = False  # BI / relmag / angular computed first
+    needs_ppl: bool = False  # removal perplexity computed too (L+1 passes)
+    streams: bool = True  # works on the streamed path (no whole model in memory)
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, *, help: str, needs_scores: bool = False,
+                      needs_ppl: bool = False, streams: bool = True) -> Callable[[Choose], Choose]:
+    """Register ``fn(selection) -> (layers, reason)`` under ``name``."""
+    def deco(fn: Choose) -> Choose:
+        STRATEGIES[name] = Strategy(name, fn, help, needs_scores or needs_ppl, needs_ppl,
+                                    streams and not needs_ppl)
+        return fn
+    return deco
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ShrinkError(f"unknown strategy '{name}'; use one of {', '.join(STRATEGIES)}"
+                          ) from None
+
+
+def check_drop(n: int, num_layers: int) -> None:
     if not 1 <= n < num_layers:
         raise ShrinkError(f"--drop must be between 1 and {num_layers - 1} "
                           f"(the model has {num_layers} layers), got {n}")
-    if strategy == "last":
-        chosen = list(range(num_layers - 1 - n, num_layers - 1))
-        return chosen, f"the {n} layers before the final one (Gromov et al.'s simple heuristic)"
-    if strategy == "random":
-        chosen = sorted(random.Random(seed).sample(range(num_layers), n))
-        return chosen, f"{n} layers drawn at random (seed {seed}), a baseline"
-    if scores is None:
+
+
+def choose_layers(strategy: str, n: int, num_layers: int, scores: LayerScores | None = None,
+                  seed: int = 0, **context) -> tuple[list[int], str]:
+    """Layers to remove (sorted) and a one-line reason."""
+    check_drop(n, num_layers)
+    st = get_strategy(strategy)
+    if st.needs_scores and scores is None:
         raise ShrinkError(f"strategy '{strategy}' needs layer scores")
-    if strategy == "angular":
-        start, d = scores.best_block(n)
-        return list(range(start, start + n)), (
-            f"the block of {n} layers starting at {start} has the smallest angular distance "
-            f"between its input and output ({d:.4f}, last token)")
-    if strategy in ("bi", "relmag", "ppl"):
-        label = {"bi": "Block Influence", "relmag": "relative magnitude",
-                 "ppl": "perplexity increase when removed alone"}[strategy]
-        return scores.lowest(strategy, n), f"the {n} layers with the lowest {label}"
-    raise ShrinkError(f"unknown strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+    chosen, reason = st.choose(Selection(n, num_layers, scores, seed=seed, **context))
+    chosen = sorted(chosen)
+    if len(chosen) != n or len(set(chosen)) != n or not all(0 <= i < num_layers for i in chosen):
+        raise ShrinkError(f"strategy '{strategy}' returned {chosen}: not {n} distinct layers of "
+                          f"0..{num_layers - 1}")
+    return chosen, reason
+
+
+# ----------------------------------------------------------------------------- the strategies
+
+
+@register_strategy("bi", help="the N layers with the lowest Block Influence (ShortGPT)",
+                   needs_scores=True)
+def _bi(sel: Selection):
+    return sel.scores.lowest("bi", sel.n), f"the {sel.n} layers with the lowest Block Influence"
+
+
+@register_strategy("angular", help="Gromov et al.'s best contiguous block of N layers",
+                   needs_scores=True)
+def _angular(sel: Selection):
+    start, d = sel.scores.best_block(sel.n)
+    return list(range(start, start + sel.n)), (
+        f"the block of {sel.n} layers starting at {start} has the smallest angular distance "
+        f"between its input and output ({d:.4f}, last token)")
+
+
+@register_strategy("relmag", help="the N layers with the lowest relative magnitude",
+                   needs_scores=True)
+def _relmag(sel: Selection):
+    return sel.scores.lowest("relmag", sel.n), \
+        f"the {sel.n} layers with the lowest relative magnitude"
+
+
+@register_strategy("ppl", help="the N layers whose removal alone raises perplexity least "
+                               "(L+1 forward passes)", needs_ppl=True)
+def _ppl(sel: Selection):
+    return sel.scores.lowest("ppl", sel.n), \
+        f"the {sel.n} layers with the lowest perplexity increase when removed alone"
+
+
+@register_strategy("iterative", help="remove the lowest-BI layer, score again, repeat",
+                   streams=False)
+def _iterative(sel: Selection):
+    if sel.model is None or sel.input_ids is None:
+        raise ShrinkError("strategy 'iterative' needs the whole model in memory")
+    removed, steps = iterative_bi(sel.model, sel.input_ids, sel.n, batch_size=sel.batch_size,
+                                  skip_first=sel.skip_first, show_progress=sel.show_progress)
+    sel.details["iterative_steps"] = steps
+    return removed, (f"removed one lowest-BI layer at a time, re-scoring after each removal "
+                     f"({sel.n} steps)")
+
+
+@register_strategy("last", help="the N layers before the final one (Gromov et al.'s simple "
+                                "heuristic)")
+def _last(sel: Selection):
+    L, n = sel.num_layers, sel.n
+    return list(range(L - 1 - n, L - 1)), \
+        f"the {n} layers before the final one (Gromov et al.'s simple heuristic)"
+
+
+@register_strategy("random", help="N layers drawn at random (a baseline)")
+def _random(sel: Selection):
+    chosen = sorted(random.Random(sel.seed).sample(range(sel.num_layers), sel.n))
+    return chosen, f"{sel.n} layers drawn at random (seed {sel.seed}), a baseline"
 
 
 def iterative_bi(model: nn.Module, input_ids: torch.Tensor, n: int, *, batch_size: int = 4,
@@ -60,3 +178,17 @@ def iterative_bi(model: nn.Module, input_ids: torch.Tensor, n: int, *, batch_siz
         steps.append({"step": step, "kept": kept, "bi": scores.bi, "removed": kept[low]})
         removed.append(kept[low])
     return sorted(removed), steps
+
+
+def scores_for(strategy: Strategy, model: nn.Module, input_ids: torch.Tensor, *,
+               batch_size: int, skip_first: int, model_name: str, settings: dict,
+               show_progress: bool) -> LayerScores | None:
+    """The scores a strategy needs, computed in memory (None when it needs none)."""
+    if not strategy.needs_scores:
+        return None
+    scores = score_layers(model, input_ids, batch_size=batch_size, skip_first=skip_first,
+                          model_name=model_name, settings=settings, show_progress=show_progress)
+    if strategy.needs_ppl:
+        scores.dense_ppl, scores.ppl = removal_perplexity(
+            model, input_ids, batch_size=batch_size, show_progress=show_progress)
+    return scores

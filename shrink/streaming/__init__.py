@@ -11,17 +11,17 @@ device holds one layer and one batch. What each layer receives besides its hidde
 own forward: every layer is replaced by a stub that records its arguments, so masks are built by
 transformers itself, exactly as in the in-memory path, and the scores match it.
 
-Pruning (``stream_prune``) copies the kept tensors byte for byte, shard by shard, renaming
+Pruning (``plan_stream_prune`` + ``write_stream_prune``) copies the kept tensors byte for byte, shard by shard, renaming
 ``model.layers.{i}.`` to the new numbering, and rewrites the config with the same function the
 in-memory path uses (:func:`shrink.stages.prune.swap_layers` applied to a weightless skeleton).
 Peak memory is one copy buffer (64 MiB), not one layer.
 """
 from shrink.streaming.checkpoint import Checkpoint, TensorInfo, weights_bytes
 from shrink.streaming.memory import available_memory, decide_streaming
-from shrink.streaming.prune import StreamPruneResult, prune_streaming, stream_prune
+from shrink.streaming.prune import StreamPlan, plan_stream_prune, write_stream_prune
 from shrink.streaming.score import score_model_streaming, stream_score
 from shrink.streaming.skeleton import build_skeleton, write_random_checkpoint
 
-__all__ = ["Checkpoint", "StreamPruneResult", "TensorInfo", "available_memory", "build_skeleton",
-           "decide_streaming", "prune_streaming", "score_model_streaming", "stream_prune",
-           "stream_score", "weights_bytes", "write_random_checkpoint"]
+__all__ = ["Checkpoint", "StreamPlan", "TensorInfo", "available_memory", "build_skeleton",
+           "decide_streaming", "plan_stream_prune", "score_model_streaming", "stream_score",
+           "weights_bytes", "write_random_checkpoint", "write_stream_prune"]

@@ -37,10 +37,10 @@ def available_memory(device: str) -> int:
 
 
 def decide_streaming(resolved, device: str | None, dtype, streaming: bool | None, *,
-                     method: str, show_progress: bool = True) -> bool:
+                     method: str, can_stream: bool = True, show_progress: bool = True) -> bool:
     """Whether to stream: ``streaming`` if given, else when the weights do not fit in the
-    device's available memory (with 20% headroom for activations). ``method`` is the metric or
-    strategy asked for: the ones that need the whole model (ppl, iterative) cannot stream."""
+    device's available memory (with 20% headroom for activations). ``method`` names the metric
+    or strategy asked for; ``can_stream`` is False for those that need the whole model."""
     if streaming is False:
         return False
     device = check_device(device)
@@ -64,7 +64,7 @@ def decide_streaming(resolved, device: str | None, dtype, streaming: bool | None
             stderr.print(f"the weights need {gb(need)} in {str(torch_dtype)[6:]} but {device} has "
                          f"{gb(free)} available: streaming layer by layer (--no-streaming loads "
                          "the whole model)", highlight=False)
-    if streaming and method in ("ppl", "iterative"):
+    if streaming and not can_stream:
         raise ShrinkError(f"'{method}' needs the whole model in memory and cannot stream; use "
                           "bi, angular or relmag (or --no-streaming on a machine that fits it)")
     if streaming:

@@ -23,16 +23,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shrink.core.quiet import third_party_quiet
 from shrink.runtime.worker import run_worker
+from shrink.stages.configs import ExportConfig
+from shrink.stages.runner import StageOutput, run_stage
 from shrink.core.errors import ShrinkError
-from shrink.runtime.generate import ONNX_EXTRA, ONNX_GPU_EXTRA, is_onnx_folder
-from shrink.core.outputs import (atomic_output, check_output, copy_license_files, folder_bytes,
-                       write_record)
+from shrink.runtime.artifacts import is_onnx_folder
+from shrink.runtime.generate import ONNX_EXTRA, ONNX_GPU_EXTRA
+from shrink.core.outputs import (check_output, folder_bytes)
 
 PRECISIONS = ("int4", "fp16", "fp32")
 LM_HEADS = ("int8", "int4")  # the LM head's bits in an int4 export
@@ -384,55 +385,43 @@ def verify_in_subprocess(onnx_dir: Path, source_dir: Path, precision: str, targe
 # The stage
 # ----------------------------------------------------------------------------------------------
 
-def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "int4",
-                target: str = "cpu", force: bool = False, verify: bool = True,
-                fallback: bool = True, log=None, lm_head: str = "int8") -> OnnxResult:
+def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig, *,
+                force: bool = False, verify: bool = True, log=None) -> OnnxResult:
     """Export a local decoder-LLM folder (HF or GPTQ) to an ONNX folder at ``output``.
 
-    ``lm_head`` ("int8" or "int4") sets the LM head's bits in an int4 export. ``log`` (a callable
-    taking one line) receives progress notes, e.g. the no-KV-cache warning.
+    ``config.lm_head`` ("int8" or "int4") sets the LM head's bits in an int4 export. ``log`` (a
+    callable taking one line) receives progress notes, e.g. the no-KV-cache warning.
     """
-    from shrink.core.models import check_decoder_only, load_config, read_shrink_json, resolve
+    from shrink.core.models import check_decoder_only, load_config, resolve
 
     say = log or (lambda line: None)
-    if precision not in PRECISIONS:
-        raise ShrinkError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
-    if target not in TARGETS:
-        raise ShrinkError(f"unknown target '{target}'; use one of {', '.join(TARGETS)}")
-    if precision == "fp16" and target == "cpu":
-        raise ShrinkError("fp16 ONNX models need --target cuda (onnxruntime's CPU kernels run "
-                          "fp32 and int4); use --precision fp32 or int4 for --target cpu")
-    if lm_head not in LM_HEADS:
-        raise ShrinkError(f"unknown LM head precision '{lm_head}'; use one of "
-                          f"{', '.join(LM_HEADS)}")
-    head = lm_head if precision == "int4" else None
+    precision, target = config.onnx, config.target
+    head = config.lm_head if precision == "int4" else None
     check_output(output, force)
     src = _source_folder(model_dir)
-    config = load_config(resolve(str(src)))
-    check_decoder_only(config)
-    qc = getattr(config, "quantization_config", None) or {}
+    hf_config = load_config(resolve(str(src)))
+    check_decoder_only(hf_config)
+    qc = getattr(hf_config, "quantization_config", None) or {}
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     quant_method = qc.get("quant_method")
     if quant_method and quant_method != "gptq":
         raise ShrinkError(f"cannot export a '{quant_method}' checkpoint to ONNX; give the "
                           "unquantized folder or a GPTQ one")
     if quant_method == "gptq" and precision != "int4":
-        raise ShrinkError("a GPTQ checkpoint keeps its 4-bit weights in ONNX: use "
-                          "--precision int4")
+        raise ShrinkError("a GPTQ checkpoint keeps its 4-bit weights in ONNX: use --onnx int4")
     versions = check_runtime(target)
-    previous = read_shrink_json(src)
 
-    t0 = time.perf_counter()
-    with atomic_output(output, force) as tmp:
+    def compute(tmp: Path) -> StageOutput:
+        nonlocal head
         say(f"building ONNX ({precision}{f', {head} LM head' if head else ''}, {target}) with "
             "the onnxruntime-genai model builder")
-        tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+        tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
         ok, builder_error = _run_builder(src, tmp, precision, target,
                                          builder_options(precision, head, tied))
         if ok:
             method, kv_cache = "onnxruntime-genai builder", True
         else:
-            if not fallback or quant_method:
+            if not config.fallback or quant_method:
                 raise ShrinkError(f"the onnxruntime-genai model builder failed: {builder_error}")
             for f in list(tmp.iterdir()):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
@@ -441,19 +430,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "int
             say(f"warning: {NO_KV_NOTE}")
             head = _torch_export(src, tmp, precision, target, head)
             method, kv_cache = "torch.onnx.export", False
-        copy_license_files(src, tmp)
+        _keep_generation_config(src, tmp)
         model_bytes = folder_bytes(tmp, (".onnx", ".onnx.data", ".data"))
-        verification: dict = {}
-        if verify:
-            say("verifying in a fresh process against PyTorch")
-            verification = verify_in_subprocess(tmp, src, precision, target)
-            if not verification["ok"]:
-                raise ShrinkError("the ONNX export does not match PyTorch: " + json.dumps(
-                    {k: verification.get(k) for k in ("greedy_equal_to_torch",
-                                                      "first_step_logits_max_abs_diff",
-                                                      "top1_agreement", "finite_logits")}))
-        stage = {
-            "stage": "export", "format": "onnx", "source": str(src),
+        record = {
+            "format": "onnx", "source": str(src),
             "precision": precision, "lm_head": head, "target": target, "method": method,
             "kv_cache": kv_cache,
             "runtime": "onnxruntime-genai" if kv_cache else "onnxruntime",
@@ -462,12 +442,41 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "int
             "source_quantization": quant_method,
             "model_bytes": model_bytes, "source_bytes": folder_bytes(src),
             "files": sorted(f.name for f in tmp.iterdir()),
-            "seconds": round(time.perf_counter() - t0, 1),
             "onnx_versions": versions,
-            "verification": verification or None,
         }
-        record = write_record(tmp, previous, stage, source_model=str(model_dir))
-        total_bytes = folder_bytes(tmp)
-    return OnnxResult(Path(output), precision, target, method, kv_cache, model_bytes,
-                      total_bytes, stage["source_bytes"], head, builder_error or None,
-                      verification, record)
+        result = OnnxResult(Path(output), precision, target, method, kv_cache, model_bytes,
+                            folder_bytes(tmp), record["source_bytes"], head,
+                            builder_error or None)
+
+        def check_it(folder: Path) -> dict:
+            say("verifying in a fresh process against PyTorch")
+            v = verify_in_subprocess(folder, src, precision, target)
+            if not v["ok"]:
+                raise ShrinkError("the ONNX export does not match PyTorch: " + json.dumps(
+                    {k: v.get(k) for k in ("greedy_equal_to_torch",
+                                           "first_step_logits_max_abs_diff",
+                                           "top1_agreement", "finite_logits")}))
+            return v
+
+        return StageOutput(result, record, check_it, {"source_model": str(model_dir)})
+
+    return run_stage("export", output, compute, source=src, settings=config.settings(),
+                     force=force, verify=verify, log=say)
+
+
+def _keep_generation_config(src: Path, out: Path) -> None:
+    """genai_config.json's search settings follow the source's generation config: an artifact
+    decodes like its source (greedy unless the source samples)."""
+    cfg = out / "genai_config.json"
+    if not cfg.is_file():
+        return
+    f = src / "generation_config.json"
+    gen = json.loads(f.read_text()) if f.is_file() else {}
+    data = json.loads(cfg.read_text())
+    search = data.setdefault("search", {})
+    search["do_sample"] = bool(gen.get("do_sample", False))
+    if search["do_sample"]:
+        search.update({k: gen[k] for k in ("top_k", "top_p", "temperature") if k in gen})
+    else:
+        search["top_k"] = 1
+    cfg.write_text(json.dumps(data, indent=4) + "\n")

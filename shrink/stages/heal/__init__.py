@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrink.core.data import EVALUATION, HEALING, token_blocks
+from shrink.core.data import HEALING, token_blocks
+from shrink.stages.configs import EvaluateConfig, HealConfig, ModelOptions
 from shrink.core.quiet import third_party_quiet
 from shrink.core.errors import ShrinkError, first_line
 from shrink.core.models import (text_config, check_decoder_only, check_device, load_config, read_shrink_json,
                      resolve)
-from shrink.core.outputs import atomic_output, check_output, copy_license_files, write_record
+from shrink.core.outputs import check_output
+from shrink.stages.runner import StageOutput, run_stage
 
 METHODS = ("lora", "qlora")
 QLORA_INSTALL = "pip install 'shrink-llm[qlora]'"
@@ -36,7 +38,7 @@ HEAL_INSTALL = "pip install 'shrink-llm[heal]'"
 
 # Defaults when neither the user nor a preset sets a value.
 DEFAULTS = dict(method="lora", rank=8, dropout=0.05, targets="mlp", steps=100, lr=3e-4,
-                batch_size=4, grad_accum=1, seq_len=512, eval_samples=16, kd_alpha=0.5)
+                batch_size=4, grad_accum=1, seq_len=512, kd_alpha=0.5)
 
 _ATTN_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
@@ -415,16 +417,39 @@ def _settings_match(saved: dict, now: dict) -> list[str]:
     return [k for k in now if k in saved and saved[k] != now[k]]
 
 
-def heal(model_dir: str, output: str | Path, method: str | None = None, rank: int | None = None,
+def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = None, *,
+         evaluation: EvaluateConfig | None = None, load: ModelOptions | None = None,
+         resume: bool = False, force: bool = False, verify: bool = True,
+         callbacks: list | None = None, show_progress: bool = True) -> HealResult:
+    """Fine-tune ``model_dir`` with LoRA or QLoRA (optionally distilling from a teacher), merge
+    the adapter into a full-precision copy of the base, and write a standard HF folder to
+    ``output`` with shrink.json (stage "heal"), loss.png and perplexity before/after on
+    ``evaluation`` (default: the fixed evaluation set). Unset values in ``config`` come from its
+    preset, else the defaults named in :class:`~shrink.stages.configs.HealConfig`."""
+    c = config or HealConfig()
+    load = load or ModelOptions()
+    return _heal(str(model_dir), output, method=c.method, rank=c.rank, alpha=c.alpha,
+                 dropout=c.dropout, targets=c.targets, steps=c.steps, lr=c.lr, warmup=c.warmup,
+                 batch_size=c.batch_size, grad_accum=c.grad_accum, seq_len=c.seq_len,
+                 data=c.data, evaluation=evaluation, seed=c.seed, teacher=c.teacher,
+                 temperature=c.kd_temperature, kd_alpha=c.kd_alpha, resume=resume,
+                 save_adapter=c.save_adapter, preset=c.preset, force=force, device=load.device,
+                 save_steps=c.save_steps, verify=verify, trust_remote_code=load.trust_remote_code,
+                 callbacks=callbacks, show_progress=show_progress,
+                 config_settings=c.settings())
+
+
+def _heal(model_dir: str, output: str | Path, method: str | None = None, rank: int | None = None,
          alpha: float | None = None, dropout: float | None = None, targets: str | None = None,
          steps: int | None = None, lr: float | None = None, warmup: int | None = None,
          batch_size: int | None = None, grad_accum: int | None = None, seq_len: int | None = None,
-         data: str = HEALING, eval_data: str = EVALUATION, eval_samples: int | None = None,
+         data: str = HEALING, evaluation: EvaluateConfig | None = None,
          seed: int = 0, teacher: str | None = None, temperature: float = 2.0,
          kd_alpha: float | None = None, resume: bool = False, save_adapter: bool = False,
          preset: str | None = None, force: bool = False, device: str | None = None,
          save_steps: int | None = None, verify: bool = True, trust_remote_code: bool = False,
-         callbacks: list | None = None, show_progress: bool = True) -> HealResult:
+         callbacks: list | None = None, show_progress: bool = True,
+          config_settings: dict | None = None) -> HealResult:
     """Fine-tune ``model_dir`` with LoRA or QLoRA (optionally distilling from ``teacher``), merge
     the adapter into a full-precision copy of the base, and write a standard HF folder to
     ``output`` with shrink.json (stage "heal"), loss.png and perplexity before/after.
@@ -452,7 +477,7 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
     world_size = state.num_processes
     explicit = dict(method=method, rank=rank, dropout=dropout, targets=targets, steps=steps, lr=lr,
                     warmup=warmup, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
-                    eval_samples=eval_samples)
+                    )
     base_names = [(previous or {}).get("base_model"), getattr(config, "_name_or_path", None),
                   resolved.name, resolved.hub_id]
     preset_vals = (_preset_values(preset, config, [n for n in base_names if n], world_size)
@@ -465,7 +490,7 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
     s["alpha"] = alpha if alpha is not None else s["rank"]
     if s["method"] not in METHODS:
         raise ShrinkError(f"unknown method '{s['method']}'; use lora or qlora")
-    for k in ("steps", "rank", "batch_size", "grad_accum", "eval_samples"):
+    for k in ("steps", "rank", "batch_size", "grad_accum"):
         if not isinstance(s[k], int) or s[k] < 1:
             flag = "--" + k.replace("_", "-")
             raise ShrinkError(f"{flag} must be an integer >= 1 (got {s[k]})")
@@ -490,7 +515,7 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
         if not 0 <= s["kd_alpha"] <= 1:
             raise ShrinkError(f"--kd-alpha must be in [0, 1] (got {s['kd_alpha']})")
         if not temperature > 0:
-            raise ShrinkError(f"--temperature must be > 0 (got {temperature})")
+            raise ShrinkError(f"--kd-temperature must be > 0 (got {temperature})")
     if s["method"] == "qlora":
         _check_bitsandbytes()
     if save_steps is not None and save_steps < 1:
@@ -512,7 +537,9 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
         raise ShrinkError(f"too little healing text: '{data}' gives {train.available} blocks of "
                           f"{s['seq_len']} tokens, one optimizer step needs {global_batch} "
                           "(give more text, or lower --seq-len / --batch-size)")
-    evalb = token_blocks(tokenizer, eval_data, s["eval_samples"], s["seq_len"], seed)
+    evaluation = evaluation or EvaluateConfig()
+    evalb = token_blocks(tokenizer, evaluation.data, evaluation.samples, evaluation.seq_len,
+                         evaluation.seed)
 
     settings = {
         "method": s["method"], "rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"],
@@ -520,7 +547,7 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
         "lr": s["lr"], "schedule": "cosine", "warmup": s["warmup"],
         "batch_size": s["batch_size"], "grad_accum": s["grad_accum"], "world_size": world_size,
         "global_batch": global_batch, "seq_len": s["seq_len"], "seed": seed, "data": data,
-        "eval_data": eval_data, "eval_samples": s["eval_samples"], "preset": preset,
+        "evaluation": evaluation.name(), "preset": preset,
         "preset_family": preset_vals.get("family"),
         "teacher": teacher, "temperature": temperature if teacher else None,
         "kd_alpha": s["kd_alpha"], "device": device,
@@ -665,7 +692,7 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
                      "base model")
     base = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
-    from shrink.stages.evaluate import perplexity
+    from shrink.core.perplexity import perplexity
 
     before = perplexity(base, evalb.input_ids, show_progress=show_progress)
     pmodel = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -685,10 +712,12 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
     if merged.dtype != src_dtype:
         merged.to(src_dtype)
     merged.config.use_cache = True
-    with atomic_output(output, force) as tmp:
+    from shrink.runtime.verify import verify_in_subprocess
+    from shrink.stages.prune import base_model_id
+
+    def compute(tmp: Path) -> StageOutput:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        copy_license_files(resolved.path, tmp)
         if save_adapter:
             shutil.copytree(adapter_dir, tmp / "adapter")
             cfg_file = tmp / "adapter" / "adapter_config.json"
@@ -697,30 +726,27 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
                 acfg["base_model_name_or_path"] = resolved.location
                 cfg_file.write_text(json.dumps(acfg, indent=2) + "\n")
         title = (f"heal {s['method']} r={s['rank']} on {Path(resolved.location).name}: "
-                 f"ppl {before.perplexity:.2f} -> {after.perplexity:.2f}")
+                 f"ppl {before.perplexity:.2f} -> {after.perplexity:.2f} ({evaluation.name()})")
         if losses:
             plot_losses(losses, tmp / "loss.png", title)
-        stage = {
-            "stage": "heal", "source": resolved.location, "settings": settings,
+        record = {
+            "source": resolved.location, "resolved": settings,
             "steps": steps_done, "final_loss": final_loss,
             "resumed_from_step": (int(Path(resume_from).name.split("-")[-1])
                                   if resume_from else None),
             "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
+            "evaluation": evalb.describe() | {"set": evaluation.name()},
             "eval_tokens": after.tokens, "merge_check": merge_check,
             "merged_dtype": str(src_dtype).split(".")[-1], "adapter_saved": bool(save_adapter),
-            "losses": losses, "seconds": round(time.perf_counter() - t0, 1),
+            "losses": losses,
         }
-        if verify:
-            if show_progress:
-                stderr.print("verifying: reload in a fresh process, logits, cached generation")
-            from shrink.runtime.verify import verify_in_subprocess
+        return StageOutput(result, record, verify_in_subprocess,
+                           {"source_model": str(model_dir),
+                            "base_model": base_model_id(resolved, config, previous)})
 
-            result.verification = verify_in_subprocess(tmp)
-            stage["verification"] = result.verification
-        from shrink.stages.prune import base_model_id
-
-        result.record = write_record(tmp, previous, stage, source_model=str(model_dir),
-                                     base_model=base_model_id(resolved, config, previous))
+    run_stage("heal", output, compute, source=resolved.path,
+              settings=config_settings or settings, force=force, verify=verify,
+              log=stderr.print if show_progress else None)
     shutil.rmtree(work, ignore_errors=True)
     result.output = Path(output)
     result.seconds = time.perf_counter() - t0
