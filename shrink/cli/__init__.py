@@ -573,7 +573,9 @@ def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, ta
 
             write_json({"model": model, "points": [asdict(p) for p in points]}, json_out)
         if plot:
-            B.plot_sweep(points, plot, model)
+            from shrink.report.plots import plot_sweep
+
+            plot_sweep(points, plot, model)
             err.print(f"wrote {plot}")
         return
     if not artifacts:
@@ -609,7 +611,9 @@ def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, ta
         Path(md_out).write_text(B.to_markdown(report))
         err.print(f"wrote {md_out}")
     if plot:
-        B.plot_bench(report, plot)
+        from shrink.report.plots import plot_bench
+
+        plot_bench(report, plot)
         err.print(f"wrote {plot}")
 
 

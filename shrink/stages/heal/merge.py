@@ -1,0 +1,71 @@
+"""Merging a trained adapter into a full-precision copy of the base (never into 4-bit weights),
+and measuring the model before and after on the evaluation blocks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shrink.core.perplexity import PerplexityResult, perplexity
+from shrink.core.progress import stderr
+
+
+@dataclass
+class Merged:
+    model: nn.Module  # in the source checkpoint's dtype, ready to save
+    before: PerplexityResult
+    after: PerplexityResult
+    check: dict  # max |logit difference| between the adapter model and the merged one
+    dtype: torch.dtype
+
+
+def source_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float16,
+                                                           torch.bfloat16):
+        dtype = torch.float32
+    return dtype
+
+
+def merge(location: str, trained: Path, method: str, hf_config, *, device: str, on_cuda: bool,
+          eval_ids: torch.Tensor, load_kw: dict, show_progress: bool) -> Merged:
+    """Reload the base in 16/32 bits, apply the adapter and merge it (``merge_and_unload``); for
+    ``last-layers`` the trained model itself is loaded. Perplexity before (the base) and after
+    is measured on ``eval_ids``, and the merge is checked against the adapter model."""
+    from transformers import AutoModelForCausalLM
+
+    src_dtype = source_dtype(hf_config)
+    merge_dtype = torch.float32 if not on_cuda else src_dtype
+    base = AutoModelForCausalLM.from_pretrained(location, dtype=merge_dtype, **load_kw)
+    base.to(device).eval()
+    before = perplexity(base, eval_ids, show_progress=show_progress)
+    probe = eval_ids[:1].to(device)
+    if method == "last-layers":
+        del base
+        merged = AutoModelForCausalLM.from_pretrained(trained, dtype=merge_dtype, **load_kw)
+        merged.to(device).eval()
+        check = {"max_abs_logit_diff": 0.0, "tokens": 0, "note": "no adapter: trained in place"}
+    else:
+        from peft import PeftModel
+
+        if show_progress:
+            stderr.print(f"merging the adapter into a {str(merge_dtype).split('.')[-1]} copy of "
+                         "the base model")
+        pmodel = PeftModel.from_pretrained(base, str(trained)).eval()
+        with torch.no_grad():
+            peft_logits = pmodel(input_ids=probe, use_cache=False).logits.float()
+        merged = pmodel.merge_and_unload()
+        merged.eval()
+        with torch.no_grad():
+            merged_logits = merged(input_ids=probe, use_cache=False).logits.float()
+        check = {"max_abs_logit_diff": float((peft_logits - merged_logits).abs().max()),
+                 "tokens": int(probe.numel())}
+    after = perplexity(merged, eval_ids, show_progress=show_progress)
+    if merged.dtype != src_dtype:
+        merged.to(src_dtype)
+    merged.config.use_cache = True
+    return Merged(merged, before, after, check, src_dtype)
