@@ -40,6 +40,30 @@ def tiny_config(arch: str, layers: int = 6):
     raise ValueError(arch)
 
 
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    """Each supported architecture in turn (a test taking ``arch`` runs once per architecture)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def archs() -> tuple[str, ...]:
+    """Every supported architecture, for tests that loop over them."""
+    return ARCHS
+
+
+@pytest.fixture(name="tiny_config", scope="session")
+def tiny_config_fixture():
+    """tiny_config(arch, layers=6) -> the tiny transformers config of that architecture."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files() -> tuple[str, ...]:
+    """The tokenizer files a tiny model folder gets from the embedded model."""
+    return TOKENIZER_FILES
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     from shrink.core.models import ensure_embedded

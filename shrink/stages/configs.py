@@ -133,9 +133,12 @@ class HealConfig(Config):
     """``shrink heal``: LoRA / QLoRA fine-tune (optionally distilled), merged into the weights.
     Unset values come from ``preset`` if one is given, else the defaults named in the help."""
 
-    method: Literal["lora", "qlora"] | None = Field(
-        None, description="lora: 16/32-bit base; qlora: 4-bit NF4 base (bitsandbytes). "
-                          "[default: lora]")
+    method: Literal["lora", "qlora", "last-layers"] | None = Field(
+        None, description="lora: adapters on a 16/32-bit base; qlora: on a 4-bit NF4 base "
+                          "(bitsandbytes); last-layers: the LM head and the last K layers "
+                          "trained in full precision, no adapter. [default: lora]")
+    last_layers: int | None = Field(None, ge=1, description="K for --method last-layers. "
+                                                            "[default: 2]")
     preset: Literal["gromov"] | None = Field(
         None, description="Gromov et al.'s recipe: QLoRA, MLP only, alpha = rank, rank/LR by "
                           "family, 100 warm-up steps, 5000 steps x batch 16. Explicit values win.")

@@ -93,6 +93,6 @@ def test_cli_claims():
     result = runner.invoke(claims_cmd, ["--markdown"])
     assert result.exit_code == 0 and result.output == to_markdown(check_claims())
     result = runner.invoke(claims_cmd, ["--json", "-"])
-    data = json.loads(result.output)
+    data = json.loads(result.output)["result"]
     assert {d["verdict"] for d in data} <= {"holds", "approximately", "wrong"}
     assert len(data) == len(check_claims())

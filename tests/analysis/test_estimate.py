@@ -266,12 +266,12 @@ def test_cli_estimate_json(tmp_path):
     runner = CliRunner()
     result = runner.invoke(estimate_cmd, ["smollm2-135m", "--gpu", "rtx-4090", "--json", "-"])
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.output)["result"]
     assert data["params"]["total"] == 134_515_008 and len(data["gpus"]) == 1
     out = tmp_path / "e.json"
     result = runner.invoke(estimate_cmd, ["llama-2-7b", "--bits", "8", "--json", str(out)])
     assert result.exit_code == 0 and "Parameters" in result.output
-    assert json.loads(out.read_text())["bits"] == 8
+    assert json.loads(out.read_text())["result"]["bits"] == 8
 
 
 def test_cli_estimate_errors():

@@ -17,7 +17,7 @@ def test_score_prune_eval(tmp_path, embedded_dir):
                    "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")],
             catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    s = json.loads((tmp_path / "s.json").read_text())
+    s = json.loads((tmp_path / "s.json").read_text())["result"]
     assert len(s["bi"]) == 30 and len(s["chosen"]) == 6 and s["tokens"] == 4 * 63
     assert (tmp_path / "s.png").stat().st_size > 10_000
     out = tmp_path / "smol-24"
@@ -30,8 +30,8 @@ def test_score_prune_eval(tmp_path, embedded_dir):
     r = run(main, ["eval", str(out), "--samples", "2", "--seq-len", "128", "--json", "-"],
             catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    pruned = json.loads(r.stdout)
+    pruned = json.loads(r.stdout)["result"]
     r = run(main, ["eval", "--samples", "2", "--seq-len", "128", "--json", "-"],
             catch_exceptions=False)
-    dense = json.loads(r.stdout)
+    dense = json.loads(r.stdout)["result"]
     assert 5 < dense["perplexity"] < pruned["perplexity"] < 10 * dense["perplexity"]

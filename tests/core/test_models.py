@@ -41,10 +41,8 @@ def test_encoder_models_refused():
         check_decoder_only(T5Config())
 
 
-def test_find_layers_on_every_arch(tiny_model_dir):
-    from tests.conftest import ARCHS
-
-    for arch in ARCHS:
+def test_find_layers_on_every_arch(tiny_model_dir, archs):
+    for arch in archs:
         loaded = shrink.load_model(str(tiny_model_dir(arch)))
         parent, attr, layers = find_layers(loaded.model)
         assert attr == "layers" and len(layers) == 6 and parent is loaded.model.model

@@ -9,7 +9,6 @@ from torch import nn
 
 import shrink
 from shrink.core.errors import ShrinkError
-from tests.conftest import ARCHS
 
 
 def _naive(model, ids, mask, skip_first):
@@ -52,7 +51,6 @@ def _naive(model, ids, mask, skip_first):
     return bi, rel, ang
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 def test_scores_equal_naive_computation(tiny_model_dir, arch):
     loaded = shrink.load_model(str(tiny_model_dir(arch)))
     torch.manual_seed(1)

@@ -82,7 +82,7 @@ def test_bench_tasks_cli_and_errors(tiny_model_dir, task_dir, tmp_path):
                                   "--tasks", "shrink_tiny_mc", "--tasks-path", str(task_dir),
                                   "--json", "-"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    tasks = json.loads(r.stdout)["results"][0]["median"]["tasks"]
+    tasks = json.loads(r.stdout)["result"]["results"][0]["median"]["tasks"]
     assert 0.0 <= tasks["shrink_tiny_mc"]["acc"] <= 1.0
     with pytest.raises(ShrinkError, match="unknown lm-eval task"):
         run_tasks(tiny_model_dir("llama"), ["no_such_task_xyz"], tasks_path=task_dir)

@@ -8,13 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 import shrink
-from shrink import bench as B
 from shrink.cli import main
 from shrink.core.errors import ShrinkError
+from shrink.stages import bench as B
+from shrink.stages.configs import EvaluateConfig, PruneConfig
 
 
 def test_artifact_kinds(tiny_model_dir, tmp_path):
-    from shrink.runtime.generate import artifact_kind
+    from shrink.runtime.artifacts import artifact_kind
 
     assert artifact_kind(tiny_model_dir("llama")) == "hf"
     g = tmp_path / "g"
@@ -34,7 +35,8 @@ def test_artifact_kinds(tiny_model_dir, tmp_path):
 def test_bench_two_artifacts(tiny_model_dir, tmp_path):
     dense = tiny_model_dir("llama")
     pruned = tmp_path / "pruned"
-    shrink.prune(str(dense), pruned, layers=[1, 2], verify=False, show_progress=False)
+    shrink.prune(str(dense), pruned, PruneConfig(layers=[1, 2]), verify=False,
+                 show_progress=False)
     report = B.bench([str(dense), str(pruned)], prompt_len=8, gen_len=4, repeats=2,
                      ppl_samples=1, ppl_seq_len=16, show_progress=False)
     base, cand = report.results
@@ -46,7 +48,7 @@ def test_bench_two_artifacts(tiny_model_dir, tmp_path):
     expected = (4 * per_layer + 2 * d * V) / (6 * per_layer + 2 * d * V)
     assert cand.ratios["flops_per_token"] == pytest.approx(expected, rel=1e-9)
     # perplexity is the same computation as shrink.stages.evaluate's
-    ev = shrink.stages.evaluate(str(pruned), samples=1, seq_len=16, show_progress=False)
+    ev = shrink.evaluate(str(pruned), EvaluateConfig(samples=1, seq_len=16), show_progress=False)
     assert cand.median["perplexity"] == pytest.approx(ev.perplexity, rel=1e-5)
     assert cand.median["decode_tokens_per_s"] > 0 and cand.median["peak_rss_bytes"] > 0
     md = B.to_markdown(report)
@@ -59,7 +61,7 @@ def test_sweep_drop(tiny_model_dir):
                           calib_seq_len=16, show_progress=False)
     assert [p.drop for p in points] == [0, 2] and points[0].removed == []
     assert len(points[1].removed) == 2
-    full = shrink.stages.evaluate(str(tiny_model_dir("llama")), samples=1, seq_len=16,
+    full = shrink.evaluate(str(tiny_model_dir("llama")), EvaluateConfig(samples=1, seq_len=16),
                            show_progress=False)
     assert points[0].perplexity == pytest.approx(full.perplexity, rel=1e-5)
     assert points[1].flops_per_token < points[0].flops_per_token
@@ -70,7 +72,7 @@ def test_bench_cli(tiny_model_dir, tmp_path):
     r = run(main, ["bench", str(tiny_model_dir("qwen2")), "--repeats", "1", "--gen-len", "3",
                    "--prompt-len", "8", "--ppl-samples", "0", "--json", "-"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["results"][0]["kind"] == "hf"
+    assert json.loads(r.stdout)["result"]["results"][0]["kind"] == "hf"
     r = run(main, ["bench", str(tmp_path)])
     assert r.exit_code == 2 and "not a model folder" in r.output
     r = run(main, ["bench", str(tiny_model_dir("llama")), "--sweep-drop", "0,9"])

@@ -16,11 +16,14 @@ from click.testing import CliRunner
 
 from shrink.cli import main
 from shrink.core.errors import ShrinkError
-from shrink.stages.build import BuildSettings, build, default_output, load_recipe, make_settings
+from shrink.stages.build import build, default_output, load_recipe, recipe_config
+from shrink.stages.configs import BuildConfig, ExportConfig, PruneConfig, QuantizeConfig
 
-FAST = ["--calib-samples", "2", "--calib-seq-len", "32", "--eval-samples", "1",
+FAST = ["--prune-samples", "2", "--prune-seq-len", "32", "--eval-samples", "1",
         "--eval-seq-len", "64"]
-HEAL_FAST = ["--heal-steps", "4", "--batch-size", "2", "--heal-seq-len", "32", "--rank", "4"]
+HEAL_FAST = ["--steps", "4", "--heal-batch-size", "2", "--heal-seq-len", "32", "--rank", "4"]
+GPTQ_FAST = ["--gptq", "4bit", "--group-size", "32", "--quantize-samples", "4",
+             "--quantize-seq-len", "32"]
 
 
 def _digest(folder: Path) -> str:
@@ -32,54 +35,54 @@ def _digest(folder: Path) -> str:
 
 def test_shipped_recipes_are_valid():
     for name in ("smollm2-135m", "shortgpt-llama-2-13b", "gromov-llama-2-70b"):
-        values = load_recipe(name)
-        values.pop("description", None)
-        s = make_settings(values)
-        assert s.drop and s.model
-    s = make_settings(load_recipe("shortgpt-llama-2-13b"))
-    assert (s.model, s.drop, s.strategy, s.heal) == ("llama-2-13b", 10, "bi", False)
-    g = make_settings(load_recipe("gromov-llama-2-70b"))
-    assert (g.drop, g.strategy, g.method, g.preset, g.gptq) == (40, "angular", "qlora", "gromov",
-                                                                 "4bit")
+        config, text = load_recipe(name)
+        assert config.prune.drop and config.model and text.strip()
+    s, _ = load_recipe("shortgpt-llama-2-13b")
+    assert (s.model, s.prune.drop, s.prune.strategy, s.heal) == ("llama-2-13b", 10, "bi", None)
+    g, _ = load_recipe("gromov-llama-2-70b")
+    assert (g.prune.drop, g.prune.strategy, g.heal.method, g.heal.preset, g.quantize.gptq) == \
+        (40, "angular", "qlora", "gromov", "4bit")
 
 
 def test_recipe_errors(tmp_path):
     bad = tmp_path / "r.yaml"
-    bad.write_text("model: smollm2-135m\ndrop: 2\nheal_stepz: 3\n")
-    with pytest.raises(ShrinkError, match="unknown key.*heal_stepz"):
+    bad.write_text("model: smollm2-135m\nprune: {drop: 2}\nheal: {stepz: 3}\n")
+    with pytest.raises(ShrinkError, match=r"heal\.stepz: unknown setting"):
         load_recipe(str(bad))
     bad.write_text("drop: [1\n")
     with pytest.raises(ShrinkError, match="not valid YAML"):
         load_recipe(str(bad))
     with pytest.raises(ShrinkError, match="no recipe"):
         load_recipe("nope")
-    with pytest.raises(ShrinkError, match="must be an integer"):
-        make_settings({"drop": "two"})
-    with pytest.raises(ShrinkError, match="true or false"):
-        make_settings({"heal": "yes"})
+    with pytest.raises(ShrinkError, match=r"prune\.drop: Input should be a valid integer"):
+        recipe_config({"prune": {"drop": "two"}})
+    with pytest.raises(ShrinkError, match=r"heal: Input should be a valid dictionary"):
+        recipe_config({"heal": "yes"})
 
 
 def test_bad_settings_fail_before_any_stage(tiny_model_dir, tmp_path):
     src = str(tiny_model_dir("llama"))
+    two = {"model": src, "prune": {"drop": 2}}
     cases = [
-        (BuildSettings(model=src, drop=6), "between 1 and 5"),
-        (BuildSettings(model=src, drop=2, gptq="5bit"), "bit"),
-        (BuildSettings(model=src, drop=2, onnx="int4", onnx_target="tpu"), "target"),
-        (BuildSettings(model=src, drop=2, onnx="fp16", onnx_target="cpu"), "cuda"),
-        (BuildSettings(model=src, drop=2, onnx="int4", onnx_lm_head="fp8"), "LM head"),
-        (BuildSettings(model=src, drop=2, strategy="magic"), "strategy"),
-        (BuildSettings(model=src, drop=2, heal_steps=0), "heal-steps"),
-        (BuildSettings(model=src), "--drop"),
+        ({"model": src, "prune": {"drop": 6}}, "between 1 and 5"),
+        ({**two, "quantize": {"gptq": "5bit"}}, "bit"),
+        ({**two, "export": {"onnx": "int4", "target": "tpu"}}, "target"),
+        ({**two, "export": {"onnx": "fp16", "target": "cpu"}}, "cuda"),
+        ({**two, "export": {"onnx": "int4", "lm_head": "fp8"}}, "lm_head"),
+        ({**two, "prune": {"drop": 2, "strategy": "magic"}}, "strategy"),
+        ({**two, "heal": {"steps": 0}},
+         r"heal\.steps: Input should be greater than or equal to 1 \(got 0\)"),
+        ({"model": src, "prune": {}}, "--drop"),
     ]
-    for settings, message in cases:
+    for values, message in cases:
         with pytest.raises(ShrinkError, match=message):
-            build(settings, output=tmp_path / "out", show_progress=False)
+            build(recipe_config(values), output=tmp_path / "out", show_progress=False)
         assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("keep")
     for force in (False, True):
         with pytest.raises(ShrinkError, match="is a file"):
-            build(BuildSettings(model=src, drop=2), output=tmp_path / "file", force=force,
-                  show_progress=False)
+            build(BuildConfig(model=src, prune=PruneConfig(drop=2)), output=tmp_path / "file",
+                  force=force, show_progress=False)
     assert (tmp_path / "file").read_text() == "keep"
 
 
@@ -90,13 +93,14 @@ def test_disk_space_checked_first(tiny_model_dir, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1))
     with pytest.raises(ShrinkError, match="not enough disk space"):
-        build(BuildSettings(model=str(tiny_model_dir("llama")), drop=2), output=tmp_path / "o",
-              show_progress=False)
+        build(BuildConfig(model=str(tiny_model_dir("llama")), prune=PruneConfig(drop=2)),
+              output=tmp_path / "o", show_progress=False)
     assert not (tmp_path / "o").exists()
 
 
 def test_default_output_name():
-    s = BuildSettings(model="meta-llama/Llama-2-13b-hf", drop=10, gptq="4bit", onnx="int4")
+    s = BuildConfig(model="meta-llama/Llama-2-13b-hf", prune=PruneConfig(drop=10),
+                    quantize=QuantizeConfig(gptq="4bit"), export=ExportConfig(onnx="int4"))
     assert default_output(s) == "Llama-2-13b-hf-drop10-healed-gptq4-onnx-int4"
 
 
@@ -126,12 +130,12 @@ def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
     r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
                                   "--resume", *FAST, "--json", "-"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert all(s["skipped"] for s in json.loads(r.stdout)["stages"])
+    assert all(s["skipped"] for s in json.loads(r.stdout)["result"]["stages"])
     # a changed evaluation setting reruns only the evaluate stage
     r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
                                   "--resume", *FAST[:-1], "32", "--json", "-"],
                            catch_exceptions=False)
-    stages = {s["name"]: s["skipped"] for s in json.loads(r.stdout)["stages"]}
+    stages = {s["name"]: s["skipped"] for s in json.loads(r.stdout)["result"]["stages"]}
     assert stages == {"prune": True, "evaluate": False}
     assert _digest(out / "model") == before
 
@@ -175,8 +179,7 @@ def test_kill_and_resume_gives_identical_weights(tiny_model_dir, tmp_path, stage
     else:
         args += ["--no-heal"]
     if stage == "quantize":
-        args += ["--gptq", "4bit", "--group-size", "32", "--gptq-samples", "4",
-                 "--gptq-seq-len", "32"]
+        args += GPTQ_FAST
     ref = tmp_path / "ref"
     r = CliRunner().invoke(main, ["build", *args, "-o", str(ref)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -199,8 +202,7 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
     out = tmp_path / "all"
     r = CliRunner().invoke(main, [
         "build", str(tiny_model_dir("llama")), "--drop", "2", "-o", str(out), *FAST, *HEAL_FAST,
-        "--gptq", "4bit", "--group-size", "32", "--gptq-samples", "4", "--gptq-seq-len", "32",
-        "--onnx", "int4"], catch_exceptions=False)
+        *GPTQ_FAST, "--onnx", "int4"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["prune", "heal", "quantize", "export",
@@ -231,9 +233,9 @@ def test_build_embedded_default_recipe_shortened(tmp_path, embedded_dir):
         pytest.importorskip(module)
     out = tmp_path / "smol"
     r = CliRunner().invoke(main, [
-        "build", "--config", "smollm2-135m", "-o", str(out), "--heal-steps", "2",
-        "--heal-seq-len", "64", "--calib-samples", "4", "--gptq-samples", "4",
-        "--gptq-seq-len", "64", "--eval-samples", "1", "--eval-seq-len", "128"],
+        "build", "--config", "smollm2-135m", "-o", str(out), "--steps", "2",
+        "--heal-seq-len", "64", "--prune-samples", "4", "--quantize-samples", "4",
+        "--quantize-seq-len", "64", "--eval-samples", "1", "--eval-seq-len", "128"],
         catch_exceptions=False)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())

@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 
 from shrink.cli import main  # noqa: E402
 from shrink.core.errors import ShrinkError  # noqa: E402
+from shrink.stages.configs import EvaluateConfig, HealConfig  # noqa: E402
 from shrink.stages.heal import heal, kd_loss, work_dir_for  # noqa: E402
 
 try:
@@ -26,8 +27,18 @@ except Exception:  # noqa: BLE001
     HAVE_BNB = False
 needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes not installed")
 
-# a few steps on short blocks: the CPU is shared
-FAST = dict(steps=3, seq_len=32, batch_size=2, eval_samples=2, show_progress=False)
+# a few steps on short blocks, evaluated on 2 short blocks: the CPU is shared
+FAST = dict(steps=3, seq_len=32, batch_size=2)
+EVAL = EvaluateConfig(samples=2, seq_len=32)
+EVAL_ARGS = ["--eval-samples", "2", "--eval-seq-len", "32"]
+
+
+def _heal(model_dir, output, **kw):
+    """heal() with the HealConfig settings given as keywords beside the call's own options."""
+    config = HealConfig(**{k: kw.pop(k) for k in list(kw) if k in HealConfig.model_fields})
+    kw.setdefault("evaluation", EVAL)
+    kw.setdefault("show_progress", False)
+    return heal(model_dir, output, config, **kw)
 
 
 def _logits(model_dir, ids, adapter=None):
@@ -52,7 +63,7 @@ def test_lora_cli_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "healed"
     res = CliRunner().invoke(main, [
         "heal", str(src), "-o", str(out), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
-        "--eval-samples", "2", "--rank", "4", "--targets", "all", "--lr", "1e-3",
+        *EVAL_ARGS, "--rank", "4", "--targets", "all", "--lr", "1e-3",
         "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
@@ -64,15 +75,17 @@ def test_lora_cli_end_to_end(tiny_model_dir, tmp_path):
     assert "quantization_config" not in cfg
     st = _stage(out)
     assert st["stage"] == "heal" and st["steps"] == 4 and len(st["losses"]) == 4
-    assert st["settings"]["method"] == "lora" and st["settings"]["rank"] == 4
-    assert st["settings"]["alpha"] == 4  # alpha defaults to rank
-    assert set(st["settings"]["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+    assert st["settings"]["method"] is None and st["settings"]["rank"] == 4  # as given
+    assert st["resolved"]["method"] == "lora" and st["resolved"]["rank"] == 4
+    assert st["resolved"]["alpha"] == 4  # alpha defaults to rank
+    assert st["evaluation"]["set"] == EVAL.name() and st["evaluation"]["samples"] == 2
+    assert set(st["resolved"]["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                      "gate_proj", "up_proj", "down_proj"}
     assert st["perplexity_before"] > 0 and st["perplexity_after"] > 0
     assert st["verification"]["ok"]  # reloaded in a fresh process by heal itself
     assert st["merge_check"]["max_abs_logit_diff"] < 1e-5
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["ppl_before"] == pytest.approx(st["perplexity_before"])
+    assert r["result"]["ppl_before"] == pytest.approx(st["perplexity_before"])
     # refuse an existing output without --force, nothing changed
     res = CliRunner().invoke(main, ["heal", str(src), "-o", str(out), "--steps", "1"])
     assert res.exit_code == 2 and "--force" in res.output
@@ -84,7 +97,7 @@ def test_merge_matches_peft_and_reload(tiny_model_dir, tmp_path):
 
     src = tiny_model_dir("llama")
     out = tmp_path / "healed"
-    heal(str(src), out, rank=4, targets="all", lr=2e-2, save_adapter=True, verify=False, **FAST)
+    _heal(str(src), out, rank=4, targets="all", lr=2e-2, save_adapter=True, verify=False, **FAST)
     assert (out / "adapter" / "adapter_config.json").is_file()
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     base = _logits(src, ids)
@@ -114,20 +127,21 @@ def test_distillation(tiny_model_dir, tmp_path):
     student = tiny_model_dir("llama", 2)
     teacher = tiny_model_dir("llama")
     out = tmp_path / "kd"
-    r = heal(str(student), out, teacher=str(teacher), kd_alpha=0.8, temperature=2.0, verify=False,
-             **FAST)
+    r = _heal(str(student), out, teacher=str(teacher), kd_alpha=0.8, kd_temperature=2.0,
+              verify=False, **FAST)
     assert r.settings["teacher"] == str(teacher) and r.settings["kd_alpha"] == 0.8
     assert all("kd_loss" in x and "lm_loss" in x for x in r.losses)
     for x in r.losses:  # logged loss is the mix (one micro-batch per step)
         assert x["loss"] == pytest.approx(0.8 * x["kd_loss"] + 0.2 * x["lm_loss"], rel=1e-4)
-    assert _stage(out)["settings"]["temperature"] == 2.0
+    assert _stage(out)["settings"]["kd_temperature"] == 2.0
+    assert _stage(out)["resolved"]["temperature"] == 2.0
 
 
 @needs_bnb
 def test_qlora_gromov_preset_cpu(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
     out = tmp_path / "q"
-    r = heal(str(src), out, preset="gromov", rank=4, lr=1e-3, verify=False, **FAST)
+    r = _heal(str(src), out, preset="gromov", rank=4, lr=1e-3, verify=False, **FAST)
     s = r.settings
     assert s["method"] == "qlora" and s["targets"] == "mlp"
     assert sorted(s["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
@@ -144,10 +158,7 @@ def test_qlora_gromov_preset_cpu(tiny_model_dir, tmp_path):
     assert r.merge_check["max_abs_logit_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
-def test_target_groups(arch):
-    from conftest import tiny_config
-
+def test_target_groups(arch, tiny_config):
     from shrink.stages.heal import _meta_model, resolve_targets
 
     model = _meta_model(tiny_config(arch))
@@ -267,21 +278,21 @@ def test_resume_after_interruption(tiny_model_dir, tmp_path):
     kw = dict(FAST, steps=4, save_steps=2, lr=1e-2, dropout=0.0, verify=False)
     out = tmp_path / "r"
     with pytest.raises(_Interrupt):
-        heal(str(src), out, callbacks=[StopAfterSave()], **kw)
+        _heal(str(src), out, callbacks=[StopAfterSave()], **kw)
     work = work_dir_for(out)
     assert not out.exists() and (work / "checkpoint-2").is_dir()
     with pytest.raises(ShrinkError, match="--resume"):
-        heal(str(src), out, **kw)
+        _heal(str(src), out, **kw)
     with pytest.raises(ShrinkError, match="settings differ"):
-        heal(str(src), out, resume=True, **{**kw, "rank": 2})
-    r = heal(str(src), out, resume=True, save_adapter=True, **kw)
+        _heal(str(src), out, resume=True, **{**kw, "rank": 2})
+    r = _heal(str(src), out, resume=True, save_adapter=True, **kw)
     assert r.steps == 4 and r.resumed_from.endswith("checkpoint-2")
     assert [x["step"] for x in r.losses] == [1, 2, 3, 4]
     assert _stage(out)["resumed_from_step"] == 2
     assert not work.exists()
     # same result as an uninterrupted run
     full = tmp_path / "full"
-    r2 = heal(str(src), full, save_adapter=True, **kw)
+    r2 = _heal(str(src), full, save_adapter=True, **kw)
     assert [x["loss"] for x in r2.losses] == pytest.approx([x["loss"] for x in r.losses],
                                                            rel=1e-4)
     from safetensors.torch import load_file
@@ -308,16 +319,16 @@ def test_two_processes_accelerate_launch(tiny_model_dir, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "shrink.cli", "heal", str(src),
            "-o", str(out), "--steps", "2", "--seq-len", "32", "--batch-size", "2",
-           "--eval-samples", "2", "--device", "cpu", "--no-verify", "--json",
+           *EVAL_ARGS, "--device", "cpu", "--no-verify", "--json",
            str(tmp_path / "r.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHRINK_NO_PROGRESS": "1",
            "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     st = _stage(out)
-    assert st["settings"]["world_size"] == 2 and st["settings"]["global_batch"] == 4
-    assert st["steps"] == 2 and st["settings"]["train_data"]["samples"] == 8
-    assert json.loads((tmp_path / "r.json").read_text())["steps"] == 2
+    assert st["resolved"]["world_size"] == 2 and st["resolved"]["global_batch"] == 4
+    assert st["steps"] == 2 and st["resolved"]["train_data"]["samples"] == 8
+    assert json.loads((tmp_path / "r.json").read_text())["result"]["steps"] == 2
 
 
 def _bad(args, tmp_path, out):
@@ -332,8 +343,10 @@ def _bad(args, tmp_path, out):
 def test_bad_inputs(tiny_model_dir, tmp_path, monkeypatch):
     src = str(tiny_model_dir("llama", 2))
     out = tmp_path / "o"
-    assert "--steps" in _bad([src, "--steps", "0"], tmp_path, out)
-    assert "--rank" in _bad([src, "--rank", "0"], tmp_path, out)
+    assert "steps: Input should be greater than or equal to 1 (got 0)" in \
+        _bad([src, "--steps", "0"], tmp_path, out)
+    assert "rank: Input should be greater than or equal to 1 (got 0)" in \
+        _bad([src, "--rank", "0"], tmp_path, out)
     msg = _bad([src, "--targets", "gate_proj,fc1"], tmp_path, out)
     assert "fc1" in msg and "q_proj" in msg and "down_proj" in msg  # lists the Linear names
     msg = _bad([src, "--seq-len", "4096"], tmp_path, out)
@@ -342,7 +355,7 @@ def test_bad_inputs(tiny_model_dir, tmp_path, monkeypatch):
     small.write_text("It is a truth universally acknowledged. " * 20)
     assert "too little healing text" in _bad([src, "--data", str(small), "--seq-len", "64"],
                                              tmp_path, out)
-    assert "--teacher" in _bad([src, "--kd-alpha", "0.5"], tmp_path, out)
+    assert "needs a teacher" in _bad([src, "--kd-alpha", "0.5"], tmp_path, out)
     # teacher with a different vocabulary
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -358,5 +371,5 @@ def test_bad_inputs(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     assert "bitsandbytes" in _bad([src, "--method", "qlora"], tmp_path, out)
     with pytest.raises(ShrinkError, match=r"pip install 'shrink-llm\[qlora\]'"):
-        heal(src, out, method="qlora")
+        heal(src, out, HealConfig(method="qlora"))
     assert not out.exists()

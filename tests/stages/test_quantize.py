@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from shrink.cli import main
 from shrink.core.errors import ShrinkError
-from shrink.stages import quantize as gptq
-from shrink.stages.quantize import choose_group_size, parse_bits
+from shrink.runtime import gptq as gptq_runtime
+from shrink.stages.configs import EvaluateConfig, QuantizeConfig, make
+from shrink.stages.quantize import choose_group_size, quantize
 
 HAS_GPTQ = find_spec("gptqmodel") is not None and find_spec("optimum") is not None
 
@@ -31,10 +32,11 @@ def _run(args):
 # --- no weights needed ---
 
 def test_parse_bits():
-    assert [parse_bits(x) for x in ("4bit", "4", 8, "3bit", "2-bit")] == [4, 4, 8, 3, 2]
+    assert [QuantizeConfig(gptq=x).bits() for x in ("4bit", "4", 8, "3bit", "2-bit")] == \
+        [4, 4, 8, 3, 2]
     for bad in ("5bit", "16", "four", "1bit"):
-        with pytest.raises(ShrinkError, match="unsupported GPTQ bit width"):
-            parse_bits(bad)
+        with pytest.raises(ShrinkError, match=f"gptq: '{bad}' is not a GPTQ bit width"):
+            make(QuantizeConfig, {"gptq": bad})
 
 
 def test_group_size_fits_smollm2_widths():
@@ -55,14 +57,15 @@ def test_group_size_fits_smollm2_widths():
 def test_bad_bits_writes_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "q"
     r = _run(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--gptq", "5bit"])
-    assert r.exit_code == 2 and "unsupported GPTQ bit width '5bit'" in r.output
+    assert r.exit_code == 2 and "gptq: '5bit' is not a GPTQ bit width" in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not out.exists()
 
 
 def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
-    real = gptq.find_spec
-    monkeypatch.setattr(gptq, "find_spec", lambda name: None if name == "gptqmodel" else real(name))
+    real = gptq_runtime.find_spec
+    monkeypatch.setattr(gptq_runtime, "find_spec",
+                        lambda name: None if name == "gptqmodel" else real(name))
     out = tmp_path / "q"
     r = _run(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--gptq", "4bit"])
     assert r.exit_code == 2
@@ -78,7 +81,7 @@ def test_bad_group_size_and_damp(tiny_model_dir, tmp_path, needs_gptq):
     assert "group size 48 does not divide the input width 64 of model.layers.0" in r.output
     assert "64, 32, 16" in r.output
     r = _run(["quantize", src, "-o", str(out), "--gptq", "4bit", "--damp", "1.5"])
-    assert r.exit_code == 2 and "--damp" in r.output
+    assert r.exit_code == 2 and "damp: Input should be less than 1 (got 1.5)" in r.output
     assert not out.exists()
 
 
@@ -102,7 +105,7 @@ def tiny_gptq(tiny_model_dir, tmp_path_factory):
               "--group-size", "32", "--samples", "8", "--seq-len", "64", "--eval-samples", "2",
               "--eval-seq-len", "64", "--json", "-"])
     assert r.exit_code == 0, r.output
-    return out, json.loads(r.stdout)
+    return out, json.loads(r.stdout)["result"]
 
 
 def test_tiny_quantize_record_and_layout(tiny_gptq):
@@ -163,13 +166,15 @@ def test_already_quantized_refused(tiny_gptq, tmp_path):
 
 def test_pruned_gemma3_then_quantize(tiny_model_dir, tmp_path, needs_gptq):
     """prune -> quantize on an architecture with per-layer layer_types; the record keeps both."""
+    from shrink.stages.configs import PruneConfig
     from shrink.stages.prune import prune
 
     pruned = tmp_path / "pruned"
-    prune(str(tiny_model_dir("gemma3")), pruned, layers=[1, 4], verify=False,
+    prune(str(tiny_model_dir("gemma3")), pruned, PruneConfig(layers=[1, 4]), verify=False,
           show_progress=False)
-    r = gptq.quantize_gptq(str(pruned), tmp_path / "q", bits=8, group_size=32, samples=4,
-                           seq_len=64, eval_samples=1, eval_seq_len=64, show_progress=False)
+    r = quantize(str(pruned), tmp_path / "q",
+                 QuantizeConfig(gptq="8bit", group_size=32, samples=4, seq_len=64),
+                 evaluation=EvaluateConfig(samples=1, seq_len=64), show_progress=False)
     assert r.quantized_linears == 4 * 7 and r.verification["ok"]
     record = json.loads((tmp_path / "q" / "shrink.json").read_text())
     assert [st["stage"] for st in record["stages"]] == ["prune", "quantize"]
@@ -183,9 +188,9 @@ def test_pruned_gemma3_then_quantize(tiny_model_dir, tmp_path, needs_gptq):
 def test_smollm2_4bit_perplexity(embedded_dir, tmp_path, needs_gptq):
     """Default group size falls back to 64 (128 does not divide 576); 4-bit perplexity stays
     within 1.5x of fp32 after a fresh-process reload in transformers."""
-    result = gptq.quantize_gptq(str(embedded_dir), tmp_path / "q4", bits=4, samples=16,
-                                seq_len=256, eval_samples=4, eval_seq_len=256,
-                                show_progress=False)
+    result = quantize(str(embedded_dir), tmp_path / "q4",
+                      QuantizeConfig(gptq="4bit", samples=16, seq_len=256),
+                      evaluation=EvaluateConfig(samples=4, seq_len=256), show_progress=False)
     assert result.group_size == 64 and "128 does not divide" in result.group_size_note
     assert result.quantized_linears == 30 * 7
     assert 4.2 < result.bits_per_weight < 4.6

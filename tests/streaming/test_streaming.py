@@ -14,14 +14,12 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from conftest import TOKENIZER_FILES
 from shrink.core.errors import ShrinkError
-
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+from shrink.stages.configs import PruneConfig, ScoreConfig
 
 
 @pytest.fixture(scope="module")
-def sharded_dir(tmp_path_factory, tiny_model_dir):
+def sharded_dir(tmp_path_factory, tiny_model_dir, tokenizer_files):
     """The tiny model of an architecture re-saved in ~100 KB shards (a decoder layer of the tiny
     models is ~260 KB, so layers split across shards)."""
     from transformers import AutoModelForCausalLM
@@ -34,7 +32,7 @@ def sharded_dir(tmp_path_factory, tiny_model_dir):
             folder = tmp_path_factory.mktemp(f"sharded-{arch}")
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
             model.save_pretrained(folder, max_shard_size="100KB")
-            for name in TOKENIZER_FILES:
+            for name in tokenizer_files:
                 if (src / name).exists():
                     shutil.copy(src / name, folder / name)
             made[arch] = folder
@@ -67,7 +65,6 @@ def test_layers_really_split_across_shards(sharded_dir):
     assert len(set(index["weight_map"].values())) > 6 and len(files) >= 2
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 def test_stream_score_equals_in_memory(arch, sharded_dir):
     from transformers import AutoModelForCausalLM
 
@@ -101,16 +98,16 @@ def test_offloaded_activations_equal_and_cleaned(sharded_dir, tmp_path):
 
 
 def test_score_model_dispatch(sharded_dir):
-    from shrink.core.scores import score_model
+    from shrink.stages.score import score
 
     folder = str(sharded_dir("llama"))
-    kw = dict(samples=3, seq_len=32, show_progress=False)
-    a = score_model(folder, streaming=False, **kw)
-    b = score_model(folder, streaming=True, **kw)
+    kw = dict(samples=3, seq_len=32)
+    a = score(folder, ScoreConfig(streaming=False, **kw), show_progress=False)
+    b = score(folder, ScoreConfig(streaming=True, **kw), show_progress=False)
     assert "streaming" in b.settings and "streaming" not in a.settings
     assert b.settings["data"] == a.settings["data"]
     assert max(abs(x - y) for x, y in zip(a.bi, b.bi)) < 1e-5
-    c = score_model(folder, **kw)  # automatic: a tiny model fits, so in memory
+    c = score(folder, ScoreConfig(**kw), show_progress=False)  # automatic: fits, so in memory
     assert "streaming" not in c.settings
 
 
@@ -120,9 +117,9 @@ def test_stream_prune_equals_in_memory(arch, sharded_dir, tmp_path):
 
     folder = str(sharded_dir(arch))
     remove = [1, 3]
-    mem = prune(folder, tmp_path / "mem", layers=remove, streaming=False, verify=False,
-                show_progress=False)
-    streamed = prune(folder, tmp_path / "stream", layers=remove, streaming=True,
+    mem = prune(folder, tmp_path / "mem", PruneConfig(layers=remove, streaming=False),
+                verify=False, show_progress=False)
+    streamed = prune(folder, tmp_path / "stream", PruneConfig(layers=remove, streaming=True),
                      verify=arch in ("llama", "gemma3"), show_progress=False)
     a, b = _state(tmp_path / "mem"), _state(tmp_path / "stream")
     assert sorted(a) == sorted(b)
@@ -149,14 +146,16 @@ def test_stream_prune_by_score_and_rebase(sharded_dir, tmp_path):
     from shrink.stages.prune import prune
 
     folder = str(sharded_dir("qwen3"))
-    kw = dict(drop=2, strategy="bi", samples=3, seq_len=32, verify=False, show_progress=False)
-    mem = prune(folder, tmp_path / "mem", streaming=False, **kw)
-    got = prune(folder, tmp_path / "s1", streaming=True, **kw)
+    kw = dict(drop=2, strategy="bi", samples=3, seq_len=32)
+    mem = prune(folder, tmp_path / "mem", PruneConfig(streaming=False, **kw), verify=False,
+                show_progress=False)
+    got = prune(folder, tmp_path / "s1", PruneConfig(streaming=True, **kw), verify=False,
+                show_progress=False)
     assert got.removed == mem.removed and got.scores is not None
     cfg = json.loads((tmp_path / "s1" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 and cfg["max_window_layers"] == 3 - sum(
         1 for i in got.removed if i < 3)
-    again = prune(str(tmp_path / "s1"), tmp_path / "s2", layers=[0], streaming=True,
+    again = prune(str(tmp_path / "s1"), tmp_path / "s2", PruneConfig(layers=[0], streaming=True),
                   verify=False, show_progress=False)
     assert again.removed_original == [got.kept[0]]
     stages = json.loads((tmp_path / "s2" / "shrink.json").read_text())["stages"]
@@ -165,22 +164,24 @@ def test_stream_prune_by_score_and_rebase(sharded_dir, tmp_path):
 
 def test_streaming_refusals(sharded_dir, tmp_path):
     from shrink.stages.prune import prune
-    from shrink.core.scores import score_model
-    from shrink.streaming import stream_prune
+    from shrink.stages.score import score
+    from shrink.streaming import plan_stream_prune
 
     folder = str(sharded_dir("llama"))
     with pytest.raises(ShrinkError, match="cannot stream"):
-        score_model(folder, metric="ppl", streaming=True, samples=2, seq_len=16)
+        score(folder, ScoreConfig(metric="ppl", streaming=True, samples=2, seq_len=16))
     with pytest.raises(ShrinkError, match="cannot stream"):
-        prune(folder, tmp_path / "o", drop=1, strategy="iterative", streaming=True)
+        prune(folder, tmp_path / "o", PruneConfig(drop=1, strategy="iterative", streaming=True))
     with pytest.raises(ShrinkError, match="local folder"):
-        score_model("some-org/some-model", streaming=True)
+        score("some-org/some-model", ScoreConfig(streaming=True))
     with pytest.raises(ShrinkError, match="out of range"):
-        stream_prune(folder, tmp_path / "o", [9])
+        plan_stream_prune(folder, [9])
+    with pytest.raises(ShrinkError, match="out of range"):
+        prune(folder, tmp_path / "o", PruneConfig(layers=[9], streaming=True))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ShrinkError, match="not empty"):
-        stream_prune(folder, tmp_path / "full", [1])
+        prune(folder, tmp_path / "full", PruneConfig(layers=[1], streaming=True))
     assert not (tmp_path / "o").exists()
     # an architecture the stub capture is not proven on
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -188,7 +189,7 @@ def test_streaming_refusals(sharded_dir, tmp_path):
     gpt = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt)
     with pytest.raises(ShrinkError, match="streaming does not support gpt2"):
-        score_model(str(gpt), streaming=True, samples=1, seq_len=8)
+        score(str(gpt), ScoreConfig(streaming=True, samples=1, seq_len=8))
 
 
 def test_cli_streaming(sharded_dir, tmp_path):
@@ -199,12 +200,12 @@ def test_cli_streaming(sharded_dir, tmp_path):
     r = runner.invoke(main, ["score", folder, "--streaming", "--samples", "2", "--seq-len", "16",
                              "--json", "-"])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.stdout)
+    data = json.loads(r.stdout)["result"]
     assert data["num_layers"] == 6 and "streaming" in data["settings"]
     r = runner.invoke(main, ["prune", folder, "--layers", "2,5", "--streaming", "--no-verify",
                              "-o", str(tmp_path / "out"), "--json", "-"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["num_layers"] == [6, 4]
+    assert json.loads(r.stdout)["result"]["num_layers"] == [6, 4]
     r = runner.invoke(main, ["score", folder, "--streaming", "--metric", "ppl"])
     assert r.exit_code == 2 and "cannot stream" in r.output
 
@@ -271,10 +272,13 @@ def test_memory_capped_scoring(tmp_path):
 def test_stream_prune_too_big_to_reload(sharded_dir, tmp_path, monkeypatch):
     """When the pruned model would not fit in RAM for the fresh-process reload, the structural
     check stands in and the record says the reload was skipped."""
-    import shrink.streaming as streaming
+    import shrink.streaming.prune as streamed_prune
+    from shrink.stages.prune import prune
 
-    monkeypatch.setattr(streaming, "fits_for_verify", lambda params: False)
-    res = streaming.stream_prune(sharded_dir("llama"), tmp_path / "o", [0], show_progress=False)
+    monkeypatch.setattr(streamed_prune, "fits_for_verify", lambda params: False)
+    res = prune(str(sharded_dir("llama")), tmp_path / "o", PruneConfig(layers=[0], streaming=True),
+                show_progress=False)
+    assert res.streamed
     assert res.verification["reload"] == "skipped" and res.verification["structure_ok"]
     stage = json.loads((tmp_path / "o" / "shrink.json").read_text())["stages"][-1]
     assert stage["verification"]["reload"] == "skipped"
