@@ -173,6 +173,10 @@ def _check_teacher(teacher: str, student_config, student_tok, trust_remote_code:
     resolved = resolve(teacher)
     tconfig = load_config(resolved, trust_remote_code)
     check_decoder_only(tconfig)
+    if resolved.path is not None:  # safetensors only, undamaged, every tensor of its config
+        from shrink.core.models import check_model_folder
+
+        check_model_folder(resolved.path, tconfig, trust_remote_code)
     try:
         ttok = AutoTokenizer.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
