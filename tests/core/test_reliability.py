@@ -151,3 +151,101 @@ def test_missing_tokenizer_is_named(model_dir):
         load_model(str(model_dir))
     with pytest.raises(ShrinkError, match="the tokenizer is missing"):
         verify_model_dir(model_dir)
+
+
+# ---------------------------------------------------------------------------- 2. damaged input
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_safetensors_is_named(model_dir, damage):
+    from shrink.core.models import load_model
+    from shrink.streaming.checkpoint import Checkpoint
+
+    f = model_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "truncated": data[:len(data) // 2],
+                   "random": os.urandom(4096)}[damage])
+    with pytest.raises(ShrinkError, match=f"{f}.*(not a (valid )?safetensors file|truncated)"):
+        load_model(str(model_dir))
+    with pytest.raises(ShrinkError, match=f"{f}.*(not a (valid )?safetensors file|truncated)"):
+        Checkpoint(model_dir)
+
+
+def test_bad_index_json_is_named(model_dir):
+    from shrink.core.models import load_model
+    from shrink.streaming.checkpoint import Checkpoint
+
+    index = model_dir / "model.safetensors.index.json"
+    index.write_text("{not json")
+    for call in (lambda: load_model(str(model_dir)), lambda: Checkpoint(model_dir)):
+        with pytest.raises(ShrinkError, match=f"{index} is damaged"):
+            call()
+    index.write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
+    with pytest.raises(ShrinkError, match="lists shards that are not in .*model-00002"):
+        load_model(str(model_dir))
+
+
+def test_streaming_checkpoint_must_match_its_config(model_dir):
+    from transformers import AutoConfig
+
+    from shrink.streaming.checkpoint import check_complete
+
+    check_complete(model_dir, AutoConfig.from_pretrained(model_dir))
+    _edit_tensors(model_dir, drop=["model.layers.2.self_attn.q_proj.weight"])
+    with pytest.raises(ShrinkError, match=r"missing \(model\.layers\.2\.self_attn\.q_proj"):
+        check_complete(model_dir, AutoConfig.from_pretrained(model_dir))
+
+
+@pytest.mark.parametrize("body", ["{broken", "[1, 2]", '{"stages": 3}'])
+def test_damaged_shrink_json_is_named(model_dir, body):
+    from shrink.core.models import read_shrink_json
+
+    (model_dir / "shrink.json").write_text(body)
+    with pytest.raises(ShrinkError, match=f"{model_dir / 'shrink.json'} is damaged"):
+        read_shrink_json(model_dir)
+
+
+def test_latin1_jsonl_is_named(tmp_path):
+    from shrink.core.data import load_texts
+
+    f = tmp_path / "t.jsonl"
+    f.write_bytes('{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ShrinkError, match=f"{f} is not UTF-8 text \\(line 2"):
+        load_texts(str(f))
+
+
+def test_seq_len_beyond_the_context_is_refused(model_dir):
+    from transformers import AutoConfig, GPT2Config
+
+    from shrink.core.models import check_seq_len
+
+    cfg = AutoConfig.from_pretrained(model_dir)  # max_position_embeddings 64
+    check_seq_len(cfg, 64)
+    with pytest.raises(ShrinkError, match=r"--seq-len 128 is beyond the model's context "
+                                          r"\(max_position_embeddings = 64\)"):
+        check_seq_len(cfg, 128)
+    with pytest.raises(ShrinkError, match=r"context \(\w+ = 32\)"):
+        check_seq_len(GPT2Config(n_positions=32), 33)
+
+
+def test_estimate_refuses_an_encoder(tmp_path):
+    from transformers import BertConfig
+
+    from shrink.analysis.estimate import load_config
+
+    BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(ShrinkError, match=r"unsupported architecture .*bert.*decoder-only"):
+        load_config(str(tmp_path))
+
+
+def test_nan_perplexity_is_an_error(model_dir):
+    from shrink.core.models import load_model
+    from shrink.core.perplexity import perplexity
+
+    model = load_model(str(model_dir)).model
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(ShrinkError, match=r"perplexity is not finite \(nan\): the model produces "
+                                          r"NaN/inf logits"):
+        perplexity(model, torch.randint(0, 100, (2, 8)), show_progress=False)
