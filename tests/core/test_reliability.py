@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -249,3 +250,253 @@ def test_nan_perplexity_is_an_error(model_dir):
     with pytest.raises(ShrinkError, match=r"perplexity is not finite \(nan\): the model produces "
                                           r"NaN/inf logits"):
         perplexity(model, torch.randint(0, 100, (2, 8)), show_progress=False)
+
+
+# ---------------------------------------------------------------------------- 3. --force safety
+
+
+def _write_output(out: Path, force: bool = False, **files: str) -> str:
+    """What a stage does: atomic_output + shrink.json (+ files); return the marker id."""
+    from shrink.core.outputs import atomic_output, output_id, write_record
+
+    with atomic_output(out, force, on_note=None) as tmp:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        write_record(tmp, None, {"stage": "test"})
+        oid = output_id(tmp)
+    return oid
+
+
+def test_every_output_carries_a_marker_whose_id_is_in_shrink_json(tmp_path):
+    from shrink.core.outputs import MARKER, read_marker
+
+    out = tmp_path / "out"
+    oid = _write_output(out, **{"config.json": "{}"})
+    marker = read_marker(out)
+    assert marker["id"] == oid and len(oid) == 32
+    assert sorted(marker["files"]) == ["config.json", "shrink.json"]
+    assert json.loads((out / "shrink.json").read_text())["output_id"] == oid
+    assert (out / MARKER).is_file()
+    _write_output(out, force=True)  # shrink's own output: --force may replace it
+    assert read_marker(out)["id"] != oid
+
+
+def test_force_refuses_a_shrink_output_with_other_files_in_it(tmp_path):
+    from shrink.core.outputs import check_replaceable
+
+    out = tmp_path / "out"
+    _write_output(out)
+    (out / "paper.tex").write_text("\\documentclass{article}")
+    with pytest.raises(ShrinkError, match=r"refusing to replace .*files shrink did not write "
+                                          r"\(paper\.tex\)"):
+        check_replaceable(out)
+    with pytest.raises(ShrinkError, match="paper.tex"):
+        _write_output(out, force=True)
+    assert (out / "paper.tex").is_file()
+
+
+def test_force_refuses_a_marker_that_does_not_match_shrink_json(tmp_path):
+    from shrink.core.outputs import check_replaceable
+
+    out = tmp_path / "out"
+    _write_output(out)
+    rec = json.loads((out / "shrink.json").read_text())
+    rec["output_id"] = "0" * 32
+    (out / "shrink.json").write_text(json.dumps(rec))
+    with pytest.raises(ShrinkError, match="belongs to another output"):
+        check_replaceable(out)
+
+
+@pytest.mark.parametrize("files", [{"report.json": "{}", "paper.tex": "x"},
+                                   {"stages/01-prune/x": "x", "notes.txt": "x"},
+                                   {"shrink.json": "{}", "data.csv": "1"}])
+def test_force_refuses_a_folder_of_other_files(tmp_path, files):
+    from shrink.core.outputs import check_replaceable
+
+    folder = tmp_path / "work"
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    with pytest.raises(ShrinkError, match="refusing to replace"):
+        check_replaceable(folder)
+
+
+def test_force_may_replace_a_plain_model_folder(model_dir):
+    from shrink.core.outputs import check_replaceable
+
+    check_replaceable(model_dir)  # config.json + safetensors + tokenizer (a hub download)
+    (model_dir / "thesis.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ShrinkError, match=r"not part of a model \(thesis\.pdf\)"):
+        check_replaceable(model_dir)
+
+
+def test_force_refuses_the_home_folders_ancestors_and_the_root(tmp_path, monkeypatch):
+    from shrink.core.outputs import check_output, check_replaceable
+
+    p = tmp_path / "x" / "p"
+    (p / "user").mkdir(parents=True)
+    (p / "config.json").write_text("{}")
+    (p / "model.safetensors").write_bytes(b"")
+    monkeypatch.setenv("HOME", str(p / "user"))
+    monkeypatch.chdir(tmp_path)
+    for folder in (p, p.parent, Path("/")):
+        with pytest.raises(ShrinkError, match="refusing to replace .*(home folder|root)"):
+            check_replaceable(folder)
+    with pytest.raises(ShrinkError, match="current or home folder"):
+        check_output(tmp_path, force=True)  # the current folder itself
+
+
+def test_output_must_not_be_the_input(model_dir, tmp_path):
+    from shrink.core.outputs import check_not_source
+
+    check_not_source(tmp_path / "elsewhere", model_dir)
+    for out, what in ((model_dir, "is the input model folder"),
+                      (model_dir / "sub", "is inside the input"),
+                      (model_dir.parent, "holds the input")):
+        with pytest.raises(ShrinkError, match=what):
+            check_not_source(out, model_dir)
+
+
+def test_resume_only_into_a_folder_shrink_wrote(tmp_path):
+    from shrink.core.outputs import check_resumable, mark_output
+
+    checkout = tmp_path / "repo"
+    checkout.mkdir()
+    (checkout / "README.md").write_text("mine")
+    with pytest.raises(ShrinkError, match="was not written by shrink"):
+        check_resumable(checkout)
+    build = tmp_path / "build"
+    (build / "stages").mkdir(parents=True)
+    mark_output(build)
+    check_resumable(build)
+    (build / "README.md").write_text("added by hand")
+    with pytest.raises(ShrinkError, match=r"files shrink did not write \(README\.md\)"):
+        check_resumable(build)
+
+
+# ---------------------------------------------------------------------------- 4. concurrent runs
+
+_HOLD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from shrink.core.outputs import atomic_output
+    with atomic_output(sys.argv[1], on_note=None) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "big.bin").write_bytes(b"x" * 100000)
+        print("writing", flush=True)
+        time.sleep(float(sys.argv[2]))
+    print("done", flush=True)
+""")
+
+
+def _start_writer(out: Path, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), str(seconds)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_a_second_run_into_the_same_output_fails_clearly(tmp_path):
+    out = tmp_path / "out"
+    proc = _start_writer(out, 30)
+    try:
+        with pytest.raises(ShrinkError, match=f"another shrink process is writing {out} "
+                                              f"\\(pid {proc.pid}\\)"):
+            _write_output(out, force=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    # the kernel dropped the dead writer's lock: the next run proceeds
+    _write_output(out)
+    assert (out / "shrink.json").is_file()
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced_without_force(tmp_path):
+    from shrink.core.outputs import atomic_output
+
+    out = tmp_path / "out"
+    with pytest.raises(ShrinkError, match="appeared while this run was writing it"):
+        with atomic_output(out, on_note=None) as tmp:
+            (tmp / "config.json").write_text("{}")
+            out.mkdir()
+            (out / "theirs.txt").write_text("x")  # a writer that took no lock
+    assert (out / "theirs.txt").is_file()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+# ---------------------------------------------------------------------------- 5. stale temporaries
+
+
+def test_kill_9_leftovers_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    proc = _start_writer(out, 60)
+    partial = tmp_path / f".out.partial-{proc.pid}"
+    assert partial.is_dir()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial.is_dir()  # what kill -9 leaves
+    notes: list[str] = []
+    from shrink.core.outputs import atomic_output
+
+    with atomic_output(out, on_note=notes.append) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not partial.exists()
+    assert len(notes) == 1 and re.search(r"removed 1 temporary folder.*\(0\.1 MB freed\)", notes[0])
+
+
+def test_a_live_process_temporary_and_the_heal_work_folder_are_kept(tmp_path):
+    from shrink.core.outputs import remove_stale_temporaries
+
+    out = tmp_path / "out"
+    live = tmp_path / f".out.partial-{os.getppid()}"
+    live.mkdir()
+    work = tmp_path / ".out.heal-work"
+    (work / "checkpoint-2").mkdir(parents=True)
+    n, freed, notes = remove_stale_temporaries(out)
+    assert n == 0 and live.is_dir() and work.is_dir()
+    assert any("--resume" in note for note in notes)
+
+
+def test_a_death_between_the_two_renames_restores_the_previous_output(tmp_path):
+    from shrink.core.outputs import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    old = tmp_path / f".out.old-{dead.pid}"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    remove_stale_temporaries(out)
+    assert (out / "config.json").is_file() and not old.exists()
+
+
+# ---------------------------------------------------------------------------- 6. heal resume
+
+
+def _checkpoint(work: Path, step: int, complete: bool = True, truncated: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    d = work / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    save_file({"a": torch.zeros(64)}, d / "adapter_model.safetensors")
+    if truncated:
+        data = (d / "adapter_model.safetensors").read_bytes()
+        (d / "adapter_model.safetensors").write_bytes(data[:len(data) - 40])
+    if complete:
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return d
+
+
+@pytest.mark.parametrize("damage", ["no trainer_state", "half trainer_state", "cut weights"])
+def test_heal_resume_skips_a_checkpoint_killed_mid_write(tmp_path, damage):
+    from shrink.stages.heal import last_valid_checkpoint
+
+    work = tmp_path / ".out.heal-work"
+    good = _checkpoint(work, 2)
+    bad = _checkpoint(work, 4, complete=damage != "no trainer_state",
+                      truncated=damage == "cut weights")
+    if damage == "half trainer_state":
+        (bad / "trainer_state.json").write_text('{"global_st')
+    last, incomplete = last_valid_checkpoint(work)
+    assert last == str(good) and incomplete == [bad]
