@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ from shrink.core.quiet import third_party_quiet
 from shrink.core.errors import ShrinkError, first_line
 from shrink.core.models import (text_config, check_decoder_only, check_device, load_config, read_shrink_json,
                      resolve)
-from shrink.core.outputs import atomic_output, check_output, copy_license_files, write_record
+from shrink.core.outputs import (atomic_output, check_output, copy_license_files, lock_output,
+                                 write_record)
 
 METHODS = ("lora", "qlora")
 QLORA_INSTALL = "pip install 'shrink-llm[qlora]'"
@@ -415,6 +417,49 @@ def work_dir_for(output: str | Path) -> Path:
     return out.parent / f".{out.name}.heal-work"
 
 
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a Trainer ``checkpoint-N`` folder cannot be resumed from, or None if it can. The
+    Trainer writes trainer_state.json last, so a checkpoint killed while being written lacks it
+    (or has it cut short); its weights must also be whole safetensors."""
+    from shrink.core.models import read_safetensors_header
+
+    folder = Path(folder)
+    state_file = folder / "trainer_state.json"
+    try:
+        json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "no complete trainer_state.json"
+    weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors")
+               if (folder / n).is_file()]
+    if not weights:
+        return "no adapter_model.safetensors"
+    try:
+        for w in weights:
+            read_safetensors_header(w)
+    except ShrinkError as e:
+        return str(e)
+    return None
+
+
+def last_valid_checkpoint(work: str | Path) -> tuple[str | None, list[Path]]:
+    """The newest resumable ``checkpoint-N`` in the heal work folder and the incomplete ones
+    (newer than it: a heal killed while saving leaves one)."""
+    work = Path(work)
+    if not work.is_dir():
+        return None, []
+    found = []
+    for d in work.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    incomplete: list[Path] = []
+    for _, d in sorted(found, reverse=True):
+        if checkpoint_problem(d) is None:
+            return str(d), incomplete
+        incomplete.append(d)
+    return None, incomplete
+
+
 def _settings_match(saved: dict, now: dict) -> list[str]:
     return [k for k in now if k in saved and saved[k] != now[k]]
 
@@ -531,11 +576,11 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
     }
 
     # ---- the work folder (Trainer checkpoints) and resume ----
-    from transformers.trainer_utils import get_last_checkpoint
-
+    # the output's lock covers the work folder too: a second heal into the same output stops here
+    out_lock = lock_output(output) if state.is_main_process else None
     work = work_dir_for(output)
     settings_file = work / "heal-settings.json"
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    last, incomplete = last_valid_checkpoint(work)  # skips checkpoints killed mid-write
     resume_from = None
     if resume:
         if last is not None:
@@ -554,6 +599,12 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
     if state.is_main_process:
         if resume_from is None and work.exists():
             shutil.rmtree(work)
+        for d in incomplete:  # killed while being written: the Trainer would trip over them
+            if work.exists() and d.exists():
+                if show_progress:
+                    stderr.print(f"removing the incomplete checkpoint {d.name} "
+                                 f"({checkpoint_problem(d)})")
+                shutil.rmtree(d, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     state.wait_for_everyone()
@@ -726,6 +777,8 @@ def heal(model_dir: str, output: str | Path, method: str | None = None, rank: in
         result.record = write_record(tmp, previous, stage, source_model=str(model_dir),
                                      base_model=base_model_id(resolved, config, previous))
     shutil.rmtree(work, ignore_errors=True)
+    if out_lock is not None:
+        out_lock.release()
     result.output = Path(output)
     result.seconds = time.perf_counter() - t0
     return result
