@@ -223,7 +223,7 @@ def load_model(model: str, dtype: str | torch.dtype | None = None, device: str |
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a decoder-only model and its tokenizer from a folder, hub id, alias or the embedded
     default. Weights come from safetensors only. Default dtype: float32 on CPU, bfloat16 on CUDA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)

@@ -309,14 +309,15 @@ def _path_bytes(path: Path) -> int:
 
 
 def remove_stale_temporaries(output: str | Path) -> tuple[int, int, list[str]]:
-    """Remove ``.OUT.partial-PID`` and ``.OUT.old-PID`` siblings of ``output`` whose process is
+    """Remove ``.OUT.partial-PID``, ``.OUT.old-PID`` and ``.OUT.gptq-PID`` (GPTQModel's offload)
+    siblings of ``output`` whose process is
     dead (a kill -9, a power cut); return (how many, bytes freed, notes). A heal's work folder
     ``.OUT.heal-work`` is kept (``heal --resume`` continues from it) and only reported."""
     out = Path(output).expanduser().resolve()
     removed, freed, notes = 0, 0, []
     if not out.parent.is_dir():
         return removed, freed, notes
-    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-(\d+)$")
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old|gptq)-(\d+)$")
     for entry in sorted(out.parent.iterdir()):
         m = pattern.match(entry.name)
         if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from shrink.core.quiet import third_party_quiet
 from shrink.runtime.gptq import require_gptq
 from shrink.core.errors import ShrinkError, first_line
 

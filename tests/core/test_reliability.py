@@ -500,3 +500,51 @@ def test_heal_resume_skips_a_checkpoint_killed_mid_write(tmp_path, damage):
         (bad / "trainer_state.json").write_text('{"global_st')
     last, incomplete = last_valid_checkpoint(work)
     assert last == str(good) and incomplete == [bad]
+
+
+# ---------------------------------------------------------------------------- 7. Ctrl-C during GPTQ
+
+_GPTQ_LIKE = textwrap.dedent("""
+    import signal, sys, tempfile, threading
+    from shrink.runtime.gptq import gptq_interrupts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a library took SIGINT over
+    swallow = sys.argv[2] == "swallow"
+    try:
+        with gptq_interrupts(sys.argv[1]) as work:
+            offload = tempfile.TemporaryDirectory(prefix="gptqmodel_")  # as QuantizeConfig does
+            print(offload.name, flush=True)
+            while True:
+                try:
+                    threading.Event().wait()  # the main thread waiting for GPTQ's workers
+                except KeyboardInterrupt:
+                    if not swallow:
+                        raise
+                    print("swallowed", flush=True)  # a library that ignores the first Ctrl-C
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", flush=True)
+        sys.exit(130)
+""")
+
+
+@pytest.mark.parametrize("mode", ["raise", "swallow"])
+def test_ctrl_c_stops_gptq_and_leaves_no_temporary_folder(tmp_path, mode):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _GPTQ_LIKE, str(out), mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    offload = Path(proc.stdout.readline().strip())
+    work = tmp_path / f".out.gptq-{proc.pid}"
+    assert offload.parent == work and offload.is_dir()  # not in the system temp folder
+    time.sleep(0.5)  # let it reach the wait
+    proc.send_signal(signal.SIGINT)
+    if mode == "swallow":
+        assert proc.stdout.readline().strip() == "swallowed"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # the second Ctrl-C leaves at once
+    rc = proc.wait(timeout=20)
+    rest = proc.stdout.read()
+    assert rc == 130
+    assert ("KeyboardInterrupt" in rest) == (mode == "raise")
+    if mode == "swallow":
+        assert "interrupted" in proc.stderr.read()
+    assert not work.exists()
