@@ -32,10 +32,13 @@ _MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.onnx", "*.onnx.data", "*.o
 _MODEL_DIRS = (".cache", "adapter")
 
 
-def check_output(output: str | Path, force: bool = False) -> Path:
+def check_output(output: str | Path, force: bool = False,
+                 source: str | Path | None = None) -> Path:
     """Fail early if ``output`` exists and is not an empty folder (unless ``force`` and it is a
-    folder shrink may replace, see :func:`check_replaceable`)."""
+    folder shrink may replace, see :func:`check_replaceable`), or if it is, holds or lies inside
+    the input model folder ``source`` (:func:`check_not_source`)."""
     out = Path(output).expanduser()
+    check_not_source(out, source)
     if out.exists():
         if not out.is_dir():
             raise ShrinkError(f"output '{output}' exists and is a file")
@@ -352,7 +355,8 @@ def _print_note(note: str) -> None:
 
 @contextmanager
 def atomic_output(output: str | Path, force: bool = False,
-                  on_note: Callable[[str], None] | None = _print_note) -> Iterator[Path]:
+                  on_note: Callable[[str], None] | None = _print_note,
+                  source: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``output`` in one rename.
 
     The output's lock (:class:`OutputLock`) is held from before anything is written until after
@@ -363,7 +367,7 @@ def atomic_output(output: str | Path, force: bool = False,
     :func:`check_replaceable` allows it. If the block raises, the temporary folder is removed and
     ``output`` is left untouched.
     """
-    out = check_output(output, force).resolve()
+    out = check_output(output, force, source).resolve()
     lock = OutputLock(out)
     try:
         _, _, notes = remove_stale_temporaries(out)

@@ -349,7 +349,15 @@ def test_force_refuses_the_home_folders_ancestors_and_the_root(tmp_path, monkeyp
 def test_output_must_not_be_the_input(model_dir, tmp_path):
     from shrink.core.outputs import check_not_source
 
+    from shrink.core.outputs import atomic_output, check_output
+
     check_not_source(tmp_path / "elsewhere", model_dir)
+    with pytest.raises(ShrinkError, match="is the input model folder"):
+        check_output(model_dir, force=True, source=model_dir)
+    with pytest.raises(ShrinkError, match="is the input model folder"):
+        with atomic_output(model_dir, force=True, source=model_dir):
+            pass
+    assert (model_dir / "model.safetensors").is_file()
     for out, what in ((model_dir, "is the input model folder"),
                       (model_dir / "sub", "is inside the input"),
                       (model_dir.parent, "holds the input")):
