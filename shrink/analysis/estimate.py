@@ -52,6 +52,11 @@ def load_config(model: str) -> dict:
     text config is returned.
     """
     cfg = _load_raw_config(model)
+    if not isinstance(cfg, dict):
+        raise ShrinkError(f"the config of {model} is not a JSON object")
+    from shrink.core.models import check_decoder_only
+
+    check_decoder_only(cfg)  # encoders are refused here as by every loader
     if isinstance(cfg.get("text_config"), dict):
         text = dict(cfg["text_config"])
         if "tie_word_embeddings" not in text and "tie_word_embeddings" in cfg:

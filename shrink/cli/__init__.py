@@ -32,6 +32,13 @@ class ShrinkGroup(click.Group):
             sys.exit(2)
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: nothing was moved into place")
+            from shrink.runtime import gptq
+
+            if gptq.INTERRUPTED:
+                # GPTQModel's worker threads can hang (or abort with 134) at interpreter shutdown
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(130)
             sys.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
@@ -676,12 +683,15 @@ def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) ->
 @click.option("--resume", is_flag=True, help="Skip stages already done with the same settings.")
 @click.option("--force", is_flag=True, help="Start over in an existing output folder.")
 @click.option("--no-heal", is_flag=True, help="Skip the healing fine-tune.")
+@click.option("--keep-stages", is_flag=True, help="Keep OUT/stages/ (the intermediate models) "
+              "after a finished build, for a later --resume with other settings.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write report.json here "
               "too (- for stdout).")
 @build_options
 @model_options
 @click.pass_context
-def build_cmd(ctx, model, recipe, output, resume, force, no_heal, json_out, **kwargs):
+def build_cmd(ctx, model, recipe, output, resume, force, no_heal, keep_stages, json_out,
+              **kwargs):
     """Score, prune, heal, quantize (GPTQ) and/or export (ONNX), verify, and write a model card.
 
     With no arguments: the embedded SmolLM2 end to end on a CPU (recipe smollm2-135m). A
@@ -698,7 +708,8 @@ def build_cmd(ctx, model, recipe, output, resume, force, no_heal, json_out, **kw
         base["model"] = model
     config = recipe_config(build_values(ctx, kwargs, base, no_heal), "settings")
     check_writable(json_out)
-    result = build(config, output=output, resume=resume, force=force, command=command_line())
+    result = build(config, output=output, resume=resume, force=force, command=command_line(),
+                   keep_stages=keep_stages)
     if json_out:
         write_json(result.report, json_out, config.settings())
     if json_out != "-":

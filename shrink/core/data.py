@@ -86,7 +86,14 @@ def load_texts(source: str) -> list[str]:
                           "austen:<split> or hf:NAME[:CONFIG][:SPLIT])")
     if p.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            content = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line_no = p.read_bytes()[:e.start].count(b"\n") + 1
+            raise ShrinkError(f"{source} is not UTF-8 text (line {line_no}, byte {e.start}: "
+                              f"{e.reason}); .jsonl files must be UTF-8: convert it, e.g. "
+                              "iconv -f latin1 -t utf-8") from None
+        for i, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -149,7 +149,12 @@ def load_config(resolved: ResolvedModel, trust_remote_code: bool = False):
 
 
 def check_decoder_only(config) -> None:
-    """Refuse architectures that are not decoder-only causal LMs, naming the architecture."""
+    """Refuse architectures that are not decoder-only causal LMs, naming the architecture.
+    ``config`` is a transformers config or a config.json dict."""
+    if isinstance(config, dict):
+        from types import SimpleNamespace
+
+        config = SimpleNamespace(**{"model_type": "", **config})
     arch = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
     if getattr(config, "is_encoder_decoder", False) or config.model_type in _ENCODER_TYPES:
         raise ShrinkError(f"unsupported architecture {arch} ({config.model_type}): shrink prunes "
@@ -218,23 +223,28 @@ def load_model(model: str, dtype: str | torch.dtype | None = None, device: str |
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a decoder-only model and its tokenizer from a folder, hub id, alias or the embedded
     default. Weights come from safetensors only. Default dtype: float32 on CPU, bfloat16 on CUDA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)
     resolved = resolve(model)
     config = load_config(resolved, trust_remote_code)
     check_decoder_only(config)
+    if resolved.path is not None:
+        check_tokenizer_files(resolved.path)
+        check_weights_files(resolved.path)
     try:
         with third_party_quiet():
             tokenizer = AutoTokenizer.from_pretrained(resolved.location,
                                                       trust_remote_code=trust_remote_code)
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                resolved.location, dtype=torch_dtype, use_safetensors=True,
-                trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        msg = first_line(e)
-        raise ShrinkError(f"cannot load '{resolved.name}': {msg}") from None
+        raise ShrinkError(f"cannot load the tokenizer of '{resolved.name}': {first_line(e)}"
+                          ) from None
+    check_tokenizer(tokenizer, resolved.location)
+    hf_model = from_pretrained_checked(resolved.location, dtype=torch_dtype,
+                                       trust_remote_code=trust_remote_code,
+                                       config_for_errors=config,
+                                       name=resolved.name)
     hf_model.to(device)
     hf_model.eval()
     find_layers(hf_model)  # fail early, with the architecture named, if there is no layer list
@@ -242,8 +252,289 @@ def load_model(model: str, dtype: str | torch.dtype | None = None, device: str |
 
 
 def read_shrink_json(path: Path | str | None) -> dict | None:
-    """The ``shrink.json`` record of an earlier shrink stage in a model folder, if any."""
+    """The ``shrink.json`` record of an earlier shrink stage in a model folder, if any.
+
+    A record that is not a JSON object with a list of stages is damaged input: ShrinkError
+    naming the file."""
     if path is None:
         return None
     f = Path(path) / "shrink.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShrinkError(f"{f} is damaged (not valid JSON: {first_line(e)}); remove it or "
+                          "restore it from the folder shrink wrote") from None
+    if not isinstance(record, dict) or not isinstance(record.get("stages", []), list):
+        kind = type(record).__name__ if not isinstance(record, dict) else "object whose stages is not a list"
+        raise ShrinkError(f"{f} is damaged (a JSON {kind}, not shrink's record of stages); "
+                          "remove it or restore it from the folder shrink wrote")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict loading: safetensors only, every tensor present with the right shape, a real tokenizer
+
+# weight files of other formats: shrink never reads them (pickle can run code)
+_OTHER_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.pkl")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# files from which transformers builds a tokenizer (one is enough)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
+_LIST_AT_MOST = 5
+
+
+def _names(keys, at_most: int = _LIST_AT_MOST) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - at_most} more" if len(keys) > at_most else ""
+    return ", ".join(keys[:at_most]) + more
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a model folder: the shards its index lists, or the top-level
+    ``*.safetensors`` files. ShrinkError (naming the file) for a damaged index or a missing shard."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({folder / str(v) for v in weight_map.values()})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise ShrinkError(f"{index} is damaged (want JSON with a 'weight_map' object: "
+                              f"{first_line(e)})") from None
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise ShrinkError(f"{index} lists shards that are not in {folder}: {_names(missing)}")
+        return shards
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_safetensors_header(file: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of one safetensors file, read from its header (no tensor data
+    is loaded). A truncated, empty or non-safetensors file is a ShrinkError naming it."""
+    from safetensors import safe_open
+
+    file = Path(file)
+    try:
+        out = {}
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+        return out
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: one line naming the file
+        size = file.stat().st_size if file.exists() else 0
+        what = "empty" if size == 0 else f"{size} bytes"
+        raise ShrinkError(f"{file} is not a valid safetensors file ({what}: {first_line(e)}); "
+                          "it may be truncated or damaged") from None
+
+
+def check_weights_files(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Refuse a model folder whose weights are not safetensors, or whose safetensors files are
+    damaged; return {tensor name: (dtype, shape)} over all its files."""
+    folder = Path(folder)
+    files = safetensors_files(folder)
+    if not files:
+        others = sorted({f.name for pat in _OTHER_WEIGHTS for f in folder.glob(pat)})
+        if others:
+            raise ShrinkError(f"{folder} has weights only in {_names(others, 3)}, not safetensors: "
+                              "shrink reads safetensors only (pickle files can run code); convert "
+                              "them with save_pretrained(safe_serialization=True)")
+        raise ShrinkError(f"{folder} has no weights (no *.safetensors file)")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        tensors.update(read_safetensors_header(f))
+    return tensors
+
+
+def _weights_name(folder: Path) -> str:
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        return str(index)
+    files = sorted(folder.glob("*.safetensors"))
+    return str(files[0]) if len(files) == 1 else f"the safetensors files in {folder}"
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
+    """For every state_dict key, the keys that share its parameter (tied weights)."""
+    groups: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    alias: dict[str, set[str]] = {}
+    for names in groups.values():
+        for n in names:
+            alias[n] = set(names)
+    for a, b in tied.items():
+        both = alias.get(a, {a}) | alias.get(b, {b})
+        for n in both:
+            alias[n] = both
+    return alias
+
+
+def _ignored(model: nn.Module, attr: str) -> list:
+    import re
+
+    pats = getattr(model, attr, None) or []
+    return [re.compile(p) for p in pats]
+
+
+def check_checkpoint(folder: str | Path, model: nn.Module,
+                     tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> None:
+    """Compare a folder's safetensors tensors (names and shapes, from the headers) with what
+    ``model`` (loaded, or built on the meta device from the config) expects. Missing, unexpected
+    and shape-mismatched tensors are a ShrinkError naming them. Tied weights (``lm_head.weight``
+    with ``tie_word_embeddings``) count as present when the weight they are tied to is; buffers
+    that are not persistent are not in ``state_dict()`` and are not expected."""
+    folder = Path(folder)
+    if tensors is None:
+        tensors = check_weights_files(folder)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    alias = _tied_aliases(model)
+    ign_missing = _ignored(model, "_keys_to_ignore_on_load_missing")
+    ign_unexp = _ignored(model, "_keys_to_ignore_on_load_unexpected")
+    missing = [k for k in expected if k not in tensors
+               and not any(a in tensors for a in alias.get(k, ()))
+               and not any(p.search(k) for p in ign_missing)]
+    unexpected = [k for k in tensors if k not in expected and not any(p.search(k) for p in ign_unexp)]
+    mismatched = [f"{k} {list(tensors[k][1])} vs {list(shape)}" for k, shape in expected.items()
+                  if k in tensors and tuple(tensors[k][1]) != shape]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} of the wrong shape (checkpoint vs config: "
+                     f"{_names(mismatched)})")
+    raise ShrinkError(f"{_weights_name(folder)} does not match {folder / 'config.json'}: "
+                      f"{'; '.join(parts)}")
+
+
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
+    """The model ``config`` describes, on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), third_party_quiet():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_loading_info(info: dict, folder: str | Path) -> None:
+    """Turn transformers' ``output_loading_info`` into a ShrinkError when any tensor was missing,
+    unexpected or of the wrong shape (transformers only warns and initialises them randomly)."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = [str(m[0]) if isinstance(m, tuple) else str(m)
+                  for m in (info.get("mismatched_keys") or ())]
+    errors = [str(e) for e in (info.get("error_msgs") or ())]
+    if not (missing or unexpected or mismatched or errors):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} of the wrong shape ({_names(mismatched)})")
+    if errors:
+        parts.append(first_line(Exception(errors[0])))
+    folder = Path(folder)
+    where = _weights_name(folder) if folder.is_dir() else str(folder)
+    raise ShrinkError(f"{where} does not match its config.json: {'; '.join(parts)}")
+
+
+def from_pretrained_checked(location: str | Path, *, name: str | None = None,
+                            config_for_errors=None,
+                            trust_remote_code: bool = False, auto_class=None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` that never returns a silently wrong model:
+    safetensors only, damaged files named, and every tensor present with the right shape (else
+    ShrinkError). ``kwargs`` go to from_pretrained (dtype, device_map, quantization_config...);
+    ``config_for_errors`` (the folder's config, if already loaded) only serves to name the
+    tensors of a shape mismatch."""
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
+    name = name or str(location)
+    local = Path(location).is_dir()
+    tensors = check_weights_files(location) if local else None
+    try:
+        with third_party_quiet():
+            model, info = auto_class.from_pretrained(
+                str(location), use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        # a shape mismatch is a RuntimeError pointing at a report in the log: name the tensors
+        if local and tensors is not None:
+            try:
+                cfg = config_for_errors
+                if cfg is None:
+                    from transformers import AutoConfig
+
+                    cfg = AutoConfig.from_pretrained(str(location),
+                                                     trust_remote_code=trust_remote_code)
+                check_checkpoint(location, meta_model(cfg, trust_remote_code), tensors)
+            except ShrinkError:
+                raise
+            except Exception:  # noqa: BLE001 - the diagnosis failed: fall back to the message
+                pass
+        raise ShrinkError(f"cannot load '{name}': {first_line(e)}") from None
+    check_loading_info(info, location)
+    return model
+
+
+def check_model_folder(folder: str | Path, config=None, trust_remote_code: bool = False) -> None:
+    """Every check a loader needs before it hands a local folder to a library that loads weights
+    itself (GPTQModel, a teacher, a worker): the tokenizer files, safetensors only and undamaged,
+    and (unless the folder is quantized) each tensor the config asks for, with its shape."""
+    folder = Path(folder)
+    check_tokenizer_files(folder)
+    tensors = check_weights_files(folder)
+    if config is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - one line for the user
+            raise ShrinkError(f"cannot read {folder / 'config.json'}: {first_line(e)}") from None
+    if getattr(config, "quantization_config", None):
+        return  # packed tensors (qweight, scales...) are not the float model's state_dict
+    check_checkpoint(folder, meta_model(config, trust_remote_code), tensors)
+
+
+def check_tokenizer_files(folder: str | Path) -> None:
+    """A model folder needs the files of its tokenizer; without them transformers gives an
+    empty tokenizer and everything after fails obscurely."""
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ShrinkError(f"the tokenizer is missing in {folder} (no tokenizer.json, "
+                          "tokenizer.model or vocab.json): copy the tokenizer files of the model "
+                          "into it")
+
+
+def check_tokenizer(tokenizer, where: str | Path) -> None:
+    """An empty tokenizer (no vocabulary) is a missing tokenizer."""
+    try:
+        n = len(tokenizer)
+    except TypeError:
+        return
+    if n == 0:
+        raise ShrinkError(f"the tokenizer is missing in {where} (it has an empty vocabulary)")
+
+
+def check_seq_len(config, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse blocks longer than the model's context (positions beyond it are garbage or an
+    index error)."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ShrinkError(f"{flag} must be an integer >= 2 (got {seq_len})")
+    tc = text_config(config)
+    ctx = None
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(tc, attr, None)
+        if isinstance(v, int) and v > 0:
+            ctx = (attr, v)
+            break
+    if ctx is not None and seq_len > ctx[1]:
+        raise ShrinkError(f"{flag} {seq_len} is beyond the model's context ({ctx[0]} = {ctx[1]})")

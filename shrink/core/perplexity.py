@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from shrink.core.errors import ShrinkError
 from shrink.core.progress import progress_bar
 
 
@@ -42,5 +43,13 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
                               ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((targets != -100).sum())
+    if total_tokens == 0:
+        raise ShrinkError("perplexity needs at least one predicted token (every block is padding)")
     mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, total_tokens, time.perf_counter() - t0)
+    if not math.isfinite(mean):
+        raise ShrinkError(f"perplexity is not finite ({mean}): the model produces NaN/inf logits")
+    ppl = math.exp(mean) if mean < 709 else math.inf
+    if not math.isfinite(ppl):
+        raise ShrinkError(f"perplexity is not finite (mean NLL {mean:.1f} nats per token): the "
+                          "model's predictions are far from the text")
+    return PerplexityResult(ppl, mean, total_tokens, time.perf_counter() - t0)

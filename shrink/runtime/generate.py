@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from shrink.core.quiet import third_party_quiet
 from shrink.runtime.gptq import require_gptq
 from shrink.core.errors import ShrinkError, first_line
 from shrink.runtime.artifacts import artifact_kind, artifact_path, onnx_record
@@ -237,13 +236,16 @@ def _generate_transformers(path: Path, kind: str, prompt: str, max_new_tokens: i
 
     if kind == "gptq":
         require_gptq("this is a GPTQ checkpoint; loading it")
+    from shrink.core.models import check_tokenizer, check_tokenizer_files, from_pretrained_checked
+
+    check_tokenizer_files(path)
     tok = AutoTokenizer.from_pretrained(path)
+    check_tokenizer(tok, path)
     kwargs = ({"dtype": torch.float32} if kind == "hf" else
               {"device_map": "cuda" if torch.cuda.is_available() else "cpu"})
     try:
-        with third_party_quiet():
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
+        model = from_pretrained_checked(path, auto_class=AutoModelForCausalLM, **kwargs)
+    except ImportError as e:
         msg = first_line(e)
         raise ShrinkError(f"cannot load {path} with transformers: {msg}") from None
     model.eval()

@@ -20,9 +20,13 @@ def verify_model_dir(path: str | Path, prompt: str = PROMPT, max_new_tokens: int
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from shrink.core.models import check_tokenizer, check_tokenizer_files, from_pretrained_checked
+
     path = Path(path)
+    check_tokenizer_files(path)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    check_tokenizer(tok, path)
+    model = from_pretrained_checked(path, dtype=torch.float32, auto_class=AutoModelForCausalLM)
     model.eval()
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():

@@ -86,11 +86,16 @@ def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: in
 
     from shrink.stages.evaluate import perplexity
 
+    from shrink.core.models import check_tokenizer, check_tokenizer_files, from_pretrained_checked
+
+    check_tokenizer_files(path)
     tok = AutoTokenizer.from_pretrained(path)
+    check_tokenizer(tok, path)
     dtype = torch.float32 if device == "cpu" else torch.float16
     kwargs = {"device_map": device} if kind == "gptq" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = from_pretrained_checked(path, dtype=dtype, auto_class=AutoModelForCausalLM,
+                                        **kwargs)
     except ImportError as e:
         raise ShrinkError(f"cannot load GPTQ artifact {path}: {e}; pip install 'shrink-llm[gptq]'"
                           ) from None

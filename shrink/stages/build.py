@@ -25,7 +25,9 @@ from pydantic import ValidationError
 
 from shrink.stages.configs import BuildConfig, ModelOptions, describe
 from shrink.core.errors import ShrinkError
-from shrink.core.outputs import atomic_output, check_replaceable, existing_ancestor, safetensors_bytes
+from shrink.core.outputs import (atomic_output, check_not_source, check_replaceable, check_resumable,
+                                 existing_ancestor, folder_bytes, lock_output, mark_output,
+                                 output_id, safetensors_bytes)
 from shrink.core.progress import stderr
 
 MARKER = "done.json"
@@ -225,7 +227,7 @@ def default_output(c: BuildConfig) -> str:
 
 def build(config: BuildConfig | None = None, output: str | Path | None = None,
           resume: bool = False, force: bool = False, command: str | None = None,
-          show_progress: bool = True) -> BuildResult:
+          keep_stages: bool = False, show_progress: bool = True) -> BuildResult:
     """Run the whole chain into ``output``; see the module docstring."""
     from shrink.core.models import resolve
 
@@ -238,13 +240,18 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
         raise ShrinkError(f"output folder '{out}' exists and is not empty (use --resume to "
                           "continue it, --force to start over)")
     resolved = resolve(s.model)
+    check_not_source(out, resolved.path)
+    if resume and out.exists() and any(out.iterdir()):
+        check_resumable(out)  # only a folder a shrink build created
     check_disk(out, estimate_disk(s, resolved.path))
+    lock = lock_output(out)  # a second build into the same folder stops here
     if force and not resume and out.exists():
         if any(out.iterdir()):
             check_replaceable(out)
         shutil.rmtree(out)
     stages_dir = out / "stages"
     stages_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(out)
     names = s.stages()
     runs: list[StageRun] = []
     state: dict = {"model": s.model, "float_model": s.model,
@@ -280,6 +287,16 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
         runs.append(StageRun(name, key, skipped, marker.get("seconds", 0.0), info))
         state["key"] = key
     report = _finish(out, s, resolved, state, info_by_stage, runs, command)
+    if not keep_stages:
+        freed = folder_bytes(stages_dir)
+        shutil.rmtree(stages_dir, ignore_errors=True)
+        report["intermediates_removed_bytes"] = freed
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if show_progress:
+            stderr.print(f"removed the intermediate stage folders ({freed / 1e6:.0f} MB; "
+                         "--keep-stages keeps them for --resume)", highlight=False)
+    mark_output(out)
+    lock.release()
     return BuildResult(out, s, runs, report)
 
 
@@ -337,6 +354,7 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
     report = {
         "shrink_version": __version__, "source_model": s.model,
         "base_model": record.get("base_model"), "settings": s.settings(),
+        "output_id": output_id(out),
         "evaluation_set": s.evaluate.name(),
         "removed_layers": info["prune"]["removed"], "strategy": info["prune"]["strategy"],
         "reason": info["prune"]["reason"], "num_layers": info["prune"]["num_layers"],

@@ -11,7 +11,8 @@ import torch
 from shrink.core.data import token_blocks
 from shrink.core.errors import ShrinkError
 from shrink.core.layers import check_remove, prune_model
-from shrink.core.models import ALIASES, load_config, load_model, num_layers, read_shrink_json, resolve
+from shrink.core.models import (ALIASES, check_seq_len, load_config, load_model, num_layers,
+                                read_shrink_json, resolve)
 from shrink.core.outputs import check_output
 from shrink.core.progress import stderr
 from shrink.core.scores import LayerScores
@@ -73,7 +74,10 @@ def check(model: str, config: PruneConfig, load: ModelOptions) -> int:
     if config.layers is None and config.drop is None:
         raise ShrinkError("give --drop N or --layers LIST")
     resolved = resolve(model)
-    L = num_layers(load_config(resolved, load.trust_remote_code))
+    hf_config = load_config(resolved, load.trust_remote_code)
+    L = num_layers(hf_config)
+    if get_strategy(config.strategy).needs_scores or not get_strategy(config.strategy).streams:
+        check_seq_len(hf_config, config.seq_len)
     if config.layers is not None:
         check_remove(list(config.layers), L)
     else:
@@ -88,9 +92,9 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
     process, and move it into place at ``output``."""
     config = config or PruneConfig()
     load = load or ModelOptions()
-    check_output(output, force)
-    L = check(model, config, load)
     resolved = resolve(model)
+    check_output(output, force, resolved.path)
+    L = check(model, config, load)
     previous = read_shrink_json(resolved.path)
     strategy = get_strategy(config.strategy)
     streamed = False

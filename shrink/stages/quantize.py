@@ -24,10 +24,10 @@ from torch import nn
 
 from shrink.core.data import EVALUATION, token_blocks
 from shrink.core.quiet import stdout_to_stderr
-from shrink.runtime.gptq import cpu_workers, logs_outside_cwd, require_gptq
+from shrink.runtime.gptq import cpu_workers, gptq_interrupts, logs_outside_cwd, require_gptq
 from shrink.runtime.worker import run_worker
 from shrink.core.errors import ShrinkError, first_line
-from shrink.core.models import (check_decoder_only, check_device, find_layers, load_config, resolve)
+from shrink.core.models import (check_decoder_only, check_device, check_model_folder, check_seq_len, find_layers, from_pretrained_checked, load_config, resolve)
 from shrink.core.outputs import check_output, safetensors_bytes
 from shrink.core.progress import stderr
 from shrink.stages.configs import EvaluateConfig, QuantizeConfig
@@ -190,11 +190,14 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
     (finite logits, greedy generation, perplexity). The output keeps the source's generation
     settings (GPTQModel would otherwise turn on sampling).
     """
-    check_output(output, force)
-    require_gptq()
     resolved = resolve(str(model_dir))
+    check_output(output, force, resolved.path)
+    require_gptq()
     hf_config = load_config(resolved)
     _check_source(hf_config, resolved.name)
+    if resolved.path is not None:  # GPTQModel loads it itself: check it as our loader would
+        check_model_folder(resolved.path, hf_config)
+    check_seq_len(hf_config, config.seq_len)
     linears = quantizable_linears(hf_config)
     g, note = choose_group_size(linears, config.group_size)
     device = check_device(device)
@@ -225,7 +228,7 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
                    for row in blocks.input_ids]
 
     def compute(tmp: Path) -> StageOutput:
-        with cpu_workers(), stdout_to_stderr():
+        with cpu_workers(), stdout_to_stderr(), gptq_interrupts(output):
             from gptqmodel import GPTQModel
             from gptqmodel import QuantizeConfig as GPTQConfig
             from gptqmodel import __version__ as gptqmodel_version
@@ -311,7 +314,7 @@ def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, sample
                     prompt: str = "The capital of France is", max_new_tokens: int = 8) -> dict:
     """Load a GPTQ folder with ``AutoModelForCausalLM.from_pretrained`` (GPTQModel + optimum
     behind it); check finite logits and greedy generation; measure perplexity on ``eval_data``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from shrink.core.perplexity import perplexity
 
@@ -319,7 +322,7 @@ def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, sample
     path = Path(path)
     tok = AutoTokenizer.from_pretrained(path)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device)
+    model = from_pretrained_checked(path, device_map=device)
     load_seconds = time.perf_counter() - t0
     model.eval()
     qlinear = type(model.get_submodule(next(iter(

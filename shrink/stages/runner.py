@@ -4,7 +4,8 @@ A stage implements only its own computation, ``compute(tmp) -> StageOutput``: it
 artifact into ``tmp`` and returns its typed result, its entry for ``shrink.json`` and, optionally,
 a check to run on the written folder in a fresh process. The runner owns the rest:
 
-1. refuse a bad output before anything heavy runs (exists without ``force``, not writable);
+1. refuse a bad output before anything heavy runs (exists without ``force``, not writable,
+   is or holds the input), and hold its lock until the rename;
 2. hand the computation a temporary sibling folder (``.OUT.partial-PID``);
 3. copy the source's license and provenance files;
 4. run the fresh-process verification (``shrink.runtime.worker``) on the temporary folder;
@@ -38,10 +39,10 @@ def run_stage(name: str, output: str | Path, compute: Callable[[Path], StageOutp
               source: Path | None, settings: dict, force: bool = False, verify: bool = True,
               log: Callable[[str], None] | None = None) -> Any:
     """Run one stage into ``output`` (see the module docstring) and return its result."""
-    check_output(output, force)
+    check_output(output, force, source)
     previous = read_shrink_json(source) if source is not None and source.is_dir() else None
     t0 = time.perf_counter()
-    with atomic_output(output, force) as tmp:
+    with atomic_output(output, force, source=source) as tmp:
         out = compute(tmp)
         if source is not None:
             copy_license_files(source, tmp)

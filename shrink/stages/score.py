@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from shrink.core.data import token_blocks
-from shrink.core.models import load_model, resolve
+from shrink.core.models import check_seq_len, load_config, load_model, resolve
 from shrink.core.scores import LayerScores, removal_perplexity, score_layers
 from shrink.stages.configs import ModelOptions, ScoreConfig
 
@@ -15,6 +15,7 @@ def score(model: str, config: ScoreConfig | None = None, *, load: ModelOptions |
     config = config or ScoreConfig()
     load = load or ModelOptions()
     kw = load.load_kwargs()
+    check_seq_len(load_config(resolve(model), load.trust_remote_code), config.seq_len)
     if config.streaming is not False:
         from shrink.streaming import decide_streaming, score_model_streaming
 

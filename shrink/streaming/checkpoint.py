@@ -47,15 +47,31 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[dict, dict, int]:
     """(tensors, metadata, data start) of a safetensors file, from its JSON header only."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ShrinkError(f"{path} is not a safetensors file (too short)")
+            raise ShrinkError(f"{path} is not a safetensors file ({size} bytes: too short)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise ShrinkError(f"{path} is not a safetensors file (header of {n} bytes)")
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", None) or {}
+        if n > 100 << 20 or 8 + n > size:
+            raise ShrinkError(f"{path} is not a safetensors file (header of {n} bytes in a file "
+                              f"of {size}); it may be truncated or damaged")
+        try:
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            meta = header.pop("__metadata__", None) or {}
+            end = 0
+            for key, info in header.items():
+                a, b = info["data_offsets"]
+                info["shape"], info["dtype"]  # noqa: B018 - present, or KeyError below
+                end = max(end, int(b))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ShrinkError(f"{path} is not a valid safetensors file (bad header: "
+                              f"{first_line(e)})") from None
+    if 8 + n + end > size:
+        raise ShrinkError(f"{path} is truncated: its header describes {8 + n + end} bytes, the "
+                          f"file has {size}")
     return header, meta, 8 + n
 
 
@@ -66,8 +82,13 @@ class Checkpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.folder / f for f in weight_map.values()})
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted({self.folder / str(f) for f in weight_map.values()})
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
+                    AttributeError) as e:
+                raise ShrinkError(f"{index} is damaged (want JSON with a 'weight_map' object: "
+                                  f"{first_line(e)})") from None
         elif (self.folder / SINGLE).is_file():
             files = [self.folder / SINGLE]
         else:
@@ -161,3 +182,15 @@ def load_folder_config(folder: Path, trust_remote_code: bool = False):
         raise ShrinkError(f"streaming does not support {config.model_type} yet (supported: "
                           f"{', '.join(SUPPORTED)}); use --no-streaming")
     return config
+
+
+def check_complete(folder: str | Path, config, trust_remote_code: bool = False) -> Checkpoint:
+    """The checkpoint of ``folder``, after checking that it holds every tensor ``config`` asks
+    for, with its shape, and nothing else (ShrinkError naming them): streamed scoring and pruning
+    read tensors by name and must not copy a checkpoint that does not match its config."""
+    from shrink.core.models import check_checkpoint, meta_model
+
+    ck = Checkpoint(folder)
+    tensors = {k: (t.dtype, tuple(t.shape)) for k, t in ck.tensors.items()}
+    check_checkpoint(folder, meta_model(config, trust_remote_code), tensors)
+    return ck

@@ -23,9 +23,9 @@ import torch
 
 from shrink.core.data import token_blocks
 from shrink.core.errors import ShrinkError, first_line
-from shrink.core.models import (check_decoder_only, check_device, load_config, read_shrink_json,
-                                resolve, text_config)
-from shrink.core.outputs import check_output
+from shrink.core.models import (check_decoder_only, check_device, from_pretrained_checked,
+                                load_config, read_shrink_json, resolve, text_config)
+from shrink.core.outputs import check_output, lock_output
 from shrink.core.progress import stderr
 from shrink.core.quiet import third_party_quiet
 from shrink.report.plots import plot_losses
@@ -82,6 +82,10 @@ def check_teacher(teacher: str, student_config, student_tok, trust_remote_code: 
     resolved = resolve(teacher)
     tconfig = load_config(resolved, trust_remote_code)
     check_decoder_only(tconfig)
+    if resolved.path is not None:  # safetensors only, undamaged, every tensor of its config
+        from shrink.core.models import check_model_folder
+
+        check_model_folder(resolved.path, tconfig, trust_remote_code)
     try:
         ttok = AutoTokenizer.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -107,9 +111,9 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
     load = load or ModelOptions()
     evaluation = evaluation or EvaluateConfig()
     # ---- cheap checks first: nothing heavy runs and nothing is written on bad input ----
-    check_output(output, force)
     device = check_device(load.device)
     resolved = resolve(str(model_dir))
+    check_output(output, force, resolved.path)
     hf_config = load_config(resolved, load.trust_remote_code)
     check_decoder_only(hf_config)
     previous = read_shrink_json(resolved.path)
@@ -126,7 +130,7 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
                       resolve_targets(meta_model(hf_config, load.trust_remote_code),
                                       s["targets"]))
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     with third_party_quiet():
         tokenizer = AutoTokenizer.from_pretrained(resolved.location,
@@ -156,6 +160,8 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
     }
 
     # ---- train (resumable: the work folder keeps the Trainer's checkpoints) ----
+    # the output's lock covers the work folder too: a second heal into the same output stops here
+    out_lock = lock_output(output) if state.is_main_process else None
     work = work_dir_for(output)
     resume_from = prepare_work(work, settings, resume=resume, force=force, state=state,
                                show_progress=show_progress)
@@ -169,8 +175,8 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
                                        if p.requires_grad)
     teacher_model = None
     if teacher is not None:
-        teacher_model = AutoModelForCausalLM.from_pretrained(teacher.location,
-                                                             dtype=compute_dtype, **load_kw)
+        teacher_model = from_pretrained_checked(teacher.location, dtype=compute_dtype,
+                                                **load_kw)
         teacher_model.eval().requires_grad_(False)
     trained = train(model, blocks.input_ids, s, work=work, seed=c.seed, on_cuda=on_cuda,
                     teacher_model=teacher_model, temperature=c.kd_temperature,
@@ -230,5 +236,7 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
     run_stage("heal", output, compute, source=resolved.path, settings=c.settings(),
               force=force, verify=verify, log=stderr.print if show_progress else None)
     shutil.rmtree(work, ignore_errors=True)
+    if out_lock is not None:
+        out_lock.release()
     result.seconds = time.perf_counter() - t0
     return result

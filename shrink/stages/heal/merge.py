@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shrink.core.models import from_pretrained_checked
 from shrink.core.perplexity import PerplexityResult, perplexity
 from shrink.core.progress import stderr
 
@@ -36,17 +37,15 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
     """Reload the base in 16/32 bits, apply the adapter and merge it (``merge_and_unload``); for
     ``last-layers`` the trained model itself is loaded. Perplexity before (the base) and after
     is measured on ``eval_ids``, and the merge is checked against the adapter model."""
-    from transformers import AutoModelForCausalLM
-
     src_dtype = source_dtype(hf_config)
     merge_dtype = torch.float32 if not on_cuda else src_dtype
-    base = AutoModelForCausalLM.from_pretrained(location, dtype=merge_dtype, **load_kw)
+    base = from_pretrained_checked(location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
     before = perplexity(base, eval_ids, show_progress=show_progress)
     probe = eval_ids[:1].to(device)
     if method == "last-layers":
         del base
-        merged = AutoModelForCausalLM.from_pretrained(trained, dtype=merge_dtype, **load_kw)
+        merged = from_pretrained_checked(trained, dtype=merge_dtype, **load_kw)
         merged.to(device).eval()
         check = {"max_abs_logit_diff": 0.0, "tokens": 0, "note": "no adapter: trained in place"}
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shrink.core.errors import ShrinkError
-from shrink.core.models import find_layers
+from shrink.core.models import find_layers, from_pretrained_checked
 from shrink.core.progress import stderr
 from shrink.stages.heal.guard import guard_4bit_cpu, guard_callback
 
@@ -141,6 +142,48 @@ def work_dir_for(output: str | Path) -> Path:
     return out.parent / f".{out.name}.heal-work"
 
 
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a Trainer ``checkpoint-N`` folder cannot be resumed from, or None if it can. The
+    Trainer writes trainer_state.json last, so a checkpoint killed while being written lacks it
+    (or has it cut short); its weights must also be whole safetensors."""
+    from shrink.core.models import read_safetensors_header
+
+    folder = Path(folder)
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "no complete trainer_state.json"
+    weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors")
+               if (folder / n).is_file()]
+    if not weights:
+        return "no adapter_model.safetensors"
+    try:
+        for w in weights:
+            read_safetensors_header(w)
+    except ShrinkError as e:
+        return str(e)
+    return None
+
+
+def last_valid_checkpoint(work: str | Path) -> tuple[str | None, list[Path]]:
+    """The newest resumable ``checkpoint-N`` in the heal work folder and the incomplete ones
+    (newer than it: a heal killed while saving leaves one)."""
+    work = Path(work)
+    if not work.is_dir():
+        return None, []
+    found = []
+    for d in work.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    incomplete: list[Path] = []
+    for _, d in sorted(found, reverse=True):
+        if checkpoint_problem(d) is None:
+            return str(d), incomplete
+        incomplete.append(d)
+    return None, incomplete
+
+
 def settings_diff(saved: dict, now: dict) -> list[str]:
     return [k for k in now if k in saved and saved[k] != now[k]]
 
@@ -150,10 +193,8 @@ def prepare_work(work: Path, settings: dict, *, resume: bool, force: bool, state
     """Make the work folder ready and return the checkpoint to resume from (None: step 0).
     Checkpoints of an interrupted run are kept unless ``force``; ``resume`` requires the same
     settings as the run that wrote them."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     settings_file = work / "heal-settings.json"
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    last, incomplete = last_valid_checkpoint(work)  # skips checkpoints killed mid-write
     resume_from = None
     if resume:
         if last is not None:
@@ -170,6 +211,12 @@ def prepare_work(work: Path, settings: dict, *, resume: bool, force: bool, state
     if state.is_main_process:
         if resume_from is None and work.exists():
             shutil.rmtree(work)
+        for d in incomplete:  # killed while being written: the Trainer would trip over them
+            if work.exists() and d.exists():
+                if show_progress:
+                    stderr.print(f"removing the incomplete checkpoint {d.name} "
+                                 f"({checkpoint_problem(d)})")
+                shutil.rmtree(d, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     state.wait_for_everyone()
@@ -183,7 +230,7 @@ def trainable_model(location: str, s: dict, target_modules: list[str], *, comput
     """The model the Trainer updates: a peft model (LoRA on a 16/32-bit base, QLoRA on a 4-bit
     NF4 base), or for ``last-layers`` the model itself with only the LM head and the last K
     decoder layers trainable (full precision, no adapter)."""
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
 
     if s["method"] == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -193,14 +240,13 @@ def trainable_model(location: str, s: dict, target_modules: list[str], *, comput
                                    bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=compute_dtype)
         device_map = {"": state.local_process_index} if on_cuda else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(location, quantization_config=qconf,
-                                                     dtype=compute_dtype, device_map=device_map,
-                                                     **load_kw)
+        model = from_pretrained_checked(location, quantization_config=qconf,
+                                        dtype=compute_dtype, device_map=device_map, **load_kw)
         model.train()  # before any forward: see guard_4bit_cpu
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on_cuda)
         guard_4bit_cpu(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=compute_dtype, **load_kw)
+        model = from_pretrained_checked(location, dtype=compute_dtype, **load_kw)
         model.train()
     model.config.use_cache = False
     set_seed(seed)  # the LoRA A matrices are drawn here: same seed, same run
