@@ -462,8 +462,9 @@ def from_pretrained_checked(location: str | Path, *, name: str | None = None,
     tensors = check_weights_files(location) if local else None
     try:
         with third_party_quiet():
+            kwargs["use_safetensors"] = True
             model, info = auto_class.from_pretrained(
-                str(location), use_safetensors=True, trust_remote_code=trust_remote_code,
+                str(location), trust_remote_code=trust_remote_code,
                 output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         # a shape mismatch is a RuntimeError pointing at a report in the log: name the tensors

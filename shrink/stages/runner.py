@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.core.models import read_shrink_json
+from shrink.core.quiet import hf_quiet
 from shrink.core.outputs import atomic_output, check_output, copy_license_files, write_record
 
 
@@ -43,7 +44,8 @@ def run_stage(name: str, output: str | Path, compute: Callable[[Path], StageOutp
     previous = read_shrink_json(source) if source is not None and source.is_dir() else None
     t0 = time.perf_counter()
     with atomic_output(output, force, source=source) as tmp:
-        out = compute(tmp)
+        with hf_quiet():  # transformers' own "Writing model shards" bars and notes
+            out = compute(tmp)
         if source is not None:
             copy_license_files(source, tmp)
         entry = {"stage": name, **out.record, "settings": settings}
