@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -13,24 +14,37 @@ from rich.table import Table
 
 from shrink.cli.options import config_options, values
 from shrink.core.errors import ShrinkError
+from shrink.core.progress import stderr
+from shrink.core.quiet import capture_to, has_terminal_fds
 from shrink.stages.configs import (STAGE_CONFIGS, BenchConfig, EvaluateConfig,
                                    ExportConfig, HealConfig, ModelOptions, PruneConfig,
                                    QuantizeConfig, ScoreConfig, make)
 
 console = Console()
-err = Console(stderr=True)
+err = stderr  # shrink's own notes and progress: one stderr console for the whole package
 
 
 class ShrinkGroup(click.Group):
     """Turns ShrinkError (and other expected failures) into one line on stderr and exit 2."""
 
     def invoke(self, ctx):
+        verbose, quiet = ctx.params.get("verbose"), ctx.params.get("quiet")
+        err.quiet = bool(quiet)
+        log = None
         try:
-            return super().invoke(ctx)
+            if verbose or not has_terminal_fds() or not ctx.protected_args:
+                return super().invoke(ctx)
+            log = log_path(ctx.protected_args[0])
+            with capture_to(log, keep=(console, err)):
+                return super().invoke(ctx)
         except ShrinkError as e:
+            err.quiet = False
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            if log is not None and log.stat().st_size:
+                err.print(f"[dim](third-party output of this run: {log})[/]", highlight=False)
             sys.exit(2)
         except KeyboardInterrupt:
+            err.quiet = False
             err.print("[bold red]interrupted[/]: nothing was moved into place")
             from shrink.runtime import gptq
 
@@ -46,15 +60,31 @@ class ShrinkGroup(click.Group):
             if os.environ.get("SHRINK_DEBUG"):
                 raise
             line = (str(e).strip().splitlines() or [""])[0]
+            err.quiet = False
             err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(line)} "
-                      "(set SHRINK_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+                      "(set SHRINK_DEBUG=1 for the traceback"
+                      + (f"; third-party output: {log}" if log is not None else "") + ")",
+                      highlight=False, soft_wrap=True)
             sys.exit(1)
+
+
+def log_path(command: str) -> Path:
+    """Where a CLI run's third-party output goes (``shrink build`` copies it into OUT)."""
+    from shrink.core.models import cache_dir
+
+    folder = cache_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"shrink-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 @click.group(cls=ShrinkGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                 "max_content_width": 100})
 @click.version_option(package_name="shrink-llm", prog_name="shrink")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Show third-party libraries' logs (by default "
+              "they go to a log file, named when something fails).")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only on stderr (results still go to "
+              "stdout).")
+def main(verbose, quiet):
     """Turn a large language model into a smaller, faster one: score its layers, remove the
     least useful, and prove what was done.
 
@@ -100,7 +130,7 @@ def write_json(result, dest: str, settings: dict | None = None) -> None:
                 "result": result, "versions": versions()}
     text = json.dumps(envelope, indent=2, default=str)
     if dest == "-":
-        click.echo(text)
+        click.echo(text, file=console.file)
     else:
         Path(dest).write_text(text + "\n")
         err.print(f"wrote {dest}")
@@ -349,7 +379,7 @@ def claims(markdown, json_out):
         write_json([c.to_dict() for c in checks], "-")
         return
     if markdown:
-        click.echo(to_markdown(checks), nl=False)
+        click.echo(to_markdown(checks), nl=False, file=console.file)
     else:
         table = Table(title="Paper claims vs exact arithmetic")
         for col in ("#", "claim", "stated", "exact", "stated/exact", "verdict"):
@@ -510,12 +540,12 @@ def generate_cmd(artifact, prompt, max_new_tokens, temperature, top_p, seed):
     t0 = time.perf_counter()
 
     def stream(piece: str) -> None:
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
+        click.echo(piece, nl=False, file=console.file)
+        (console.file or sys.stdout).flush()
 
     generate(artifact, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
              top_p=top_p, seed=seed, stream=stream)
-    click.echo("")
+    click.echo("", file=console.file)
     err.print(f"[dim]{kind} artifact, {time.perf_counter() - t0:.1f} s[/]", highlight=False)
 
 

@@ -1,4 +1,5 @@
-"""Progress bars on stderr (rich), off when SHRINK_NO_PROGRESS is set or enabled=False."""
+"""shrink's own voice on stderr (rich): notes and progress bars with ETAs. Progress is off when
+SHRINK_NO_PROGRESS is set, enabled=False, or the console is quiet (``shrink -q``)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ stderr = Console(stderr=True)
 
 def progress_bar(items: Iterable[T], description: str, enabled: bool = True,
                  total: int | None = None) -> Iterator[T]:
-    if not enabled or os.environ.get("SHRINK_NO_PROGRESS"):
+    if not enabled or os.environ.get("SHRINK_NO_PROGRESS") or stderr.quiet:
         yield from items
         return
     if total is None and hasattr(items, "__len__"):

@@ -13,6 +13,9 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+
+CURRENT_LOG: Path | None = None  # the log file capture_to writes, while it is active
 
 # loggers that print import-time or per-call noise through the Python API: torchao ("Failed to
 # load ... .so"), torch's pytree deprecations, huggingface_hub's per-request warnings
@@ -109,3 +112,53 @@ def quiet_process() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@contextlib.contextmanager
+def capture_to(log_path: str | os.PathLike, keep: tuple = ()) -> Iterator[None]:
+    """For the CLI's own process: everything third-party libraries print (file descriptors 1 and
+    2, ``sys.stdout``/``sys.stderr``, Python logging) goes to ``log_path`` for the block, while the
+    rich consoles in ``keep`` (shrink's own output and progress) still reach the terminal."""
+    global CURRENT_LOG
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
+    CURRENT_LOG = Path(log_path)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = {fd: os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8",
+                              errors="replace") for fd in (1, 2)}
+    files = [(c, c.file) for c in keep]
+    for c in keep:  # rich Console: stderr consoles keep fd 2's terminal, stdout ones fd 1's
+        c.file = terminal[2] if getattr(c, "stderr", False) else terminal[1]
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        root.removeHandler(handler)
+        for fd, dup in saved.items():
+            os.dup2(dup, fd)
+            os.close(dup)
+        for c, f in files:
+            c.file = f
+        for f in terminal.values():
+            f.flush()
+            f.close()
+        log.close()
+        CURRENT_LOG = None
+
+
+def has_terminal_fds() -> bool:
+    """Whether sys.stdout/sys.stderr are the process's file descriptors 1 and 2 (not a test
+    runner's buffers): only then is there anything to capture at the descriptor level."""
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False

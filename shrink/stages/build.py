@@ -213,6 +213,29 @@ def _run(name: str, c: BuildConfig, stage_dir: Path, state: dict, resume: bool,
     raise AssertionError(name)
 
 
+def plan(c: BuildConfig, L: int, out: Path, disk: int) -> str:
+    """What the build will do, printed before the first stage."""
+    p = c.prune
+    what = (f"layers {p.layers}" if p.layers is not None else f"{p.drop} of {L} layers by "
+            f"{p.strategy}")
+    steps = [f"prune ({what}, scored on {p.samples} x {p.seq_len} tokens of {p.data})"]
+    if c.heal is not None:
+        h = c.heal
+        steps.append(f"heal ({h.method or 'lora'}{', preset ' + h.preset if h.preset else ''}, "
+                     f"{h.steps or 'default'} steps)")
+    if c.quantize is not None:
+        steps.append(f"quantize (GPTQ {c.quantize.gptq}, {c.quantize.samples} x "
+                     f"{c.quantize.seq_len} calibration tokens)")
+    if c.export is not None:
+        steps.append(f"export (ONNX {c.export.onnx}, LM head {c.export.lm_head}, "
+                     f"{c.export.target})")
+    steps.append(f"evaluate (every artifact on {c.evaluate.name()})")
+    lines = [f"shrink build {c.model} -> {out} (at most {disk / 1e9:.1f} GB of disk while it "
+             "runs):"]
+    lines += [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
+    return "\n".join(lines)
+
+
 def default_output(c: BuildConfig) -> str:
     base = Path(c.model.rstrip("/")).name or "model"
     parts = [base, f"drop{c.prune.count()}"]
@@ -252,6 +275,8 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
     stages_dir = out / "stages"
     stages_dir.mkdir(parents=True, exist_ok=True)
     mark_output(out)
+    if show_progress:
+        stderr.print(plan(s, L, out, estimate_disk(s, resolved.path)), highlight=False)
     names = s.stages()
     runs: list[StageRun] = []
     state: dict = {"model": s.model, "float_model": s.model,
@@ -295,6 +320,10 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
         if show_progress:
             stderr.print(f"removed the intermediate stage folders ({freed / 1e6:.0f} MB; "
                          "--keep-stages keeps them for --resume)", highlight=False)
+    from shrink.core.quiet import CURRENT_LOG
+
+    if CURRENT_LOG is not None and CURRENT_LOG.is_file():  # the CLI's third-party output
+        shutil.copy2(CURRENT_LOG, out / "build.log")
     mark_output(out)
     lock.release()
     return BuildResult(out, s, runs, report)
