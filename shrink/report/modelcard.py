@@ -135,3 +135,60 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
     lines += ["Every stage's record (scores, settings, verification, library versions) is in "
               "`model/shrink.json`; all the numbers above are in `report.json`.", ""]
     return "\n".join(lines)
+
+
+def artifact_card(report: dict, artifact: str) -> str:
+    """The card of one published folder (``model/`` or ``onnx/``): it must stand on its own when
+    that folder alone is uploaded, so it carries the front matter, what was done, this
+    artifact's perplexity and the usage snippet for its format."""
+    base = report.get("base_model")
+    quantized = bool(report.get("quantize"))
+    if artifact == "onnx":
+        tags, library, fmt = ["shrink", "pruned", "onnx", "onnxruntime-genai"], "onnxruntime", \
+            "ONNX (onnxruntime-genai)"
+        row = "onnx"
+    else:
+        tags = ["shrink", "pruned"] + (["gptq", f"{report['quantize']['bits']}-bit"]
+                                       if quantized else [])
+        library, fmt = "transformers", ("GPTQ checkpoint" if quantized else
+                                        "Hugging Face checkpoint (safetensors)")
+        row = "quantized" if quantized else ("healed" if report.get("heal") else "pruned")
+    front = ["---"] + ([f"base_model: {base}"] if base else [])
+    lic = license_for(base)
+    if lic:
+        front.append(f"license: {lic}")
+    front += [f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
+    front += [f"- {t}" for t in tags] + ["---", ""]
+    L0, L1 = report["num_layers"]
+    ppl = report.get("perplexity", {})
+    lines = front + [
+        f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed ({fmt})", "",
+        f"Made with shrink {report['shrink_version']} from `{base or report['source_model']}`: "
+        f"layers {report['removed_layers']} removed ({report['strategy']})"
+        + (", healed" if report.get("heal") else "")
+        + (f", GPTQ {report['quantize']['bits']}-bit" if quantized else "") + ".", ""]
+    if row in ppl and "dense" in ppl:
+        lines += [f"Perplexity on `{report.get('evaluation_set')}`: {ppl[row]['perplexity']:.2f} "
+                  f"(dense: {ppl['dense']['perplexity']:.2f}).", ""]
+    if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
+        lines += [EMBEDDED_NOTE, ""]
+    lines += ["## Use", ""]
+    if artifact == "onnx":
+        lines += ["```python", "import onnxruntime_genai as og  # pip install onnxruntime-genai",
+                  'model = og.Model("path/to/this/folder")',
+                  "tokenizer = og.Tokenizer(model)",
+                  "params = og.GeneratorParams(model)",
+                  "generator = og.Generator(model, params)",
+                  'generator.append_tokens(tokenizer.encode("The capital of France is"))',
+                  "while not generator.is_done():", "    generator.generate_next_token()",
+                  "print(tokenizer.decode(generator.get_sequence(0)))", "```"]
+    else:
+        if quantized:
+            lines += ["A GPTQ checkpoint: transformers loads it when GPTQModel and optimum are "
+                      "installed (`pip install gptqmodel optimum`); vLLM serves it as is.", ""]
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
+    lines += ["", "`shrink.json` in this folder records every stage (scores, settings, "
+              "verification, library versions).", ""]
+    return "\n".join(lines)

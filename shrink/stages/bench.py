@@ -364,7 +364,7 @@ def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_l
     from shrink.analysis.estimate import flops_per_token
     from shrink.stages.evaluate import perplexity
     from shrink.core.models import load_model
-    from shrink.stages.prune import without_layers
+    from shrink.core.layers import without_layers
     from shrink.core.scores import score_layers
 
     loaded = load_model(model, device=device)

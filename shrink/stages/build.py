@@ -351,7 +351,7 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
     from shrink.core.models import read_shrink_json
     import yaml
 
-    from shrink.report.modelcard import model_card
+    from shrink.report.modelcard import artifact_card, model_card
 
     final_model = Path(state["model"])
     _copy_atomic(final_model, out / "model")
@@ -410,6 +410,10 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
               + yaml.safe_dump(s.settings(), sort_keys=False))
     (out / "recipe.yaml").write_text(recipe)
     (out / "README.md").write_text(model_card(report, scores, plot is not None, recipe))
+    for artifact in report["artifacts"]:  # each published folder stands on its own
+        card = out / artifact / "README.md.tmp"
+        card.write_text(artifact_card(report, artifact))
+        os.replace(card, out / artifact / "README.md")
     return report
 
 

@@ -262,7 +262,7 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
             "calibration": blocks.describe(), "quantize_seconds": round(seconds, 2),
             "size_bytes_before": size_before, "size_bytes_after": size_after,
             "bits_per_weight": round(bpw, 4), "quantized_linears": count,
-            "perplexity_before": ppl_before,
+            "perplexity_before": ppl_before, "perplexity_after": None,  # set by the check
             "evaluation": eval_blocks.describe() if eval_blocks is not None else None,
             "tools": {"gptqmodel": gptqmodel_version, "optimum": _dist_version("optimum")},
         }
@@ -276,7 +276,7 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
                 folder, evaluation.data if evaluation is not None else None,
                 evaluation.samples if evaluation else 0, evaluation.seq_len if evaluation else 0,
                 evaluation.seed if evaluation else 0, device)
-            result.perplexity_after = v.get("perplexity")
+            result.perplexity_after = record["perplexity_after"] = v.get("perplexity")
             return v
 
         return StageOutput(result, record, check_it, {"source_model": str(model_dir)})

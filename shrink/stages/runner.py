@@ -48,12 +48,14 @@ def run_stage(name: str, output: str | Path, compute: Callable[[Path], StageOutp
             out = compute(tmp)
         if source is not None:
             copy_license_files(source, tmp)
-        entry = {"stage": name, **out.record, "settings": settings}
         verification: dict = {}
         if verify and out.verify is not None:
             if log:
                 log(f"verifying the {name} output in a fresh process")
             verification = out.verify(tmp)
+        # built after the check, which may add to the stage's record (quantize: perplexity_after)
+        entry = {"stage": name, **out.record, "settings": settings}
+        if verify and out.verify is not None:
             entry["verification"] = verification
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         record = write_record(tmp, previous, entry, **out.top)
