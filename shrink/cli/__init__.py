@@ -666,7 +666,7 @@ BUILD_PREFIX = {"prune": "prune", "heal": "heal", "quantize": "quantize", "expor
 def _build_prefixes() -> dict[str, dict[str, str]]:
     """Per stage, the option prefix of each setting: none when the name is unique among the
     stages (``--drop``, ``--gptq``, ``--onnx``), the stage's prefix when several stages use it
-    (``--heal-steps``, ``--eval-samples``, ``--quantize-seed``)."""
+    (``--heal-seq-len``, ``--eval-samples``, ``--quantize-seed``)."""
     from collections import Counter
 
     names = Counter(n for cls in STAGE_CONFIGS.values() for n in cls.model_fields)
@@ -725,7 +725,7 @@ def build_cmd(ctx, model, recipe, output, resume, force, no_heal, keep_stages, j
     """Score, prune, heal, quantize (GPTQ) and/or export (ONNX), verify, and write a model card.
 
     With no arguments: the embedded SmolLM2 end to end on a CPU (recipe smollm2-135m). A
-    setting several stages share is namespaced by its stage (--heal-steps, --eval-samples)."""
+    setting several stages share is namespaced by its stage (--heal-seq-len, --eval-samples)."""
     from shrink.stages.build import build, command_line, load_recipe, recipe_config
 
     if recipe is None and model is None:

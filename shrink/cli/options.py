@@ -2,7 +2,7 @@
 from its options model): one field, one option, with the field's name, type, default and help.
 
 ``config_options(PruneConfig)`` adds ``--drop``, ``--strategy``, ``--samples``... to a command;
-``config_options(HealConfig, prefix="heal")`` adds ``--heal-steps``... (``shrink build`` prefixes
+``config_options(HealConfig, prefix="heal")`` adds ``--heal-seq-len``... (``shrink build`` prefixes
 the settings whose names more than one stage uses). ``values(...)`` reads back only what the
 user actually gave, so a recipe's values are overridden by explicit options alone.
 """

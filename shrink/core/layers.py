@@ -86,22 +86,3 @@ def without_layers(model: nn.Module, remove: list[int]) -> Iterator[nn.Module]:
         yield model
     finally:
         restore()
-
-
-def parse_layers(text: str) -> list[int]:
-    """Parse ``--layers 21,22,25-27`` into a list of ints."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ShrinkError(f"--layers: '{part}' is not a layer number or range like 21-25"
-                              ) from None
-    return out

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from shrink.runtime.gptq import require_gptq
-from shrink.core.errors import ShrinkError, first_line
+from shrink.core.errors import ShrinkError, first_line, install_hint
 from shrink.runtime.artifacts import artifact_kind, artifact_path, onnx_record
 
-ONNX_EXTRA = "pip install 'shrink-llm[onnx]'"
-ONNX_GPU_EXTRA = "pip install 'shrink-llm[onnx-gpu]'"
+ONNX_EXTRA = install_hint("onnx")
+ONNX_GPU_EXTRA = install_hint("onnx-gpu")
 
 Stream = Callable[[str], None]
 

@@ -6,11 +6,11 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
-from shrink.core.errors import ShrinkError
+from shrink.core.errors import ShrinkError, install_hint
 from shrink.core.quiet import env
 
 
-INSTALL = "pip install 'shrink-llm[gptq]'"
+INSTALL = install_hint("gptq")
 def require_gptq(what: str = "GPTQ quantization") -> None:
     """Fail with the install line when the ``gptq`` extra (GPTQModel + optimum) is missing."""
     missing = [name for name, mod in (("gptqmodel", "gptqmodel"), ("optimum", "optimum"))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shrink.core.errors import ShrinkError, first_line
+from shrink.core.errors import ShrinkError, first_line, install_hint
 
-EVAL_EXTRA = "pip install 'shrink-llm[eval]'"
+EVAL_EXTRA = install_hint("eval")
 
 
 def task_manager(tasks: list[str], tasks_path: str | Path | None = None):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shrink.core.data import EVALUATION
 from shrink.runtime.worker import run_worker
-from shrink.core.errors import ShrinkError
+from shrink.core.errors import ShrinkError, install_hint
 from shrink.core.outputs import folder_bytes
 
 def _resolve_artifact(name: str) -> tuple[Path, str]:
@@ -97,7 +97,7 @@ def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: in
         model = from_pretrained_checked(path, dtype=dtype, auto_class=AutoModelForCausalLM,
                                         **kwargs)
     except ImportError as e:
-        raise ShrinkError(f"cannot load GPTQ artifact {path}: {e}; pip install 'shrink-llm[gptq]'"
+        raise ShrinkError(f"cannot load GPTQ artifact {path}: {e}; {install_hint('gptq')}"
                           ) from None
     model.to(device).eval()
     if device.startswith("cuda"):

@@ -1,7 +1,7 @@
 """One typed config per stage: the single place for a setting's name, type, default, validation
 and help text.
 
-The CLI options (``shrink prune --drop``, ``shrink build --heal-steps``), the YAML recipe
+The CLI options (``shrink prune --drop``, ``shrink build --heal-seq-len``), the YAML recipe
 (``heal: {steps: 100}``), the resume hash of a build stage and the ``settings`` of every
 ``--json`` output are all derived from these classes; nothing restates a setting elsewhere.
 Configs are frozen pydantic models: unknown keys, wrong types and impossible values are one clear
@@ -287,7 +287,7 @@ class BuildConfig(ModelOptions):
     @field_validator("heal", mode="before")
     @classmethod
     def _no_heal(cls, v):
-        return None if v is False else v
+        return None if v is False else {} if v is True else v
 
     def stages(self) -> list[str]:
         return [name for name in STAGE_CONFIGS if getattr(self, name) is not None]

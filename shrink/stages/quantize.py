@@ -70,19 +70,6 @@ class GptqResult:
         return d
 
 
-def parse_bits(value: int | str) -> int:
-    """``4``, ``"4"`` or ``"4bit"`` -> 4; anything GPTQ here does not support -> ShrinkError."""
-    text = str(value).strip().lower().removesuffix("bits").removesuffix("bit").removesuffix("-")
-    try:
-        bits = int(text)
-    except ValueError:
-        bits = None
-    if bits not in BITS:
-        raise ShrinkError(f"unsupported GPTQ bit width '{value}'; use one of "
-                          f"{', '.join(f'{b}bit' for b in BITS)}")
-    return bits
-
-
 def quantizable_linears(config, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
     """Every nn.Linear inside the decoder layers (what GPTQ quantizes; embeddings, norms and the
     head stay 16-bit): name -> (in_features, out_features). Built on the meta device: no weights."""

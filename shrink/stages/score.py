@@ -15,11 +15,12 @@ def score(model: str, config: ScoreConfig | None = None, *, load: ModelOptions |
     config = config or ScoreConfig()
     load = load or ModelOptions()
     kw = load.load_kwargs()
-    check_seq_len(load_config(resolve(model), load.trust_remote_code), config.seq_len)
+    resolved = resolve(model)
+    if resolved.path is not None:
+        check_seq_len(load_config(resolved, load.trust_remote_code), config.seq_len)
     if config.streaming is not False:
         from shrink.streaming import decide_streaming, score_model_streaming
 
-        resolved = resolve(model)
         if decide_streaming(resolved, kw["device"], kw["dtype"], config.streaming,
                             method=config.metric, can_stream=config.metric != "ppl",
                             show_progress=show_progress):

@@ -498,7 +498,7 @@ def _checkpoint(work: Path, step: int, complete: bool = True, truncated: bool = 
 
 @pytest.mark.parametrize("damage", ["no trainer_state", "half trainer_state", "cut weights"])
 def test_heal_resume_skips_a_checkpoint_killed_mid_write(tmp_path, damage):
-    from shrink.stages.heal import last_valid_checkpoint
+    from shrink.stages.heal.trainer import last_valid_checkpoint
 
     work = tmp_path / ".out.heal-work"
     good = _checkpoint(work, 2)

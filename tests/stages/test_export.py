@@ -235,7 +235,7 @@ def test_missing_extra_is_named(monkeypatch, tiny_model_dir, tmp_path):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ShrinkError, match=r"pip install 'shrink-llm\[onnx\]'"):
+    with pytest.raises(ShrinkError, match=r"pip install -e '\.\[onnx\]'"):
         export_onnx(tiny_model_dir("llama"), tmp_path / "o", ExportConfig(onnx="int4"))
     assert not (tmp_path / "o").exists()
 
@@ -246,7 +246,7 @@ def test_generate_names_the_missing_runtime(module, monkeypatch):
 
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     with pytest.raises(ShrinkError, match=rf"needs {module.replace('_', '-')} .*"
-                                          r"pip install 'shrink-llm\[onnx\]'"):
+                                          r"pip install -e '\.\[onnx\]'"):
         import_onnx_runtime(module)
 
 

@@ -17,7 +17,8 @@ pytest.importorskip("peft")
 from shrink.cli import main  # noqa: E402
 from shrink.core.errors import ShrinkError  # noqa: E402
 from shrink.stages.configs import EvaluateConfig, HealConfig  # noqa: E402
-from shrink.stages.heal import heal, kd_loss, work_dir_for  # noqa: E402
+from shrink.stages.heal import heal, work_dir_for  # noqa: E402
+from shrink.stages.heal.trainer import kd_loss  # noqa: E402
 
 try:
     import bitsandbytes  # noqa: F401
@@ -159,9 +160,9 @@ def test_qlora_gromov_preset_cpu(tiny_model_dir, tmp_path):
 
 
 def test_target_groups(arch, tiny_config):
-    from shrink.stages.heal import _meta_model, resolve_targets
+    from shrink.stages.heal.presets import meta_model, resolve_targets
 
-    model = _meta_model(tiny_config(arch))
+    model = meta_model(tiny_config(arch))
     assert resolve_targets(model, "mlp") == ["down_proj", "gate_proj", "up_proj"]
     assert resolve_targets(model, "attn") == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert len(resolve_targets(model, "all")) == 7
@@ -173,7 +174,7 @@ def test_target_groups(arch, tiny_config):
 def test_gromov_family():
     from transformers import LlamaConfig, MistralConfig
 
-    from shrink.stages.heal import _preset_values, gromov_family
+    from shrink.stages.heal.presets import gromov_family, preset_values
 
     l7 = LlamaConfig(hidden_size=4096, intermediate_size=11008, vocab_size=32000,
                      num_hidden_layers=23)  # pruned: the widths identify it
@@ -183,7 +184,7 @@ def test_gromov_family():
     assert gromov_family(MistralConfig(hidden_size=4096, intermediate_size=14336,
                                        vocab_size=32000), [])["rank"] == 4
     assert gromov_family(LlamaConfig(), ["meta-llama/Llama-2-7b-hf"])["family"] == "llama-2-7b"
-    v = _preset_values("gromov", LlamaConfig(hidden_size=64, max_position_embeddings=1024), [], 2)
+    v = preset_values("gromov", LlamaConfig(hidden_size=64, max_position_embeddings=1024), [], 2)
     assert v["rank"] == 64 and v["lr"] == 3e-4 and v["steps"] == 5000
     assert v["batch_size"] == 8 and v["seq_len"] == 1024  # global batch 16, capped context
 
@@ -198,7 +199,7 @@ def test_qlora_gradients_match_dequantized_reference(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from shrink.stages.heal import guard_4bit_cpu, is_4bit_packed
+    from shrink.stages.heal.guard import guard_4bit_cpu, is_4bit_packed
 
     src = tiny_model_dir("llama", 2)
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -370,6 +371,6 @@ def test_bad_inputs(tiny_model_dir, tmp_path, monkeypatch):
     # qlora without bitsandbytes names the extra
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     assert "bitsandbytes" in _bad([src, "--method", "qlora"], tmp_path, out)
-    with pytest.raises(ShrinkError, match=r"pip install 'shrink-llm\[qlora\]'"):
+    with pytest.raises(ShrinkError, match=r"pip install -e '\.\[qlora\]'"):
         heal(src, out, HealConfig(method="qlora"))
     assert not out.exists()

@@ -136,15 +136,16 @@ def test_bad_inputs(tiny_model_dir, tmp_path):
 
 
 def test_force_replaces_atomically(tiny_model_dir, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    (out / "config.json").write_text("{}")  # an earlier model folder
-    r = _run(["prune", str(tiny_model_dir("mistral")), "--layers", "2", "-o", str(out),
-              "--force", "--no-verify"])
+    out = tmp_path / "out"  # an earlier shrink output: --force may replace it, in one rename
+    src = str(tiny_model_dir("mistral"))
+    r = _run(["prune", src, "--layers", "1", "-o", str(out), "--no-verify"])
     assert r.exit_code == 0, r.output
-    assert not (out / "old.txt").exists() and (out / "config.json").stat().st_size > 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    first = json.loads((out / "shrink.json").read_text())["stages"][-1]["removed_layers"]
+    r = _run(["prune", src, "--layers", "2", "-o", str(out), "--force", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert first == [1]
+    assert json.loads((out / "shrink.json").read_text())["stages"][-1]["removed_layers"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left
 
 
 def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):

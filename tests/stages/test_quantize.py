@@ -69,7 +69,7 @@ def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "q"
     r = _run(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--gptq", "4bit"])
     assert r.exit_code == 2
-    assert "pip install 'shrink-llm[gptq]'" in r.output and "gptqmodel" in r.output
+    assert "pip install -e '.[gptq]'" in r.output and "gptqmodel" in r.output
     assert not out.exists()
 
 

@@ -165,7 +165,8 @@ def test_stream_prune_by_score_and_rebase(sharded_dir, tmp_path):
 def test_streaming_refusals(sharded_dir, tmp_path):
     from shrink.stages.prune import prune
     from shrink.stages.score import score
-    from shrink.streaming import plan_stream_prune
+    from shrink.core.models import resolve
+    from shrink.streaming import decide_streaming, plan_stream_prune
 
     folder = str(sharded_dir("llama"))
     with pytest.raises(ShrinkError, match="cannot stream"):
@@ -173,7 +174,8 @@ def test_streaming_refusals(sharded_dir, tmp_path):
     with pytest.raises(ShrinkError, match="cannot stream"):
         prune(folder, tmp_path / "o", PruneConfig(drop=1, strategy="iterative", streaming=True))
     with pytest.raises(ShrinkError, match="local folder"):
-        score("some-org/some-model", ScoreConfig(streaming=True))
+        # score() reads the hub config first (offline here: that error); the refusal itself
+        decide_streaming(resolve("some-org/some-model"), "cpu", None, True, method="bi")
     with pytest.raises(ShrinkError, match="out of range"):
         plan_stream_prune(folder, [9])
     with pytest.raises(ShrinkError, match="out of range"):

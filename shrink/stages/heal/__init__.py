@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shrink.core.data import token_blocks
-from shrink.core.errors import ShrinkError, first_line
+from shrink.core.errors import ShrinkError, first_line, install_hint
 from shrink.core.models import (check_decoder_only, check_device, from_pretrained_checked,
                                 load_config, read_shrink_json, resolve, text_config)
 from shrink.core.outputs import check_output, lock_output
@@ -35,8 +35,8 @@ from shrink.stages.heal.presets import meta_model, resolve_settings, resolve_tar
 from shrink.stages.heal.trainer import prepare_work, train, trainable_model, work_dir_for
 from shrink.stages.runner import StageOutput, run_stage
 
-QLORA_INSTALL = "pip install -e '.[qlora]'  (bitsandbytes)"
-HEAL_INSTALL = "pip install -e '.[heal]'  (peft)"
+QLORA_INSTALL = install_hint("qlora")
+HEAL_INSTALL = install_hint("heal")
 
 
 @dataclass
