@@ -230,21 +230,33 @@ def test_embedded_weights_match_the_original_gguf(embedded_dir):
 
 @pytest.mark.slow
 def test_embedded_pruned_q4_k_m(embedded_dir, tmp_path):
-    """SmolLM2 pruned to 24 layers -> q4_k_m GGUF; a separate llama.cpp process loads it,
-    generates, and measures perplexity on held-out text."""
+    """SmolLM2 pruned by Block Influence to 24 layers -> q4_k_m GGUF; a separate llama.cpp process
+    loads it, generates, and measures perplexity, which is compared with PyTorch's on the same
+    blocks (computed here, independently of the verification)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import shrink
+    from shrink.data import EVALUATION, token_blocks
+    from shrink.evaluate import perplexity
 
     pruned = tmp_path / "smollm2-24L"
-    shrink.prune(str(embedded_dir), pruned, drop=6, strategy="last", verify=False,
+    shrink.prune(str(embedded_dir), pruned, drop=6, strategy="bi", samples=8, verify=False,
                  show_progress=False)
     out = tmp_path / "gguf"
     info = export_gguf(pruned, out, "q4_k_m", threads=2, samples=4, seq_len=256)
     v = info["verification"]
     assert v["ok"] and v["block_count"] == 24 and info["pre_tokenizer"] == "smollm"
     assert v["tokenizer_matches"]
-    assert np.isfinite(v["perplexity"]) and 1 < v["perplexity"] < 1000
-    assert v["top1_agreement"] > 0.7
     assert v["completion"].strip()
+    assert v["top1_agreement"] > 0.7
+
+    tok = AutoTokenizer.from_pretrained(pruned)
+    blocks = token_blocks(tok, EVALUATION, 4, 256, 0)
+    assert v["data"] == blocks.describe()
+    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    ref = perplexity(model, blocks.input_ids, show_progress=False).perplexity
+    assert np.isfinite(v["perplexity"]) and 0.9 * ref < v["perplexity"] < 1.5 * ref
+
     record = json.loads((out / "shrink.json").read_text())
     assert [s["stage"] for s in record["stages"]][-2:] == ["prune", "gguf"]
     assert record["stages"][-1]["verification"]["perplexity"] == v["perplexity"]
