@@ -130,6 +130,7 @@ class GgufRunner:
         self.n_threads = threads
         self.metadata: dict[str, str] = dict(self.llm.metadata)
         self.eos = {self.llm.token_eos()}
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
@@ -186,7 +187,7 @@ class GgufRunner:
             new.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if tok in self.eos or self.llama_cpp.llama_token_is_eog(self.llm._model.vocab, tok):
+            if tok in self.eos or self.llama_cpp.llama_vocab_is_eog(self._vocab, tok):
                 break
             if step + 1 < max_new_tokens:
                 self.llm.eval([tok])
@@ -350,8 +351,9 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
         result["block_count"] = runner.n_layer
         problems = _check_metadata(fields, config, runner)
         # the tokenizer embedded in the GGUF against the HF tokenizer
-        tok_texts = list(prompts) + [tok.decode(blocks.input_ids[0][:64].tolist(),
-                                                skip_special_tokens=True)] if len(blocks.input_ids) else list(prompts)
+        tok_texts = list(prompts)
+        if len(blocks.input_ids):  # and a piece of the held-out text
+            tok_texts.append(tok.decode(blocks.input_ids[0][:64].tolist(), skip_special_tokens=True))
         tok_mismatch = [t for t in tok_texts if runner.encode(t) != list(tok(t)["input_ids"])]
         result["tokenizer_matches"] = not tok_mismatch
         if tok_mismatch:

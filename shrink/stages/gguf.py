@@ -616,10 +616,10 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
         raise ShrinkError(f"output file '{file}' exists (use --force to replace it)")
     elif file.exists() and file.is_dir():
         raise ShrinkError(f"output '{file}' is a folder")
-    if gguf_type not in DIRECT_TYPES:
+    if verify or gguf_type not in DIRECT_TYPES:
         from shrink.runtime.gguf import check_runtime
 
-        check_runtime()  # before any slow work
+        check_runtime()  # llama.cpp verifies and quantizes: fail before any slow work
 
     # everything is written into a temporary sibling of the output, renamed into place at the end
     final = folder if folder is not None else file
