@@ -100,12 +100,14 @@ class GgufRunner:
 
     ``n_ctx``: the longest sequence (prompt + generated) this runner takes.
     ``n_threads``: llama.cpp threads (default: all cores of this machine).
+    ``logits_all``: keep every position's logits (needed by :meth:`logits` and
+    :meth:`perplexity`); False computes the last position's only (faster prefill, for timing).
     """
 
     kv_cache = True
 
     def __init__(self, path: str | Path, n_ctx: int = 1024, n_threads: int | None = None,
-                 log_file: str | Path | None = None):
+                 log_file: str | Path | None = None, logits_all: bool = True):
         check_runtime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -120,12 +122,13 @@ class GgufRunner:
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                     n_ubatch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
-                    logits_all=True, verbose=False, seed=0)
+                    logits_all=logits_all, verbose=False, seed=0)
             except (ValueError, RuntimeError) as e:
                 raise ShrinkError(f"llama.cpp cannot load {path}: {first_line(e)}") from None
         # close before the interpreter tears modules down (llama-cpp-python's __del__ then fails)
         self._finalizer = weakref.finalize(self, self.llm.close)
         self.llama_cpp = llama_cpp
+        self.logits_all = logits_all
         self.n_ctx = n_ctx
         self.n_threads = threads
         self.metadata: dict[str, str] = dict(self.llm.metadata)
@@ -155,6 +158,11 @@ class GgufRunner:
     def decode(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
+    def _last_logits(self) -> np.ndarray:
+        """Logits of the last evaluated position (a copy), in either logits_all mode."""
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)
+
     def _check_len(self, n: int) -> None:
         if n > self.n_ctx:
             raise ShrinkError(f"{n} tokens exceed this runner's context of {self.n_ctx} "
@@ -164,6 +172,9 @@ class GgufRunner:
         """Teacher-forced logits for every position of ``ids``: (len(ids), vocab), float32."""
         ids = [int(t) for t in ids]
         self._check_len(len(ids))
+        if not self.logits_all:
+            raise ShrinkError("this runner was made with logits_all=False: it has no logits "
+                              "for every position")
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
@@ -180,7 +191,7 @@ class GgufRunner:
         self.llm.eval(ids)
         new: list[int] = []
         for step in range(max_new_tokens):
-            last = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            last = self._last_logits()
             if step < min_new_tokens:
                 last[list(self.eos)] = -np.inf
             tok = _sample(last, temperature, top_p, rng)
@@ -192,6 +203,22 @@ class GgufRunner:
             if step + 1 < max_new_tokens:
                 self.llm.eval([tok])
         return new
+
+    def time_greedy(self, ids: Sequence[int], gen_len: int) -> tuple[float, float]:
+        """(time to first token: prefill + argmax, decode seconds for ``gen_len - 1`` further
+        tokens), greedy with the KV cache, never stopping at EOS: the loop shrink.bench times
+        for PyTorch and ONNX. Logits of the last position only are read."""
+        ids = [int(t) for t in ids]
+        self._check_len(len(ids) + gen_len)
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        tok = int(np.argmax(self._last_logits()))
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            self.llm.eval([tok])
+            tok = int(np.argmax(self._last_logits()))
+        return t1 - t0, time.perf_counter() - t1
 
     def perplexity(self, input_ids_blocks, show_progress: bool = False) -> dict:
         """Token-weighted perplexity over (samples, seq_len) blocks, teacher-forced: the mean
