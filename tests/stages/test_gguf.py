@@ -116,6 +116,26 @@ def test_pruned_f32_matches_transformers(tiny_model_dir, tmp_path, arch, remove)
     assert got["greedy"] == ref_greedy
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_f32_logits(tiny_model_dir, tmp_path, arch):
+    """Mistral (llama in GGUF), Qwen2 (q/k/v biases) and Qwen3 (q/k norms), pruned, written
+    without verification and compared with transformers here."""
+    from transformers import AutoTokenizer
+
+    model, folder = _pruned(tiny_model_dir, tmp_path, arch, [0, 4])
+    info = write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert info["block_count"] == 4
+    if arch == "qwen3":  # its tiny config has sliding layers (window 32), llama.cpp has none
+        assert "context_length set to the window (32 tokens)" in info["notes"][0]
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(TEXT)["input_ids"][:30]  # within Qwen3's window
+    got = _llama_cpp_in_fresh_process(tmp_path / "m.gguf", ids, tmp_path)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert got["n_layer"] == 4
+    assert np.abs(got["logits"] - ref).max() < 2e-3 * max(1.0, np.abs(ref).max())
+
+
 def test_wrong_sliding_pattern_would_be_caught(tiny_model_dir, tmp_path):
     """The comparison above can fail: the same Gemma 3 weights with the pattern of the unpruned
     model (what a stale per-layer array gives) compute different logits past the window."""
