@@ -28,7 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2)")
     p.add_argument("--drop", type=int, default=0, help="prune this many layers first")
-    p.add_argument("--strategy", default="bi")
+    p.add_argument("--strategy", default="bi", help="bi or relmag (layer scores)")
     p.add_argument("--types", nargs="+",
                    default=["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"])
     p.add_argument("--samples", type=int, default=8)
@@ -40,24 +40,33 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import shrink
-    from shrink.data import EVALUATION, token_blocks
-    from shrink.evaluate import perplexity
-    from shrink.models import ensure_embedded
+    import shrink  # top-level names only: the same before and after the restructuring
     from shrink.stages.gguf import export_gguf
 
-    src = Path(args.model) if args.model else ensure_embedded()
+    if args.model:
+        src = Path(args.model)
+    else:
+        try:
+            from shrink.models import ensure_embedded
+        except ImportError:
+            from shrink.core.models import ensure_embedded
+        src = ensure_embedded()
     rows = []
     with tempfile.TemporaryDirectory(prefix="shrink-bench-gguf-") as tmp:
         model_dir = src
-        if args.drop:
+        tok = AutoTokenizer.from_pretrained(src)
+        if args.drop:  # layer scores on 32 x 256 calibration tokens: shrink prune's defaults
+            model = AutoModelForCausalLM.from_pretrained(src, dtype="float32").eval()
+            calib = shrink.token_blocks(tok, shrink.CALIBRATION, 32, 256, 0)
+            scores = shrink.score_layers(model, calib.input_ids, show_progress=False)
+            shrink.prune_model(model, scores.lowest(args.strategy, args.drop))
             model_dir = Path(tmp) / "pruned"
-            shrink.prune(str(src), model_dir, drop=args.drop, strategy=args.strategy,
-                         verify=False, show_progress=False)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        blocks = token_blocks(tok, EVALUATION, args.samples, args.seq_len, 0)
+            model.save_pretrained(model_dir)
+            tok.save_pretrained(model_dir)
+            del model
+        blocks = shrink.token_blocks(tok, shrink.EVALUATION, args.samples, args.seq_len, 0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
-        ref = perplexity(model, blocks.input_ids, show_progress=False)
+        ref = shrink.perplexity(model, blocks.input_ids, show_progress=False)
         n_layers = model.config.num_hidden_layers
         del model
         weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))

@@ -34,11 +34,11 @@ def _vm(name: str) -> int:
 def worker(kind: str, path: str, threads: int, prompt_len: int, gen_len: int) -> dict:
     os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
     if kind == "gguf":
-        from shrink.data import EVALUATION, load_texts
+        import shrink
         from shrink.runtime.gguf import GgufRunner
 
         r = GgufRunner(path, n_ctx=prompt_len + gen_len, n_threads=threads, logits_all=False)
-        ids = r.encode(load_texts(EVALUATION)[0][:20000])[:prompt_len]
+        ids = r.encode(shrink.load_texts(shrink.EVALUATION)[0][:20000])[:prompt_len]
         r.time_greedy(ids, 4)  # warm-up
         Path("/proc/self/clear_refs").write_text("5")
         ttft, decode = r.time_greedy(ids, gen_len)
@@ -48,7 +48,10 @@ def worker(kind: str, path: str, threads: int, prompt_len: int, gen_len: int) ->
     import torch
 
     torch.set_num_threads(threads)
-    from shrink.bench import measure
+    try:
+        from shrink.bench import measure
+    except ImportError:  # after the restructuring
+        from shrink.stages.bench import measure
 
     return measure(path, "onnx" if kind == "onnx" else "hf", prompt_len=prompt_len,
                    gen_len=gen_len, ppl_samples=0)

@@ -20,8 +20,8 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from shrink.errors import ShrinkError  # noqa: E402
-from shrink.pruning import prune_model  # noqa: E402
+import shrink  # noqa: E402  (top-level names only: the same before and after the restructuring)
+from shrink import ShrinkError, prune_model  # noqa: E402
 from shrink.stages.gguf import export_gguf, write_gguf  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -255,13 +255,15 @@ def test_embedded_pruned_q4_k_m(embedded_dir, tmp_path):
     blocks (computed here, independently of the verification)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import shrink
-    from shrink.data import EVALUATION, token_blocks
-    from shrink.evaluate import perplexity
-
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    calib = shrink.token_blocks(tok, shrink.CALIBRATION, 8, 256, 0)
+    scores = shrink.score_layers(model, calib.input_ids, show_progress=False)
+    prune_model(model, scores.lowest("bi", 6))
     pruned = tmp_path / "smollm2-24L"
-    shrink.prune(str(embedded_dir), pruned, drop=6, strategy="bi", samples=8, verify=False,
-                 show_progress=False)
+    model.save_pretrained(pruned)
+    tok.save_pretrained(pruned)
+
     out = tmp_path / "gguf"
     info = export_gguf(pruned, out, "q4_k_m", threads=2, samples=4, seq_len=256)
     v = info["verification"]
@@ -270,13 +272,11 @@ def test_embedded_pruned_q4_k_m(embedded_dir, tmp_path):
     assert v["completion"].strip()
     assert v["top1_agreement"] > 0.7
 
-    tok = AutoTokenizer.from_pretrained(pruned)
-    blocks = token_blocks(tok, EVALUATION, 4, 256, 0)
+    blocks = shrink.token_blocks(tok, shrink.EVALUATION, 4, 256, 0)
     assert v["data"] == blocks.describe()
-    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
-    ref = perplexity(model, blocks.input_ids, show_progress=False).perplexity
+    ref = shrink.perplexity(model, blocks.input_ids, show_progress=False).perplexity
     assert np.isfinite(v["perplexity"]) and 0.9 * ref < v["perplexity"] < 1.5 * ref
 
     record = json.loads((out / "shrink.json").read_text())
-    assert [s["stage"] for s in record["stages"]][-2:] == ["prune", "gguf"]
+    assert record["stages"][-1]["stage"] == "gguf"
     assert record["stages"][-1]["verification"]["perplexity"] == v["perplexity"]
