@@ -1,0 +1,507 @@
+"""Run GGUF files in llama.cpp (through llama-cpp-python), quantize them with llama.cpp's own
+quantizer, and verify a written GGUF in a fresh process.
+
+* :class:`GgufRunner`: ``encode``, ``logits`` (every position), ``generate_ids`` (greedy by
+  default), ``perplexity`` (same blocks and arithmetic as ``shrink.evaluate.perplexity``).
+* :func:`quantize_in_subprocess`: llama.cpp's ``llama_model_quantize`` in a child process (a
+  failed ggml assertion aborts the whole process, so it must not be the user's).
+* :func:`verify_in_subprocess`: ``python -m shrink.runtime.gguf verify GGUF HF_DIR TYPE ...``
+  prints one JSON object on its last stdout line; it loads the GGUF in llama.cpp, compares its
+  metadata with the HF config, its tokenizer with the HF tokenizer, its greedy tokens and logits
+  with PyTorch's, and measures perplexity on held-out blocks.
+
+llama.cpp writes its loading log to file descriptor 2; :class:`GgufRunner` sends it to a log
+file (``log_file``, default a temporary file) while the model loads, then restores fd 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+try:  # the flat layout of this branch; shrink.core after the restructuring
+    from shrink.errors import ShrinkError, first_line
+except ImportError:  # pragma: no cover - depends on the checkout
+    from shrink.core.errors import ShrinkError, first_line
+
+GGUF_EXTRA = "pip install 'shrink-llm[gguf]'"
+# fixed prompts of the verification (greedy tokens compared with PyTorch's)
+PROMPTS = ("The capital of France is",
+           "It is a truth universally acknowledged, that a single man in possession",
+           "def fibonacci(n):")
+
+
+def check_runtime() -> None:
+    """Raise ShrinkError with the install line when llama-cpp-python is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ShrinkError(f"running or quantizing GGUF needs llama-cpp-python: run {GGUF_EXTRA}")
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+@contextlib.contextmanager
+def stderr_to(log_file: str | Path | None) -> Iterator[None]:
+    """Send file descriptor 2 (where llama.cpp's C code logs) to ``log_file`` for the block,
+    then restore it. ``None``: to a temporary file that is deleted."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    if log_file is None:
+        target = tempfile.TemporaryFile()
+        fd = target.fileno()
+    else:
+        target = open(log_file, "ab")
+        fd = target.fileno()
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        target.close()
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+class GgufRunner:
+    """A GGUF file loaded in llama.cpp with full-sequence logits.
+
+    ``n_ctx``: the longest sequence (prompt + generated) this runner takes.
+    ``n_threads``: llama.cpp threads (default: all cores of this machine).
+    ``logits_all``: keep every position's logits (needed by :meth:`logits` and
+    :meth:`perplexity`); False computes the last position's only (faster prefill, for timing).
+    """
+
+    kv_cache = True
+
+    def __init__(self, path: str | Path, n_ctx: int = 1024, n_threads: int | None = None,
+                 log_file: str | Path | None = None, logits_all: bool = True):
+        check_runtime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ShrinkError(f"no such GGUF file '{path}'")
+        if not is_gguf_file(self.path):
+            raise ShrinkError(f"'{path}' is not a GGUF file (no GGUF magic)")
+        threads = int(n_threads or os.cpu_count() or 1)
+        with stderr_to(log_file):
+            import llama_cpp
+
+            try:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                    n_ubatch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
+                    logits_all=logits_all, verbose=False, seed=0)
+            except (ValueError, RuntimeError) as e:
+                raise ShrinkError(f"llama.cpp cannot load {path}: {first_line(e)}") from None
+        # close before the interpreter tears modules down (llama-cpp-python's __del__ then fails)
+        self._finalizer = weakref.finalize(self, self.llm.close)
+        self.llama_cpp = llama_cpp
+        self.logits_all = logits_all
+        self.n_ctx = n_ctx
+        self.n_threads = threads
+        self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self.eos = {self.llm.token_eos()}
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self._finalizer()
+            self.llm = None
+
+    def __enter__(self) -> "GgufRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def n_layer(self) -> int:
+        arch = self.metadata.get("general.architecture", "")
+        return int(self.metadata[f"{arch}.block_count"])
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids as llama.cpp's tokenizer makes them (BOS added when the GGUF says so)."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def _last_logits(self) -> np.ndarray:
+        """Logits of the last evaluated position (a copy), in either logits_all mode."""
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)
+
+    def _check_len(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ShrinkError(f"{n} tokens exceed this runner's context of {self.n_ctx} "
+                              "(pass a larger n_ctx)")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits for every position of ``ids``: (len(ids), vocab), float32."""
+        ids = [int(t) for t in ids]
+        self._check_len(len(ids))
+        if not self.logits_all:
+            raise ShrinkError("this runner was made with logits_all=False: it has no logits "
+                              "for every position")
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = 0, min_new_tokens: int = 0,
+                     on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Continue ``ids`` with the KV cache; greedy (argmax) when ``temperature`` is 0.
+        Stops after an end-of-generation token (included in the result)."""
+        ids = [int(t) for t in ids]
+        self._check_len(len(ids) + max_new_tokens)
+        rng = np.random.default_rng(seed)
+        self.llm.reset()
+        self.llm.eval(ids)
+        new: list[int] = []
+        for step in range(max_new_tokens):
+            last = self._last_logits()
+            if step < min_new_tokens:
+                last[list(self.eos)] = -np.inf
+            tok = _sample(last, temperature, top_p, rng)
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok in self.eos or self.llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                break
+            if step + 1 < max_new_tokens:
+                self.llm.eval([tok])
+        return new
+
+    def time_greedy(self, ids: Sequence[int], gen_len: int) -> tuple[float, float]:
+        """(time to first token: prefill + argmax, decode seconds for ``gen_len - 1`` further
+        tokens), greedy with the KV cache, never stopping at EOS: the loop shrink.bench times
+        for PyTorch and ONNX. Logits of the last position only are read."""
+        ids = [int(t) for t in ids]
+        self._check_len(len(ids) + gen_len)
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        tok = int(np.argmax(self._last_logits()))
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            self.llm.eval([tok])
+            tok = int(np.argmax(self._last_logits()))
+        return t1 - t0, time.perf_counter() - t1
+
+    def perplexity(self, input_ids_blocks, show_progress: bool = False) -> dict:
+        """Token-weighted perplexity over (samples, seq_len) blocks, teacher-forced: the mean
+        negative log-likelihood of token t+1 given tokens 0..t, as shrink.evaluate computes it."""
+        rows = np.asarray(input_ids_blocks, dtype=np.int64)
+        total_nll, total_tokens = 0.0, 0
+        t0 = time.perf_counter()
+        for row in rows:
+            logits = self.logits(row.tolist()).astype(np.float64)[:-1]
+            targets = row[1:]
+            m = logits.max(axis=1, keepdims=True)
+            lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+            total_nll += float((lse - logits[np.arange(len(targets)), targets]).sum())
+            total_tokens += len(targets)
+        mean = total_nll / total_tokens
+        return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens,
+                "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization (llama.cpp's own quantizer)
+# ------------------------------------------------------------------------------------------------
+
+def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | None = None) -> None:
+    """llama.cpp's ``llama_model_quantize`` (what ``llama-quantize`` runs), in this process.
+    Prefer :func:`quantize_in_subprocess`: llama.cpp aborts the process on some errors."""
+    check_runtime()
+    import gguf
+    import llama_cpp
+
+    try:
+        ftype = int(gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"])
+    except KeyError:
+        raise ShrinkError(f"llama.cpp has no quantization type '{gguf_type}'") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = int(threads or os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise ShrinkError(f"llama.cpp could not quantize {src} to {gguf_type} (code {rc})")
+
+
+def _run_worker(args: list[str], what: str, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "shrink.runtime.gguf", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    result = None
+    if lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            result = json.loads(lines[-1])
+    if proc.returncode != 0 or not isinstance(result, dict):
+        if isinstance(result, dict) and result.get("error"):
+            tail = result["error"]
+        else:
+            err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            tail = err[-1] if err else f"exit code {proc.returncode}"
+        raise ShrinkError(f"{what} failed in a fresh process: {tail}")
+    return result
+
+
+def quantize_in_subprocess(src: str | Path, dst: str | Path, gguf_type: str,
+                           threads: int | None = None, timeout: float = 3600) -> dict:
+    """Quantize ``src`` (an f32/f16/bf16 GGUF) to ``dst`` with llama.cpp in a child process."""
+    args = ["quantize", str(src), str(dst), gguf_type]
+    if threads:
+        args += ["--threads", str(threads)]
+    return _run_worker(args, f"quantizing {src} to {gguf_type}", timeout)
+
+
+# ------------------------------------------------------------------------------------------------
+# verification
+# ------------------------------------------------------------------------------------------------
+
+def _gguf_fields(path: Path) -> dict:
+    """Key/values of a GGUF file read with the gguf package (arrays included)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model",
+                                                             "tokenizer.ggml.pre"):
+            continue
+        try:
+            out[key] = f.contents()
+        except Exception:  # noqa: BLE001 - odd field types are not needed here
+            continue
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    out["_tensor_types"] = types
+    return out
+
+
+def _check_metadata(fields: dict, config: dict, runner: GgufRunner) -> list[str]:
+    """Differences between the GGUF's metadata and the HF config (empty when consistent)."""
+    arch = fields.get("general.architecture")
+    problems = []
+
+    def want(key: str, value) -> None:
+        got = fields.get(f"{arch}.{key}")
+        if got != value:
+            problems.append(f"{arch}.{key} is {got}, config says {value}")
+
+    n_layer = config["num_hidden_layers"]
+    n_head = config["num_attention_heads"]
+    want("block_count", n_layer)
+    want("embedding_length", config["hidden_size"])
+    want("feed_forward_length", config["intermediate_size"])
+    want("attention.head_count", n_head)
+    want("attention.head_count_kv", config.get("num_key_value_heads") or n_head)
+    if runner.n_layer != n_layer:
+        problems.append(f"llama.cpp reports {runner.n_layer} blocks, config says {n_layer}")
+    n_vocab = runner.llm.n_vocab()
+    if n_vocab != config["vocab_size"]:
+        problems.append(f"llama.cpp vocab {n_vocab}, config says {config['vocab_size']}")
+    if arch == "gemma3" and config.get("layer_types") and config.get("sliding_window"):
+        pattern = [bool(x) for x in fields.get(f"{arch}.attention.sliding_window_pattern") or []]
+        expect = [t == "sliding_attention" for t in config["layer_types"]]
+        if pattern != expect:
+            problems.append(f"sliding_window_pattern {pattern} does not follow layer_types "
+                            f"{config['layer_types']}")
+        want("attention.sliding_window", config["sliding_window"])
+    return problems
+
+
+def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
+                threads: int | None = None, samples: int = 4, seq_len: int = 256,
+                data: str | None = None, max_new_tokens: int = 16,
+                prompts: Sequence[str] = PROMPTS, seed: int = 0) -> dict:
+    """Load the GGUF in llama.cpp and check it against the HF folder it came from (run this in a
+    fresh process: :func:`verify_in_subprocess`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from shrink.data import EVALUATION, token_blocks
+    except ImportError:  # pragma: no cover - after the restructuring
+        from shrink.core.data import EVALUATION, token_blocks
+
+    gguf_path, model_dir = Path(gguf_path), Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    fields = _gguf_fields(gguf_path)
+    blocks = token_blocks(tok, data or EVALUATION, samples, seq_len, seed, at_most=True)
+    prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
+    n_ctx = max(seq_len, max(len(p) for p in prompt_ids) + max_new_tokens)
+
+    result: dict = {"type": gguf_type, "bytes": gguf_path.stat().st_size,
+                    "architecture": fields.get("general.architecture"),
+                    "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
+                    "tensor_types": fields["_tensor_types"]}
+    t0 = time.perf_counter()
+    runner = GgufRunner(gguf_path, n_ctx=n_ctx, n_threads=threads)
+    result["seconds_load"] = round(time.perf_counter() - t0, 3)
+    try:
+        result["block_count"] = runner.n_layer
+        problems = _check_metadata(fields, config, runner)
+        # the tokenizer embedded in the GGUF against the HF tokenizer
+        tok_texts = list(prompts)
+        if len(blocks.input_ids):  # and a piece of the held-out text
+            tok_texts.append(tok.decode(blocks.input_ids[0][:64].tolist(), skip_special_tokens=True))
+        tok_mismatch = [t for t in tok_texts if runner.encode(t) != list(tok(t)["input_ids"])]
+        result["tokenizer_matches"] = not tok_mismatch
+        if tok_mismatch:
+            problems.append(f"llama.cpp tokenizes {tok_mismatch[0]!r} differently from the HF "
+                            "tokenizer")
+        gguf_greedy = [runner.generate_ids(ids, max_new_tokens) for ids in prompt_ids]
+        first_logits = runner.logits(prompt_ids[0])
+        block_logits = runner.logits(blocks.input_ids[0].tolist()) if len(blocks.input_ids) else None
+        ppl = runner.perplexity(blocks.input_ids) if len(blocks.input_ids) else None
+    finally:
+        runner.close()
+
+    # the PyTorch reference, on the same token ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (
+        eos[0] if isinstance(eos, list) else eos)
+    torch_greedy = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=pad)
+            torch_greedy.append(out[0, len(ids):].tolist())
+        ref_first = model(torch.tensor([prompt_ids[0]])).logits[0].float().numpy()
+        ref_block = (model(blocks.input_ids[:1]).logits[0].float().numpy()
+                     if block_logits is not None else None)
+    same = [g == t for g, t in zip(gguf_greedy, torch_greedy)]
+    agree_tokens = sum(sum(a == b for a, b in zip(g, t)) for g, t in zip(gguf_greedy, torch_greedy))
+    n_tokens = sum(max(len(g), len(t)) for g, t in zip(gguf_greedy, torch_greedy))
+    result.update({
+        "prompts": list(prompts),
+        "greedy_gguf": gguf_greedy,
+        "greedy_torch": torch_greedy,
+        "greedy_equal": all(same),
+        "greedy_token_agreement": round(agree_tokens / max(n_tokens, 1), 4),
+        "completion": tok.decode(gguf_greedy[0], skip_special_tokens=True),
+        "max_abs_logit_diff": float(np.abs(first_logits - ref_first).max()),
+    })
+    if block_logits is not None:
+        result["top1_agreement"] = round(float(
+            (block_logits.argmax(-1) == ref_block.argmax(-1)).mean()), 4)
+    if ppl is not None:
+        result["perplexity"] = ppl["perplexity"]
+        result["nll"] = ppl["nll"]
+        result["perplexity_tokens"] = ppl["tokens"]
+        result["perplexity_seconds"] = round(ppl["seconds"], 2)
+        result["data"] = blocks.describe()
+        if not math.isfinite(ppl["perplexity"]):
+            problems.append("perplexity is not finite")
+    if gguf_type in ("f32", "f16") and not all(same):
+        i = same.index(False)
+        problems.append(f"{gguf_type} greedy tokens differ from PyTorch's on {prompts[i]!r}: "
+                        f"{gguf_greedy[i]} vs {torch_greedy[i]}")
+    if not all(len(g) > 0 for g in gguf_greedy):
+        problems.append("llama.cpp generated no tokens")
+    result["problems"] = problems
+    result["ok"] = not problems
+    return result
+
+
+def verify_in_subprocess(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
+                         threads: int | None = None, samples: int = 4, seq_len: int = 256,
+                         data: str | None = None, max_new_tokens: int = 16,
+                         timeout: float = 3600) -> dict:
+    """:func:`verify_gguf` in a fresh process; raise ShrinkError naming the first problem."""
+    args = ["verify", str(gguf_path), str(model_dir), gguf_type, "--samples", str(samples),
+            "--seq-len", str(seq_len), "--max-new-tokens", str(max_new_tokens)]
+    if threads:
+        args += ["--threads", str(threads)]
+    if data:
+        args += ["--data", data]
+    result = _run_worker(args, f"verification of {gguf_path}", timeout)
+    if not result.get("ok"):
+        raise ShrinkError(f"verification of {gguf_path} failed: {result['problems'][0]}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m shrink.runtime.gguf")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quantize")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("type")
+    q.add_argument("--threads", type=int)
+    v = sub.add_parser("verify")
+    v.add_argument("gguf")
+    v.add_argument("model_dir")
+    v.add_argument("type")
+    v.add_argument("--threads", type=int)
+    v.add_argument("--samples", type=int, default=4)
+    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--data")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        if args.cmd == "quantize":
+            t0 = time.perf_counter()
+            quantize(args.src, args.dst, args.type, args.threads)
+            out = {"ok": True, "seconds": round(time.perf_counter() - t0, 2),
+                   "bytes": Path(args.dst).stat().st_size}
+        else:
+            out = verify_gguf(args.gguf, args.model_dir, args.type, threads=args.threads,
+                              samples=args.samples, seq_len=args.seq_len, data=args.data,
+                              max_new_tokens=args.max_new_tokens)
+    except ShrinkError as e:
+        print(json.dumps({"ok": False, "error": str(e)}))
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

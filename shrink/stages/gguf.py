@@ -1,0 +1,679 @@
+"""Export an HF folder that shrink wrote (plain, pruned, healed) to GGUF, the file format of
+llama.cpp, Ollama and LM Studio.
+
+What is written follows llama.cpp's own converter (``convert_hf_to_gguf.py``; its Llama, Qwen2,
+Qwen3 and Gemma3 classes), re-implemented here on the ``gguf`` package, which owns the file
+format, the key names and the HF -> GGUF tensor name map. Everything is derived from
+``config.json``, so a pruned checkpoint gets its own block count and every per-layer array
+(Gemma 3's sliding/full attention pattern) sliced to the kept layers.
+
+* ``f32``, ``f16``, ``bf16`` and ``q8_0`` are written directly (``gguf.quants`` does q8_0).
+* Every other type (``q4_0``, ``q4_k_m``, ``q5_k_m``, ``q6_k``, ...) is made by llama.cpp's own
+  quantizer (through llama-cpp-python, in a child process) from a lossless intermediate file
+  (f32, f16 or bf16: the dtype of the checkpoint's weights).
+* Before the file is moved into place, a fresh process loads it in llama.cpp
+  (:func:`shrink.runtime.gguf.verify_in_subprocess`): block count and metadata against the HF
+  config, tokenizer ids against the HF tokenizer, greedy generation against PyTorch (must be equal
+  for f32/f16), top-1 agreement and perplexity on held-out blocks.
+
+GPTQ folders (``quantization_config`` in config.json) are refused: dequantizing the GPTQ
+integers and re-quantizing them to a GGUF type compounds two rounding errors (GPTQ's grid, then
+llama.cpp's grid, which do not line up), so the result is worse than a GGUF quantized once from
+the float model, which shrink always has (the folder before ``quantize``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+
+try:  # the flat layout of this branch; shrink.core after the restructuring
+    from shrink.errors import ShrinkError
+    from shrink.outputs import check_output, copy_license_files, write_record
+except ImportError:  # pragma: no cover - depends on the checkout
+    from shrink.core.errors import ShrinkError
+    from shrink.core.outputs import check_output, copy_license_files, write_record
+
+# ------------------------------------------------------------------------------------------------
+# types
+# ------------------------------------------------------------------------------------------------
+
+# written by shrink itself (gguf package)
+DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
+# written by llama.cpp's quantizer from a lossless intermediate
+QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
+                   "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+GGUF_TYPES = DIRECT_TYPES + QUANTIZED_TYPES
+# types whose greedy tokens must equal PyTorch's on the fixed prompts
+EXACT_TYPES = ("f32", "f16")
+GGUF_EXTRA = "pip install 'shrink-llm[gguf]'"
+
+# HF architecture -> (llama.cpp architecture, permute q/k for llama.cpp's interleaved RoPE)
+_ARCHS = {
+    "LlamaForCausalLM": ("LLAMA", True),
+    "MistralForCausalLM": ("LLAMA", True),
+    "Qwen2ForCausalLM": ("QWEN2", False),
+    "Qwen3ForCausalLM": ("QWEN3", False),
+    "Gemma3ForCausalLM": ("GEMMA3", False),
+}
+
+# tokenizer.ggml.pre for GPT-2-style BPE tokenizers. llama.cpp picks its pre-tokenizer regex by
+# this name; its converter identifies a tokenizer by the sha256 of the token ids of one check
+# text (the hashes below are the ones in llama.cpp's convert_hf_to_gguf.py, get_vocab_base_pre).
+_CHECK_TEXT = (
+    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis '
+    'concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 '
+    '?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? '
+    'I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some '
+    'tea? We\'Ve a\'lL')
+_BPE_PRE = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406": "llama4",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4": "qwen35",
+    "1444df51289cfa8063b96f0e62b1125440111bc79a52003ea14b6eac7016fd5f": "qwen35",
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
+    "32d85c31273f8019248f2559fed492d929ea28b17e51d81d3bb36fff23ca72b3": "stablelm2",
+}
+
+
+def check_type(gguf_type: str) -> str:
+    t = str(gguf_type).lower()
+    if t not in GGUF_TYPES:
+        raise ShrinkError(f"unknown GGUF type '{gguf_type}'; choose one of {', '.join(GGUF_TYPES)}")
+    return t
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ShrinkError("writing GGUF needs the 'gguf' package: pip install gguf") from None
+    return gguf
+
+
+# ------------------------------------------------------------------------------------------------
+# reading the HF folder
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    folder: Path
+    config: dict
+    hf_arch: str
+    arch_name: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool
+    tensors: dict[str, tuple[Path, list[int], str]] = field(default_factory=dict)  # name -> (file, shape, dtype)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of an HF folder, with one-line errors that name the file."""
+    folder = Path(model_dir).expanduser()
+    cfg_file = folder / "config.json"
+    if not folder.is_dir():
+        raise ShrinkError(f"no such model folder '{model_dir}'")
+    if not cfg_file.is_file():
+        raise ShrinkError(f"'{folder}' is not a Hugging Face model folder: {cfg_file} is missing")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShrinkError(f"cannot read {cfg_file}: {e}") from None
+
+
+def _open_source(model_dir: str | Path) -> _Source:
+    folder = Path(model_dir).expanduser()
+    config = read_config(folder)
+    cfg_file = folder / "config.json"
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise ShrinkError(
+            f"{cfg_file} describes a {method} checkpoint: GGUF is built from the float model "
+            "(the folder before 'quantize'), since re-quantizing dequantized GPTQ weights "
+            "compounds two rounding errors")
+    archs = config.get("architectures") or []
+    hf_arch = next((a for a in archs if a in _ARCHS), None)
+    if hf_arch is None:
+        raise ShrinkError(f"{cfg_file}: architecture {archs or config.get('model_type')} has no "
+                          f"GGUF export in shrink (supported: {', '.join(_ARCHS)})")
+    arch_name, permute = _ARCHS[hf_arch]
+    src = _Source(folder, config, hf_arch, arch_name, permute)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ShrinkError(f"no *.safetensors weights in '{folder}'")
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    src.tensors[name] = (f, list(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ShrinkError(f"cannot read {f}: {e}") from None
+    return src
+
+
+def _load_tensor(src: _Source, name: str) -> np.ndarray:
+    """One tensor as float32 numpy (bf16 and f16 widen exactly)."""
+    import torch
+    from safetensors import safe_open
+
+    file = src.tensors[name][0]
+    with safe_open(file, framework="pt") as st:
+        t = st.get_tensor(name)
+    return t.to(torch.float32).numpy()
+
+
+def _weights_dtype(src: _Source) -> str:
+    """The dtype of the 2-D weights: decides the lossless intermediate for llama.cpp's quantizer."""
+    dtypes = {d for (_, shape, d) in src.tensors.values() if len(shape) == 2}
+    if dtypes == {"F16"}:
+        return "f16"
+    if dtypes == {"BF16"}:
+        return "bf16"
+    return "f32"
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------------
+
+def _rope(config: dict, kind: str = "full_attention") -> dict:
+    rp = config.get("rope_parameters") or {}
+    if kind in rp and isinstance(rp[kind], dict):
+        rp = rp[kind]
+    elif "full_attention" in rp and isinstance(rp["full_attention"], dict):
+        rp = rp["full_attention"]
+    out = dict(rp)
+    # transformers 4 style keys
+    if "rope_theta" not in out and "rope_theta" in config:
+        out["rope_theta"] = config["rope_theta"]
+    if not out.get("rope_type") and isinstance(config.get("rope_scaling"), dict):
+        out.update(config["rope_scaling"])
+        out.setdefault("rope_type", config["rope_scaling"].get("type"))
+    return out
+
+
+def layer_types(config: dict) -> list[str] | None:
+    """Per-layer attention kinds, or None when the config does not have them."""
+    lt = config.get("layer_types")
+    n = config["num_hidden_layers"]
+    if lt is None:
+        return None
+    if len(lt) != n:
+        raise ShrinkError(f"config.json has {len(lt)} layer_types for {n} layers: the per-layer "
+                          "list was not sliced to the kept layers")
+    return list(lt)
+
+
+def _gemma3_attention_scale(config: dict) -> float:
+    """The query scale llama.cpp uses for gemma3: it does not read it from the file, it derives
+    it from the layer count (62 layers = 27B: 1/sqrt(hidden/heads), else 1/sqrt(head_dim))."""
+    if config["num_hidden_layers"] == 62:
+        return 1.0 / math.sqrt(config["hidden_size"] / config["num_attention_heads"])
+    return 1.0 / math.sqrt(config["head_dim"])
+
+
+def _write_metadata(w, gguf, src: _Source, ftype: int, notes: list[str]) -> None:
+    c = src.config
+    n_layer = c["num_hidden_layers"]
+    n_head = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // n_head
+    n_ctx = c.get("max_position_embeddings") or 2048
+    lt = layer_types(c)
+    sliding = [t == "sliding_attention" for t in lt] if lt else None
+
+    name = c.get("_name_or_path") or src.folder.name
+    w.add_name(str(name).rstrip("/").split("/")[-1] or src.folder.name)
+    w.add_block_count(n_layer)
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(c.get("num_key_value_heads") or n_head)
+    w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_file_type(ftype)
+
+    rope = _rope(c)
+    if rope.get("rope_theta") is not None:
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+    rtype = (rope.get("rope_type") or "default").lower()
+    if rtype == "linear" and rope.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif rtype == "yarn" and rope.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rtype not in ("default", "llama3"):
+        raise ShrinkError(f"{src.folder / 'config.json'}: RoPE type '{rtype}' has no GGUF "
+                          "export in shrink")
+
+    if src.arch_name == "GEMMA3":
+        if c.get("attn_logit_softcapping"):
+            raise ShrinkError(f"{src.folder / 'config.json'}: attn_logit_softcapping is not "
+                              "supported by llama.cpp's gemma3")
+        if c.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+        window = c.get("sliding_window")
+        if window and (sliding is None or any(sliding)):
+            w.add_sliding_window(int(window))
+            # One flag per kept layer: llama.cpp reads a bool array as the per-layer pattern
+            # (a scalar would be read as a period, which a pruned model no longer has).
+            w.add_sliding_window_pattern(sliding if sliding is not None else [True] * n_layer)
+            local = _rope(c, "sliding_attention").get("rope_theta", c.get("rope_local_base_freq"))
+            if local is not None:
+                w.add_rope_freq_base_swa(float(local))
+        w.add_context_length(n_ctx)
+    else:
+        w.add_rope_dimension_count(head_dim)
+        if src.arch_name == "LLAMA":
+            w.add_vocab_size(c["vocab_size"])
+        window = c.get("sliding_window")
+        uses_window = window and (any(sliding) if sliding is not None else
+                                  src.hf_arch == "MistralForCausalLM" or c.get("use_sliding_window"))
+        if uses_window and window < n_ctx:
+            # llama.cpp's llama/qwen2/qwen3 have no sliding-window attention: declare the window
+            # as the context length, within which both compute the same thing.
+            notes.append(f"llama.cpp's {src.arch_name.lower()} has no sliding-window attention: "
+                         f"context_length set to the window ({window} tokens), within which "
+                         "outputs equal the HF model's")
+            n_ctx = int(window)
+        w.add_context_length(n_ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# vocabulary
+# ------------------------------------------------------------------------------------------------
+
+# The splitting regexes of llama.cpp's named pre-tokenizers (src/llama-vocab.cpp), for tokenizers
+# whose vocabulary differs from the reference one but which split text the same way.
+_PRE_REGEX = {
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+}
+
+
+def _pre_from_rules(tokenizer) -> str | None:
+    """llama.cpp's pre-tokenizer name from the splitting rules of a loaded fast tokenizer."""
+    try:
+        pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    except (AttributeError, ValueError):
+        return None
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return _PRE_REGEX.get(steps[0].get("pattern", {}).get("Regex", ""))
+    return None
+
+
+def _bpe_pre(tokenizer, tok_file: Path) -> str:
+    """tokenizer.ggml.pre: by the hash of the check text's ids (as llama.cpp's converter does),
+    else by the tokenizer's splitting rules."""
+    chkhsh = sha256(str(tokenizer.encode(_CHECK_TEXT)).encode()).hexdigest()
+    pre = _BPE_PRE.get(chkhsh) or _pre_from_rules(tokenizer)
+    if pre is None:
+        raise ShrinkError(f"{tok_file}: this BPE pre-tokenizer (hash {chkhsh[:16]}...) is not one "
+                          "shrink knows for GGUF (llama.cpp picks its splitting rules by name)")
+    return pre
+
+
+def _write_vocab(w, gguf, src: _Source) -> dict:
+    """Tokenizer metadata the way llama.cpp's converter writes it; returns what was chosen."""
+    folder = src.folder
+    tok_file = folder / "tokenizer.json"
+    n_vocab = src.config["vocab_size"]
+    if not tok_file.is_file():
+        raise ShrinkError(f"{tok_file} is missing: GGUF embeds the tokenizer, and shrink reads it "
+                          "from tokenizer.json")
+    try:
+        tj = json.loads(tok_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShrinkError(f"cannot read {tok_file}: {e}") from None
+    model = tj.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        # SentencePiece-style BPE (Llama 2, Mistral, Gemma) stored as tokenizer.json
+        try:
+            vocab = gguf.LlamaHfVocab(folder)
+        except (FileNotFoundError, TypeError, AssertionError) as e:
+            raise ShrinkError(f"{tok_file}: unsupported SentencePiece-style tokenizer ({e})") from None
+        tokens, scores, toktypes = [], [], []
+        for text, score, toktype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            toktypes.append(toktype)
+        while len(tokens) < n_vocab:
+            tokens.append(f"[PAD{len(tokens)}]".encode())
+            scores.append(-1000.0)
+            toktypes.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(toktypes)
+        if src.arch_name == "GEMMA3":
+            w.add_add_space_prefix(False)
+        special = gguf.SpecialVocab(folder, n_vocab=len(tokens))
+        special.add_to_gguf(w, quiet=True)
+        return {"tokenizer": "llama (SentencePiece BPE)", "tokens": len(tokens)}
+    if model.get("type") != "BPE":
+        raise ShrinkError(f"{tok_file}: tokenizer model '{model.get('type')}' has no GGUF export "
+                          "in shrink (BPE tokenizers only)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pre = _bpe_pre(tokenizer, tok_file)
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(reverse) >= n_vocab:
+        raise ShrinkError(f"{tok_file} has token ids up to {max(reverse)} but config.json says "
+                          f"vocab_size {n_vocab}")
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, toktypes = [], []
+    for i in range(n_vocab):
+        tok = reverse.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            toktypes.append(gguf.TokenType.UNUSED)
+            continue
+        if tok in added:
+            if decoder[i].special or (tok.startswith("<|") and tok.endswith("|>")):
+                toktypes.append(gguf.TokenType.CONTROL)
+            else:
+                toktypes.append(gguf.TokenType.USER_DEFINED)
+        else:
+            toktypes.append(gguf.TokenType.NORMAL)
+        tokens.append(tok)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(toktypes)
+    special = gguf.SpecialVocab(folder, load_merges=True)
+    special.add_to_gguf(w, quiet=True)
+    return {"tokenizer": "gpt2 (byte-level BPE)", "pre_tokenizer": pre, "tokens": len(tokens)}
+
+
+# ------------------------------------------------------------------------------------------------
+# tensors
+# ------------------------------------------------------------------------------------------------
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half RoPE layout -> llama.cpp's interleaved pairs, per head (rows of q/k)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _llama3_rope_factors(c: dict) -> np.ndarray:
+    rope = _rope(c)
+    base = rope.get("rope_theta", 10000.0)
+    dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wl - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+@dataclass
+class _Plan:
+    hf_name: str | None  # None: generated tensor
+    name: str
+    shape: list[int]
+    qtype: object  # gguf.GGMLQuantizationType
+
+
+def _plan_tensors(gguf, src: _Source, out_type: str) -> list[_Plan]:
+    c = src.config
+    n_layer = c["num_hidden_layers"]
+    arch = getattr(gguf.MODEL_ARCH, src.arch_name)
+    tmap = gguf.get_tensor_name_map(arch, n_layer)
+    Q = gguf.GGMLQuantizationType
+    target = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
+    plans: list[_Plan] = []
+    tied = c.get("tie_word_embeddings", src.arch_name == "GEMMA3")
+    for hf_name, (_, shape, _) in src.tensors.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name == "lm_head.weight" and tied:
+            continue  # llama.cpp uses token_embd when output.weight is absent
+        if hf_name.startswith("model.layers."):
+            bid = int(hf_name.split(".")[2])
+            if bid >= n_layer:
+                raise ShrinkError(f"{src.tensors[hf_name][0]}: tensor {hf_name} is beyond the "
+                                  f"{n_layer} layers of config.json")
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ShrinkError(f"{src.tensors[hf_name][0]}: tensor {hf_name} has no GGUF name for "
+                              f"{src.arch_name.lower()}")
+        shape = list(shape)
+        if src.arch_name == "GEMMA3" and hf_name.endswith("embed_tokens.weight"):
+            shape[0] = min(shape[0], c["vocab_size"])
+        qtype = target
+        if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+            qtype = Q.F32
+        elif qtype in (Q.Q8_0,) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] != 0:
+            qtype = Q.F16
+        plans.append(_Plan(hf_name, name, shape, qtype))
+    missing = {f"blk.{i}.attn_q.weight" for i in range(n_layer)} - {p.name for p in plans}
+    if missing:
+        raise ShrinkError(f"'{src.folder}': weights of {len(missing)} of the {n_layer} layers in "
+                          "config.json are missing from the safetensors files")
+    if _rope(c).get("rope_type", "").lower() == "llama3":
+        dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        plans.append(_Plan(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                           [dim // 2], Q.F32))
+    return plans
+
+
+def _tensor_data(gguf, src: _Source, plan: _Plan) -> np.ndarray:
+    c = src.config
+    if plan.hf_name is None:
+        return _llama3_rope_factors(c)
+    data = _load_tensor(src, plan.hf_name)
+    name = plan.hf_name
+    if src.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight",
+                                         "k_proj.bias")):
+        n_head = c["num_attention_heads"]
+        if ".k_proj." in name:
+            n_head = c.get("num_key_value_heads") or n_head
+        data = _permute(data, n_head)
+    if src.arch_name == "GEMMA3":
+        if name.endswith("embed_tokens.weight"):
+            data = data[: c["vocab_size"]]
+        if name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma3RMSNorm computes x * (1 + w); llama.cpp computes x * w
+        if name.endswith("self_attn.q_norm.weight"):
+            # HF scales queries by query_pre_attn_scalar**-0.5; llama.cpp's gemma3 by a value
+            # it derives itself. Fold the ratio into the query norm (RoPE is linear).
+            want = float(c.get("query_pre_attn_scalar") or c["head_dim"]) ** -0.5
+            data = data * (want / _gemma3_attention_scale(c))
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    Q = gguf.GGMLQuantizationType
+    if plan.qtype == Q.F32:
+        return data
+    if plan.qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, plan.qtype)
+
+
+def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16") -> dict:
+    """Write ``model_dir`` as a GGUF file of a directly written type (f32, f16, bf16, q8_0).
+
+    Streams one tensor at a time (memory: the largest tensor, not the model). Returns a dict with
+    the architecture, layer count, tokenizer and notes. No verification: see :func:`export_gguf`.
+    """
+    out_type = check_type(out_type)
+    if out_type not in DIRECT_TYPES:
+        raise ShrinkError(f"write_gguf writes {', '.join(DIRECT_TYPES)}; {out_type} is made by "
+                          "llama.cpp's quantizer (export_gguf does both)")
+    gguf = _import_gguf()
+    src = _open_source(model_dir)
+    arch = getattr(gguf.MODEL_ARCH, src.arch_name)
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    notes: list[str] = []
+    path = Path(path)
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        _write_metadata(w, gguf, src, int(ftype), notes)
+        vocab = _write_vocab(w, gguf, src)
+        if out_type == "q8_0":
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        plans = _plan_tensors(gguf, src, out_type)
+        for p in plans:
+            if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dt = np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16
+                nbytes = int(np.prod(p.shape)) * np.dtype(dt).itemsize
+                w.add_tensor_info(p.name, p.shape, np.dtype(dt), nbytes)
+            else:
+                bshape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
+                w.add_tensor_info(p.name, bshape, np.dtype(np.uint8), int(np.prod(bshape)),
+                                  raw_dtype=p.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for p in plans:
+            w.write_tensor_data(_tensor_data(gguf, src, p))
+    finally:
+        w.close()
+    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "hf_architecture": src.hf_arch,
+            "block_count": src.config["num_hidden_layers"], "type": out_type, "notes": notes,
+            **vocab}
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+
+def _output_paths(output: str | Path, model_dir: Path, gguf_type: str) -> tuple[Path, Path | None]:
+    """(gguf file, folder or None). ``output`` ending in .gguf is a file; otherwise a folder that
+    will hold ``<model>-<TYPE>.gguf`` and shrink.json."""
+    out = Path(output).expanduser()
+    if out.suffix.lower() == ".gguf":
+        return out, None
+    return out / f"{model_dir.resolve().name}-{gguf_type.upper()}.gguf", out
+
+
+def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_k_m", *,
+                force: bool = False, verify: bool = True, threads: int | None = None,
+                samples: int = 4, seq_len: int = 256, data: str | None = None,
+                max_new_tokens: int = 16, timeout: float = 3600) -> dict:
+    """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
+
+    ``output``: a ``*.gguf`` path (the file is written there) or a folder (it gets
+    ``<model>-<TYPE>.gguf`` plus a ``shrink.json`` record carrying the source's earlier stages).
+    The file is written to a temporary sibling and renamed into place only after the check in a
+    fresh llama.cpp process passes (``verify=False`` skips that check; not recommended).
+    ``samples`` x ``seq_len`` held-out tokens are used for perplexity (``data``: a text source,
+    default the held-out novel). ``threads``: llama.cpp threads (default: all cores).
+
+    Returns the record: type, sizes, architecture, block count, tokenizer, and the verification
+    result (``verification``: tokenizer agreement, greedy tokens vs PyTorch, top-1 agreement,
+    perplexity). Raises ShrinkError on bad input or a failed check.
+    """
+    gguf_type = check_type(gguf_type)
+    model_dir = Path(model_dir).expanduser()
+    src = _open_source(model_dir)  # fail early on bad input, before any writing
+    del src
+    file, folder = _output_paths(output, model_dir, gguf_type)
+    if folder is not None:
+        check_output(folder, force)
+    elif file.exists() and not force:
+        raise ShrinkError(f"output file '{file}' exists (use --force to replace it)")
+    elif file.exists() and file.is_dir():
+        raise ShrinkError(f"output '{file}' is a folder")
+    if verify or gguf_type not in DIRECT_TYPES:
+        from shrink.runtime.gguf import check_runtime
+
+        check_runtime()  # llama.cpp verifies and quantizes: fail before any slow work
+
+    # everything is written into a temporary sibling of the output, renamed into place at the end
+    final = folder if folder is not None else file
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    t0 = time.perf_counter()
+    try:
+        tmp_file = tmp_dir / file.name
+        if gguf_type in DIRECT_TYPES:
+            info = write_gguf(model_dir, tmp_file, gguf_type)
+        else:
+            from shrink.runtime.gguf import quantize_in_subprocess
+
+            base_type = _weights_dtype(_open_source(model_dir))
+            base = tmp_dir / f".base-{base_type}.gguf"
+            info = write_gguf(model_dir, base, base_type)
+            quantize_in_subprocess(base, tmp_file, gguf_type, threads=threads, timeout=timeout)
+            base.unlink()
+            info["type"] = gguf_type
+            info["quantized_from"] = base_type
+        info["seconds_write"] = round(time.perf_counter() - t0, 2)
+        info["bytes"] = tmp_file.stat().st_size
+        if verify:
+            from shrink.runtime.gguf import verify_in_subprocess
+
+            info["verification"] = verify_in_subprocess(
+                tmp_file, model_dir, gguf_type, threads=threads, samples=samples,
+                seq_len=seq_len, data=data, max_new_tokens=max_new_tokens, timeout=timeout)
+        if folder is None:
+            os.replace(tmp_file, file)
+        else:
+            _finish_folder(tmp_dir, folder, model_dir, info)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    info["path"] = str(file)
+    return info
+
+
+def _finish_folder(tmp_dir: Path, folder: Path, model_dir: Path, info: dict) -> None:
+    """Add the license files and shrink.json to the staged folder, then rename it into place."""
+    try:
+        from shrink.models import read_shrink_json
+    except ImportError:  # pragma: no cover - after the restructuring
+        from shrink.core.models import read_shrink_json
+
+    copy_license_files(model_dir, tmp_dir)
+    stage = {"stage": "gguf", "source": str(model_dir.resolve()), **info}
+    write_record(tmp_dir, read_shrink_json(model_dir), stage)
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        os.replace(folder, old)
+    os.replace(tmp_dir, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
