@@ -1,7 +1,7 @@
 """GGUF types on the embedded SmolLM2-135M (dense, or pruned with shrink first): size, perplexity
 in llama.cpp vs PyTorch on the same held-out blocks, greedy agreement with PyTorch, top-1 agreement.
 
-Every type goes through ``shrink.stages.gguf.export_gguf`` exactly as an export runs it: write
+Every type goes through ``shrink.stages.export.gguf.export_gguf`` exactly as an export runs it: write
 (f32/f16/bf16/q8_0 by shrink, the others by llama.cpp's quantizer), then a fresh process loads
 the file in llama.cpp, checks it against the HF config and tokenizer, generates greedily on fixed
 prompts next to PyTorch, and measures perplexity. Writes bench/results/gguf_types[-<tag>].md/.json.
@@ -41,15 +41,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import shrink  # top-level names only: the same before and after the restructuring
-    from shrink.stages.gguf import export_gguf
+    from shrink.stages.export.gguf import export_gguf
 
     if args.model:
         src = Path(args.model)
     else:
-        try:
-            from shrink.models import ensure_embedded
-        except ImportError:
-            from shrink.core.models import ensure_embedded
+        from shrink.core.models import ensure_embedded
         src = ensure_embedded()
     rows = []
     with tempfile.TemporaryDirectory(prefix="shrink-bench-gguf-") as tmp:

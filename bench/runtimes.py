@@ -48,10 +48,7 @@ def worker(kind: str, path: str, threads: int, prompt_len: int, gen_len: int) ->
     import torch
 
     torch.set_num_threads(threads)
-    try:
-        from shrink.bench import measure
-    except ImportError:  # after the restructuring
-        from shrink.stages.bench import measure
+    from shrink.stages.bench import measure
 
     return measure(path, "onnx" if kind == "onnx" else "hf", prompt_len=prompt_len,
                    gen_len=gen_len, ppl_samples=0)

@@ -489,8 +489,9 @@ def heal(model_dir, output, force, no_verify, json_out, resume, **kwargs):
 @config_options(ExportConfig)
 @output_options
 def export_cmd(model_dir, output, force, no_verify, json_out, **kwargs):
-    """Export MODEL_DIR (a Hugging Face or GPTQ folder) for another runtime. --onnx writes
-    model.onnx + genai_config.json + tokenizer + shrink.json, verified against PyTorch."""
+    """Export MODEL_DIR (a Hugging Face or GPTQ folder) for another runtime, verified against
+    PyTorch in a fresh process. --onnx writes model.onnx + genai_config.json + tokenizer;
+    --gguf writes a GGUF file for llama.cpp, Ollama and LM Studio (the gguf extra)."""
     from shrink.stages.export import export
 
     config = build_config(ExportConfig, kwargs)
@@ -499,10 +500,23 @@ def export_cmd(model_dir, output, force, no_verify, json_out, **kwargs):
     results = export(model_dir, output, config, force=force, verify=not no_verify,
                      log=None if quiet else (lambda line: err.print(line, highlight=False)))
     if json_out:
-        write_json({k: r.to_dict() for k, r in results.items()}, json_out, config.settings())
+        write_json({k: r if isinstance(r, dict) else r.to_dict() for k, r in results.items()},
+                   json_out, config.settings())
     if quiet:
         return
-    for result in results.values():
+    for fmt, result in results.items():
+        if fmt == "gguf":
+            v = result.get("verification") or {}
+            console.print(f"GGUF {result['type']}: {result['bytes'] / 1e6:.1f} MB, "
+                          f"{result.get('block_count', '?')} blocks")
+            if v:
+                console.print(f"verified in a fresh llama.cpp process: greedy tokens equal to "
+                              f"PyTorch's: {v.get('greedy_token_agreement', 0):.0%}, top-1 "
+                              f"agreement {v.get('top1_agreement', 0):.1%}, perplexity "
+                              f"{v.get('perplexity', float('nan')):.3f}; "
+                              f"'{v['prompts'][0]}' -> {v.get('completion')!r}")
+            console.print(f"wrote {result['path']}")
+            continue
         mb = 1024 * 1024
         head = f" (LM head {result.lm_head})" if result.lm_head else ""
         console.print(f"{result.method}: {result.precision}{head} for {result.target}, model "

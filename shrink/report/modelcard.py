@@ -35,15 +35,14 @@ def _fmt_bytes(n: int | float | None) -> str:
 
 def model_card(report: dict, scores: dict | None, has_plot: bool,
                recipe_text: str | None) -> str:
-    s = report["settings"]
     base = report.get("base_model")
     tags = ["shrink", "pruned", "layer-pruning"]
     if report.get("heal"):
         tags.append("lora-healed")
     if report.get("quantize"):
         tags += ["gptq", f"{report['quantize']['bits']}-bit"]
-    if report.get("export"):
-        tags.append("onnx")
+    for fmt in report.get("export") or {}:
+        tags.append(fmt)
     front = ["---"]
     if base:
         front.append(f"base_model: {base}")
@@ -65,7 +64,7 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
         f"({report['strategy']}: {report['reason']})"
         + (", healed with a LoRA fine-tune" if report.get("heal") else "")
         + (f", quantized to {report['quantize']['bits']}-bit GPTQ" if report.get("quantize") else "")
-        + (f", exported to ONNX ({report['export'].get('method')})" if report.get("export") else "")
+        + "".join(f", exported to {fmt.upper()}" for fmt in report.get("export") or {})
         + ".",
         "",
         "## Layers removed",
@@ -108,12 +107,16 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
                       f"{q['bits_per_weight']:.2f} bits per quantized weight (scales, zeros and "
                       "g_idx included)." + (f" {q['group_size_note']}" if q.get("group_size_note")
                                              else "")]
-    if report.get("export"):
-        e = report["export"]
-        prec = (s.get("export") or {}).get("onnx")
+    exports = report.get("export") or {}
+    if "onnx" in exports:
+        e = exports["onnx"]
         head = f", LM head {e['lm_head']}" if e.get("lm_head") else ""
-        lines += ["", f"ONNX: `onnx/` ({prec}{head}; {e.get('method')}, KV cache: "
+        lines += ["", f"ONNX: `onnx/` ({e.get('precision')}{head}; {e.get('method')}, KV cache: "
                       f"{'yes' if e.get('kv_cache') else 'no'})."]
+    if "gguf" in exports:
+        e = exports["gguf"]
+        lines += ["", f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
+                      "loads in llama.cpp, Ollama and LM Studio)."]
     lines += ["", "## Use", ""]
     if report.get("quantize"):
         lines += ["`model/` is a GPTQ checkpoint: transformers loads it when GPTQModel and "
@@ -147,6 +150,11 @@ def artifact_card(report: dict, artifact: str) -> str:
         tags, library, fmt = ["shrink", "pruned", "onnx", "onnxruntime-genai"], "onnxruntime", \
             "ONNX (onnxruntime-genai)"
         row = "onnx"
+    elif artifact == "gguf":
+        gtype = report["export"]["gguf"]["type"]
+        tags, library, fmt = ["shrink", "pruned", "gguf", "llama.cpp", gtype], "gguf", \
+            f"GGUF {gtype.upper()}"
+        row = "gguf"
     else:
         tags = ["shrink", "pruned"] + (["gptq", f"{report['quantize']['bits']}-bit"]
                                        if quantized else [])
@@ -173,7 +181,15 @@ def artifact_card(report: dict, artifact: str) -> str:
     if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
         lines += [EMBEDDED_NOTE, ""]
     lines += ["## Use", ""]
-    if artifact == "onnx":
+    if artifact == "gguf":
+        file = report["export"]["gguf"]["file"]
+        lines += ["```bash", f"llama-cli -m {file} -p \"The capital of France is\" -n 32",
+                  f"# Ollama: a Modelfile with the line  FROM ./{file}", "```", "",
+                  "```python", "from llama_cpp import Llama  # pip install llama-cpp-python",
+                  f'llm = Llama("{file}")',
+                  'print(llm("The capital of France is", max_tokens=32)["choices"][0]["text"])',
+                  "```"]
+    elif artifact == "onnx":
         lines += ["```python", "import onnxruntime_genai as og  # pip install onnxruntime-genai",
                   'model = og.Model("path/to/this/folder")',
                   "tokenizer = og.Tokenizer(model)",

@@ -23,10 +23,27 @@ def is_onnx_folder(path: str | Path) -> bool:
     return p.is_dir() and ((p / "genai_config.json").is_file() or any(p.glob("*.onnx")))
 
 
+def gguf_file(path: str | Path) -> Path | None:
+    """The GGUF file of a ``.gguf`` path or of a folder ``shrink export --gguf`` wrote."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return p
+    if p.is_dir():
+        found = sorted(f for f in p.glob("*.gguf") if not f.name.startswith("."))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ShrinkError(f"'{path}' holds {len(found)} GGUF files; give one of them")
+    return None
+
+
 def artifact_kind(path: str | Path) -> str:
-    """``"onnx"`` (a folder with a .onnx model), ``"gptq"`` (an HF folder whose config has a GPTQ
-    ``quantization_config``) or ``"hf"`` (any other HF model folder)."""
+    """``"gguf"`` (a .gguf file, or a folder holding one), ``"onnx"`` (a folder with a .onnx
+    model), ``"gptq"`` (an HF folder whose config has a GPTQ ``quantization_config``) or ``"hf"``
+    (any other HF model folder)."""
     p = artifact_path(path)
+    if gguf_file(p) is not None:
+        return "gguf"
     if not p.is_dir():
         raise ShrinkError(f"'{path}' is not a folder; give a model folder written by shrink "
                           "(Hugging Face, GPTQ or ONNX)")

@@ -1,5 +1,5 @@
 """Run any artifact shrink writes and stream its text: a Hugging Face folder (transformers), a GPTQ
-folder (transformers + GPTQModel/optimum), or an ONNX folder (onnxruntime-genai with its KV cache, or
+folder (transformers + GPTQModel/optimum), a GGUF (llama.cpp), or an ONNX folder (onnxruntime-genai with its KV cache, or
 plain onnxruntime for a forward-pass-only export, which re-runs the whole sequence per token).
 
 The ONNX runners here are also what ``shrink.stages.export.onnx`` uses to verify an export.
@@ -272,6 +272,22 @@ def _generate_transformers(path: Path, kind: str, prompt: str, max_new_tokens: i
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _generate_gguf(path: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                   seed: int | None, stream: Stream | None) -> str:
+    """llama.cpp (llama-cpp-python) on a GGUF file or a folder shrink export --gguf wrote."""
+    from shrink.runtime.artifacts import gguf_file
+    from shrink.runtime.gguf import GgufRunner
+
+    with GgufRunner(gguf_file(path)) as runner:
+        ids = runner.encode(prompt)
+        new = runner.generate_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed or 0)
+        text = runner.decode(new)
+    if stream is not None:
+        stream(text)
+    return text
+
+
 def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stream: Stream | None = None) -> str:
@@ -288,5 +304,7 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64,
     kind = artifact_kind(path)
     if kind == "onnx":
         return onnx_runner(path).generate(prompt, max_new_tokens, temperature, top_p, seed, stream)
+    if kind == "gguf":
+        return _generate_gguf(path, prompt, max_new_tokens, temperature, top_p, seed, stream)
     return _generate_transformers(path, kind, prompt, max_new_tokens, temperature, top_p, seed,
                                   stream)

@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the flat layout of this branch; shrink.core after the restructuring
-    from shrink.errors import ShrinkError, first_line
-except ImportError:  # pragma: no cover - depends on the checkout
-    from shrink.core.errors import ShrinkError, first_line
+from shrink.core.errors import ShrinkError, first_line, install_hint
+from shrink.runtime.worker import run_worker
 
-GGUF_EXTRA = "pip install 'shrink-llm[gguf]'"
+GGUF_EXTRA = install_hint("gguf")
 # fixed prompts of the verification (greedy tokens compared with PyTorch's)
 PROMPTS = ("The capital of France is",
            "It is a truth universally acknowledged, that a single man in possession",
@@ -261,31 +258,19 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | No
         raise ShrinkError(f"llama.cpp could not quantize {src} to {gguf_type} (code {rc})")
 
 
-def _run_worker(args: list[str], what: str, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "shrink.runtime.gguf", *args],
-                          capture_output=True, text=True, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    result = None
-    if lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            result = json.loads(lines[-1])
-    if proc.returncode != 0 or not isinstance(result, dict):
-        if isinstance(result, dict) and result.get("error"):
-            tail = result["error"]
-        else:
-            err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            tail = err[-1] if err else f"exit code {proc.returncode}"
-        raise ShrinkError(f"{what} failed in a fresh process: {tail}")
-    return result
-
-
 def quantize_in_subprocess(src: str | Path, dst: str | Path, gguf_type: str,
                            threads: int | None = None, timeout: float = 3600) -> dict:
-    """Quantize ``src`` (an f32/f16/bf16 GGUF) to ``dst`` with llama.cpp in a child process."""
-    args = ["quantize", str(src), str(dst), gguf_type]
-    if threads:
-        args += ["--threads", str(threads)]
-    return _run_worker(args, f"quantizing {src} to {gguf_type}", timeout)
+    """Quantize ``src`` (an f32/f16/bf16 GGUF) to ``dst`` with llama.cpp in a child process
+    (llama.cpp aborts the whole process on some errors), through shrink's one worker protocol."""
+    return run_worker("shrink.runtime.gguf:quantize_file", timeout=timeout, src=str(src),
+                      dst=str(dst), gguf_type=gguf_type, threads=threads)
+
+
+def quantize_file(src: str, dst: str, gguf_type: str, threads: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    quantize(src, dst, gguf_type, threads)
+    return {"ok": True, "seconds": round(time.perf_counter() - t0, 2),
+            "bytes": Path(dst).stat().st_size}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,10 +339,7 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        from shrink.data import EVALUATION, token_blocks
-    except ImportError:  # pragma: no cover - after the restructuring
-        from shrink.core.data import EVALUATION, token_blocks
+    from shrink.core.data import EVALUATION, token_blocks
 
     gguf_path, model_dir = Path(gguf_path), Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -449,59 +431,10 @@ def verify_in_subprocess(gguf_path: str | Path, model_dir: str | Path, gguf_type
                          data: str | None = None, max_new_tokens: int = 16,
                          timeout: float = 3600) -> dict:
     """:func:`verify_gguf` in a fresh process; raise ShrinkError naming the first problem."""
-    args = ["verify", str(gguf_path), str(model_dir), gguf_type, "--samples", str(samples),
-            "--seq-len", str(seq_len), "--max-new-tokens", str(max_new_tokens)]
-    if threads:
-        args += ["--threads", str(threads)]
-    if data:
-        args += ["--data", data]
-    result = _run_worker(args, f"verification of {gguf_path}", timeout)
+    result = run_worker("shrink.runtime.gguf:verify_gguf", timeout=timeout,
+                        gguf_path=str(gguf_path), model_dir=str(model_dir), gguf_type=gguf_type,
+                        threads=threads, samples=samples, seq_len=seq_len, data=data,
+                        max_new_tokens=max_new_tokens)
     if not result.get("ok"):
         raise ShrinkError(f"verification of {gguf_path} failed: {result['problems'][0]}")
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m shrink.runtime.gguf")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("quantize")
-    q.add_argument("src")
-    q.add_argument("dst")
-    q.add_argument("type")
-    q.add_argument("--threads", type=int)
-    v = sub.add_parser("verify")
-    v.add_argument("gguf")
-    v.add_argument("model_dir")
-    v.add_argument("type")
-    v.add_argument("--threads", type=int)
-    v.add_argument("--samples", type=int, default=4)
-    v.add_argument("--seq-len", type=int, default=256)
-    v.add_argument("--max-new-tokens", type=int, default=16)
-    v.add_argument("--data")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        if args.cmd == "quantize":
-            t0 = time.perf_counter()
-            quantize(args.src, args.dst, args.type, args.threads)
-            out = {"ok": True, "seconds": round(time.perf_counter() - t0, 2),
-                   "bytes": Path(args.dst).stat().st_size}
-        else:
-            out = verify_gguf(args.gguf, args.model_dir, args.type, threads=args.threads,
-                              samples=args.samples, seq_len=args.seq_len, data=args.data,
-                              max_new_tokens=args.max_new_tokens)
-    except ShrinkError as e:
-        print(json.dumps({"ok": False, "error": str(e)}))
-        return 1
-    print(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,10 +38,17 @@ def _vm(field_name: str) -> int:
 
 
 def _config_dict(path: Path) -> dict | None:
-    for name in ("config.json",):
-        f = path / name
-        if f.is_file():
-            return json.loads(f.read_text())
+    """The HF config of an artifact: its own, or (a GGUF folder) its source's, from shrink.json."""
+    folder = path if path.is_dir() else path.parent
+    f = folder / "config.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    from shrink.core.models import read_shrink_json
+
+    stages = (read_shrink_json(folder) or {}).get("stages") or []
+    source = stages[-1].get("source") if stages else None
+    if source and (Path(source) / "config.json").is_file():
+        return json.loads((Path(source) / "config.json").read_text())
     return None
 
 
@@ -160,6 +167,33 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
     return result
 
 
+def _measure_gguf(path: Path, prompt_len: int, gen_len: int, warmup: int, ppl_samples: int,
+                  ppl_seq_len: int) -> dict:
+    """llama.cpp through llama-cpp-python: the same prompt and token counts (batch 1)."""
+    from transformers import AutoTokenizer
+
+    from shrink.runtime.artifacts import gguf_file
+    from shrink.runtime.gguf import GgufRunner
+
+    file = gguf_file(path)
+    tok = AutoTokenizer.from_pretrained(file.parent)
+    ids = _prompt_ids(tok, prompt_len, 1)[0].tolist()
+    with GgufRunner(file, n_ctx=max(1024, prompt_len + gen_len, ppl_seq_len),
+                    logits_all=False) as runner:
+        for _ in range(warmup):
+            runner.time_greedy(ids, min(gen_len, 4))
+        Path("/proc/self/clear_refs").write_text("5")
+        ttft, decode = runner.time_greedy(ids, gen_len)
+        result = {"ttft_s": ttft, "decode_s": decode, "peak_rss_bytes": _vm("VmHWM")}
+    if ppl_samples:
+        from shrink.core.data import token_blocks
+
+        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
+        with GgufRunner(file, n_ctx=max(1024, ppl_seq_len)) as runner:
+            result["perplexity"] = runner.perplexity(blocks.input_ids)["perplexity"]
+    return result
+
+
 def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
             batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256) -> dict:
     """Measure one artifact in THIS process (the worker side); see :func:`bench`."""
@@ -170,6 +204,8 @@ def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, ge
     t0 = time.perf_counter()
     if kind == "onnx":
         r = _measure_onnx(p, device, prompt_len, gen_len, batch, warmup, ppl_samples, ppl_seq_len)
+    elif kind == "gguf":
+        r = _measure_gguf(p, prompt_len, gen_len, warmup, ppl_samples, ppl_seq_len)
     else:
         r = _measure_hf(p, kind, device, prompt_len, gen_len, batch, warmup, ppl_samples,
                         ppl_seq_len)

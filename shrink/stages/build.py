@@ -5,7 +5,7 @@ Each stage writes into ``OUT/stages/NN-name/`` and, when it completes, a marker
 stage's marker. ``resume=True`` skips every stage whose marker matches and reruns the rest, so a
 changed setting reruns from the first stage it affects. Every stage is deterministic for a seed,
 so an interrupted and resumed build ends with the same weights as an uninterrupted one. Final
-artifacts are ``OUT/model`` (HF or GPTQ folder) and ``OUT/onnx``, each moved into place
+artifacts are ``OUT/model`` (HF or GPTQ folder), ``OUT/onnx`` and ``OUT/gguf``, each moved into place
 atomically, plus ``OUT/README.md`` (a Hugging Face model card) and ``OUT/report.json``.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def validate(c: BuildConfig) -> int:
     check_device(c.device)
     L = check(c.model, c.prune, c.model_options())
     if c.export is not None and not c.export.formats():
-        raise ShrinkError("export: choose a format (export: {onnx: int4})")
+        raise ShrinkError("export: choose a format (export: {onnx: int4} or {gguf: q4_k_m})")
     if c.quantize is not None and c.quantize.group_size not in (None, -1):
         from shrink.core.models import load_config, resolve
         from shrink.stages.quantize import choose_group_size, quantizable_linears
@@ -94,6 +94,8 @@ def estimate_disk(s: BuildConfig, source: Path | None) -> int:
         total += base // 2
     if s.export is not None and s.export.onnx:
         total += base if s.export.onnx == "fp32" else base // 2
+    if s.export is not None and s.export.gguf:
+        total += base * 2  # the lossless intermediate and the file
     total += base  # final copies
     return total
 
@@ -189,17 +191,31 @@ def _run(name: str, c: BuildConfig, stage_dir: Path, state: dict, resume: bool,
                 "bits": r.bits, "group_size": r.group_size, "group_size_note": r.group_size_note,
                 "bits_per_weight": r.bits_per_weight, "size_bytes": r.size_bytes_after}
     if name == "export":
-        from shrink.stages.export.onnx import export_onnx
+        log = stderr.print if show_progress else None
+        done: dict = {}
+        if c.export.onnx:
+            from shrink.stages.export.onnx import export_onnx
 
-        # int4 from the GPTQ checkpoint when there is one (the builder keeps its calibrated
-        # weights; measured better than the builder's own round-to-nearest int4), else from
-        # the full-precision model
-        src = state["model"] if c.export.onnx == "int4" else state["float_model"]
-        r = export_onnx(src, stage_dir / "onnx", c.export, force=True,
-                        log=stderr.print if show_progress else None)
-        return {"onnx": str(stage_dir / "onnx"), "kv_cache": r.kv_cache, "method": r.method,
-                "lm_head": r.lm_head, "size_bytes": r.folder_bytes,
-                "verification": r.verification}
+            # int4 from the GPTQ checkpoint when there is one (the builder keeps its calibrated
+            # weights; measured better than the builder's own round-to-nearest int4), else from
+            # the full-precision model
+            src = state["model"] if c.export.onnx == "int4" else state["float_model"]
+            r = export_onnx(src, stage_dir / "onnx", c.export, force=True, log=log)
+            done["onnx"] = {"path": str(stage_dir / "onnx"), "kv_cache": r.kv_cache,
+                            "method": r.method, "precision": r.precision, "lm_head": r.lm_head,
+                            "size_bytes": r.folder_bytes, "verification": r.verification}
+        if c.export.gguf:
+            from shrink.stages.export.gguf import export_gguf
+
+            # from the full-precision model: llama.cpp quantizes it itself (a GPTQ checkpoint
+            # would be dequantized and rounded twice)
+            g = export_gguf(state["float_model"], stage_dir / "gguf", c.export.gguf, force=True,
+                            threads=c.export.threads, log=log)
+            done["gguf"] = {"path": str(stage_dir / "gguf"), "type": g["type"],
+                            "file": g["file"], "size_bytes": g["bytes"],
+                            "block_count": g.get("block_count"),
+                            "verification": g.get("verification")}
+        return done
     if name == "evaluate":
         from shrink.stages.evaluate import evaluate
 
@@ -226,9 +242,11 @@ def plan(c: BuildConfig, L: int, out: Path, disk: int) -> str:
     if c.quantize is not None:
         steps.append(f"quantize (GPTQ {c.quantize.gptq}, {c.quantize.samples} x "
                      f"{c.quantize.seq_len} calibration tokens)")
-    if c.export is not None:
-        steps.append(f"export (ONNX {c.export.onnx}, LM head {c.export.lm_head}, "
+    if c.export is not None and c.export.onnx:
+        steps.append(f"export ONNX ({c.export.onnx}, LM head {c.export.lm_head}, "
                      f"{c.export.target})")
+    if c.export is not None and c.export.gguf:
+        steps.append(f"export GGUF ({c.export.gguf}, for llama.cpp)")
     steps.append(f"evaluate (every artifact on {c.evaluate.name()})")
     lines = [f"shrink build {c.model} -> {out} (at most {disk / 1e9:.1f} GB of disk while it "
              "runs):"]
@@ -245,6 +263,8 @@ def default_output(c: BuildConfig) -> str:
         parts.append(f"gptq{c.quantize.bits()}")
     if c.export is not None and c.export.onnx:
         parts.append(f"onnx-{c.export.onnx}")
+    if c.export is not None and c.export.gguf:
+        parts.append(f"gguf-{c.export.gguf}")
     return "-".join(parts)
 
 
@@ -332,10 +352,11 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
 def _eval_targets(s: BuildConfig, info: dict) -> dict[str, str]:
     """What the evaluate stage measures: the source and every artifact the build made."""
     targets = {"dense": s.model}
-    for stage, label, key in (("prune", "pruned", "model"), ("heal", "healed", "model"),
-                              ("quantize", "quantized", "model"), ("export", "onnx", "onnx")):
+    for stage, label in (("prune", "pruned"), ("heal", "healed"), ("quantize", "quantized")):
         if stage in info:
-            targets[label] = info[stage][key]
+            targets[label] = info[stage]["model"]
+    for fmt, row in info.get("export", {}).items():
+        targets[fmt] = row["path"]
     return targets
 
 
@@ -355,8 +376,9 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
 
     final_model = Path(state["model"])
     _copy_atomic(final_model, out / "model")
-    if "export" in info:
-        _copy_atomic(Path(info["export"]["onnx"]), out / "onnx")
+    exports = info.get("export", {})
+    for fmt, row in exports.items():
+        _copy_atomic(Path(row["path"]), out / fmt)
     record = read_shrink_json(out / "model") or {}
     dense_cfg = json.loads((Path(resolved.path) / "config.json").read_text()) if resolved.path \
         else None
@@ -377,8 +399,8 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
     sizes = {"dense": safetensors_bytes(Path(resolved.path)) if resolved.path else None,
              "pruned": safetensors_bytes(Path(info["prune"]["model"])),
              "final_model": safetensors_bytes(out / "model")}
-    if "export" in info:
-        sizes["onnx"] = info["export"]["size_bytes"]
+    for fmt, row in exports.items():
+        sizes[fmt] = row["size_bytes"]
     ppl = dict(info.get("evaluate", {}).get("perplexity", {}))
     report = {
         "shrink_version": __version__, "source_model": s.model,
@@ -390,12 +412,11 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
         "params": info["prune"]["params"], "sizes_bytes": sizes, "perplexity": ppl,
         "arithmetic": {"context": ctx, **arith},
         "heal": info.get("heal"), "quantize": info.get("quantize"),
-        "export": {k: v for k, v in info.get("export", {}).items() if k != "verification"}
-        if "export" in info else None,
+        "export": {fmt: {k: v for k, v in row.items() if k not in ("verification", "path")}
+                   for fmt, row in exports.items()} or None,
         "stages": [{"name": r.name, "seconds": r.seconds, "skipped": r.skipped, "key": r.key}
                    for r in runs],
-        "command": command, "artifacts": {"model": "model", **({"onnx": "onnx"} if "export" in
-                                                               info else {})},
+        "command": command, "artifacts": {"model": "model", **{fmt: fmt for fmt in exports}},
     }
     scores = info["prune"].get("scores")
     plot = None

@@ -215,7 +215,7 @@ class QuantizeConfig(TextBlocks):
 
 
 class ExportConfig(Config):
-    """``shrink export``: ONNX for onnxruntime(-genai)."""
+    """``shrink export``: ONNX for onnxruntime(-genai), GGUF for llama.cpp."""
 
     onnx: Literal["int4", "fp16", "fp32"] | None = Field(
         None, description="ONNX weights: int4 (MatMulNBits), fp16 (CUDA only) or fp32.",
@@ -227,6 +227,25 @@ class ExportConfig(Config):
                                                               "model is built for.")
     fallback: bool = Field(True, description="Fall back to a forward-pass-only (no KV cache) "
                                              "ONNX export when the builder cannot build it.")
+    gguf: str | None = Field(
+        None, description="GGUF type for llama.cpp / Ollama / LM Studio: f32, f16, bf16, q8_0, "
+                          "q4_0, q4_k_m, q5_k_m, q6_k, ... (the gguf extra).",
+        json_schema_extra=cli(metavar="TYPE"))
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads for the GGUF "
+                                                        "quantizer and its check (default: all "
+                                                        "cores).")
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from shrink.stages.export.gguf import GGUF_TYPES
+
+        v = v.strip().lower()
+        if v not in GGUF_TYPES:
+            raise ValueError(f"'{v}' is not a GGUF type; use one of {', '.join(GGUF_TYPES)}")
+        return v
 
     @model_validator(mode="after")
     def _format(self) -> ExportConfig:
@@ -235,7 +254,7 @@ class ExportConfig(Config):
         return self
 
     def formats(self) -> list[str]:
-        return [f for f in ("onnx",) if getattr(self, f) is not None]
+        return [f for f in ("onnx", "gguf") if getattr(self, f) is not None]
 
 
 class EvaluateConfig(TextBlocks):

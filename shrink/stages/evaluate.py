@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from shrink.core.data import token_blocks
 from shrink.core.models import load_model
-from shrink.runtime.artifacts import is_onnx_folder
+from shrink.runtime.artifacts import gguf_file, is_onnx_folder
 from shrink.stages.configs import EvaluateConfig, ModelOptions
 from shrink.core.progress import progress_bar
 from shrink.core.perplexity import PerplexityResult, perplexity
@@ -36,12 +36,26 @@ def onnx_perplexity(onnx_dir: str | Path, input_ids: torch.Tensor,
 def evaluate(model: str, config: EvaluateConfig | None = None, *,
              load: ModelOptions | None = None, show_progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``config``'s evaluation set (default: shrink's fixed set,
-    Persuasion 8 x 512). ``model`` is anything load_model takes, or an ONNX folder written by
-    ``shrink export``; every kind is scored on the same blocks with the same arithmetic."""
+    Persuasion 8 x 512). ``model`` is anything load_model takes, or an ONNX or GGUF folder written
+    by ``shrink export``; every kind is scored on the same blocks with the same arithmetic."""
     config = config or EvaluateConfig()
     load = load or ModelOptions()
     folder = Path(model).expanduser()
-    if is_onnx_folder(folder):
+    gguf = gguf_file(folder) if folder.exists() else None
+    if gguf is not None:
+        from transformers import AutoTokenizer
+
+        from shrink.core.models import check_tokenizer_files
+        from shrink.runtime.gguf import GgufRunner
+
+        tok_dir = gguf.parent
+        check_tokenizer_files(tok_dir)  # shrink's GGUF folders carry the HF tokenizer
+        blocks = token_blocks(AutoTokenizer.from_pretrained(tok_dir), config.data,
+                              config.samples, config.seq_len, config.seed)
+        with GgufRunner(gguf, n_ctx=max(1024, config.seq_len)) as runner:
+            r = runner.perplexity(blocks.input_ids, show_progress=show_progress)
+        result = PerplexityResult(r["perplexity"], r["nll"], r["tokens"], r["seconds"])
+    elif is_onnx_folder(folder):
         from transformers import AutoTokenizer
 
         blocks = token_blocks(AutoTokenizer.from_pretrained(folder), config.data, config.samples,

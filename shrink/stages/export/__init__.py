@@ -1,6 +1,7 @@
 """The ``export`` stage: artifacts for other runtimes. ``onnx`` (onnxruntime-genai, with KV cache)
-lives in :mod:`shrink.stages.export.onnx`. One format writes its artifact at the output; several
-write one sub-folder each (``OUT/onnx``)."""
+lives in :mod:`shrink.stages.export.onnx`, ``gguf`` (llama.cpp, Ollama, LM Studio) in
+:mod:`shrink.stages.export.gguf`. One format writes its artifact at the output; several write
+one sub-folder each (``OUT/onnx``, ``OUT/gguf``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,7 @@ def export(model_dir: str | Path, output: str | Path, config: ExportConfig, *,
     """Write every format ``config`` asks for; returns {format: result}."""
     formats = config.formats()
     if not formats:
-        raise ShrinkError("choose an export format: --onnx PRECISION")
+        raise ShrinkError("choose an export format: --onnx PRECISION and/or --gguf TYPE")
     out = Path(output)
     results: dict[str, object] = {}
     for fmt in formats:
@@ -25,4 +26,9 @@ def export(model_dir: str | Path, output: str | Path, config: ExportConfig, *,
         if fmt == "onnx":
             results[fmt] = export_onnx(model_dir, dest, config, force=force, verify=verify,
                                        log=log)
+        elif fmt == "gguf":
+            from shrink.stages.export.gguf import export_gguf
+
+            results[fmt] = export_gguf(model_dir, dest, config.gguf, force=force, verify=verify,
+                                       threads=config.threads, log=log)
     return results

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -36,12 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the flat layout of this branch; shrink.core after the restructuring
-    from shrink.errors import ShrinkError
-    from shrink.outputs import check_output, copy_license_files, write_record
-except ImportError:  # pragma: no cover - depends on the checkout
-    from shrink.core.errors import ShrinkError
-    from shrink.core.outputs import check_output, copy_license_files, write_record
+from shrink.core.errors import ShrinkError, install_hint
+from shrink.core.outputs import check_output
 
 # ------------------------------------------------------------------------------------------------
 # types
@@ -53,9 +46,12 @@ DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
 GGUF_TYPES = DIRECT_TYPES + QUANTIZED_TYPES
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json")
 # types whose greedy tokens must equal PyTorch's on the fixed prompts
 EXACT_TYPES = ("f32", "f16")
-GGUF_EXTRA = "pip install 'shrink-llm[gguf]'"
+GGUF_EXTRA = install_hint("gguf")
 
 # HF architecture -> (llama.cpp architecture, permute q/k for llama.cpp's interleaved RoPE)
 _ARCHS = {
@@ -579,101 +575,83 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16") -
 # the stage
 # ------------------------------------------------------------------------------------------------
 
-def _output_paths(output: str | Path, model_dir: Path, gguf_type: str) -> tuple[Path, Path | None]:
-    """(gguf file, folder or None). ``output`` ending in .gguf is a file; otherwise a folder that
-    will hold ``<model>-<TYPE>.gguf`` and shrink.json."""
-    out = Path(output).expanduser()
-    if out.suffix.lower() == ".gguf":
-        return out, None
-    return out / f"{model_dir.resolve().name}-{gguf_type.upper()}.gguf", out
+def gguf_file_name(model_dir: Path, gguf_type: str) -> str:
+    return f"{model_dir.resolve().name}-{gguf_type.upper()}.gguf"
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_k_m", *,
                 force: bool = False, verify: bool = True, threads: int | None = None,
                 samples: int = 4, seq_len: int = 256, data: str | None = None,
-                max_new_tokens: int = 16, timeout: float = 3600) -> dict:
+                max_new_tokens: int = 16, timeout: float = 3600, log=None) -> dict:
     """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
 
-    ``output``: a ``*.gguf`` path (the file is written there) or a folder (it gets
-    ``<model>-<TYPE>.gguf`` plus a ``shrink.json`` record carrying the source's earlier stages).
-    The file is written to a temporary sibling and renamed into place only after the check in a
-    fresh llama.cpp process passes (``verify=False`` skips that check; not recommended).
-    ``samples`` x ``seq_len`` held-out tokens are used for perplexity (``data``: a text source,
-    default the held-out novel). ``threads``: llama.cpp threads (default: all cores).
+    ``output`` is a folder: it gets ``<model>-<TYPE>.gguf``, the source's license files and a
+    ``shrink.json`` record carrying the source's earlier stages, through the stage runner (a
+    temporary sibling renamed into place only after the check in a fresh llama.cpp process
+    passes; ``verify=False`` skips that check). ``samples`` x ``seq_len`` held-out tokens are
+    used for perplexity (``data``: a text source, default the held-out novel). ``threads``:
+    llama.cpp threads (default: all cores).
 
-    Returns the record: type, sizes, architecture, block count, tokenizer, and the verification
-    result (``verification``: tokenizer agreement, greedy tokens vs PyTorch, top-1 agreement,
+    Returns the record: type, sizes, architecture, block count, tokenizer, the file's path and
+    the verification result (tokenizer agreement, greedy tokens vs PyTorch, top-1 agreement,
     perplexity). Raises ShrinkError on bad input or a failed check.
     """
+    from shrink.stages.runner import StageOutput, run_stage
+
     gguf_type = check_type(gguf_type)
     model_dir = Path(model_dir).expanduser()
+    out = Path(output).expanduser()
+    if out.suffix.lower() == ".gguf":
+        raise ShrinkError(f"output '{output}' names a file: give a folder (it gets "
+                          f"{gguf_file_name(model_dir, gguf_type)}, its license and shrink.json)")
     src = _open_source(model_dir)  # fail early on bad input, before any writing
     del src
-    file, folder = _output_paths(output, model_dir, gguf_type)
-    if folder is not None:
-        check_output(folder, force)
-    elif file.exists() and not force:
-        raise ShrinkError(f"output file '{file}' exists (use --force to replace it)")
-    elif file.exists() and file.is_dir():
-        raise ShrinkError(f"output '{file}' is a folder")
+    check_output(out, force, model_dir)
     if verify or gguf_type not in DIRECT_TYPES:
         from shrink.runtime.gguf import check_runtime
 
         check_runtime()  # llama.cpp verifies and quantizes: fail before any slow work
+    name = gguf_file_name(model_dir, gguf_type)
+    say = log or (lambda line: None)
 
-    # everything is written into a temporary sibling of the output, renamed into place at the end
-    final = folder if folder is not None else file
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    t0 = time.perf_counter()
-    try:
-        tmp_file = tmp_dir / file.name
+    def compute(tmp: Path) -> StageOutput:
+        t0 = time.perf_counter()
+        file = tmp / name
+        say(f"writing GGUF {gguf_type} with the gguf package"
+            + ("" if gguf_type in DIRECT_TYPES else ", quantized by llama.cpp"))
         if gguf_type in DIRECT_TYPES:
-            info = write_gguf(model_dir, tmp_file, gguf_type)
+            info = write_gguf(model_dir, file, gguf_type)
         else:
             from shrink.runtime.gguf import quantize_in_subprocess
 
             base_type = _weights_dtype(_open_source(model_dir))
-            base = tmp_dir / f".base-{base_type}.gguf"
+            base = tmp / f".base-{base_type}.gguf"
             info = write_gguf(model_dir, base, base_type)
-            quantize_in_subprocess(base, tmp_file, gguf_type, threads=threads, timeout=timeout)
+            quantize_in_subprocess(base, file, gguf_type, threads=threads, timeout=timeout)
             base.unlink()
             info["type"] = gguf_type
             info["quantized_from"] = base_type
-        info["seconds_write"] = round(time.perf_counter() - t0, 2)
-        info["bytes"] = tmp_file.stat().st_size
-        if verify:
+        for f in TOKENIZER_FILES:  # the HF tokenizer too: shrink eval/generate/bench use it
+            if (model_dir / f).is_file():
+                shutil.copy2(model_dir / f, tmp / f)
+        info.update(format="gguf", source=str(model_dir.resolve()), file=name,
+                    seconds_write=round(time.perf_counter() - t0, 2),
+                    bytes=file.stat().st_size)
+
+        def check_it(folder: Path) -> dict:
             from shrink.runtime.gguf import verify_in_subprocess
 
+            say("verifying the GGUF in a fresh llama.cpp process against PyTorch")
             info["verification"] = verify_in_subprocess(
-                tmp_file, model_dir, gguf_type, threads=threads, samples=samples,
+                folder / name, model_dir, gguf_type, threads=threads, samples=samples,
                 seq_len=seq_len, data=data, max_new_tokens=max_new_tokens, timeout=timeout)
-        if folder is None:
-            os.replace(tmp_file, file)
-        else:
-            _finish_folder(tmp_dir, folder, model_dir, info)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    info["path"] = str(file)
+            return info["verification"]
+
+        return StageOutput(info, dict(info), check_it, {"source_model": str(model_dir)})
+
+    info = run_stage("export", out, compute, source=model_dir,
+                     settings={"gguf": gguf_type, "threads": threads}, force=force,
+                     verify=verify, log=say)
+    info["path"] = str(out / name)
+    info["output"] = str(out)
     return info
-
-
-def _finish_folder(tmp_dir: Path, folder: Path, model_dir: Path, info: dict) -> None:
-    """Add the license files and shrink.json to the staged folder, then rename it into place."""
-    try:
-        from shrink.models import read_shrink_json
-    except ImportError:  # pragma: no cover - after the restructuring
-        from shrink.core.models import read_shrink_json
-
-    copy_license_files(model_dir, tmp_dir)
-    stage = {"stage": "gguf", "source": str(model_dir.resolve()), **info}
-    write_record(tmp_dir, read_shrink_json(model_dir), stage)
-    old = None
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        os.replace(folder, old)
-    os.replace(tmp_dir, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
