@@ -7,7 +7,9 @@ License Agreement (Python documentation, Copyright Python Software Foundation).
 
 What is kept: prose paragraphs only. Headings' underlines, grammar productions (``::=``),
 interactive sessions (``>>>``), tables and code blocks are dropped; hard-wrapped lines are joined.
-Topics are split by name into two disjoint halves (sorted names, alternating), written as
+A paragraph that occurs in several topics ("compound" repeats "for", "while", ...) is kept once,
+in the first topic that has it (evaluation first). Topics are split by name into two halves
+(sorted names, alternating) that share no paragraph, written as
 ``shrink/corpus/tech/evaluation.txt.gz`` and ``calibration.txt.gz`` with one topic per document
 (separated by a form feed line).
 
@@ -57,13 +59,13 @@ def _join(lines: list[str]) -> str:
     return " ".join(out.split())
 
 
-def clean_topic(raw: str) -> str:
+def clean_topic(raw: str) -> list[str]:
     paragraphs = []
     for para in re.split(r"\n\s*\n", raw):
         lines = [l for l in para.splitlines() if l.strip() and not _UNDERLINE.match(l)]
         if lines and _is_prose(lines):
             paragraphs.append(_join(lines))
-    return "\n\n".join(paragraphs)
+    return paragraphs
 
 
 def main() -> int:
@@ -72,8 +74,13 @@ def main() -> int:
     names = sorted(topics.topics)
     parts = {"evaluation": names[0::2], "calibration": names[1::2]}
     OUT.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()  # topics repeat each other ("compound" holds "for", "while", ...)
     for part, keys in parts.items():
-        docs = [clean_topic(topics.topics[k]) for k in keys]
+        docs = []
+        for k in keys:
+            paras = [p for p in clean_topic(topics.topics[k]) if p not in seen]
+            seen.update(paras)
+            docs.append("\n\n".join(paras))
         text = SEPARATOR.join(d for d in docs if d) + "\n"
         data = gzip.compress(text.encode("utf-8"), mtime=0)
         (OUT / f"{part}.txt.gz").write_bytes(data)
