@@ -23,8 +23,12 @@ fitted by least squares so that the new layer-k output approximates z:
 
 The ridge pulls T toward the identity, which is plain pruning (T = I leaves the kept layer as it
 was), not toward zero (which would delete the kept layer's MLP): with few tokens, or directions the
-calibration text never excites, the bridge falls back to what pruning alone would do. M^T M and
-M^T (z - y) are accumulated in float64 over the calibration tokens, padding and the first
+calibration text never excites, the bridge falls back to what pruning alone would do. The default
+ridge 0.1 was chosen on SmolLM2-135M, angular block 13-18 removed, Austen calibration (32 x 256):
+ridge 1e-3 / 0.1 / 1 / 10 gave held-out Austen perplexity 43.9 / 44.1 / 45.6 / 49.2 (pruned 58.5,
+dense 36.6) and out-of-domain (tech:calibration) 32.9 / 31.5 / 30.9 / 30.7 (pruned 31.9, dense
+17.6): a small ridge fits the calibration domain best, a larger one transfers a little better.
+M^T M and M^T (z - y) are accumulated in float64 over the calibration tokens, padding and the first
 ``skip_first`` tokens of every sample excluded (as in shrink's scorer). When down_proj has a bias,
 the fit is affine (a column of ones is appended to M and the constant goes into the bias).
 
@@ -42,7 +46,8 @@ Not bridged (the run is still removed, and the result says why):
 A variant, ``method="run"``, fits T on the run's input -> output (``z ~ h T``, ReplaceMe's whole-
 block view) and folds the same T into the MLP branch, which is then only approximate (y is not
 multiplied by T). Both fit errors are always reported; ``method="mlp"`` is the default because its
-folded form is the one that is optimised.
+folded form is the one that is optimised. Measured in the same setting, "run" was worse on both
+texts (held-out Austen 61.2, tech 34.7: worse than no bridge).
 """
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ from ..pruning import _check_remove, prune_model, without_layers
 from ..scoring import _base_model, _hidden, check_score_inputs, token_masks
 
 METHODS = ("mlp", "run")
-DEFAULT_RIDGE = 1e-3
+DEFAULT_RIDGE = 0.1
 # Modules that sit between the MLP and the residual add: the fold cannot pass through them.
 _POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffw_norm",
                    "post_feedforward_norm")
