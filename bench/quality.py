@@ -182,7 +182,9 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         "# Pruning quality by strategy, with and without the linear bridge (unhealed)", "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}, torch threads {meta['torch_threads']}, load average at "
-        f"the end {meta['loadavg_at_end']} (the machine is shared), {meta['seconds']} s in all.  ",
+        f"the end {meta['loadavg_at_end']} (the machine is shared), {meta['seconds']} s in all"
+        f"{'' if meta.get('complete', True) else ' (stopped early: only the drops listed ran)'}"
+        ".  ",
         f"Model: {meta['model']}. Calibration (scoring"
         f"{' and bridge fit' if len(meta['bridge_fit_data']) == 1 else ''}): "
         f"{meta['calibration']['samples']} x {meta['calibration']['seq_len']} tokens of "
@@ -207,8 +209,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         p, b, g = r["plain"], r["bridged"], r["gap_closed"]
         fits = "; ".join(
-            f"{x['layers'][0]}-{x['layers'][-1]}: {x['fit_error']:.2f} ({x['identity_error']:.2f})"
-            if x["fit_error"] is not None else f"{x['layers'][0]}-{x['layers'][-1]}: none"
+            f"{_ranges(x['layers'])}: {x['fit_error']:.2f} ({x['identity_error']:.2f})"
+            if x["fit_error"] is not None else f"{_ranges(x['layers'])}: none"
             for x in (r["bridge"] or []))
         lines.append(
             f"| {r['drop']} | {r['strategy']} | {_ranges(r['layers'])} | {_fmt(p['austen'])} | "
@@ -229,6 +231,12 @@ def _ranges(layers: list[int]) -> str:
             out.append(f"{start}" if start == x else f"{start}-{x}")
             start = None
     return ",".join(out)
+
+
+def rewrite_markdown(json_path: str | Path) -> None:
+    """Regenerate the .md beside a results .json (after a format change)."""
+    data = json.loads(Path(json_path).read_text())
+    Path(json_path).with_suffix(".md").write_text(_markdown(data["meta"], data["rows"]))
 
 
 if __name__ == "__main__":
