@@ -3,6 +3,9 @@
 A source is one of:
 - ``austen:calibration`` / ``austen:healing`` / ``austen:evaluation`` (the shipped corpus, split by
   novel so that no text is reused across roles), or ``austen:<novel>`` for one novel;
+- ``tech:evaluation`` / ``tech:calibration``: a second, out-of-domain text (modern technical prose:
+  CPython's reference documentation, PSF licence; see shrink/corpus/tech/SOURCE.md), split into two
+  disjoint halves by topic;
 - a ``.txt`` file, a folder of ``.txt`` files, or a ``.jsonl`` file with a ``text`` field;
 - ``hf:NAME[:CONFIG][:SPLIT]``, read with the ``datasets`` library (needs network).
 """
@@ -30,6 +33,8 @@ SPLITS: dict[str, list[str]] = {
 CALIBRATION = "austen:calibration"
 HEALING = "austen:healing"
 EVALUATION = "austen:evaluation"
+TECH_SPLITS = ("evaluation", "calibration")
+TECH_EVALUATION = "tech:evaluation"
 
 
 @dataclass
@@ -64,8 +69,20 @@ def _novel(name: str) -> str:
         return _reflow(gzip.decompress(fh.read()).decode("utf-8"))
 
 
+def _tech(part: str) -> list[str]:
+    f = resources.files("shrink") / "corpus" / "tech" / f"{part}.txt.gz"
+    with f.open("rb") as fh:
+        return [d for d in gzip.decompress(fh.read()).decode("utf-8").split("\n\f\n") if d.strip()]
+
+
 def load_texts(source: str) -> list[str]:
     """Documents of a text source, as a list of strings."""
+    if source.startswith("tech:"):
+        part = source.split(":", 1)[1]
+        if part not in TECH_SPLITS:
+            raise ShrinkError(f"unknown corpus part '{source}'; use tech:evaluation or "
+                              "tech:calibration")
+        return _tech(part)
     if source.startswith("austen:"):
         key = source.split(":", 1)[1]
         names = SPLITS.get(key) or ([key] if key in NOVELS else None)
@@ -83,7 +100,7 @@ def load_texts(source: str) -> list[str]:
         return [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if not p.is_file():
         raise ShrinkError(f"no such text source '{source}' (a .txt, .jsonl, folder, "
-                          "austen:<split> or hf:NAME[:CONFIG][:SPLIT])")
+                          "austen:<split>, tech:<split> or hf:NAME[:CONFIG][:SPLIT])")
     if p.suffix == ".jsonl":
         texts = []
         try:

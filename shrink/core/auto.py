@@ -1,0 +1,135 @@
+"""``--strategy auto``: let measurement choose among the layer sets that the cheap metrics propose.
+
+Each candidate (Block Influence, angular distance, relative magnitude, and iterative BI when
+calibration blocks are given for it) names a set of n layers; the sets are removed temporarily
+(optionally bridged, see shrink.core.bridge), the perplexity is measured on HELD-OUT calibration
+blocks (blocks of the calibration text that scoring did not read: never the evaluation text), and
+the lowest wins. Identical layer sets are measured once. Every candidate's numbers are returned.
+"""
+from __future__ import annotations
+
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..data import CALIBRATION, TokenBlocks, _bos_prefix, load_texts
+from ..errors import ShrinkError
+from ..evaluate import perplexity
+from ..models import find_layers
+from ..pruning import choose_layers, iterative_bi, without_layers
+from ..scoring import LayerScores
+from .bridge import DEFAULT_RIDGE, bridged_without
+
+CANDIDATES = ("bi", "angular", "relmag", "iterative")
+
+
+@dataclass
+class Candidate:
+    strategy: str  # one strategy, or several joined with "=" when they chose the same layers
+    layers: list[int]
+    perplexity: float | None
+    reason: str
+    seconds: float
+    bridge: list[dict] | None = None  # per-run bridge results when bridged
+    note: str = ""
+
+
+@dataclass
+class AutoResult:
+    strategy: str  # the winning candidate's strategy name(s)
+    layers: list[int]
+    perplexity: float
+    bridged: bool
+    candidates: list[Candidate]
+    heldout: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
+                   source: str = CALIBRATION, calib_samples: int = 32, calib_seq_len: int = 256,
+                   calib_seed: int = 0, seed: int = 1) -> TokenBlocks:
+    """``samples`` blocks of ``source`` that share no token with the ``calib_samples`` blocks of
+    ``calib_seq_len`` that :func:`shrink.data.token_blocks` picks with ``calib_seed`` (the blocks
+    scoring and the bridge read). Chosen with ``seed``, kept in text order."""
+    prefix = _bos_prefix(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for text in load_texts(source):
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    cbody = calib_seq_len - len(prefix)
+    cavail = len(stream) // cbody
+    used = sorted(random.Random(calib_seed).sample(range(cavail), min(calib_samples, cavail)))
+    taken = [False] * len(stream)
+    for i in used:
+        for t in range(i * cbody, (i + 1) * cbody):
+            taken[t] = True
+    body = seq_len - len(prefix)
+    free = [j for j in range(len(stream) // body)
+            if not any(taken[j * body:(j + 1) * body])]
+    if len(free) < samples:
+        raise ShrinkError(f"'{source}' has only {len(free)} blocks of {seq_len} tokens that "
+                          f"calibration did not read; {samples} asked for")
+    picks = sorted(random.Random(seed).sample(free, samples))
+    rows = [prefix + stream[j * body:(j + 1) * body] for j in picks]
+    return TokenBlocks(torch.tensor(rows, dtype=torch.long), f"{source} (held out)", seq_len,
+                       seed, len(free))
+
+
+def choose_auto(model: nn.Module, n: int, scores: LayerScores, heldout_input_ids: torch.Tensor,
+                candidates: tuple[str, ...] = CANDIDATES, bridge: bool = False,
+                calib_input_ids: torch.Tensor | None = None, *, skip_first: int = 1,
+                ridge: float = DEFAULT_RIDGE, batch_size: int = 4,
+                show_progress: bool = False) -> AutoResult:
+    """Measure each candidate's held-out perplexity (bridged when ``bridge``) and keep the best.
+
+    ``calib_input_ids`` (the scoring blocks) are needed to fit bridges and for ``iterative``;
+    without them, ``iterative`` is skipped (recorded as such) and ``bridge=True`` is refused.
+    The model is left unchanged."""
+    L = len(find_layers(model)[2])
+    if bridge and calib_input_ids is None:
+        raise ShrinkError("a bridged automatic strategy needs the calibration blocks to fit on")
+    bad = [c for c in candidates if c not in CANDIDATES]
+    if bad or not candidates:
+        raise ShrinkError(f"unknown auto candidate(s) {bad}; use some of {', '.join(CANDIDATES)}")
+    proposals: list[tuple[str, list[int], str]] = []
+    skipped: list[Candidate] = []
+    for name in candidates:
+        if name == "iterative":
+            if calib_input_ids is None:
+                skipped.append(Candidate(name, [], None, "", 0.0,
+                                         note="skipped: no calibration blocks given to re-score"))
+                continue
+            layers, _ = iterative_bi(model, calib_input_ids, n, batch_size=batch_size,
+                                     skip_first=skip_first, show_progress=show_progress)
+            reason = "removed one lowest-BI layer at a time, re-scoring after each removal"
+        else:
+            layers, reason = choose_layers(name, n, L, scores)
+        proposals.append((name, layers, reason))
+    measured: list[Candidate] = []
+    for name, layers, reason in proposals:
+        same = next((c for c in measured if c.layers == layers), None)
+        if same is not None:
+            same.strategy += f"={name}"
+            continue
+        t0 = time.perf_counter()
+        ctx = (bridged_without(model, layers, calib_input_ids, skip_first=skip_first,
+                               ridge=ridge, batch_size=batch_size)
+               if bridge else nullcontext())
+        with ctx as runs:
+            with nullcontext() if bridge else without_layers(model, layers):
+                ppl = perplexity(model, heldout_input_ids, batch_size=batch_size,
+                                 show_progress=False).perplexity
+        measured.append(Candidate(name, layers, ppl, reason, time.perf_counter() - t0,
+                                  [r.to_dict() for r in runs] if bridge else None))
+    best = min(measured, key=lambda c: (c.perplexity, c.strategy))
+    return AutoResult(best.strategy, best.layers, best.perplexity, bridge, measured + skipped,
+                      {"samples": int(heldout_input_ids.shape[0]),
+                       "seq_len": int(heldout_input_ids.shape[1])})
