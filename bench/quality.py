@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,13 +28,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shrink.core.auto import choose_auto, heldout_blocks  # noqa: E402
+from shrink.stages.auto import choose_auto, heldout_blocks  # noqa: E402
 from shrink.core.bridge import DEFAULT_RIDGE, bridged_without  # noqa: E402
-from shrink.data import token_blocks  # noqa: E402
-from shrink.evaluate import perplexity  # noqa: E402
-from shrink.models import load_model  # noqa: E402
-from shrink.pruning import choose_layers, without_layers  # noqa: E402
-from shrink.scoring import score_layers  # noqa: E402
+from shrink.core.data import token_blocks  # noqa: E402
+from shrink.core.perplexity import perplexity  # noqa: E402
+from shrink.core.models import load_model  # noqa: E402
+from shrink.core.layers import without_layers
+from shrink.stages.strategies import choose_layers  # noqa: E402
+from shrink.core.scores import score_layers  # noqa: E402
 
 DOMAINS = {"austen": "austen:evaluation", "tech": "tech:evaluation"}
 AUTO_CANDIDATES = ("bi", "angular", "relmag")
@@ -129,7 +129,9 @@ def main() -> int:
 
     for n in args.drops:
         sets = {s: choose_layers(s, n, L, scores)[0] for s in args.strategies}
-        auto_plain = choose_auto(model, n, scores, held.input_ids, candidates=AUTO_CANDIDATES)
+        auto_plain = choose_auto(model, n, held.input_ids,
+                                 lambda s: choose_layers(s, n, L, scores),
+                                 candidates=AUTO_CANDIDATES)
         for s in AUTO_CANDIDATES:
             sets.setdefault(s, choose_layers(s, n, L, scores)[0])
         # auto + bridge: the same rule on bridged held-out perplexity

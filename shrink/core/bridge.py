@@ -58,11 +58,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ShrinkError
-from ..models import find_layers
-from ..progress import progress_bar
-from ..pruning import _check_remove, prune_model, without_layers
-from ..scoring import _base_model, _hidden, check_score_inputs, token_masks
+from shrink.core.errors import ShrinkError
+from shrink.core.layers import check_remove, prune_model, without_layers
+from shrink.core.models import find_layers
+from shrink.core.progress import progress_bar
+from shrink.core.scores import check_score_inputs, decoder_base, hidden_states_of, token_masks
 
 METHODS = ("mlp", "run")
 DEFAULT_RIDGE = 0.1
@@ -216,10 +216,10 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
     check_bridgeable(model)
     _, _, layers = find_layers(model)
     L = len(layers)
-    remove = _check_remove(list(remove), L)
+    remove = check_remove(list(remove), L)
     attention_mask = check_score_inputs(input_ids, attention_mask, skip_first)
     device = next(model.parameters()).device
-    runner = _base_model(model)
+    runner = decoder_base(model)
     d = model.config.get_text_config().hidden_size
     originals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -260,7 +260,7 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
             state: dict = {}
 
             def z_hook(module, args, output):
-                state["z"] = _hidden(output)
+                state["z"] = hidden_states_of(output)
                 raise _Stop
 
             def m_hook(module, args, output):
@@ -270,7 +270,7 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                 state["down"] = output
 
             def h_hook(module, args, output):
-                state["h"] = _hidden(output)
+                state["h"] = hidden_states_of(output)
                 raise _Stop
 
             for start in range(0, input_ids.shape[0], batch_size):

@@ -143,7 +143,7 @@ def _hf_texts(source: str) -> list[str]:
     return [t for t in ds["text"] if t]
 
 
-def _bos_prefix(tokenizer) -> list[int]:
+def bos_prefix(tokenizer) -> list[int]:
     """[bos] when the tokenizer itself starts every encoding with BOS (Llama-2 style), else []."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -163,7 +163,7 @@ def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int =
     """
     if samples < 1 or seq_len < 2:
         raise ShrinkError(f"need samples >= 1 and seq-len >= 2 (got {samples} and {seq_len})")
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []

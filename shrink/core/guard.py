@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..data import EVALUATION, token_blocks
-from ..errors import ShrinkError
-from ..evaluate import perplexity
+from shrink.core.data import EVALUATION, token_blocks
+from shrink.core.errors import ShrinkError
+from shrink.core.perplexity import perplexity
 
 DEFAULT_MAX_RATIO = 3.0
 # A few fixed blocks: cheap enough for every stage, and the same ones for the source and the result.

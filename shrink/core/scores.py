@@ -81,7 +81,7 @@ def hidden_states_of(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def decoder_base(model: nn.Module) -> nn.Module:
     """The module that owns the layer list (e.g. LlamaModel): running it skips the LM head."""
     from transformers import PreTrainedModel
 
@@ -185,7 +185,7 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
-    runner = _base_model(model)
+    runner = decoder_base(model)
     hidden = model.config.get_text_config().hidden_size
     try:
         batches = range(0, input_ids.shape[0], batch_size)

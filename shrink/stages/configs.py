@@ -107,6 +107,16 @@ class PruneConfig(LayerScoring):
         json_schema_extra=cli(parse="layers", metavar="LIST"))
     strategy: str = Field("bi", description="How to pick the layers (see `shrink prune --help`).",
                           json_schema_extra=cli(parse="strategy"))
+    bridge: Literal["none", "linear"] = Field(
+        "none", description="linear: fold a linear map, fitted on the calibration blocks in "
+                            "closed form (no training), into the MLP of the layer before each "
+                            "removed run (ReplaceMe); the checkpoint stays standard.")
+    ridge: float = Field(0.1, ge=0, description="Ridge of the bridge fit, toward the identity "
+                                                "(plain pruning), relative to the MLP output's "
+                                                "energy.")
+    guard: float = Field(3.0, ge=0, description="Quality guard: warn (and stop a build before "
+                                                "healing) when held-out perplexity after pruning "
+                                                "exceeds this many times the source's; 0: off.")
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
@@ -297,6 +307,8 @@ class BuildConfig(ModelOptions):
     out (``quantize``, ``export``) does not run."""
 
     model: str = Field("smollm2-135m", description="Model folder, hub id or alias.")
+    allow_degraded: bool = Field(False, description="Go on healing a model that the quality "
+                                                    "guard found badly degraded.")
     prune: PruneConfig = Field(default_factory=lambda: PruneConfig(drop=6))
     heal: HealConfig | None = Field(default_factory=HealConfig)
     quantize: QuantizeConfig | None = None

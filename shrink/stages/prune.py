@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from shrink.core.data import token_blocks
+from shrink.core.perplexity import perplexity
 from shrink.core.errors import ShrinkError
 from shrink.core.layers import check_remove, prune_model
 from shrink.core.models import (ALIASES, check_seq_len, load_config, load_model, num_layers,
@@ -35,6 +36,8 @@ class PruneResult:
     params_after: int
     scores: LayerScores | None = None
     streamed: bool = False
+    bridge: list[dict] | None = None  # per removed run, with --bridge linear
+    quality: dict | None = None  # the quality guard's verdict (perplexity ratio to the source)
     verification: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
 
@@ -43,6 +46,7 @@ class PruneResult:
                 "removed_layers": self.removed, "removed_original_layers": self.removed_original,
                 "num_layers": [self.num_layers_before, len(self.kept)],
                 "params": [self.params_before, self.params_after], "streamed": self.streamed,
+                "bridge": self.bridge, "quality": self.quality,
                 "verification": self.verification}
 
 
@@ -105,13 +109,17 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
                                     config.streaming, method=config.strategy,
                                     can_stream=config.layers is not None or strategy.streams,
                                     show_progress=show_progress)
+    if streamed and config.bridge != "none":
+        raise ShrinkError("--bridge linear needs the model in memory (it is not streamed yet); "
+                          "use --no-streaming on a machine that fits it")
+    blocks = None
     if streamed:
         remove, reason, label, scores, calib = _choose_streamed(model, resolved, L, config,
                                                                 strategy, load, show_progress)
     else:
         loaded = load_model(model, **load.load_kwargs())
-        remove, reason, label, scores, calib = _choose_in_memory(model, loaded, L, config,
-                                                                 strategy, show_progress)
+        remove, reason, label, scores, calib, blocks = _choose_in_memory(
+            model, loaded, L, config, strategy, show_progress)
     kept = [i for i in range(L) if i not in remove]
     orig = original_layers(previous, L)
     record = {"source": resolved.location, "strategy": label, "reason": reason,
@@ -123,6 +131,7 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
               "scores": scores.to_dict() if scores is not None else None}
 
     def compute(tmp: Path) -> StageOutput:
+        nonlocal blocks
         if streamed:
             from shrink.streaming.prune import (plan_stream_prune, verify_streamed,
                                                 write_stream_prune)
@@ -136,7 +145,29 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
         else:
             hf = loaded.model
             before = sum(p.numel() for p in hf.parameters())
-            prune_model(hf, remove)
+            guard = _guard_blocks(loaded.tokenizer) if config.guard else None
+            source_ppl = perplexity(hf, guard.input_ids, show_progress=False).perplexity \
+                if guard is not None else None
+            bridges = None
+            if config.bridge == "linear":
+                from shrink.core.bridge import bridge_and_prune
+
+                if blocks is None:
+                    blocks = token_blocks(loaded.tokenizer, config.data, config.samples,
+                                          config.seq_len, config.seed)
+                runs = bridge_and_prune(hf, remove, blocks.input_ids,
+                                        skip_first=config.skip_first, ridge=config.ridge,
+                                        batch_size=config.batch_size,
+                                        show_progress=show_progress)
+                bridges = [r.to_dict() for r in runs]
+                record["bridge"] = bridges
+            else:
+                prune_model(hf, remove)
+            if guard is not None:
+                quality = _quality(hf, source_ppl, guard, config.guard)
+                record["quality"] = quality
+                if not quality["ok"] and show_progress:
+                    stderr.print(f"[bold red]{quality['message']}[/]", highlight=False)
             after = sum(p.numel() for p in hf.parameters())
             source_dtype = getattr(hf.config, "dtype", None)
             if isinstance(source_dtype, torch.dtype) and \
@@ -148,7 +179,8 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
             check_it = verify_in_subprocess
         record.update(params_before=before, params_after=after)
         result = PruneResult(Path(output), remove, kept, record["removed_original_layers"],
-                             label, reason, L, before, after, scores, streamed)
+                             label, reason, L, before, after, scores, streamed,
+                             record.get("bridge"), record.get("quality"))
         return StageOutput(result, record, check_it,
                            {"source_model": model,
                             "base_model": base_model_id(resolved, hf_config, previous)})
@@ -158,12 +190,38 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
                      log=stderr.print if show_progress else None)
 
 
+def _guard_blocks(tokenizer):
+    from shrink.core.guard import guard_blocks
+
+    return guard_blocks(tokenizer)
+
+
+def _quality(model, source_ppl: float, guard, threshold: float) -> dict:
+    """The guard's verdict: held-out perplexity over the source's on the same fixed blocks."""
+    from shrink.core.guard import quality_ratio
+
+    try:
+        verdict = quality_ratio(model, source_ppl, guard.input_ids, threshold=threshold,
+                                blocks=guard.describe())
+    except ShrinkError as e:  # a model producing NaN/inf: the worst verdict there is
+        return {"ok": False, "verdict": "degraded", "message": f"QUALITY GUARD: {e}",
+                "threshold": threshold, "source_perplexity": source_ppl, "ratio": None}
+    return verdict.to_dict()
+
+
 def _choose_in_memory(model: str, loaded, L: int, config: PruneConfig, strategy,
                       show_progress: bool):
     if config.layers is not None:
-        return sorted(config.layers), "listed by the user", "explicit", None, None
+        return sorted(config.layers), "listed by the user", "explicit", None, None, None
     blocks = token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len,
                           config.seed) if strategy.needs_scores or not strategy.streams else None
+    heldout = None
+    if config.strategy == "auto":
+        from shrink.stages.auto import heldout_blocks
+
+        heldout = heldout_blocks(loaded.tokenizer, 8, config.seq_len, source=config.data,
+                                 calib_samples=config.samples, calib_seq_len=config.seq_len,
+                                 calib_seed=config.seed).input_ids
     calib = blocks.describe() if blocks is not None else None
     scores = scores_for(strategy, loaded.model, blocks.input_ids if blocks else None,
                         batch_size=config.batch_size, skip_first=config.skip_first,
@@ -172,10 +230,11 @@ def _choose_in_memory(model: str, loaded, L: int, config: PruneConfig, strategy,
     remove, reason = choose_layers(
         config.strategy, config.drop, L, scores, config.seed, model=loaded.model,
         input_ids=blocks.input_ids if blocks else None, batch_size=config.batch_size,
-        skip_first=config.skip_first, show_progress=show_progress, details=details)
+        skip_first=config.skip_first, show_progress=show_progress, details=details,
+        heldout_input_ids=heldout, bridge=config.bridge == "linear", ridge=config.ridge)
     if details and calib is not None:
         calib.update(details)
-    return remove, reason, config.strategy, scores, calib
+    return remove, reason, config.strategy, scores, calib, blocks
 
 
 def _choose_streamed(model: str, resolved, L: int, config: PruneConfig, strategy,

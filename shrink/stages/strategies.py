@@ -44,6 +44,9 @@ class Selection:
     batch_size: int = 4
     skip_first: int = 1
     show_progress: bool = True
+    heldout_input_ids: torch.Tensor | None = None  # calibration blocks scoring did not read
+    bridge: bool = False  # candidates are measured bridged (auto)
+    ridge: float = 0.1
     details: dict = field(default_factory=dict)  # anything the strategy wants recorded
 
 
@@ -158,6 +161,31 @@ def _last(sel: Selection):
 def _random(sel: Selection):
     chosen = sorted(random.Random(sel.seed).sample(range(sel.num_layers), sel.n))
     return chosen, f"{sel.n} layers drawn at random (seed {sel.seed}), a baseline"
+
+
+@register_strategy("auto", help="measure the bi, angular, relmag and iterative candidates' "
+                                "perplexity on held-out calibration blocks (bridged with "
+                                "--bridge linear) and keep the best", needs_scores=True,
+                   streams=False)
+def _auto(sel: Selection):
+    from shrink.stages.auto import choose_auto
+
+    if sel.model is None or sel.heldout_input_ids is None:
+        raise ShrinkError("strategy 'auto' needs the whole model and held-out calibration blocks")
+
+    def propose(name: str) -> tuple[list[int], str]:
+        return choose_layers(name, sel.n, sel.num_layers, sel.scores, sel.seed, model=sel.model,
+                             input_ids=sel.input_ids, batch_size=sel.batch_size,
+                             skip_first=sel.skip_first, show_progress=sel.show_progress)
+
+    res = choose_auto(sel.model, sel.n, sel.heldout_input_ids, propose, bridge=sel.bridge,
+                      calib_input_ids=sel.input_ids, skip_first=sel.skip_first, ridge=sel.ridge,
+                      batch_size=sel.batch_size, show_progress=sel.show_progress)
+    sel.details["auto"] = res.to_dict()
+    shown = ", ".join(f"{c.strategy} {c.perplexity:.2f}" for c in res.candidates
+                      if c.perplexity is not None)
+    return res.layers, (f"auto: {res.strategy} had the lowest held-out perplexity "
+                        f"{'(bridged) ' if res.bridged else ''}({shown})")
 
 
 def iterative_bi(model: nn.Module, input_ids: torch.Tensor, n: int, *, batch_size: int = 4,

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from shrink.core.auto import choose_auto, heldout_blocks
+from shrink.stages.auto import choose_auto, heldout_blocks
 from shrink.core.guard import guard_blocks, quality_ratio
-from shrink.errors import ShrinkError
-from shrink.evaluate import perplexity
-from shrink.pruning import without_layers
-from shrink.scoring import LayerScores
+from shrink.core.errors import ShrinkError
+from shrink.core.perplexity import perplexity
+from shrink.core.layers import without_layers
+from shrink.core.scores import LayerScores
 
 
 def _model(tiny_model_dir):
@@ -30,6 +30,12 @@ def _scores(L=6):
     return LayerScores("tiny", L, bi, relmag, angular, tokens=1, samples=1)
 
 
+def _propose(model, scores):
+    """The registry's choice for each candidate, as the prune stage passes it."""
+    L = scores.num_layers
+    return lambda name: choose_layers(name, 2, L, scores)
+
+
 def _ids(samples, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 1000, (samples, 32), generator=g)
@@ -40,8 +46,9 @@ def test_auto_picks_the_lowest_measured_perplexity(tiny_model_dir, bridge):
     model = _model(tiny_model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     held, calib = _ids(4, 5), _ids(8, 6)
-    result = choose_auto(model, 2, _scores(), held, candidates=("bi", "angular", "relmag"),
-                         bridge=bridge, calib_input_ids=calib)
+    result = choose_auto(model, 2, held, _propose(model, _scores()),
+                         candidates=("bi", "angular", "relmag"), bridge=bridge,
+                         calib_input_ids=calib)
     assert [c.layers for c in result.candidates] == [[1, 4], [3, 4], [2, 3]]
     best = min(result.candidates, key=lambda c: c.perplexity)
     assert (result.layers, result.perplexity) == (best.layers, best.perplexity)
@@ -59,19 +66,20 @@ def test_auto_picks_the_lowest_measured_perplexity(tiny_model_dir, bridge):
 def test_auto_merges_identical_sets_and_skips_iterative_without_calibration(tiny_model_dir):
     scores = _scores()
     scores.relmag = scores.bi
-    result = choose_auto(_model(tiny_model_dir), 2, scores, _ids(2, 5),
+    model = _model(tiny_model_dir)
+    result = choose_auto(model, 2, _ids(2, 5), _propose(model, scores),
                          candidates=("bi", "relmag", "iterative"))
     assert result.candidates[0].strategy == "bi=relmag"
     assert result.candidates[-1].strategy == "iterative"
     assert result.candidates[-1].note.startswith("skipped")
     with pytest.raises(ShrinkError, match="calibration"):
-        choose_auto(_model(tiny_model_dir), 2, scores, _ids(2, 5), bridge=True)
+        choose_auto(model, 2, _ids(2, 5), _propose(model, scores), bridge=True)
 
 
 def test_heldout_blocks_share_no_token_with_calibration(embedded_dir):
     from transformers import AutoTokenizer
 
-    from shrink.data import token_blocks
+    from shrink.core.data import token_blocks
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
     cal = token_blocks(tok, "austen:calibration", 32, 256, 0)
@@ -92,8 +100,8 @@ def test_guard_ok_on_the_source_itself(tiny_model_dir):
 
 @pytest.mark.slow
 def test_guard_fires_on_strategy_last_of_the_embedded_model():
-    from shrink.models import load_model
-    from shrink.pruning import choose_layers
+    from shrink.core.models import load_model
+    from shrink.stages.strategies import choose_layers
 
     loaded = load_model("smollm2-135m")
     blocks = guard_blocks(loaded.tokenizer)

@@ -13,7 +13,7 @@ from torch import nn
 
 from shrink.core.bridge import (apply_bridges, bridge_and_prune, bridged_without,
                                 check_bridgeable, contiguous_runs)
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 
 D = 64  # hidden size of the tiny models (tests/conftest.py)
 
@@ -247,7 +247,7 @@ def test_converts_to_onnx(bridged_folder, tmp_path):
     """(d) The bridged checkpoint is a standard one: the ONNX exporter builds it and its own
     fresh-process verification against PyTorch passes."""
     pytest.importorskip("onnxruntime_genai")
-    from shrink.exporters.onnx import export_onnx
+    from shrink.stages.export.onnx import export_onnx
 
     folder, _, _ = bridged_folder
     result = export_onnx(folder, tmp_path / "onnx", precision="fp32")

@@ -3,7 +3,6 @@ equal, per-layer config sliced, generation with the KV cache works, for every ar
 the temporary removal (without_layers) restores the model exactly."""
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from shrink.data import load_texts, token_blocks
-from shrink.errors import ShrinkError
+from shrink.core.data import load_texts, token_blocks
+from shrink.core.errors import ShrinkError
 
 
 def test_halves_are_disjoint_prose():

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from ..data import CALIBRATION, TokenBlocks, _bos_prefix, load_texts
-from ..errors import ShrinkError
-from ..evaluate import perplexity
-from ..models import find_layers
-from ..pruning import choose_layers, iterative_bi, without_layers
-from ..scoring import LayerScores
-from .bridge import DEFAULT_RIDGE, bridged_without
+from shrink.core.bridge import DEFAULT_RIDGE, bridged_without
+from shrink.core.data import CALIBRATION, TokenBlocks, bos_prefix, load_texts
+from shrink.core.errors import ShrinkError
+from shrink.core.layers import without_layers
+from shrink.core.perplexity import perplexity
 
 CANDIDATES = ("bi", "angular", "relmag", "iterative")
 
@@ -57,7 +56,7 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
     """``samples`` blocks of ``source`` that share no token with the ``calib_samples`` blocks of
     ``calib_seq_len`` that :func:`shrink.data.token_blocks` picks with ``calib_seed`` (the blocks
     scoring and the bridge read). Chosen with ``seed``, kept in text order."""
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for text in load_texts(source):
@@ -83,17 +82,18 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
                        seed, len(free))
 
 
-def choose_auto(model: nn.Module, n: int, scores: LayerScores, heldout_input_ids: torch.Tensor,
+def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
+                propose: Callable[[str], tuple[list[int], str]],
                 candidates: tuple[str, ...] = CANDIDATES, bridge: bool = False,
                 calib_input_ids: torch.Tensor | None = None, *, skip_first: int = 1,
                 ridge: float = DEFAULT_RIDGE, batch_size: int = 4,
                 show_progress: bool = False) -> AutoResult:
     """Measure each candidate's held-out perplexity (bridged when ``bridge``) and keep the best.
 
-    ``calib_input_ids`` (the scoring blocks) are needed to fit bridges and for ``iterative``;
-    without them, ``iterative`` is skipped (recorded as such) and ``bridge=True`` is refused.
-    The model is left unchanged."""
-    L = len(find_layers(model)[2])
+    ``propose(name)`` gives a candidate strategy's layers and reason (the registry's
+    ``choose_layers``). ``calib_input_ids`` (the scoring blocks) are needed to fit bridges and
+    for ``iterative``; without them, ``iterative`` is skipped (recorded as such) and
+    ``bridge=True`` is refused. The model is left unchanged."""
     if bridge and calib_input_ids is None:
         raise ShrinkError("a bridged automatic strategy needs the calibration blocks to fit on")
     bad = [c for c in candidates if c not in CANDIDATES]
@@ -102,16 +102,11 @@ def choose_auto(model: nn.Module, n: int, scores: LayerScores, heldout_input_ids
     proposals: list[tuple[str, list[int], str]] = []
     skipped: list[Candidate] = []
     for name in candidates:
-        if name == "iterative":
-            if calib_input_ids is None:
-                skipped.append(Candidate(name, [], None, "", 0.0,
-                                         note="skipped: no calibration blocks given to re-score"))
-                continue
-            layers, _ = iterative_bi(model, calib_input_ids, n, batch_size=batch_size,
-                                     skip_first=skip_first, show_progress=show_progress)
-            reason = "removed one lowest-BI layer at a time, re-scoring after each removal"
-        else:
-            layers, reason = choose_layers(name, n, L, scores)
+        if name == "iterative" and calib_input_ids is None:
+            skipped.append(Candidate(name, [], None, "", 0.0,
+                                     note="skipped: no calibration blocks given to re-score"))
+            continue
+        layers, reason = propose(name)
         proposals.append((name, layers, reason))
     measured: list[Candidate] = []
     for name, layers, reason in proposals:
