@@ -16,7 +16,7 @@ from shrink.cli.options import config_options, values
 from shrink.core.errors import ShrinkError
 from shrink.core.progress import stderr
 from shrink.core.quiet import capture_to, has_terminal_fds
-from shrink.stages.configs import (STAGE_CONFIGS, BenchConfig, EvaluateConfig,
+from shrink.stages.configs import (STAGE_CONFIGS, BenchConfig, BuildConfig, EvaluateConfig,
                                    ExportConfig, HealConfig, ModelOptions, PruneConfig,
                                    QuantizeConfig, ScoreConfig, make)
 
@@ -727,6 +727,8 @@ def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) ->
 @click.option("--resume", is_flag=True, help="Skip stages already done with the same settings.")
 @click.option("--force", is_flag=True, help="Start over in an existing output folder.")
 @click.option("--no-heal", is_flag=True, help="Skip the healing fine-tune.")
+@click.option("--allow-degraded", is_flag=True,
+              help=BuildConfig.model_fields["allow_degraded"].description)
 @click.option("--keep-stages", is_flag=True, help="Keep OUT/stages/ (the intermediate models) "
               "after a finished build, for a later --resume with other settings.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write report.json here "
@@ -734,8 +736,8 @@ def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) ->
 @build_options
 @model_options
 @click.pass_context
-def build_cmd(ctx, model, recipe, output, resume, force, no_heal, keep_stages, json_out,
-              **kwargs):
+def build_cmd(ctx, model, recipe, output, resume, force, no_heal, allow_degraded, keep_stages,
+              json_out, **kwargs):
     """Score, prune, heal, quantize (GPTQ) and/or export (ONNX), verify, and write a model card.
 
     With no arguments: the embedded SmolLM2 end to end on a CPU (recipe smollm2-135m). A
@@ -750,6 +752,8 @@ def build_cmd(ctx, model, recipe, output, resume, force, no_heal, keep_stages, j
         base = config.settings()
     if model is not None:
         base["model"] = model
+    if allow_degraded:
+        base["allow_degraded"] = True
     config = recipe_config(build_values(ctx, kwargs, base, no_heal), "settings")
     check_writable(json_out)
     result = build(config, output=output, resume=resume, force=force, command=command_line(),

@@ -72,6 +72,15 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
         f"Removed (original numbering): `{report['removed_layers']}`.",
         "",
     ]
+    for b in report.get("bridge") or []:
+        if b.get("folded_into") is not None:
+            lines.append(f"Layers {b['layers']} are bridged by a linear map folded into "
+                         f"`{b['target']}` (fit error {b['fit_error']:.3f} vs "
+                         f"{b['identity_error']:.3f} without it; no training).")
+    q = report.get("quality")
+    if q:
+        lines += ["", f"Quality guard after pruning: {q['message']}."]
+    lines.append("")
     if scores:
         lines += ["| layer | Block Influence | relative magnitude | removed |", "|---|---|---|---|"]
         for i, (bi, rm) in enumerate(zip(scores["bi"], scores["relmag"])):

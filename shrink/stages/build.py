@@ -168,7 +168,13 @@ def _run(name: str, c: BuildConfig, stage_dir: Path, state: dict, resume: bool,
 
         r = prune(c.model, stage_dir / "model", c.prune, load=load, force=True,
                   show_progress=show_progress)
+        if r.quality is not None and not r.quality["ok"] and c.heal is not None \
+                and not c.allow_degraded:
+            raise ShrinkError(f"{r.quality['message']}. The build stops before healing; "
+                              "pass --allow-degraded to heal it anyway, or choose another "
+                              "strategy (--strategy auto measures the candidates)")
         return {"model": str(stage_dir / "model"), "removed": r.removed, "reason": r.reason,
+                "bridge": r.bridge, "quality": r.quality,
                 "strategy": r.strategy, "num_layers": [r.num_layers_before, len(r.kept)],
                 "params": [r.params_before, r.params_after],
                 "scores": r.scores.to_dict() if r.scores is not None else None}
@@ -409,6 +415,7 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
         "evaluation_set": s.evaluate.name(),
         "removed_layers": info["prune"]["removed"], "strategy": info["prune"]["strategy"],
         "reason": info["prune"]["reason"], "num_layers": info["prune"]["num_layers"],
+        "bridge": info["prune"].get("bridge"), "quality": info["prune"].get("quality"),
         "params": info["prune"]["params"], "sizes_bytes": sizes, "perplexity": ppl,
         "arithmetic": {"context": ctx, **arith},
         "heal": info.get("heal"), "quantize": info.get("quantize"),

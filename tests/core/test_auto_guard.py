@@ -1,4 +1,4 @@
-"""The automatic strategy (shrink.core.auto) and the quality guard (shrink.core.guard)."""
+"""The automatic strategy (shrink.stages.auto) and the quality guard (shrink.core.guard)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from shrink.stages.auto import choose_auto, heldout_blocks
+from shrink.stages.strategies import choose_layers
 from shrink.core.guard import guard_blocks, quality_ratio
 from shrink.core.errors import ShrinkError
 from shrink.core.perplexity import perplexity

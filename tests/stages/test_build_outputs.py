@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -35,3 +36,19 @@ def test_artifacts_are_self_contained_and_keep_the_generation_settings(tiny_mode
     assert yaml.safe_load(recipe) == report["settings"]
     # intermediates are gone (they can be rebuilt) and the report says how much that freed
     assert not (out / "stages").exists() and report["intermediates_removed_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_build_stops_before_healing_a_degraded_model(embedded_dir, tmp_path):
+    """Gromov's simple heuristic ('last') ruins the embedded model (perplexity ~1e7): the quality
+    guard says so, and the build stops before spending a heal on it."""
+
+    pytest.importorskip("peft")
+    res = CliRunner().invoke(main, [
+        "build", str(embedded_dir), "--drop", "6", "--strategy", "last", "--prune-samples", "2",
+        "--steps", "1", "--eval-samples", "1", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2, res.output
+    assert "QUALITY GUARD" in res.output and "--allow-degraded" in res.output
+    record = json.loads((tmp_path / "b" / "stages" / "01-prune" / "model" / "shrink.json")
+                        .read_text())["stages"][-1]
+    assert record["quality"]["ok"] is False and record["quality"]["ratio"] > 100
