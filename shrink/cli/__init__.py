@@ -261,8 +261,10 @@ def eval_cmd(model, json_out, **kwargs):
     if json_out:
         write_json(result.to_dict(), json_out, config.settings())
     if json_out != "-":
-        console.print(f"{model}: perplexity {result.perplexity:.3f} on {config.name()} "
-                      f"({result.tokens} predicted tokens, {result.seconds:.1f} s)")
+        for r in (result, result.second):
+            if r is not None:
+                console.print(f"{model}: perplexity {r.perplexity:.3f} on {r.data['set']} "
+                              f"({r.tokens} predicted tokens, {r.seconds:.1f} s)")
 
 
 # --- analytic: estimate and claims (no weights needed) ---
@@ -768,9 +770,12 @@ def build_cmd(ctx, model, recipe, output, resume, force, no_heal, allow_degraded
             table.add_row(st.name, "resumed (done earlier)" if st.skipped else "ran",
                           f"{st.seconds:.1f}")
         console.print(table)
-        console.print(f"perplexity on {config.evaluate.name()}:")
+        second = result.report.get("second_evaluation_set")
+        console.print(f"perplexity on {config.evaluate.name()}"
+                      + (f" | on {second}" if second else "") + ":")
         for label, row in result.report["perplexity"].items():
-            console.print(f"  {label:>9}: {row['perplexity']:.3f}")
+            console.print(f"  {label:>9}: {row['perplexity']:.3f}"
+                          + (f" | {row['second']:.3f}" if row.get("second") is not None else ""))
         console.print(f"model card: {result.output / 'README.md'}; report: "
                       f"{result.output / 'report.json'}")
 

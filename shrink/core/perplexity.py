@@ -19,6 +19,7 @@ class PerplexityResult:
     seconds: float
     data: dict | None = None
     model: str = ""
+    second: PerplexityResult | None = None  # the same model on a second held-out domain
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -103,11 +103,17 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
                      f"({q['flops_per_token'] / d['flops_per_token']:.3f}x) |")
     lines += ["", "## Perplexity", "",
               f"On the evaluation set `{report.get('evaluation_set')}` (held-out text, never used "
-              "for scoring, healing or calibration; the same blocks for every row):", "",
-              "| model | perplexity |", "|---|---|"]
+              "for scoring, healing or calibration; the same blocks for every row)"
+              + (f" and on a second domain, `{report['second_evaluation_set']}` (modern "
+                 "technical prose)" if report.get("second_evaluation_set") else "") + ":", ""]
+    second = bool(report.get("second_evaluation_set"))
+    lines += ["| model | perplexity | second domain |" if second else "| model | perplexity |",
+              "|---|---|---|" if second else "|---|---|"]
     for label, row in report.get("perplexity", {}).items():
         note = f" ({row['note']})" if row.get("note") else ""
-        lines.append(f"| {label} | {row['perplexity']:.3f}{note} |")
+        extra = f" {row['second']:.3f} |" if second and row.get("second") is not None else \
+            (" n/a |" if second else "")
+        lines.append(f"| {label} | {row['perplexity']:.3f}{note} |{extra}")
     if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
         lines += ["", EMBEDDED_NOTE]
     if report.get("quantize"):

@@ -231,7 +231,10 @@ def _run(name: str, c: BuildConfig, stage_dir: Path, state: dict, resume: bool,
                            show_progress=show_progress)
             rows[label] = {"perplexity": res.perplexity, "tokens": res.tokens,
                            "path": str(path)}
-        return {"perplexity": rows, "set": c.evaluate.name()}
+            if res.second is not None:
+                rows[label]["second"] = res.second.perplexity
+        return {"perplexity": rows, "set": c.evaluate.name(),
+                "second_set": c.evaluate.name(c.evaluate.second) if c.evaluate.second else None}
     raise AssertionError(name)
 
 
@@ -413,6 +416,7 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
         "base_model": record.get("base_model"), "settings": s.settings(),
         "output_id": output_id(out),
         "evaluation_set": s.evaluate.name(),
+        "second_evaluation_set": info.get("evaluate", {}).get("second_set"),
         "removed_layers": info["prune"]["removed"], "strategy": info["prune"]["strategy"],
         "reason": info["prune"]["reason"], "num_layers": info["prune"]["num_layers"],
         "bridge": info["prune"].get("bridge"), "quality": info["prune"].get("quality"),

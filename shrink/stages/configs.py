@@ -277,9 +277,19 @@ class EvaluateConfig(TextBlocks):
     samples: int = Field(8, ge=1, description="Evaluation blocks.")
     seq_len: int = Field(512, ge=2, description="Tokens per evaluation block.")
 
-    def name(self) -> str:
+    second: str | None = Field(
+        "tech:evaluation", description="A second held-out text of another domain (modern "
+        "technical prose by default), measured on blocks of the same size; '' for none.",
+        json_schema_extra=cli(metavar="SOURCE"))
+
+    @field_validator("second")
+    @classmethod
+    def _second(cls, v: str | None) -> str | None:
+        return v or None
+
+    def name(self, data: str | None = None) -> str:
         """How every surface labels a perplexity measured on this set."""
-        return f"{self.data}, {self.samples} x {self.seq_len} tokens, seed {self.seed}"
+        return f"{data or self.data}, {self.samples} x {self.seq_len} tokens, seed {self.seed}"
 
 
 class BenchConfig(Config):

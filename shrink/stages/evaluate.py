@@ -36,37 +36,58 @@ def onnx_perplexity(onnx_dir: str | Path, input_ids: torch.Tensor,
 def evaluate(model: str, config: EvaluateConfig | None = None, *,
              load: ModelOptions | None = None, show_progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``config``'s evaluation set (default: shrink's fixed set,
-    Persuasion 8 x 512). ``model`` is anything load_model takes, or an ONNX or GGUF folder written
-    by ``shrink export``; every kind is scored on the same blocks with the same arithmetic."""
+    Persuasion 8 x 512) and, on ``result.second``, on the second held-out domain
+    (``config.second``, default the CPython reference text). ``model`` is anything load_model
+    takes, or an ONNX or GGUF folder written by ``shrink export``; every kind is scored on the
+    same blocks with the same arithmetic."""
     config = config or EvaluateConfig()
     load = load or ModelOptions()
     folder = Path(model).expanduser()
     gguf = gguf_file(folder) if folder.exists() else None
+    sources = [config.data] + ([config.second] if config.second else [])
+    results: list[PerplexityResult] = []
     if gguf is not None:
         from transformers import AutoTokenizer
 
         from shrink.core.models import check_tokenizer_files
         from shrink.runtime.gguf import GgufRunner
 
-        tok_dir = gguf.parent
-        check_tokenizer_files(tok_dir)  # shrink's GGUF folders carry the HF tokenizer
-        blocks = token_blocks(AutoTokenizer.from_pretrained(tok_dir), config.data,
-                              config.samples, config.seq_len, config.seed)
+        check_tokenizer_files(gguf.parent)  # shrink's GGUF folders carry the HF tokenizer
+        tok = AutoTokenizer.from_pretrained(gguf.parent)
         with GgufRunner(gguf, n_ctx=max(1024, config.seq_len)) as runner:
-            r = runner.perplexity(blocks.input_ids, show_progress=show_progress)
-        result = PerplexityResult(r["perplexity"], r["nll"], r["tokens"], r["seconds"])
+            for source in sources:
+                blocks = _blocks(tok, source, config)
+                r = runner.perplexity(blocks.input_ids, show_progress=show_progress)
+                results.append(_labelled(PerplexityResult(r["perplexity"], r["nll"], r["tokens"],
+                                                          r["seconds"]), blocks, config, model))
     elif is_onnx_folder(folder):
         from transformers import AutoTokenizer
 
-        blocks = token_blocks(AutoTokenizer.from_pretrained(folder), config.data, config.samples,
-                              config.seq_len, config.seed)
-        result = onnx_perplexity(folder, blocks.input_ids, show_progress=show_progress)
+        tok = AutoTokenizer.from_pretrained(folder)
+        for source in sources:
+            blocks = _blocks(tok, source, config)
+            results.append(_labelled(onnx_perplexity(folder, blocks.input_ids,
+                                                     show_progress=show_progress),
+                                     blocks, config, model))
     else:
         loaded = load_model(model, **load.load_kwargs())
-        blocks = token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len,
-                              config.seed)
-        result = perplexity(loaded.model, blocks.input_ids, batch_size=config.batch_size,
-                            show_progress=show_progress)
-    result.data = {**blocks.describe(), "set": config.name()}
+        for source in sources:
+            blocks = _blocks(loaded.tokenizer, source, config)
+            results.append(_labelled(perplexity(loaded.model, blocks.input_ids,
+                                                batch_size=config.batch_size,
+                                                show_progress=show_progress),
+                                     blocks, config, model))
+    result = results[0]
+    result.second = results[1] if len(results) > 1 else None
+    return result
+
+
+def _blocks(tokenizer, source: str, config: EvaluateConfig):
+    return token_blocks(tokenizer, source, config.samples, config.seq_len, config.seed)
+
+
+def _labelled(result: PerplexityResult, blocks, config: EvaluateConfig,
+              model: str) -> PerplexityResult:
+    result.data = {**blocks.describe(), "set": config.name(blocks.source)}
     result.model = model
     return result

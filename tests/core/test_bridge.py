@@ -247,9 +247,10 @@ def test_converts_to_onnx(bridged_folder, tmp_path):
     """(d) The bridged checkpoint is a standard one: the ONNX exporter builds it and its own
     fresh-process verification against PyTorch passes."""
     pytest.importorskip("onnxruntime_genai")
+    from shrink.stages.configs import ExportConfig
     from shrink.stages.export.onnx import export_onnx
 
     folder, _, _ = bridged_folder
-    result = export_onnx(folder, tmp_path / "onnx", precision="fp32")
+    result = export_onnx(folder, tmp_path / "onnx", ExportConfig(onnx="fp32"))
     assert result.verification["ok"]
     assert result.verification["greedy_equal_to_torch"]

@@ -190,3 +190,24 @@ def test_failed_verification_leaves_nothing(tiny_model_dir, tmp_path, monkeypatc
     with pytest.raises(ShrinkError, match="simulated"):
         pruning.prune(str(tiny_model_dir("llama")), tmp_path / "out", PruneConfig(layers=[1]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bridge_and_auto_through_the_prune_command(tiny_model_dir, tmp_path):
+    """--bridge linear folds one map per removed run into the layer before it (the output is
+    reloaded and checked in a fresh process); --strategy auto records every candidate."""
+    src = str(tiny_model_dir("llama"))
+    r = _run(["prune", src, "--layers", "2,3,5", "--bridge", "linear", "--samples", "4",
+              "--seq-len", "32", "-o", str(tmp_path / "b"), "--json", "-"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)["result"]
+    assert [b["layers"] for b in out["bridge"]] == [[2, 3], [5]]
+    assert [b["folded_into"] for b in out["bridge"]] == [1, 4]
+    assert out["verification"]["ok"] and out["quality"]["ratio"] > 0
+    r = _run(["prune", src, "--drop", "2", "--strategy", "auto", "--samples", "4",
+              "--seq-len", "32", "-o", str(tmp_path / "a"), "--no-verify", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "a" / "shrink.json").read_text())["stages"][-1]
+    auto = record["calibration"]["auto"]
+    best = min((c for c in auto["candidates"] if c["perplexity"] is not None),
+               key=lambda c: c["perplexity"])
+    assert record["removed_layers"] == best["layers"] == auto["layers"]
