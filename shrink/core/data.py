@@ -7,6 +7,8 @@ A source is one of:
   CPython's reference documentation, PSF licence; see shrink/corpus/tech/SOURCE.md), split into two
   disjoint halves by topic;
 - a ``.txt`` file, a folder of ``.txt`` files, or a ``.jsonl`` file with a ``text`` field;
+- several sources joined with ``+`` (``austen:calibration+tech:calibration``): the blocks are
+  shared out evenly among them;
 - ``hf:NAME[:CONFIG][:SPLIT]``, read with the ``datasets`` library (needs network).
 """
 from __future__ import annotations
@@ -163,6 +165,13 @@ def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int =
     """
     if samples < 1 or seq_len < 2:
         raise ShrinkError(f"need samples >= 1 and seq-len >= 2 (got {samples} and {seq_len})")
+    if "+" in source:  # a mix: the blocks are shared out evenly among the parts, in order
+        parts = [s.strip() for s in source.split("+") if s.strip()]
+        counts = [samples // len(parts) + (i < samples % len(parts)) for i in range(len(parts))]
+        got = [token_blocks(tokenizer, s, n, seq_len, seed, at_most)
+               for s, n in zip(parts, counts) if n]
+        return TokenBlocks(torch.cat([g.input_ids for g in got]), source, seq_len, seed,
+                           sum(g.available for g in got))
     prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
     eos = getattr(tokenizer, "eos_token_id", None)

@@ -56,6 +56,17 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
     """``samples`` blocks of ``source`` that share no token with the ``calib_samples`` blocks of
     ``calib_seq_len`` that :func:`shrink.data.token_blocks` picks with ``calib_seed`` (the blocks
     scoring and the bridge read). Chosen with ``seed``, kept in text order."""
+    if "+" in source:  # a mix: each part against the calibration blocks token_blocks took there
+        parts = [s.strip() for s in source.split("+") if s.strip()]
+
+        def share(n: int) -> list[int]:
+            return [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+
+        got = [heldout_blocks(tokenizer, n, seq_len, source=s, calib_samples=c,
+                              calib_seq_len=calib_seq_len, calib_seed=calib_seed, seed=seed)
+               for s, n, c in zip(parts, share(samples), share(calib_samples)) if n]
+        return TokenBlocks(torch.cat([g.input_ids for g in got]), f"{source} (held out)",
+                           seq_len, seed, sum(g.available for g in got))
     prefix = bos_prefix(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
