@@ -24,6 +24,9 @@ from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
 
 CANDIDATES = ("bi", "angular", "relmag", "iterative")
+# What --strategy auto measures: the one-pass candidates. iterative re-scores the model once per
+# removed layer (6 extra scoring passes at 6 layers): affordable through the API, not by default.
+DEFAULT_CANDIDATES = ("bi", "angular", "relmag")
 
 
 @dataclass
@@ -95,7 +98,7 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
 
 def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
                 propose: Callable[[str], tuple[list[int], str]],
-                candidates: tuple[str, ...] = CANDIDATES, bridge: bool = False,
+                candidates: tuple[str, ...] = DEFAULT_CANDIDATES, bridge: bool = False,
                 calib_input_ids: torch.Tensor | None = None, *, skip_first: int = 1,
                 ridge: float = DEFAULT_RIDGE, batch_size: int = 4,
                 show_progress: bool = False) -> AutoResult:

@@ -163,9 +163,9 @@ def _random(sel: Selection):
     return chosen, f"{sel.n} layers drawn at random (seed {sel.seed}), a baseline"
 
 
-@register_strategy("auto", help="measure the bi, angular, relmag and iterative candidates' "
-                                "perplexity on held-out calibration blocks (bridged with "
-                                "--bridge linear) and keep the best", needs_scores=True,
+@register_strategy("auto", help="measure the bi, angular and relmag candidates' perplexity on "
+                                "held-out calibration blocks (bridged with --bridge linear) and "
+                                "keep the best", needs_scores=True,
                    streams=False)
 def _auto(sel: Selection):
     from shrink.stages.auto import choose_auto
