@@ -69,7 +69,7 @@ def clean_topic(raw: str) -> list[str]:
 
 
 def main() -> int:
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     names = sorted(topics.topics)
     parts = {"evaluation": names[0::2], "calibration": names[1::2]}

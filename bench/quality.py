@@ -7,7 +7,7 @@ on two domains: the Austen held-out novel (Persuasion) and CPython's reference d
 For each number of removed layers n: the layers are scored once (BI, angular, relmag on
 austen:calibration, 32 x 256, seed 0); each strategy's layer set is removed temporarily, then
 bridged (shrink.core.bridge, fitted on the same 32 x 256 calibration blocks) and measured on
-fixed blocks of both evaluation texts. ``auto`` is shrink.core.auto's rule: the candidate
+fixed blocks of both evaluation texts. ``auto`` is shrink.stages.auto's rule: the candidate
 (bi / angular / relmag) with the lowest perplexity on held-out calibration blocks (8 x 256 blocks
 of austen:calibration that scoring did not read), measured without the bridge for "auto" and with
 it for "auto + bridge". Gap closed = (pruned - result) / (pruned - dense), pruned = the same layer
@@ -70,7 +70,7 @@ def main() -> int:
     evals = {k: token_blocks(tok, src, args.eval_samples, args.eval_seq_len, 0)
              for k, src in DOMAINS.items()}
     scores = score_layers(model, calib.input_ids, show_progress=False)
-    bridge_kw = dict(ridge=args.ridge, method=args.method)
+    bridge_kw = {"ridge": args.ridge, "method": args.method}
     sources = args.bridge_data.split(",")
     if sources == ["austen:calibration"]:
         fit_ids, fit_info = calib.input_ids, [calib.describe()]
@@ -183,10 +183,10 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         "# Pruning quality by strategy, with and without the linear bridge (unhealed)", "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}, torch threads {meta['torch_threads']}, load average at "
+        (f"Machine: {meta['machine']}, torch threads {meta['torch_threads']}, load average at "
         f"the end {meta['loadavg_at_end']} (the machine is shared), {meta['seconds']} s in all"
         f"{'' if meta.get('complete', True) else ' (stopped early: only the drops listed ran)'}"
-        ".  ",
+        ".  "),
         f"Model: {meta['model']}. Calibration (scoring"
         f"{' and bridge fit' if len(meta['bridge_fit_data']) == 1 else ''}): "
         f"{meta['calibration']['samples']} x {meta['calibration']['seq_len']} tokens of "
@@ -201,12 +201,12 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         f"Bridge: method `{meta['bridge']['method']}`, ridge {meta['bridge']['ridge']} (toward "
         "the identity), first token skipped, folded into the preceding kept layer's "
         "down_proj; no training anywhere in this table.", "",
-        f"Dense: Austen {_fmt(d['austen'])}, tech {_fmt(d['tech'])}, held-out calibration "
-        f"{_fmt(d['heldout_calibration'])}.", "",
+        (f"Dense: Austen {_fmt(d['austen'])}, tech {_fmt(d['tech'])}, held-out calibration "
+        f"{_fmt(d['heldout_calibration'])}."), "",
         "Gap closed = (pruned - bridged) / (pruned - dense) on the same layer set.", "",
-        "| drop | strategy | layers | Austen pruned | Austen + bridge | gap closed | "
+        ("| drop | strategy | layers | Austen pruned | Austen + bridge | gap closed | "
         "tech pruned | tech + bridge | gap closed | held-out calib. pruned / + bridge | "
-        "bridge fit error (identity) |",
+        "bridge fit error (identity) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, b, g = r["plain"], r["bridged"], r["gap_closed"]
@@ -219,8 +219,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
             f"{_fmt(b['austen'])} | {_pct(g['austen'])} | {_fmt(p['tech'])} | "
             f"{_fmt(b['tech'])} | {_pct(g['tech'])} | {_fmt(p['heldout_calibration'])} / "
             f"{_fmt(b['heldout_calibration'])} | {fits} |")
-    lines += ["", "`auto (x)` is the unbridged automatic choice, `auto+bridge (x)` the choice "
-              "made on bridged held-out perplexity; x names the candidate(s) it picked.", ""]
+    lines += ["", ("`auto (x)` is the unbridged automatic choice, `auto+bridge (x)` the choice "
+              "made on bridged held-out perplexity; x names the candidate(s) it picked."), ""]
     return "\n".join(lines)
 
 

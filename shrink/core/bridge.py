@@ -259,17 +259,17 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
             stats = _Stats(d, affine=down.bias is not None)
             state: dict = {}
 
-            def z_hook(module, args, output):
+            def z_hook(module, args, output, state=state):
                 state["z"] = hidden_states_of(output)
                 raise _Stop
 
-            def m_hook(module, args, output):
+            def m_hook(module, args, output, state=state):
                 state["M"] = output
 
-            def down_hook(module, args, output):
+            def down_hook(module, args, output, state=state):
                 state["down"] = output
 
-            def h_hook(module, args, output):
+            def h_hook(module, args, output, state=state):
                 state["h"] = hidden_states_of(output)
                 raise _Stop
 

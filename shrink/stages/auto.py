@@ -132,10 +132,9 @@ def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
         ctx = (bridged_without(model, layers, calib_input_ids, skip_first=skip_first,
                                ridge=ridge, batch_size=batch_size)
                if bridge else nullcontext())
-        with ctx as runs:
-            with nullcontext() if bridge else without_layers(model, layers):
-                ppl = perplexity(model, heldout_input_ids, batch_size=batch_size,
-                                 show_progress=False).perplexity
+        with ctx as runs, nullcontext() if bridge else without_layers(model, layers):
+            ppl = perplexity(model, heldout_input_ids, batch_size=batch_size,
+                             show_progress=False).perplexity
         measured.append(Candidate(name, layers, ppl, reason, time.perf_counter() - t0,
                                   [r.to_dict() for r in runs] if bridge else None))
     best = min(measured, key=lambda c: (c.perplexity, c.strategy))

@@ -88,7 +88,7 @@ def test_heldout_blocks_share_no_token_with_calibration(embedded_dir):
     assert held.input_ids.shape == (8, 256)
     cal_windows = {tuple(r[i:i + 16].tolist()) for r in cal.input_ids for i in range(0, 240, 16)}
     assert not any(tuple(r[i:i + 16].tolist()) in cal_windows
-                   for r in held.input_ids for i in range(0, 240))
+                   for r in held.input_ids for i in range(240))
 
 
 def test_guard_ok_on_the_source_itself(tiny_model_dir):

@@ -10,7 +10,7 @@ from shrink.core.errors import ShrinkError
 def test_halves_are_disjoint_prose():
     ev, cal = load_texts("tech:evaluation"), load_texts("tech:calibration")
     assert len(ev) >= 30 and len(cal) >= 20
-    paras = [set(p for d in docs for p in d.split("\n\n")) for docs in (ev, cal)]
+    paras = [{p for d in docs for p in d.split("\n\n")} for docs in (ev, cal)]
     assert not paras[0] & paras[1]  # no paragraph of the held-out half is in the other
     text = "\n".join(ev)
     assert 150_000 < len(text) < 250_000
