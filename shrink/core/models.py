@@ -104,9 +104,15 @@ def ensure_embedded() -> Path:
         raise ShrinkError(f"no .gguf file inside {src}; reinstall with '{EMBEDDED_INSTALL}'")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from shrink.core.progress import stderr
+
     gguf = ggufs[0].name
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    stderr.print(f"first use of the embedded model: converting {gguf} "
+                 f"({(src / gguf).stat().st_size / 1e6:.0f} MB, Q4_1) to a float32 safetensors "
+                 f"folder in {target} (once, about 15 s)", highlight=False)
+    with third_party_quiet():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config (see stack.md).
     config = gmodel.config
     if hasattr(config, "quantization_config"):
