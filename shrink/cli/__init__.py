@@ -638,10 +638,13 @@ def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, ta
                      gen_len=gen_len, batch=batch, repeats=repeats, ppl_samples=ppl_samples,
                      tasks=task_list, tasks_path=tasks_path, limit=limit)
     if json_out:
-        write_json(report.to_dict(), json_out)
+        write_json({**report.to_dict(), "load_average": list(os.getloadavg())}, json_out,
+                   config.settings())
     if json_out != "-":
         table = Table(title=f"benchmark ({device}, prompt {prompt_len}, generate {gen_len}, "
-                            f"batch {batch}, {repeats} repeats, medians)")
+                            f"batch {batch}, {repeats} repeats, medians; ppl on austen:evaluation, "
+                            f"{ppl_samples} x 256 tokens, seed 0; load average "
+                            f"{os.getloadavg()[0]:.1f})")
         for col in ("artifact", "kind", "layers", "size MB", "TTFT ms", "decode tok/s",
                     "peak RSS MB", "ppl", "GFLOP/tok", "decode x", "size x"):
             table.add_column(col, justify="left" if col in ("artifact", "kind") else "right")
