@@ -108,7 +108,7 @@ def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
     src = tiny_model_dir("qwen3")
     out = tmp_path / "not-yet" / "b"  # missing parents are created
     r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
-                                  *FAST], catch_exceptions=False)
+                                  "--keep-stages", *FAST], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert report["num_layers"] == [6, 4] and len(report["removed_layers"]) == 2
@@ -208,11 +208,11 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
     assert [s["name"] for s in report["stages"]] == ["prune", "heal", "quantize", "export",
                                                      "evaluate"]
     assert set(report["perplexity"]) >= {"dense", "pruned", "healed", "quantized", "onnx"}
-    assert report["quantize"]["bits"] == 4 and report["export"]["kv_cache"]
+    assert report["quantize"]["bits"] == 4 and report["export"]["onnx"]["kv_cache"]
     card = (out / "README.md").read_text()
     for tag in ("- gptq", "- onnx", "- lora-healed"):
         assert tag in card
-    assert report["export"]["lm_head"] == "int8" and "int4, LM head int8" in card
+    assert report["export"]["onnx"]["lm_head"] == "int8" and "int4, LM head int8" in card
     record = json.loads((out / "model" / "shrink.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["prune", "heal", "quantize"]
     # the final artifacts run in their real consumers, in fresh processes
