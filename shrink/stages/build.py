@@ -446,6 +446,7 @@ def _finish(out: Path, s: BuildConfig, resolved, state: dict, info: dict,
         card = out / artifact / "README.md.tmp"
         card.write_text(artifact_card(report, artifact))
         os.replace(card, out / artifact / "README.md")
+        mark_output(out / artifact)  # the card is shrink's: a later --force may replace it
     return report
 
 
