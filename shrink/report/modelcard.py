@@ -189,7 +189,9 @@ def artifact_card(report: dict, artifact: str) -> str:
         f"Made with shrink {report['shrink_version']} from `{base or report['source_model']}`: "
         f"layers {report['removed_layers']} removed ({report['strategy']})"
         + (", healed" if report.get("heal") else "")
-        + (f", GPTQ {report['quantize']['bits']}-bit" if quantized else "") + ".", ""]
+        + (f", GPTQ {report['quantize']['bits']}-bit" if quantized and artifact != "gguf" else "")
+        + (f", quantized to {fmt} by llama.cpp from the full-precision model"
+           if artifact == "gguf" else "") + ".", ""]
     if row in ppl and "dense" in ppl:
         lines += [f"Perplexity on `{report.get('evaluation_set')}`: {ppl[row]['perplexity']:.2f} "
                   f"(dense: {ppl['dense']['perplexity']:.2f}).", ""]

@@ -215,8 +215,10 @@ def _run(name: str, c: BuildConfig, stage_dir: Path, state: dict, resume: bool,
 
             # from the full-precision model: llama.cpp quantizes it itself (a GPTQ checkpoint
             # would be dequantized and rounded twice)
+            layers = state.get("layers")
             g = export_gguf(state["float_model"], stage_dir / "gguf", c.export.gguf, force=True,
-                            threads=c.export.threads, log=log)
+                            threads=c.export.threads, log=log,
+                            name=f"{Path(c.model.rstrip('/')).name}-{layers}L" if layers else None)
             done["gguf"] = {"path": str(stage_dir / "gguf"), "type": g["type"],
                             "file": g["file"], "size_bytes": g["bytes"],
                             "block_count": g.get("block_count"),
@@ -336,6 +338,8 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
         if name in ("prune", "heal"):
             state["model"] = info["model"]
             state["float_model"] = info["model"]
+            if name == "prune":
+                state["layers"] = info["num_layers"][1]
         elif name == "quantize":
             state["model"] = info["model"]
         runs.append(StageRun(name, key, skipped, marker.get("seconds", 0.0), info))

@@ -582,7 +582,8 @@ def gguf_file_name(model_dir: Path, gguf_type: str) -> str:
 def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_k_m", *,
                 force: bool = False, verify: bool = True, threads: int | None = None,
                 samples: int = 4, seq_len: int = 256, data: str | None = None,
-                max_new_tokens: int = 16, timeout: float = 3600, log=None) -> dict:
+                max_new_tokens: int = 16, timeout: float = 3600, log=None,
+                name: str | None = None) -> dict:
     """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
 
     ``output`` is a folder: it gets ``<model>-<TYPE>.gguf``, the source's license files and a
@@ -611,7 +612,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
         from shrink.runtime.gguf import check_runtime
 
         check_runtime()  # llama.cpp verifies and quantizes: fail before any slow work
-    name = gguf_file_name(model_dir, gguf_type)
+    name = f"{name}-{gguf_type.upper()}.gguf" if name else gguf_file_name(model_dir, gguf_type)
     say = log or (lambda line: None)
 
     def compute(tmp: Path) -> StageOutput:
