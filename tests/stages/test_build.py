@@ -128,12 +128,13 @@ def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
     assert r.exit_code == 2 and "--resume" in r.output
     before = _digest(out / "model")
     r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
-                                  "--resume", *FAST, "--json", "-"], catch_exceptions=False)
+                                  "--resume", "--keep-stages", *FAST, "--json", "-"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert all(s["skipped"] for s in json.loads(r.stdout)["result"]["stages"])
     # a changed evaluation setting reruns only the evaluate stage
     r = CliRunner().invoke(main, ["build", str(src), "--drop", "2", "--no-heal", "-o", str(out),
-                                  "--resume", *FAST[:-1], "32", "--json", "-"],
+                                  "--resume", "--keep-stages", *FAST[:-1], "32", "--json", "-"],
                            catch_exceptions=False)
     stages = {s["name"]: s["skipped"] for s in json.loads(r.stdout)["result"]["stages"]}
     assert stages == {"prune": True, "evaluate": False}
