@@ -154,6 +154,17 @@ def bos_prefix(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
+def token_stream(tokenizer, source: str) -> list[int]:
+    """The source's documents tokenized and joined with the EOS token (no BOS)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for text in load_texts(source):
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    return stream
+
+
 def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0,
                  at_most: bool = False) -> TokenBlocks:
     """Tokenize a text source into ``samples`` non-overlapping blocks of ``seq_len`` tokens
@@ -174,12 +185,7 @@ def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int =
                            sum(g.available for g in got))
     prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for text in load_texts(source):
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+    stream = token_stream(tokenizer, source)
     available = len(stream) // body
     if at_most:
         samples = min(samples, available)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.runtime.gptq import require_gptq
+from shrink.runtime.sampling import sample as _sample
 from shrink.core.errors import ShrinkError, first_line, install_hint
 from shrink.runtime.artifacts import artifact_kind, artifact_path, onnx_record
 
@@ -35,24 +36,6 @@ def import_onnx_runtime(module: str):
     except ImportError as e:
         raise ShrinkError(f"running an ONNX model needs {module.replace('_', '-')} ({e}): run "
                           f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    z -= z.max()
-    probs = np.exp(z)
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
 
 
 class GenaiRunner:

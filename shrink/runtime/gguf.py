@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.core.errors import ShrinkError, first_line, install_hint
+from shrink.runtime.sampling import sample as _sample
 from shrink.runtime.worker import run_worker
 
 GGUF_EXTRA = install_hint("gguf")
@@ -74,22 +75,6 @@ def stderr_to(log_file: str | Path | None) -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         target.close()
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p)
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
-        q = np.zeros_like(p)
-        q[keep] = p[keep]
-        p = q / q.sum()
-    return int(rng.choice(len(p), p=p))
 
 
 class GgufRunner:

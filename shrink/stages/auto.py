@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shrink.core.bridge import DEFAULT_RIDGE, bridged_without
-from shrink.core.data import CALIBRATION, TokenBlocks, bos_prefix, load_texts
+from shrink.core.data import CALIBRATION, TokenBlocks, bos_prefix, token_stream
 from shrink.core.errors import ShrinkError
 from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
@@ -71,12 +71,7 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
         return TokenBlocks(torch.cat([g.input_ids for g in got]), f"{source} (held out)",
                            seq_len, seed, sum(g.available for g in got))
     prefix = bos_prefix(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for text in load_texts(source):
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+    stream = token_stream(tokenizer, source)
     cbody = calib_seq_len - len(prefix)
     cavail = len(stream) // cbody
     used = sorted(random.Random(calib_seed).sample(range(cavail), min(calib_samples, cavail)))
