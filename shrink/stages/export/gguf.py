@@ -642,7 +642,6 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
         def check_it(folder: Path) -> dict:
             from shrink.runtime.gguf import verify_in_subprocess
 
-            say("verifying the GGUF in a fresh llama.cpp process against PyTorch")
             info["verification"] = verify_in_subprocess(
                 folder / name, model_dir, gguf_type, threads=threads, samples=samples,
                 seq_len=seq_len, data=data, max_new_tokens=max_new_tokens, timeout=timeout)

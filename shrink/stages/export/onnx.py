@@ -449,7 +449,6 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
                             builder_error or None)
 
         def check_it(folder: Path) -> dict:
-            say("verifying in a fresh process against PyTorch")
             v = verify_in_subprocess(folder, src, precision, target)
             if not v["ok"]:
                 raise ShrinkError("the ONNX export does not match PyTorch: " + json.dumps(
