@@ -409,16 +409,21 @@ def check_checkpoint(folder: str | Path, model: nn.Module,
                   if k in tensors and tuple(tensors[k][1]) != shape]
     if not (missing or unexpected or mismatched):
         return
+    parts = _mismatch_parts(missing, unexpected, mismatched, "checkpoint vs config: ")
+    raise ShrinkError(f"{_weights_name(folder)} does not match {folder / 'config.json'}: "
+                      f"{'; '.join(parts)}")
+
+
+def _mismatch_parts(missing: list, unexpected: list, mismatched: list,
+                    shapes: str = "") -> list[str]:
     parts = []
     if missing:
         parts.append(f"{len(missing)} tensors missing ({_names(missing)})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
     if mismatched:
-        parts.append(f"{len(mismatched)} of the wrong shape (checkpoint vs config: "
-                     f"{_names(mismatched)})")
-    raise ShrinkError(f"{_weights_name(folder)} does not match {folder / 'config.json'}: "
-                      f"{'; '.join(parts)}")
+        parts.append(f"{len(mismatched)} of the wrong shape ({shapes}{_names(mismatched)})")
+    return parts
 
 
 def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
@@ -439,13 +444,7 @@ def check_loading_info(info: dict, folder: str | Path) -> None:
     errors = [str(e) for e in (info.get("error_msgs") or ())]
     if not (missing or unexpected or mismatched or errors):
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing ({_names(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
-    if mismatched:
-        parts.append(f"{len(mismatched)} of the wrong shape ({_names(mismatched)})")
+    parts = _mismatch_parts(missing, unexpected, mismatched)
     if errors:
         parts.append(first_line(Exception(errors[0])))
     folder = Path(folder)

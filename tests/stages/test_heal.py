@@ -160,7 +160,8 @@ def test_qlora_gromov_preset_cpu(tiny_model_dir, tmp_path):
 
 
 def test_target_groups(arch, tiny_config):
-    from shrink.stages.heal.presets import meta_model, resolve_targets
+    from shrink.core.models import meta_model
+    from shrink.stages.heal.presets import resolve_targets
 
     model = meta_model(tiny_config(arch))
     assert resolve_targets(model, "mlp") == ["down_proj", "gate_proj", "up_proj"]

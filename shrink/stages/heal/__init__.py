@@ -24,14 +24,15 @@ import torch
 from shrink.core.data import token_blocks
 from shrink.core.errors import ShrinkError, first_line, install_hint
 from shrink.core.models import (check_decoder_only, check_device, from_pretrained_checked,
-                                load_config, read_shrink_json, resolve, text_config)
+                                load_config, meta_model, read_shrink_json, resolve,
+                                text_config)
 from shrink.core.outputs import check_output, lock_output
 from shrink.core.progress import stderr
 from shrink.core.quiet import third_party_quiet
 from shrink.report.plots import plot_losses
 from shrink.stages.configs import EvaluateConfig, HealConfig, ModelOptions
 from shrink.stages.heal.merge import merge
-from shrink.stages.heal.presets import meta_model, resolve_settings, resolve_targets
+from shrink.stages.heal.presets import resolve_settings, resolve_targets
 from shrink.stages.heal.trainer import prepare_work, train, trainable_model, work_dir_for
 from shrink.stages.runner import StageOutput, run_stage
 

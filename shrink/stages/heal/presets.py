@@ -1,7 +1,6 @@
 """Healing settings: the defaults, Gromov et al.'s preset, and which Linear modules to adapt."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from shrink.core.errors import ShrinkError
@@ -114,11 +113,3 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
         raise ShrinkError(f"--targets {targets}: no Linear module of that kind in this model; "
                           f"its Linear modules are: {', '.join(sorted(names))}")
     return chosen
-
-
-def meta_model(config, trust_remote_code: bool = False):
-    """The model built on the meta device: module names without memory or weights."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
