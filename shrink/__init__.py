@@ -31,7 +31,7 @@ _API = {
     "evaluate": "shrink.stages.evaluate", "bench": "shrink.stages.bench",
     "build": "shrink.stages.build",
     "PruneResult": "shrink.stages.prune", "HealResult": "shrink.stages.heal",
-    "QuantizeResult": "shrink.stages.quantize", "ExportResult": "shrink.stages.export",
+    "GptqResult": "shrink.stages.quantize", "OnnxResult": "shrink.stages.export.onnx",
     "BuildResult": "shrink.stages.build", "BenchReport": "shrink.stages.bench",
     "register_strategy": "shrink.stages.strategies", "STRATEGIES": "shrink.stages.strategies",
     # building blocks

@@ -58,3 +58,14 @@ def test_quiet_helpers_restore_what_they_change():
     with env(SHRINK_TEST_VAR="1"):
         assert os.environ["SHRINK_TEST_VAR"] == "1"
     assert "SHRINK_TEST_VAR" not in os.environ
+
+
+def test_every_public_name_resolves():
+    """shrink's lazy API names only things that exist (a typo would fail on first use)."""
+    import importlib
+
+    import shrink
+
+    missing = [n for n in shrink.__all__
+               if not hasattr(importlib.import_module(shrink._API[n]), n)]
+    assert missing == []

@@ -8,9 +8,7 @@ from pathlib import Path
 
 from shrink.core.errors import ShrinkError
 from shrink.stages.configs import ExportConfig
-from shrink.stages.export.onnx import OnnxResult, export_onnx
-
-ExportResult = OnnxResult
+from shrink.stages.export.onnx import export_onnx
 
 
 def export(model_dir: str | Path, output: str | Path, config: ExportConfig, *,
