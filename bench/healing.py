@@ -1,11 +1,17 @@
-"""Healing benchmark on the embedded SmolLM2-135M (CPU, CI-sized budget).
+"""Healing benchmark: which healing method repairs a pruned SmolLM2-135M best, on two domains.
 
-Prune 6 of 30 layers by Block Influence, then heal with LoRA on the MLP and measure perplexity on
-held-out text (Persuasion) for: dense, pruned, healed (LM loss), healed (distillation from the dense
-model), and, as a control for the domain effect (healing and evaluation text are both Austen), the
-dense model after the same fine-tune.
+Prune once (default: 6 of 30 layers, ``--strategy auto --bridge linear`` scored and fitted on
+``austen:calibration+tech:calibration``), then heal the pruned model with each method through
+the real ``heal`` stage, and, as controls, give the dense model the same fine-tune (the dense
+model gains from a fine-tune on the healing text too: that part of a "healing" gain is domain
+adaptation, not repair). Every model is measured on the fixed evaluation blocks of both domains
+(Persuasion and CPython's reference docs, 8 x 512 tokens, seed 0). Gap closed = (pruned -
+healed) / (pruned - dense); "vs control" is healed / (dense + the same fine-tune).
 
-    python bench/healing.py            # writes bench/results/healing.md and healing.json
+    PYTHONPATH=. python bench/healing.py          # writes bench/results/healing.md and .json
+
+A run is one ``--runs`` entry, ``METHOD@DATA`` (``lora``, ``distill`` = LoRA plus KL to the dense
+model, ``last-layers``), optionally ``:lr=...`` and ``:control`` (heal the dense model instead).
 """
 from __future__ import annotations
 
@@ -17,121 +23,153 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MIXED = "austen:healing+tech:calibration"
+DEFAULT_RUNS = [
+    f"lora@{MIXED}", f"last-layers@{MIXED}", f"distill@{MIXED}",
+    f"lora@{MIXED}:control", f"last-layers@{MIXED}:control",
+    "lora@austen:healing", f"last-layers@{MIXED}:lr=3e-4",
+]
+LR = {"lora": 1e-3, "distill": 1e-3, "last-layers": 1e-4}
 
 
-def main() -> None:
+def parse_run(text: str) -> dict:
+    head, *opts = text.split(":lr=") if ":lr=" in text else [text]
+    control = text.endswith(":control")
+    head = head.removesuffix(":control")
+    method, data = head.split("@", 1)
+    lr = float(opts[0].removesuffix(":control")) if opts else LR[method]
+    return {"method": method, "data": data, "lr": lr, "control": control}
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--drop", type=int, default=6)
+    ap.add_argument("--strategy", default="auto")
+    ap.add_argument("--bridge", default="linear")
+    ap.add_argument("--prune-data", default="austen:calibration+tech:calibration")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--kd-alpha", type=float, default=0.5)
-    ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--eval-samples", type=int, default=16)
+    ap.add_argument("--last-layers", type=int, default=2)
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/shrink-bench-healing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "healing"))
     a = ap.parse_args()
 
     import torch
 
-    from shrink.stages.heal import heal
     from shrink.core.models import EMBEDDED, ensure_embedded
+    from shrink.stages.configs import EvaluateConfig, HealConfig, PruneConfig
+    from shrink.stages.heal import heal
     from shrink.stages.prune import prune
 
+    torch.set_num_threads(a.threads)
+    command = "PYTHONPATH=. python bench/healing.py " + " ".join(sys.argv[1:])
+    t_start = time.perf_counter()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    dense = ensure_embedded()
+    dense = str(ensure_embedded())
+    evaluation = EvaluateConfig()  # the fixed set, both domains
     t0 = time.perf_counter()
-    pr = prune(EMBEDDED, work / "pruned", drop=a.drop, strategy="bi", force=True, verify=False,
-               show_progress=False)
-    prune_s = time.perf_counter() - t0
-    print(f"pruned layers {pr.removed} in {prune_s:.0f} s", file=sys.stderr)
-    common = dict(method="lora", rank=a.rank, targets="mlp", steps=a.steps, lr=a.lr,
-                  batch_size=a.batch_size, seq_len=a.seq_len, eval_samples=a.eval_samples,
-                  seed=0, force=True, verify=False, show_progress=False, device="cpu")
-    runs = {}
-    for name, src, extra in [
-        ("healed-lm", work / "pruned", {}),
-        ("healed-distill", work / "pruned", {"teacher": str(dense), "kd_alpha": a.kd_alpha,
-                                             "temperature": a.temperature}),
-        ("dense-finetuned", dense, {}),
-    ]:
-        t = time.perf_counter()
-        r = heal(str(src), work / name, **common, **extra)
-        runs[name] = {"ppl_before": r.ppl_before, "ppl_after": r.ppl_after,
-                      "final_loss": r.final_loss, "train_seconds": r.settings["train_seconds"],
-                      "seconds": time.perf_counter() - t, "losses": r.losses,
-                      "trainable_params": r.settings["trainable_params"],
-                      "epochs": r.settings["epochs"]}
-        print(f"{name}: ppl {r.ppl_before:.2f} -> {r.ppl_after:.2f}, "
-              f"train {r.settings['train_seconds']:.0f} s", file=sys.stderr)
-    total = time.perf_counter() - t0
+    pconf = PruneConfig(drop=a.drop, strategy=a.strategy, bridge=a.bridge, data=a.prune_data)
+    pr = prune(EMBEDDED, work / "pruned", pconf, force=True, verify=False, show_progress=False)
+    prune_info = {"config": pconf.settings(), "removed": pr.removed, "strategy": pr.strategy,
+                  "bridge": pr.bridge, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"pruned {pr.removed} ({pr.strategy}) in {prune_info['seconds']} s", flush=True)
 
-    rows = [
-        ("dense (30 layers)", runs["dense-finetuned"]["ppl_before"], "-"),
-        (f"pruned ({30 - a.drop} layers, BI)", runs["healed-lm"]["ppl_before"], "-"),
-        ("pruned + heal, LM loss", runs["healed-lm"]["ppl_after"],
-         f"{runs['healed-lm']['train_seconds']:.0f} s"),
-        (f"pruned + heal, distill (teacher dense, kd_alpha {a.kd_alpha}, T {a.temperature})",
-         runs["healed-distill"]["ppl_after"], f"{runs['healed-distill']['train_seconds']:.0f} s"),
-        ("control: dense + same fine-tune (LM loss)", runs["dense-finetuned"]["ppl_after"],
-         f"{runs['dense-finetuned']['train_seconds']:.0f} s"),
-    ]
-    cmd = "python bench/healing.py " + " ".join(sys.argv[1:])
-    d, p = runs["dense-finetuned"]["ppl_before"], runs["healed-lm"]["ppl_before"]
-    gap = p - d
-    lines = [
-        "# Healing a pruned SmolLM2-135M on CPU",
-        "",
-        f"Command: `{cmd.strip()}`",
-        "",
-        f"Model: embedded SmolLM2-135M (fp32), layers {pr.removed} removed by Block Influence "
-        f"({pr.params_before / 1e6:.1f} M -> {pr.params_after / 1e6:.1f} M parameters).",
-        f"Healing: LoRA rank {a.rank} (alpha = rank, dropout 0.05) on gate/up/down_proj, "
-        f"{a.steps} steps x batch {a.batch_size} x {a.seq_len} tokens "
-        f"({a.steps * a.batch_size * a.seq_len:,} tokens) of austen:healing (Pride and Prejudice, "
-        f"Sense and Sensibility, Mansfield Park), AdamW, peak LR {a.lr:g}, cosine, "
-        f"warm-up {min(100, a.steps // 10)} steps, seed 0.",
-        f"Evaluation: perplexity on {a.eval_samples} blocks x {a.seq_len} tokens of "
-        "austen:evaluation (Persuasion, never used for healing or scoring).",
-        "",
-        "| model | eval perplexity | training time |",
-        "|---|---:|---:|",
-        *[f"| {n} | {v:.2f} | {s} |" for n, v, s in rows],
-        "",
-        "Gap closed (pruned - healed) / (pruned - dense): "
-        f"LM loss {(p - runs['healed-lm']['ppl_after']) / gap:.0%}, "
-        f"distill {(p - runs['healed-distill']['ppl_after']) / gap:.0%}. "
-        "The control shows how much of that is the domain effect: the dense model itself gains "
-        f"{d - runs['dense-finetuned']['ppl_after']:.2f} perplexity from the same Austen fine-tune, "
-        f"so against the fine-tuned dense model ({runs['dense-finetuned']['ppl_after']:.2f}) the "
-        f"healed pruned model is still {runs['healed-lm']['ppl_after'] - runs['dense-finetuned']['ppl_after']:.2f} "
-        "perplexity behind: part of the healing gain is domain adaptation, not repair.",
-        "",
-        "Final training loss (mean of the last steps): "
-        + ", ".join(f"{k} {v['final_loss']:.3f}" for k, v in runs.items()) + ".",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (load average at the end "
-        f"{os.getloadavg()[0]:.1f}; above the core count, other jobs shared the CPU and the times "
-        f"are upper bounds), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Total wall time {total / 60:.1f} min "
-        f"(prune {prune_s:.0f} s; each heal includes loading, tokenizing and two evaluations).",
-        "",
-    ]
+    rows: list[dict] = []
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": cmd.strip(), "args": vars(a), "removed": pr.removed, "runs": runs,
-         "total_seconds": total}, indent=2) + "\n")
-    print("\n".join(lines))
+    for i, text in enumerate(a.runs):
+        run = parse_run(text)
+        source = dense if run["control"] else str(work / "pruned")
+        conf = HealConfig(
+            method="lora" if run["method"] == "distill" else run["method"], rank=a.rank,
+            targets="mlp", steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+            lr=run["lr"], warmup=max(1, a.steps // 10), data=run["data"], seed=0,
+            last_layers=a.last_layers if run["method"] == "last-layers" else None,
+            teacher=dense if run["method"] == "distill" else None)
+        r = heal(source, work / f"run{i}", conf, evaluation=evaluation, force=True,
+                 verify=False, show_progress=False)
+        row = {"run": text, **run, "before": [r.ppl_before, r.ppl_before_second],
+               "after": [r.ppl_after, r.ppl_after_second], "final_loss": r.final_loss,
+               "train_seconds": r.settings.get("train_seconds"), "seconds": round(r.seconds, 1),
+               "trainable_params": r.settings.get("trainable_params"),
+               "epochs": r.settings.get("epochs")}
+        rows.append(row)
+        print(f"{text}: austen {r.ppl_before:.2f} -> {r.ppl_after:.2f}, tech "
+              f"{r.ppl_before_second:.2f} -> {r.ppl_after_second:.2f} ({r.seconds:.0f} s)",
+              flush=True)
+        meta = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__, "threads": a.threads,
+                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                "seconds": round(time.perf_counter() - t_start), "prune": prune_info,
+                "evaluation": [evaluation.name(), evaluation.name(evaluation.second)],
+                "heal": {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                         "rank": a.rank, "last_layers": a.last_layers, "targets": "mlp",
+                         "kd_alpha": 0.5, "kd_temperature": 2.0, "schedule": "cosine",
+                         "warmup": max(1, a.steps // 10)},
+                "complete": i == len(a.runs) - 1}
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(markdown(meta, rows))
+    return 0
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    pruned = next((r["before"] for r in rows if not r["control"]), [None, None])
+    dense = next((r["before"] for r in rows if r["control"]), [None, None])
+    controls = {(r["method"], r["data"]): r["after"] for r in rows if r["control"]}
+    h, p = meta["heal"], meta["prune"]
+    lines = [
+        "# Healing a pruned SmolLM2-135M: LoRA, distillation, last layers, on two domains", "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, load "
+        f"average at the end {meta['loadavg_at_end']}; {meta['seconds']} s in all"
+        + ("" if meta["complete"] else " (incomplete: the rows below ran)") + ".  ",
+        f"Pruned model: {p['config'].get('drop')} layers by `{p['strategy']}` "
+        f"(asked: `{p['config'].get('strategy')}`), bridge `{p['config'].get('bridge')}`, scored"
+        f" and fitted on `{p['config'].get('data')}`; removed {p['removed']}.  ",
+        f"Healing: {h['steps']} steps x batch {h['batch_size']} x {h['seq_len']} tokens, AdamW, "
+        f"cosine, {h['warmup']} warm-up steps, seed 0. LoRA: rank {h['rank']}, alpha = rank, MLP "
+        f"only. distill: the same LoRA with KL to the dense model (kd_alpha {h['kd_alpha']}, T "
+        f"{h['kd_temperature']}). last-layers: the LM head (tied to the embeddings in SmolLM2) "
+        f"and the last {h['last_layers']} layers trained in full, no adapter.  ",
+        f"Evaluation: `{meta['evaluation'][0]}` and `{meta['evaluation'][1]}` (never trained or "
+        "calibrated on).", "",
+        f"Dense: Austen {_f(dense[0])}, tech {_f(dense[1])}. Pruned, unhealed: Austen "
+        f"{_f(pruned[0])}, tech {_f(pruned[1])}.", "",
+        "| method | healing text | LR | Austen | tech | gap closed (Austen / tech) | x dense "
+        "(Austen / tech) | x dense + same fine-tune | trainable | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["after"]
+        label = r["method"] + (" (control: dense)" if r["control"] else "")
+        if r["control"]:
+            gap = "-"
+            ctrl = "-"
+        else:
+            gap = " / ".join(
+                f"{(pruned[k] - a[k]) / (pruned[k] - dense[k]):.0%}"
+                if None not in (pruned[k], dense[k]) and pruned[k] != dense[k] else "-"
+                for k in (0, 1))
+            c = controls.get(("lora" if r["method"] == "distill" else r["method"], r["data"]))
+            ctrl = " / ".join(f"{a[k] / c[k]:.2f}" for k in (0, 1)) if c else "-"
+        xd = " / ".join(f"{a[k] / dense[k]:.2f}" for k in (0, 1)) if dense[0] else "-"
+        lines.append(
+            f"| {label} | `{r['data']}` | {r['lr']:g} | {_f(a[0])} | {_f(a[1])} | {gap} | {xd} | "
+            f"{ctrl} | {r['trainable_params'] / 1e6:.1f} M | {r['train_seconds']:.0f} |")
+    lines += ["", "Controls are the dense model given the same fine-tune: the lowest numbers a "
+              "healed model of the same text could be expected to reach.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

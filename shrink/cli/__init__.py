@@ -475,13 +475,19 @@ def heal(model_dir, output, force, no_verify, json_out, resume, **kwargs):
         st = result.settings
         kd = f", distilled from {st['teacher']} (kd_alpha {st['kd_alpha']}, T {st['temperature']})" \
             if st.get("teacher") else ""
-        console.print(f"{st['method']} rank {st['rank']} on {', '.join(st['target_modules'])}: "
-                      f"{result.steps} steps x {st['global_batch']} x {st['seq_len']} tokens{kd}"
+        what = (f"last-layers (the LM head and the last {st['last_layers']} layers, "
+                f"{st['trainable_params'] / 1e6:.1f} M trainable parameters)"
+                if st["method"] == "last-layers" else
+                f"{st['method']} rank {st['rank']} on {', '.join(st['target_modules'])}")
+        console.print(f"{what}: {result.steps} steps x {st['global_batch']} x {st['seq_len']} tokens{kd}"
                       + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
         if result.final_loss is not None:
             console.print(f"final training loss {result.final_loss:.4f}")
         console.print(f"perplexity on {evaluation.name()}: {result.ppl_before:.3f} -> "
                       f"{result.ppl_after:.3f}")
+        if result.ppl_before_second is not None:
+            console.print(f"perplexity on {evaluation.name(evaluation.second)}: "
+                          f"{result.ppl_before_second:.3f} -> {result.ppl_after_second:.3f}")
         console.print(f"merged (max |logit diff| vs adapter model "
                       f"{result.merge_check['max_abs_logit_diff']:.1e}); wrote {result.output}")
 

@@ -33,12 +33,26 @@ def _fmt_bytes(n: int | float | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
 
 
+def _heal_method(report: dict) -> str:
+    return ((report.get("heal") or {}).get("settings") or {}).get("method") or "lora"
+
+
+def _heal_phrase(report: dict) -> str:
+    st = (report.get("heal") or {}).get("settings") or {}
+    method = _heal_method(report)
+    what = (f"the LM head and the last {st.get('last_layers')} layers fine-tuned"
+            if method == "last-layers" else f"{method.upper()} fine-tune, merged")
+    if st.get("teacher"):
+        what += ", distilled from the source model"
+    return what + (f", {st['steps']} steps on `{st['data']}`" if st.get("steps") else "")
+
+
 def model_card(report: dict, scores: dict | None, has_plot: bool,
                recipe_text: str | None) -> str:
     base = report.get("base_model")
     tags = ["shrink", "pruned", "layer-pruning"]
     if report.get("heal"):
-        tags.append("lora-healed")
+        tags.append("lora-healed" if _heal_method(report) in ("lora", "qlora") else "healed")
     if report.get("quantize"):
         tags += ["gptq", f"{report['quantize']['bits']}-bit"]
     for fmt in report.get("export") or {}:
@@ -62,7 +76,7 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
         "repository) "
         f"from `{base or report['source_model']}`: {L0 - L1} decoder layers removed "
         f"({report['strategy']}: {report['reason']})"
-        + (", healed with a LoRA fine-tune" if report.get("heal") else "")
+        + (f", healed ({_heal_phrase(report)})" if report.get("heal") else "")
         + (f", quantized to {report['quantize']['bits']}-bit GPTQ" if report.get("quantize") else "")
         + "".join(f", exported to {fmt.upper()}" for fmt in report.get("export") or {})
         + ".",

@@ -185,6 +185,7 @@ def _run(name: str, c: BuildConfig, stage_dir: Path, state: dict, resume: bool,
                  force=True, resume=resume, show_progress=show_progress)
         return {"model": str(stage_dir / "model"), "steps": r.steps, "final_loss": r.final_loss,
                 "ppl_before": r.ppl_before, "ppl_after": r.ppl_after,
+                "ppl_before_second": r.ppl_before_second, "ppl_after_second": r.ppl_after_second,
                 "evaluation": c.evaluate.name(), "settings": r.settings}
     if name == "quantize":
         from shrink.stages.quantize import quantize

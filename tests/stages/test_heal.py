@@ -83,6 +83,13 @@ def test_lora_cli_end_to_end(tiny_model_dir, tmp_path):
     assert set(st["resolved"]["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                      "gate_proj", "up_proj", "down_proj"}
     assert st["perplexity_before"] > 0 and st["perplexity_after"] > 0
+    # the second domain, on blocks of the same size, measured before and after too
+    second = st["second_domain"]
+    assert second["evaluation"]["set"] == EVAL.name("tech:evaluation")
+    assert second["evaluation"]["samples"] == 2 and second["evaluation"]["seq_len"] == 32
+    assert second["perplexity_before"] > 0 and second["perplexity_after"] > 0
+    assert second["perplexity_before"] != st["perplexity_before"]
+    assert "tech:evaluation, 2 x 32 tokens" in res.output
     assert st["verification"]["ok"]  # reloaded in a fresh process by heal itself
     assert st["merge_check"]["max_abs_logit_diff"] < 1e-5
     r = json.loads((tmp_path / "r.json").read_text())

@@ -50,6 +50,9 @@ class HealResult:
     losses: list[dict] = field(default_factory=list)
     ppl_before: float | None = None
     ppl_after: float | None = None
+    # the same before/after on the evaluation set's second domain (None if it has none)
+    ppl_before_second: float | None = None
+    ppl_after_second: float | None = None
     seconds: float = 0.0
     resumed_from: str | None = None
     merge_check: dict = field(default_factory=dict)
@@ -147,6 +150,8 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
                           "(give more text, or lower --seq-len / --batch-size)")
     evalb = token_blocks(tokenizer, evaluation.data, evaluation.samples, evaluation.seq_len,
                          evaluation.seed)
+    evalb2 = (token_blocks(tokenizer, evaluation.second, evaluation.samples, evaluation.seq_len,
+                           evaluation.seed) if evaluation.second else None)
     settings = {
         "method": s["method"], "rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"],
         "targets": s["targets"], "target_modules": target_modules, "steps": s["steps"],
@@ -154,7 +159,9 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
         "batch_size": s["batch_size"], "grad_accum": s["grad_accum"],
         "world_size": state.num_processes, "global_batch": global_batch,
         "seq_len": s["seq_len"], "seed": c.seed, "data": c.data,
-        "evaluation": evaluation.name(), "preset": c.preset, "preset_family": s["family"],
+        "evaluation": evaluation.name(),
+        "second_evaluation": evaluation.name(evaluation.second) if evalb2 else None,
+        "preset": c.preset, "preset_family": s["family"],
         "teacher": c.teacher, "temperature": c.kd_temperature if c.teacher else None,
         "kd_alpha": s["kd_alpha"], "device": device,
         "last_layers": s["last_layers"] if s["method"] == "last-layers" else None,
@@ -187,6 +194,8 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
     settings["epochs"] = round(trained.steps * global_batch / blocks.input_ids.shape[0], 3)
     settings["train_data"] = blocks.describe()
     settings["eval_data_blocks"] = evalb.describe()
+    if evalb2 is not None:
+        settings["second_eval_data_blocks"] = evalb2.describe()
     result = HealResult(None, s["method"], settings, trained.steps, trained.final_loss,
                         trained.losses, resumed_from=str(resume_from) if resume_from else None)
     del model, teacher_model
@@ -197,8 +206,12 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
     # ---- merge into a full-precision copy of the base, measure, write ----
     merged = merge(resolved.location, trained.saved, s["method"], hf_config, device=device,
                    on_cuda=on_cuda, eval_ids=evalb.input_ids, load_kw=load_kw,
-                   show_progress=show_progress)
+                   show_progress=show_progress,
+                   second_ids=evalb2.input_ids if evalb2 is not None else None)
     result.ppl_before, result.ppl_after = merged.before.perplexity, merged.after.perplexity
+    if evalb2 is not None:
+        result.ppl_before_second = merged.before.second.perplexity
+        result.ppl_after_second = merged.after.second.perplexity
     result.merge_check = merged.check
     from shrink.runtime.verify import verify_in_subprocess
     from shrink.stages.prune import base_model_id
@@ -225,6 +238,10 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
                                   if resume_from else None),
             "perplexity_before": result.ppl_before, "perplexity_after": result.ppl_after,
             "evaluation": evalb.describe() | {"set": evaluation.name()},
+            "second_domain": None if evalb2 is None else {
+                "perplexity_before": result.ppl_before_second,
+                "perplexity_after": result.ppl_after_second,
+                "evaluation": evalb2.describe() | {"set": evaluation.name(evaluation.second)}},
             "eval_tokens": merged.after.tokens, "merge_check": merged.check,
             "merged_dtype": str(merged.dtype).split(".")[-1],
             "adapter_saved": bool(c.save_adapter and s["method"] != "last-layers"),

@@ -33,15 +33,24 @@ def source_dtype(config) -> torch.dtype:
 
 
 def merge(location: str, trained: Path, method: str, hf_config, *, device: str, on_cuda: bool,
-          eval_ids: torch.Tensor, load_kw: dict, show_progress: bool) -> Merged:
+          eval_ids: torch.Tensor, load_kw: dict, show_progress: bool,
+          second_ids: torch.Tensor | None = None) -> Merged:
     """Reload the base in 16/32 bits, apply the adapter and merge it (``merge_and_unload``); for
     ``last-layers`` the trained model itself is loaded. Perplexity before (the base) and after
-    is measured on ``eval_ids``, and the merge is checked against the adapter model."""
+    is measured on ``eval_ids`` (and on ``second_ids``, a second domain, into ``.second``), and
+    the merge is checked against the adapter model."""
+
+    def measure(model: nn.Module) -> PerplexityResult:
+        result = perplexity(model, eval_ids, show_progress=show_progress)
+        if second_ids is not None:
+            result.second = perplexity(model, second_ids, show_progress=show_progress)
+        return result
+
     src_dtype = source_dtype(hf_config)
     merge_dtype = torch.float32 if not on_cuda else src_dtype
     base = from_pretrained_checked(location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
-    before = perplexity(base, eval_ids, show_progress=show_progress)
+    before = measure(base)
     probe = eval_ids[:1].to(device)
     if method == "last-layers":
         del base
@@ -63,7 +72,7 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
             merged_logits = merged(input_ids=probe, use_cache=False).logits.float()
         check = {"max_abs_logit_diff": float((peft_logits - merged_logits).abs().max()),
                  "tokens": int(probe.numel())}
-    after = perplexity(merged, eval_ids, show_progress=show_progress)
+    after = measure(merged)
     if merged.dtype != src_dtype:
         merged.to(src_dtype)
     merged.config.use_cache = True
