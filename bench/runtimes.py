@@ -1,132 +1,146 @@
-"""Decode speed across CPU runtimes: PyTorch fp32 (HF folder), ONNX (onnxruntime-genai folder) and
-GGUF files (llama.cpp) at 1 and 2 threads, measured interleaved, each run in a fresh process.
+"""CPU runtimes side by side: PyTorch fp32, ONNX int4 (onnxruntime-genai) and GGUF (llama.cpp) of the
+dense and the pruned embedded SmolLM2, at 1 and 2 threads, in one interleaved ``shrink bench``
+run (shrink.stages.bench: every run a fresh process; the machine's memory bandwidth measured per
+thread count; decode as a fraction of that roofline; CPU seconds per wall second as the measured
+thread-wait behaviour). Writes bench/results/runtimes.md and runtimes.json.
 
-Same loop everywhere (shrink.bench's): prefill a ``--prompt-len`` prompt, then ``--gen-len - 1``
-greedy tokens with the KV cache, never stopping at EOS. Reports prefill and decode tokens/s,
-peak RSS of the worker process (VmHWM after load; /proc/self/clear_refs), file size, and the
-1-minute load average before each run (the machine is shared: read ratios, not absolutes).
-llama.cpp's threads spin-wait (busy) between ops; PyTorch uses OpenMP (torch.set_num_threads);
-onnxruntime-genai uses its default intra-op threads (not set here).
+    PYTHONPATH=. python bench/runtimes.py                 # builds the artifacts it lacks first
+    PYTHONPATH=. python bench/runtimes.py --onnx-variant block_size=128 ...   # see --help
 
-    python bench/runtimes.py --hf DIR [--onnx DIR] --gguf A.gguf B.gguf [--threads 1 2]
-                             [--rounds 3] [--prompt-len 64] [--gen-len 128]
+The pruned model is 6 of 30 layers removed (``--strategy bi``, no healing: speed depends on the
+shapes only; its perplexity is the unhealed one). Artifacts are cached in ``--workdir``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
-import subprocess
+import platform
+import shutil
 import sys
+import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
-def _vm(name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1]) * 1024
+def _onnx_variant(src: Path, out: Path, options: list[str]) -> None:
+    """An ONNX int4 export with extra builder options (to compare the builder's knobs)."""
+    from shrink.stages.export.onnx import _run_builder, builder_options
+
+    if out.exists():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tied = json.loads((src / "config.json").read_text()).get("tie_word_embeddings", False)
+    ok, err = _run_builder(src, tmp, "int4", "cpu", builder_options("int4", "int8", tied) + options)
+    if not ok:
+        raise SystemExit(f"builder failed for {options}: {err}")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / f).is_file() and not (tmp / f).is_file():
+            shutil.copy(src / f, tmp / f)
+    tmp.rename(out)
+
+
+def prepare(work: Path, gguf_types: list[str], variants: list[str], gptq: bool) -> list[str]:
+    from shrink.core.models import EMBEDDED, ensure_embedded
+    from shrink.stages.configs import ExportConfig, PruneConfig, QuantizeConfig
+    from shrink.stages.export import export
+    from shrink.stages.prune import prune
+
+    dense = Path(ensure_embedded())
+    pruned = work / "pruned-hf"
+    if not pruned.exists():
+        prune(EMBEDDED, pruned, PruneConfig(drop=6, strategy="bi"), show_progress=False)
+    arts = []
+    for tag, src in (("dense", dense), ("pruned", pruned)):
+        arts.append(str(src))
+        onnx = work / f"{tag}-onnx-int4"
+        if not onnx.exists():
+            export(src, onnx, ExportConfig(onnx="int4"))
+        arts.append(str(onnx))
+        for v in variants:
+            out = work / f"{tag}-onnx-int4-{v.replace('=', '').replace(',', '-')}"
+            _onnx_variant(src, out, v.split(","))
+            arts.append(str(out))
+        for t in gguf_types:
+            g = work / f"{tag}-gguf-{t}"
+            if not g.exists():
+                export(src, g, ExportConfig(gguf=t))
+            arts.append(str(g))
+        if gptq:
+            from shrink.stages.quantize import quantize
+
+            q = work / f"{tag}-gptq-4bit"
+            if not q.exists():
+                quantize(src, q, QuantizeConfig(gptq="4bit"), evaluation=None,
+                         show_progress=False)
+            arts.append(str(q))
+    return arts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/shrink-bench-runtimes")
+    ap.add_argument("--gguf", nargs="*", default=["q4_0", "q4_k_m"])
+    ap.add_argument("--onnx-variant", nargs="*", default=[],
+                    help="extra ONNX int4 builds, each a comma-separated list of builder "
+                         "--extra_options, e.g. block_size=128 accuracy_level=1")
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ 4-bit (GPTQModel on CPU)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--only", default=None, help="comma-separated substrings: bench only "
+                                                 "the artifacts whose folder name has one")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtimes"))
+    a = ap.parse_args()
+    command = "PYTHONPATH=. python bench/runtimes.py " + " ".join(sys.argv[1:])
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    arts = prepare(work, a.gguf, a.onnx_variant, a.gptq)
+    if a.only:
+        keep = a.only.split(",")
+        arts = [x for x in arts if any(k in Path(x).name for k in keep)]
+    print(f"artifacts ready in {time.perf_counter() - t0:.0f} s: {arts}", flush=True)
+
+    from shrink.stages.bench import bench, to_markdown
+
+    load0 = os.getloadavg()
+    t1 = time.perf_counter()
+    report = bench(arts, prompt_len=a.prompt_len, gen_len=a.gen_len, repeats=a.repeats,
+                   ppl_samples=8, ppl_seq_len=512, threads=a.threads, show_progress=True)
+    seconds = time.perf_counter() - t1
+    names = {x: (Path(x).name if Path(x).name != "smollm2-135m" else "dense-hf") for x in arts}
+    for r in report.results:
+        r.name = names.get(r.name, r.name)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = [
+        "# CPU runtimes: PyTorch, ONNX int4, GGUF, dense and pruned SmolLM2-135M", "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'CPU'}),"
+        f" load average {load0[0]:.2f} before and {os.getloadavg()[0]:.2f} after "
+        f"({seconds:.0f} s of runs); every run a fresh process, artifacts and thread counts "
+        "interleaved.  ",
+        "Perplexity: the fixed evaluation set (austen:evaluation, 8 x 512 tokens, seed 0), "
+        "measured once per artifact (at the highest thread count).  ",
+        "Roofline: measured streaming-read bandwidth / the artifact's weight bytes (file "
+        "size), the decode speed if every weight were read once per token at full bandwidth.  ",
+        "Cores busy: CPU seconds / wall seconds of the timed generation (all threads); a "
+        "runtime whose idle threads spin shows ~= its thread count.  ",
+        "Threads: PyTorch `torch.set_num_threads` (OpenMP), onnxruntime-genai "
+        "`intra_op_num_threads` (inter-op 1), llama.cpp `n_threads` = `n_threads_batch`; wait "
+        "policies are each runtime's default.", ""]
+    out.with_suffix(".md").write_text("\n".join(head) + to_markdown(report))
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "load_before": load0, "load_after": os.getloadavg(),
+         "report": report.to_dict()}, indent=1, default=str))
+    print(out.with_suffix(".md").read_text())
     return 0
 
 
-def worker(kind: str, path: str, threads: int, prompt_len: int, gen_len: int) -> dict:
-    os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
-    if kind == "gguf":
-        import shrink
-        from shrink.runtime.gguf import GgufRunner
-
-        r = GgufRunner(path, n_ctx=prompt_len + gen_len, n_threads=threads, logits_all=False)
-        ids = r.encode(shrink.load_texts(shrink.EVALUATION)[0][:20000])[:prompt_len]
-        r.time_greedy(ids, 4)  # warm-up
-        Path("/proc/self/clear_refs").write_text("5")
-        ttft, decode = r.time_greedy(ids, gen_len)
-        out = {"ttft_s": ttft, "decode_s": decode, "peak_rss_bytes": _vm("VmHWM")}
-        r.close()
-        return out
-    import torch
-
-    torch.set_num_threads(threads)
-    from shrink.stages.bench import measure
-
-    return measure(path, "onnx" if kind == "onnx" else "hf", prompt_len=prompt_len,
-                   gen_len=gen_len, ppl_samples=0)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf")
-    p.add_argument("--onnx")
-    p.add_argument("--gguf", nargs="*", default=[])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--tag", default="smollm2")
-    p.add_argument("--worker", nargs=5, metavar=("KIND", "PATH", "THREADS", "PROMPT", "GEN"))
-    args = p.parse_args()
-    if args.worker:
-        kind, path, t, pl, gl = args.worker
-        print(json.dumps(worker(kind, path, int(t), int(pl), int(gl))))
-        return
-
-    arts = ([("pytorch fp32", "hf", args.hf)] if args.hf else []) + \
-        ([("onnx", "onnx", args.onnx)] if args.onnx else []) + \
-        [(f"gguf {Path(g).stem}", "gguf", g) for g in args.gguf]
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for rnd in range(args.rounds):
-        for name, kind, path in arts:
-            for t in args.threads:
-                load = os.getloadavg()[0]
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", kind, str(path), str(t),
-                     str(args.prompt_len), str(args.gen_len)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.exit(f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}")
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
-                r["load_avg_1m"] = load
-                runs.setdefault((name, t), []).append(r)
-                print(json.dumps({"round": rnd, "artifact": name, "threads": t,
-                                  "decode_tok_s": (args.gen_len - 1) / r["decode_s"],
-                                  "load": load}), file=sys.stderr)
-
-    def size(kind: str, path: str) -> int:
-        pth = Path(path)
-        if kind == "gguf":
-            return pth.stat().st_size
-        return sum(f.stat().st_size for f in pth.rglob("*")
-                   if f.suffix in (".safetensors", ".onnx", ".data") or f.name.endswith(".onnx.data"))
-
-    cmd = "python bench/runtimes.py " + " ".join(sys.argv[1:])
-    lines = [f"# CPU runtimes on {args.tag}: prefill and decode speed, memory, size", "",
-             f"Command: `{cmd}`; {os.cpu_count()} cores, shared machine; medians of "
-             f"{args.rounds} interleaved rounds, each run in a fresh process; prompt "
-             f"{args.prompt_len} tokens, {args.gen_len} generated (greedy, no EOS stop).", "",
-             "| artifact | threads | size MB | prefill tok/s | decode tok/s | peak RSS MB | "
-             "load avg (min-max) |", "|---|---|---|---|---|---|---|"]
-    table = []
-    for name, kind, path in arts:
-        for t in args.threads:
-            rs = runs[(name, t)]
-            pre = statistics.median(args.prompt_len / r["ttft_s"] for r in rs)
-            dec = statistics.median((args.gen_len - 1) / r["decode_s"] for r in rs)
-            rss = statistics.median(r["peak_rss_bytes"] for r in rs)
-            loads = [r["load_avg_1m"] for r in rs]
-            row = {"artifact": name, "threads": t, "size_bytes": size(kind, path),
-                   "prefill_tok_s": pre, "decode_tok_s": dec, "peak_rss_bytes": rss,
-                   "load_avg": loads}
-            table.append(row)
-            lines.append(f"| {name} | {t if kind != 'onnx' else 'default'} | "
-                         f"{row['size_bytes'] / 1e6:.1f} | {pre:.0f} | {dec:.1f} | {rss / 1e6:.0f} | "
-                         f"{min(loads):.1f}-{max(loads):.1f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"runtimes-{args.tag}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"runtimes-{args.tag}.json").write_text(json.dumps(
-        {"command": cmd, "rows": table, "runs": {f"{k[0]}@{k[1]}": v for k, v in runs.items()}},
-        indent=2) + "\n")
-    print("\n".join(lines))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

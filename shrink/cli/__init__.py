@@ -592,8 +592,10 @@ def generate_cmd(artifact, prompt, max_new_tokens, temperature, top_p, seed):
 @click.option("--limit", type=click.IntRange(1), default=None, help="Documents per task.")
 def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, tasks_path, limit,
               **kwargs):
-    """Measure ARTIFACTS (HF, GPTQ or ONNX folders): time to first token, decode tokens/s,
-    peak memory, size on disk, perplexity and FLOPs per token, as ratios to a baseline.
+    """Measure ARTIFACTS (HF, GPTQ, ONNX or GGUF folders): time to first token, decode tokens/s,
+    peak memory, size on disk, perplexity and FLOPs per token, as ratios to a baseline, each run
+    in a fresh process, interleaved. With --threads 1,2 every artifact runs at each count and
+    decode is also given as a fraction of the measured memory-bandwidth roofline.
 
     With --sweep-drop, ARTIFACTS is one model (default: the embedded one)."""
     from shrink.stages import bench as B
@@ -642,7 +644,8 @@ def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, ta
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     report = B.bench(list(artifacts), baseline=baseline, device=device, prompt_len=prompt_len,
                      gen_len=gen_len, batch=batch, repeats=repeats, ppl_samples=ppl_samples,
-                     tasks=task_list, tasks_path=tasks_path, limit=limit)
+                     tasks=task_list, tasks_path=tasks_path, limit=limit,
+                     threads=config.threads)
     if json_out:
         write_json({**report.to_dict(), "load_average": list(os.getloadavg())}, json_out,
                    config.settings())
@@ -651,15 +654,18 @@ def bench_cmd(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, ta
                             f"batch {batch}, {repeats} repeats, medians; ppl on austen:evaluation, "
                             f"{ppl_samples} x 256 tokens, seed 0; load average "
                             f"{os.getloadavg()[0]:.1f})")
-        for col in ("artifact", "kind", "layers", "size MB", "TTFT ms", "decode tok/s",
-                    "peak RSS MB", "ppl", "GFLOP/tok", "decode x", "size x"):
+        for col in ("artifact", "kind", "layers", "threads", "size MB", "TTFT ms",
+                    "decode tok/s", "roofline", "peak RSS MB", "ppl", "GFLOP/tok", "decode x",
+                    "size x"):
             table.add_column(col, justify="left" if col in ("artifact", "kind") else "right")
         for r in report.results:
             m, q = r.median, r.ratios
             ppl = m.get("perplexity")
+            roof = m.get("roofline_fraction")
             table.add_row(Path(r.name).name or r.name, r.kind, str(r.layers or "?"),
-                          f"{r.size_bytes / 1e6:.0f}",
+                          str(r.threads or "default"), f"{r.size_bytes / 1e6:.0f}",
                           f"{1000 * m['ttft_s']:.1f}", f"{m['decode_tokens_per_s']:.1f}",
+                          "-" if roof is None else f"{roof:.0%}",
                           f"{m['peak_rss_bytes'] / 2**20:.0f}",
                           "n/a" if ppl is None else f"{ppl:.2f}",
                           f"{r.flops_per_token / 1e9:.3f}" if r.flops_per_token else "?",

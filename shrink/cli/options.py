@@ -57,8 +57,17 @@ class StrategyType(click.ParamType):
         return value
 
 
+def parse_ints(text: str) -> list[int]:
+    """``1,2`` -> [1, 2]."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ShrinkError(f"'{text}' is not a list of integers like 1,2") from None
+
+
 PARSERS: dict[str, tuple[click.ParamType, Callable]] = {
     "layers": (click.STRING, parse_layers),
+    "ints": (click.STRING, parse_ints),
     "strategy": (StrategyType(), lambda v: v),
 }
 

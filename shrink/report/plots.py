@@ -81,7 +81,11 @@ def plot_losses(losses: list[dict], path: Path, title: str) -> Path:
 
 def plot_bench(report: BenchReport, path: str | Path) -> Path:
 
-    names = [r.name if len(r.name) < 28 else "..." + r.name[-25:] for r in report.results]
+    def label(r) -> str:
+        name = r.name if len(r.name) < 28 else "..." + r.name[-25:]
+        return name + (f" @{r.threads}t" if r.threads else "")
+
+    names = [label(r) for r in report.results]
     fig, axes = _subplots(1, 3, figsize=(14, 4))
     vals = [
         ("decode tokens/s", [r.median["decode_tokens_per_s"] for r in report.results]),

@@ -7,7 +7,22 @@ in the same run: these machines are noisy, ratios taken together are what can be
 
 Decode is timed with a plain loop (prefill the prompt, then one token at a time with the KV cache,
 greedy, never stopping at EOS), the same loop for every HF and GPTQ model; ONNX artifacts use
-onnxruntime-genai's generator the same way.
+onnxruntime-genai's generator the same way, GGUF files llama.cpp's (through llama-cpp-python).
+
+Threads (``threads=[1, 2]``): every artifact is measured at each count, set the way each runtime
+is told: ``torch.set_num_threads`` (OpenMP), onnxruntime-genai's ``intra_op_num_threads`` (a
+config overlay; inter-op 1), llama.cpp's ``n_threads`` / ``n_threads_batch``. How the threads
+wait is each runtime's default (llama.cpp and onnxruntime busy-poll between operators, OpenMP
+spins then sleeps); the report measures it instead of assuming it: ``cores_busy`` is the worker's
+CPU seconds (user + system, all threads) over the wall seconds of the timed generation, ~= the
+thread count when waiting threads spin, lower when they sleep.
+
+Roofline: a decoded token reads every weight once (the KV cache is small at these contexts), so
+decode cannot beat ``memory bandwidth / weight bytes``. The bandwidth is measured once per run
+per thread count in a fresh process (:func:`memory_bandwidth`: the best of several sums over a
+1 GiB float32 tensor, i.e. streaming reads), and each decode speed is reported as a fraction of
+that ceiling, with the artifact's weight files (safetensors / ONNX / GGUF bytes) as the bytes
+per token.
 """
 from __future__ import annotations
 
@@ -55,6 +70,32 @@ def _config_dict(path: Path) -> dict | None:
 # ----------------------------------------------------------------------------- worker side
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def memory_bandwidth(threads: int | None = None, mib: int = 1024, repeats: int = 5) -> dict:
+    """Streaming read bandwidth of this machine (worker side): the best of ``repeats`` sums over
+    a ``mib`` MiB float32 tensor with ``threads`` torch threads. A sum reads each byte once and
+    does one add per 4 bytes, so it is limited by memory, not arithmetic, on any recent CPU."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in, warm the threads
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return {"read_bytes_per_s": x.numel() * 4 / best, "threads": torch.get_num_threads(),
+            "bytes": x.numel() * 4, "repeats": repeats,
+            "method": f"best of {repeats} torch.sum over a {mib} MiB float32 tensor"}
+
+
 def _prompt_ids(tokenizer, prompt_len: int, batch: int):
     from shrink.core.data import token_blocks
 
@@ -87,9 +128,12 @@ def _time_hf(model, ids, gen_len: int, device: str) -> tuple[float, float]:
 
 
 def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: int, batch: int,
-                warmup: int, ppl_samples: int, ppl_seq_len: int) -> dict:
+                warmup: int, ppl_samples: int, ppl_seq_len: int, threads: int | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from shrink.stages.evaluate import perplexity
 
@@ -114,9 +158,10 @@ def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: in
         _time_hf(model, ids, min(gen_len, 4), device)
     if device == "cpu":
         Path("/proc/self/clear_refs").write_text("5")
+    cpu0 = _cpu_seconds()
     ttft, decode = _time_hf(model, ids, gen_len, device)
-    result = {"ttft_s": ttft, "decode_s": decode,
-              "peak_rss_bytes": _vm("VmHWM")}
+    result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": _cpu_seconds() - cpu0,
+              "threads": torch.get_num_threads(), "peak_rss_bytes": _vm("VmHWM")}
     if device.startswith("cuda"):
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     if ppl_samples:
@@ -128,7 +173,7 @@ def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: in
 
 
 def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch: int,
-                  warmup: int, ppl_samples: int, ppl_seq_len: int) -> dict:
+                  warmup: int, ppl_samples: int, ppl_seq_len: int, threads: int | None) -> dict:
     from transformers import AutoTokenizer
 
     from shrink.runtime.generate import import_onnx_runtime
@@ -136,7 +181,11 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
     og = import_onnx_runtime("onnxruntime_genai")
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = og.Model(str(path))
+    config = og.Config(str(path))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
     ids = _prompt_ids(tok, prompt_len, batch).numpy()
 
     def run(n: int) -> tuple[float, float]:
@@ -155,8 +204,10 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
     for _ in range(warmup):
         run(min(gen_len, 4))
     Path("/proc/self/clear_refs").write_text("5")
+    cpu0 = _cpu_seconds()
     ttft, decode = run(gen_len)
-    result = {"ttft_s": ttft, "decode_s": decode, "peak_rss_bytes": _vm("VmHWM")}
+    result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": _cpu_seconds() - cpu0,
+              "threads": threads, "peak_rss_bytes": _vm("VmHWM")}
     if ppl_samples:
         from shrink.core.data import token_blocks
         from shrink.stages.evaluate import onnx_perplexity
@@ -168,7 +219,7 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
 
 
 def _measure_gguf(path: Path, prompt_len: int, gen_len: int, warmup: int, ppl_samples: int,
-                  ppl_seq_len: int) -> dict:
+                  ppl_seq_len: int, threads: int | None) -> dict:
     """llama.cpp through llama-cpp-python: the same prompt and token counts (batch 1)."""
     from transformers import AutoTokenizer
 
@@ -179,12 +230,14 @@ def _measure_gguf(path: Path, prompt_len: int, gen_len: int, warmup: int, ppl_sa
     tok = AutoTokenizer.from_pretrained(file.parent)
     ids = _prompt_ids(tok, prompt_len, 1)[0].tolist()
     with GgufRunner(file, n_ctx=max(1024, prompt_len + gen_len, ppl_seq_len),
-                    logits_all=False) as runner:
+                    n_threads=threads, logits_all=False) as runner:
         for _ in range(warmup):
             runner.time_greedy(ids, min(gen_len, 4))
         Path("/proc/self/clear_refs").write_text("5")
+        cpu0 = _cpu_seconds()
         ttft, decode = runner.time_greedy(ids, gen_len)
-        result = {"ttft_s": ttft, "decode_s": decode, "peak_rss_bytes": _vm("VmHWM")}
+        result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": _cpu_seconds() - cpu0,
+                  "threads": runner.n_threads, "peak_rss_bytes": _vm("VmHWM")}
     if ppl_samples:
         from shrink.core.data import token_blocks
 
@@ -195,7 +248,8 @@ def _measure_gguf(path: Path, prompt_len: int, gen_len: int, warmup: int, ppl_sa
 
 
 def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
-            batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256) -> dict:
+            batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
+            threads: int | None = None) -> dict:
     """Measure one artifact in THIS process (the worker side); see :func:`bench`."""
     import torch  # noqa: F401 - before the RSS baseline: torch itself is not model memory
 
@@ -203,12 +257,13 @@ def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, ge
     rss0 = _vm("VmRSS")
     t0 = time.perf_counter()
     if kind == "onnx":
-        r = _measure_onnx(p, device, prompt_len, gen_len, batch, warmup, ppl_samples, ppl_seq_len)
+        r = _measure_onnx(p, device, prompt_len, gen_len, batch, warmup, ppl_samples, ppl_seq_len,
+                          threads)
     elif kind == "gguf":
-        r = _measure_gguf(p, prompt_len, gen_len, warmup, ppl_samples, ppl_seq_len)
+        r = _measure_gguf(p, prompt_len, gen_len, warmup, ppl_samples, ppl_seq_len, threads)
     else:
         r = _measure_hf(p, kind, device, prompt_len, gen_len, batch, warmup, ppl_samples,
-                        ppl_seq_len)
+                        ppl_seq_len, threads)
     r.update(rss_before_load_bytes=rss0, wall_s=time.perf_counter() - t0)
     return r
 
@@ -225,6 +280,8 @@ class ArtifactResult:
     layers: int | None
     flops_per_token: float | None  # analytic, matmul + attention at the benchmark's context
     weight_bytes_per_token: float | None  # analytic bytes read per decoded token (bandwidth)
+    threads: int | None = None  # None: the runtime's default
+    weight_file_bytes: int | None = None  # the weights as stored (the roofline's bytes/token)
     runs: list[dict] = field(default_factory=list)
     median: dict = field(default_factory=dict)
     ratios: dict = field(default_factory=dict)
@@ -236,6 +293,7 @@ class BenchReport:
     baseline: str
     results: list[ArtifactResult]
     machine: dict
+    bandwidth: dict = field(default_factory=dict)  # threads -> memory_bandwidth() (best run)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -276,13 +334,30 @@ def _run_worker(path: Path, kind: str, opts: dict) -> dict:
     return run_worker("shrink.stages.bench:measure", path=str(path), kind=kind, **opts)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".gguf", ".bin")
+
+
+def weight_file_bytes(path: Path, kind: str) -> int:
+    """Bytes of an artifact's weight files (what a decoded token streams from memory)."""
+    if kind == "gguf":
+        from shrink.runtime.artifacts import gguf_file
+
+        return gguf_file(path).stat().st_size
+    return sum(f.stat().st_size for f in Path(path).rglob("*")
+               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
 def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu",
           prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeats: int = 3,
           warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
           tasks: list[str] | None = None, tasks_path: str | None = None,
-          limit: int | None = None, show_progress: bool = True) -> BenchReport:
-    """Benchmark artifacts (HF, GPTQ or ONNX folders) against a baseline, interleaved.
+          limit: int | None = None, threads: list[int] | None = None,
+          show_progress: bool = True) -> BenchReport:
+    """Benchmark artifacts (HF, GPTQ, ONNX or GGUF folders) against a baseline, interleaved.
 
+    ``threads``: measure every artifact at each of these CPU thread counts (one result per
+    artifact and count; ratios are to the baseline at the same count), and the machine's memory
+    bandwidth at each count for the roofline (see the module docstring).
     ``tasks``: lm-evaluation-harness tasks run on every HF/GPTQ artifact (the ``eval`` extra)."""
     from shrink.core.models import check_device
     from shrink.core.progress import progress_bar
@@ -299,28 +374,51 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
         from shrink.runtime.lmeval import run_tasks, task_manager
 
         manager = task_manager(tasks, tasks_path)
+    if threads and device != "cpu":
+        raise ShrinkError("--threads is for CPU runs (--device cpu)")
+    counts: list[int | None] = list(threads) if threads else [None]
     results = []
     for name, (path, kind) in zip(names, resolved):
         layers, flops, wbytes = _analytic(path, kind, prompt_len + gen_len)
-        results.append(ArtifactResult(name, str(path), kind, folder_bytes(path), layers, flops,
-                                      wbytes))
+        for t in counts:
+            results.append(ArtifactResult(name, str(path), kind, folder_bytes(path), layers,
+                                          flops, wbytes, t, weight_file_bytes(path, kind)))
     opts = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
                 warmup=warmup, ppl_samples=0, ppl_seq_len=ppl_seq_len)
+    bandwidth: dict = {}
+
+    def measure_bandwidth() -> None:  # before and after the runs: the best of the two
+        for t in counts:
+            if device == "cpu":
+                bw = run_worker("shrink.stages.bench:memory_bandwidth", threads=t)
+                key = str(t if t is not None else "default")
+                if key not in bandwidth or bw["read_bytes_per_s"] > \
+                        bandwidth[key]["read_bytes_per_s"]:
+                    bandwidth[key] = bw
+
+    measure_bandwidth()
     order = []
     for r in range(repeats):
         seq = list(range(len(results)))
         order += seq if r % 2 == 0 else seq[::-1]
     for i in progress_bar(order, "benchmark runs", enabled=show_progress):
         res = results[i]
-        res.runs.append(_run_worker(Path(res.path), res.kind, opts))
+        run = _run_worker(Path(res.path), res.kind, {**opts, "threads": res.threads})
+        run["load_avg_1m"] = os.getloadavg()[0]
+        res.runs.append(run)
+    measure_bandwidth()
     if ppl_samples:  # perplexity is deterministic: once per artifact
+        done: dict[str, float | None] = {}
         for res in progress_bar(results, "perplexity", enabled=show_progress):
-            run = _run_worker(Path(res.path), res.kind, {**opts, "ppl_samples": ppl_samples,
-                                                         "gen_len": 2, "warmup": 0})
-            res.median["perplexity"] = run.get("perplexity")
+            if res.path not in done:
+                run = _run_worker(Path(res.path), res.kind, {
+                    **opts, "ppl_samples": ppl_samples, "gen_len": 2, "warmup": 0,
+                    "threads": max(t for t in counts if t) if threads else None})
+                done[res.path] = run.get("perplexity")
+            res.median["perplexity"] = done[res.path]
     if tasks:
         for res in progress_bar(results, "lm-eval tasks", enabled=show_progress):
-            if res.kind != "onnx":
+            if res.kind not in ("onnx", "gguf") and res.threads == counts[0]:
                 res.median["tasks"] = run_tasks(res.path, tasks, tasks_path, limit=limit,
                                                 device=device, manager=manager)
     for res in results:
@@ -332,13 +430,22 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
             batch * prompt_len / r["ttft_s"] for r in res.runs)
         m["e2e_s"] = statistics.median(r["ttft_s"] + r["decode_s"] for r in res.runs)
         m["peak_rss_bytes"] = statistics.median(r["peak_rss_bytes"] for r in res.runs)
+        m["cores_busy"] = statistics.median(r["cpu_s"] / (r["ttft_s"] + r["decode_s"])
+                                            for r in res.runs)
+        m["load_avg_1m"] = [min(r["load_avg_1m"] for r in res.runs),
+                            max(r["load_avg_1m"] for r in res.runs)]
+        bw = bandwidth.get(str(res.threads if res.threads is not None else "default"))
+        if bw and res.weight_file_bytes:
+            m["roofline_tokens_per_s"] = bw["read_bytes_per_s"] / res.weight_file_bytes
+            m["roofline_fraction"] = (m["decode_tokens_per_s"] / batch
+                                      / m["roofline_tokens_per_s"])
         if any("peak_cuda_bytes" in r for r in res.runs):
             m["peak_cuda_bytes"] = statistics.median(r["peak_cuda_bytes"] for r in res.runs)
         if res.weight_bytes_per_token and device.startswith("cuda"):
             m["achieved_bandwidth_gb_s"] = res.weight_bytes_per_token * m[
                 "decode_tokens_per_s"] / batch / 1e9
-    base = results[0]
     for res in results:
+        base = next(b for b in results if b.threads == res.threads)  # same thread count
         r = res.ratios
         for key in ("ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_s",
                     "peak_rss_bytes", "peak_cuda_bytes", "perplexity"):
@@ -350,29 +457,41 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
             r["flops_per_token"] = res.flops_per_token / base.flops_per_token
     settings = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
                     repeats=repeats, warmup=warmup, ppl_samples=ppl_samples,
-                    ppl_seq_len=ppl_seq_len, tasks=tasks, tasks_path=tasks_path, limit=limit)
-    return BenchReport(settings, names[0], results, _machine(device))
+                    ppl_seq_len=ppl_seq_len, tasks=tasks, tasks_path=tasks_path, limit=limit,
+                    threads=threads)
+    return BenchReport(settings, names[0], results, _machine(device), bandwidth)
 
 
 def to_markdown(report: BenchReport) -> str:
     s = report.settings
     lines = [f"Device {s['device']}, prompt {s['prompt_len']} tokens, {s['gen_len']} generated, "
              f"batch {s['batch']}, {s['repeats']} interleaved repeats (medians); ratios are to "
-             f"`{report.baseline}`.", "",
-             "| artifact | kind | layers | size MB | TTFT ms | decode tok/s | prefill tok/s | "
-             "peak RSS MB | perplexity | GFLOP/token | decode x | FLOPs x |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"`{report.baseline}` at the same thread count.", ""]
+    for t, bw in report.bandwidth.items():
+        lines.append(f"- memory bandwidth, {t} thread(s): "
+                     f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})")
+    if report.bandwidth:
+        lines.append("")
+    lines += ["| artifact | kind | layers | threads | size MB | TTFT ms | decode tok/s | "
+              "prefill tok/s | roofline | cores busy | peak RSS MB | perplexity | GFLOP/token | "
+              "decode x | FLOPs x | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         m, q = r.median, r.ratios
         ppl = m.get("perplexity")
+        roof = m.get("roofline_fraction")
+        load = m.get("load_avg_1m")
         lines.append(
-            f"| {r.name} | {r.kind} | {r.layers or '?'} | {r.size_bytes / 1e6:.0f} | "
-            f"{1000 * m['ttft_s']:.1f} | {m['decode_tokens_per_s']:.1f} | "
-            f"{m['prefill_tokens_per_s']:.0f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
+            f"| {r.name} | {r.kind} | {r.layers or '?'} | {r.threads or 'default'} | "
+            f"{r.size_bytes / 1e6:.0f} | {1000 * m['ttft_s']:.1f} | "
+            f"{m['decode_tokens_per_s']:.1f} | {m['prefill_tokens_per_s']:.0f} | "
+            f"{'-' if roof is None else f'{roof:.0%}'} | {m.get('cores_busy', 0):.2f} | "
+            f"{m['peak_rss_bytes'] / 2**20:.0f} | "
             f"{'n/a' if ppl is None else f'{ppl:.2f}'} | "
             f"{'?' if r.flops_per_token is None else f'{r.flops_per_token / 1e9:.3f}'} | "
             f"{q.get('decode_tokens_per_s', 1):.2f} | "
-            f"{q['flops_per_token'] if 'flops_per_token' in q else float('nan'):.3f} |")
+            f"{q['flops_per_token'] if 'flops_per_token' in q else float('nan'):.3f} | "
+            f"{'-' if not load else f'{load[0]:.1f}-{load[1]:.1f}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -302,6 +302,18 @@ class BenchConfig(Config):
     repeats: int = Field(3, ge=1, description="Interleaved rounds (medians are reported).")
     ppl_samples: int = Field(4, ge=0, description="Blocks of held-out text for perplexity "
                                                   "(0: skip).")
+    threads: list[int] | None = Field(
+        None, description="CPU threads, e.g. 1,2: every artifact is measured at each count, "
+                          "with the machine's memory bandwidth at that count (decode as a "
+                          "fraction of its roofline). [default: each runtime's own default]",
+        json_schema_extra=cli(parse="ints", metavar="N,N"))
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError("thread counts must be 1 or more")
+        return sorted(set(v)) if v else v
 
 
 # ----------------------------------------------------------------------------- the build recipe

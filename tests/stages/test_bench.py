@@ -79,3 +79,35 @@ def test_bench_cli(tiny_model_dir, tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output
     r = run(main, ["bench"])
     assert r.exit_code == 2
+
+
+def test_bench_threads_and_roofline(tiny_model_dir):
+    """--threads: one result per artifact and count, the runtime told that count, the machine's
+    bandwidth measured per count, and decode given as a fraction of that roofline."""
+    dense = str(tiny_model_dir("llama"))
+    report = B.bench([dense], prompt_len=8, gen_len=4, repeats=1, ppl_samples=0,
+                     threads=[1, 2], show_progress=False)
+    assert [r.threads for r in report.results] == [1, 2]
+    assert [run["threads"] for r in report.results for run in r.runs] == [1, 2]
+    assert set(report.bandwidth) == {"1", "2"}
+    for r in report.results:
+        bw = report.bandwidth[str(r.threads)]["read_bytes_per_s"]
+        assert bw > 1e8  # any machine streams more than 100 MB/s
+        assert r.weight_file_bytes == (tiny_model_dir("llama") / "model.safetensors").stat().st_size
+        assert r.median["roofline_tokens_per_s"] == pytest.approx(bw / r.weight_file_bytes)
+        assert r.median["roofline_fraction"] == pytest.approx(
+            r.median["decode_tokens_per_s"] / r.median["roofline_tokens_per_s"])
+        assert r.median["cores_busy"] > 0
+    assert "| 2 |" in B.to_markdown(report) and "GB/s" in B.to_markdown(report)
+
+
+def test_memory_bandwidth_counts_bytes():
+    bw = B.memory_bandwidth(threads=1, mib=16, repeats=2)
+    assert bw["bytes"] == 16 * 2**20 and bw["threads"] == 1 and bw["read_bytes_per_s"] > 0
+
+
+def test_bench_threads_option_is_checked(tiny_model_dir):
+    r = CliRunner().invoke(main, ["bench", str(tiny_model_dir("llama")), "--threads", "0"])
+    assert r.exit_code == 2 and "threads" in r.output
+    r = CliRunner().invoke(main, ["bench", str(tiny_model_dir("llama")), "--threads", "x"])
+    assert r.exit_code == 2 and "not a list of integers" in r.output
