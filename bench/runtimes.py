@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--only", default=None, help="comma-separated substrings: bench only "
                                                  "the artifacts whose folder name has one")
+    ap.add_argument("--prepare-only", action="store_true", help="build the artifacts, no timing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtimes"))
     a = ap.parse_args()
     command = "PYTHONPATH=. python bench/runtimes.py " + " ".join(sys.argv[1:])
@@ -105,6 +106,8 @@ def main() -> int:
         keep = a.only.split(",")
         arts = [x for x in arts if any(k in Path(x).name for k in keep)]
     print(f"artifacts ready in {time.perf_counter() - t0:.0f} s: {arts}", flush=True)
+    if a.prepare_only:
+        return 0
 
     from shrink.stages.bench import bench, to_markdown
 
