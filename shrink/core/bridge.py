@@ -35,7 +35,9 @@ the fit is affine (a column of ones is appended to M and the constant goes into 
 Several runs are bridged one after another, shallowest first: run r is fitted on the model whose
 earlier runs are already removed and bridged (so its y and M include their errors), against the
 DENSE model's output of layer b (the dense pass uses the original down_proj weights), so each
-bridge corrects the drift of the ones before it instead of compounding it blindly.
+bridge corrects the drift of the ones before it instead of compounding it blindly. The streamed
+fit (:mod:`shrink.streaming.bridge`, one layer in memory at a time) reproduces this order with a
+dense and a pruned hidden-state stream, and shares the sums, solve and fold defined here.
 
 Not bridged (the run is still removed, and the result says why):
 - a run that starts at layer 0 (no kept layer precedes it);

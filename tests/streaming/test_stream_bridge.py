@@ -195,3 +195,25 @@ def test_streamed_run_at_layer_zero_is_not_bridged(bridge_dir, tmp_path):
     assert plain.bridge is None
     a, b = _state(tmp_path / "b"), _state(tmp_path / "c")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_substitution_and_architecture_refusals(bridge_dir, tiny_model_dir, tmp_path):
+    """A substituted tensor must be one the pruned checkpoint keeps, with its shape; Gemma 3 is
+    refused streamed with the in-memory reason, before any layer is read."""
+    from shrink.core.errors import ShrinkError
+    from shrink.stages.prune import prune
+    from shrink.streaming.prune import plan_stream_prune, substitutions
+
+    plan = plan_stream_prune(bridge_dir(False), REMOVE)
+    w = torch.zeros(64, 128)
+    assert list(substitutions(plan, {"model.layers.3.mlp.down_proj.weight": w})) == [
+        "model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(ShrinkError, match="not among the tensors"):
+        substitutions(plan, {"model.layers.2.mlp.down_proj.weight": w})
+    with pytest.raises(ShrinkError, match="shape"):
+        substitutions(plan, {"model.layers.3.mlp.down_proj.weight": w.T})
+    with pytest.raises(ShrinkError, match="post_feedforward_layernorm"):
+        prune(str(tiny_model_dir("gemma3")), tmp_path / "g",
+              PruneConfig(layers=[1], bridge="linear", streaming=True, **CALIB),
+              show_progress=False)
+    assert not (tmp_path / "g").exists()
