@@ -35,7 +35,9 @@ the fit is affine (a column of ones is appended to M and the constant goes into 
 Several runs are bridged one after another, shallowest first: run r is fitted on the model whose
 earlier runs are already removed and bridged (so its y and M include their errors), against the
 DENSE model's output of layer b (the dense pass uses the original down_proj weights), so each
-bridge corrects the drift of the ones before it instead of compounding it blindly.
+bridge corrects the drift of the ones before it instead of compounding it blindly. The streamed
+fit (:mod:`shrink.streaming.bridge`, one layer in memory at a time) reproduces this order with a
+dense and a pruned hidden-state stream, and shares the sums, solve and fold defined here.
 
 Not bridged (the run is still removed, and the result says why):
 - a run that starts at layer 0 (no kept layer precedes it);
@@ -109,7 +111,8 @@ def contiguous_runs(remove: list[int]) -> list[list[int]]:
     return runs
 
 
-def _down_proj(layer: nn.Module) -> nn.Linear | None:
+def down_proj(layer: nn.Module) -> nn.Linear | None:
+    """The layer's ``mlp.down_proj`` when it is a plain linear layer (what the bridge folds into)."""
     mlp = getattr(layer, "mlp", None)
     down = getattr(mlp, "down_proj", None)
     return down if isinstance(down, nn.Linear) else None
@@ -117,7 +120,8 @@ def _down_proj(layer: nn.Module) -> nn.Linear | None:
 
 def check_bridgeable(model: nn.Module) -> None:
     """Raise ShrinkError, with the reason, for an architecture whose layers cannot absorb a
-    linear bridge exactly into ``mlp.down_proj``."""
+    linear bridge exactly into ``mlp.down_proj``. Reads module types only: a weightless (meta)
+    skeleton is checked the same way."""
     _, _, layers = find_layers(model)
     arch = type(model).__name__
     layer = layers[0]
@@ -128,9 +132,22 @@ def check_bridgeable(model: nn.Module) -> None:
                 f"({name}) to the MLP output before adding it to the residual stream, and "
                 "RMSNorm(M T) is not linear in M, so no linear map can be folded into the "
                 "down-projection exactly; prune without a bridge")
-    if _down_proj(layer) is None:
+    if down_proj(layer) is None:
         raise ShrinkError(f"--bridge linear does not support {arch}: its layers have no "
                           "mlp.down_proj linear layer to fold the bridge into")
+
+
+def check_bridge_settings(method: str, ridge: float) -> None:
+    if method not in METHODS:
+        raise ShrinkError(f"unknown bridge method '{method}'; use one of {', '.join(METHODS)}")
+    if ridge < 0:
+        raise ShrinkError(f"the bridge's ridge must be >= 0, got {ridge}")
+
+
+def not_bridged_at_zero(run: list[int], method: str, ridge: float) -> BridgeRun:
+    """The record of a run that starts at layer 0: removed, with no bridge."""
+    return BridgeRun(run, None, None, None, None, 0, method, ridge,
+                     "no bridge: no kept layer precedes layer 0")
 
 
 class _Stop(Exception):
@@ -144,7 +161,7 @@ def _run_until(runner: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None
         pass
 
 
-def _solve(A: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+def solve(A: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_T ||X T - Y||^2 + lam ||T - prior||^2 from A = X^T X, B = X^T Y (float64)."""
     d = prior.shape[1]
     lam = ridge * float(torch.trace(A[:d, :d])) / d
@@ -156,16 +173,18 @@ def _solve(A: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) 
         return torch.linalg.lstsq(lhs, rhs).solution
 
 
-def _sq_error(T: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dd: float) -> float:
+def sq_error(T: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dd: float) -> float:
     """||X T - Y||^2 = tr(T^T A T) - 2 tr(T^T B) + ||Y||^2."""
     return max(float((T * (A @ T)).sum() - 2 * (T * B).sum()) + dd, 0.0)
 
 
-class _Stats:
-    """float64 sums over the counted tokens of one run."""
+class BridgeStats:
+    """float64 sums over the counted tokens of one run (shared by the in-memory and the streamed
+    fits, so both accumulate the same sums in the same order)."""
 
     def __init__(self, d: int, affine: bool):
         e = d + int(affine)
+        self.d = d
         self.affine = affine
         self.A = torch.zeros(e, e, dtype=torch.float64)  # M^T M    (M with a ones column if affine)
         self.B = torch.zeros(e, d, dtype=torch.float64)  # M^T (z - y)
@@ -186,8 +205,34 @@ class _Stats:
         self.Bh += h.T @ z
         self.tokens += M.shape[0]
 
+    def add_batch(self, h: torch.Tensor, M: torch.Tensor, z: torch.Tensor,
+                  valid: torch.Tensor) -> None:
+        """One batch (B, S, d): kept layer k's output h and MLP output M (so y = h - M), the
+        dense output z of the run's last layer; ``valid`` (B, S) selects the counted tokens."""
+        h, M, z = h.float(), M.float(), z.float()
+        valid = valid.bool().to(h.device)
+        self.add((h - M)[valid], M[valid], z[valid])
 
-def _fold(down: nn.Linear, T: torch.Tensor) -> None:
+
+def fit_run(run: list[int], k: int, stats: BridgeStats, method: str, ridge: float) -> BridgeRun:
+    """Solve both methods' T from the run's sums; the result carries the chosen one."""
+    d = stats.d
+    prior = torch.eye(stats.A.shape[0], d, dtype=torch.float64)
+    T_mlp = solve(stats.A, stats.B, prior, ridge)
+    T_run = solve(stats.Ah, stats.Bh, torch.eye(d, dtype=torch.float64), ridge)
+    if stats.affine:
+        T_run = torch.cat([T_run, torch.zeros(1, d, dtype=torch.float64)])
+    T = T_mlp if method == "mlp" else T_run
+    other = T_run if method == "mlp" else T_mlp
+    norm = max(stats.dd, 1e-300) ** 0.5
+    err = sq_error(T, stats.A, stats.B, stats.dd) ** 0.5 / norm
+    base = sq_error(prior, stats.A, stats.B, stats.dd) ** 0.5 / norm
+    err_other = sq_error(other, stats.A, stats.B, stats.dd) ** 0.5 / norm
+    return BridgeRun(run, k, err, base, err_other, stats.tokens, method, ridge,
+                     "affine (down_proj has a bias)" if stats.affine else "", transform=T)
+
+
+def fold(down: nn.Linear, T: torch.Tensor) -> None:
     """down_proj <- the map u -> (u W^T + b) T (+ c): weight T^T W, bias T^T b (+ c)."""
     d = down.weight.shape[0]
     Tm = T[:d]
@@ -200,6 +245,30 @@ def _fold(down: nn.Linear, T: torch.Tensor) -> None:
         down.bias.data.copy_(new_b.to(down.bias.dtype))
 
 
+@contextmanager
+def capture_mlp(layer: nn.Module, state: dict, check: bool = False) -> Iterator[None]:
+    """While inside, every forward of ``layer`` stores its MLP output as ``state["M"]`` and, when
+    ``check``, its down-projection's output as ``state["down"]`` (see :func:`check_mlp_output`)."""
+    hooks = [layer.mlp.register_forward_hook(
+        lambda module, args, output: state.__setitem__("M", output))]
+    if check:
+        hooks.append(down_proj(layer).register_forward_hook(
+            lambda module, args, output: state.__setitem__("down", output)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def check_mlp_output(state: dict, arch: str) -> None:
+    """The fold is exact only when the MLP's output IS the down-projection's output (nothing
+    applied after it): checked once, on the first batch's captured tensors."""
+    if not torch.equal(state.pop("down"), state["M"]):
+        raise ShrinkError(f"--bridge linear does not support {arch}: its MLP output is not the "
+                          "down-projection's output")
+
+
 @torch.no_grad()
 def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, *, skip_first: int = 1,
@@ -209,10 +278,7 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
     the preceding kept layer's ``mlp.down_proj``, in place. The layers are NOT removed here (see
     :func:`bridge_and_prune` and :func:`bridged_without`): only the kept layers' weights change.
     Returns the per-run results and a function that puts the original weights back."""
-    if method not in METHODS:
-        raise ShrinkError(f"unknown bridge method '{method}'; use one of {', '.join(METHODS)}")
-    if ridge < 0:
-        raise ShrinkError(f"the bridge's ridge must be >= 0, got {ridge}")
+    check_bridge_settings(method, ridge)
     check_bridgeable(model)
     _, _, layers = find_layers(model)
     L = len(layers)
@@ -225,7 +291,7 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
 
     def restore() -> None:
         for k, (w, b) in originals.items():
-            down = _down_proj(layers[k])
+            down = down_proj(layers[k])
             down.weight.data.copy_(w)
             if b is not None:
                 down.bias.data.copy_(b)
@@ -233,17 +299,17 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
     @contextmanager
     def dense_weights():
         """The dense model: original down_proj weights in the layers already folded."""
-        saved = {k: (_down_proj(layers[k]).weight.data.clone(),
-                     None if _down_proj(layers[k]).bias is None
-                     else _down_proj(layers[k]).bias.data.clone()) for k in originals}
+        saved = {k: (down_proj(layers[k]).weight.data.clone(),
+                     None if down_proj(layers[k]).bias is None
+                     else down_proj(layers[k]).bias.data.clone()) for k in originals}
         restore()
         try:
             yield
         finally:
             for k, (w, b) in saved.items():
-                _down_proj(layers[k]).weight.data.copy_(w)
+                down_proj(layers[k]).weight.data.copy_(w)
                 if b is not None:
-                    _down_proj(layers[k]).bias.data.copy_(b)
+                    down_proj(layers[k]).bias.data.copy_(b)
 
     results: list[BridgeRun] = []
     runs = contiguous_runs(remove)
@@ -251,23 +317,16 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
         for run in progress_bar(runs, "fitting bridges", enabled=show_progress):
             a, b_ = run[0], run[-1]
             if a == 0:
-                results.append(BridgeRun(run, None, None, None, None, 0, method, ridge,
-                                         "no bridge: no kept layer precedes layer 0"))
+                results.append(not_bridged_at_zero(run, method, ridge))
                 continue
             k = a - 1
-            down = _down_proj(layers[k])
-            stats = _Stats(d, affine=down.bias is not None)
+            down = down_proj(layers[k])
+            stats = BridgeStats(d, affine=down.bias is not None)
             state: dict = {}
 
             def z_hook(module, args, output, state=state):
                 state["z"] = hidden_states_of(output)
                 raise _Stop
-
-            def m_hook(module, args, output, state=state):
-                state["M"] = output
-
-            def down_hook(module, args, output, state=state):
-                state["down"] = output
 
             def h_hook(module, args, output, state=state):
                 state["h"] = hidden_states_of(output)
@@ -283,38 +342,21 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                         _run_until(runner, ids, mask)
                     finally:
                         hz.remove()
-                hs = [layers[k].mlp.register_forward_hook(m_hook),
-                      layers[k].register_forward_hook(h_hook)]
-                if start == 0:
-                    hs.append(down.register_forward_hook(down_hook))
+                hh = layers[k].register_forward_hook(h_hook)
                 try:
-                    with without_layers(model, remove):
+                    with capture_mlp(layers[k], state, check=start == 0), \
+                            without_layers(model, remove):
                         _run_until(runner, ids, mask)
                 finally:
-                    for hk in hs:
-                        hk.remove()
-                M, h = state["M"].float(), state["h"].float()
-                if start == 0 and not torch.equal(state.pop("down"), state["M"]):
-                    raise ShrinkError(f"--bridge linear does not support {type(model).__name__}: "
-                                      "its MLP output is not the down-projection's output")
-                stats.add((h - M)[valid], M[valid], state["z"].float()[valid])
-            prior = torch.eye(stats.A.shape[0], d, dtype=torch.float64)
-            T_mlp = _solve(stats.A, stats.B, prior, ridge)
-            T_run = _solve(stats.Ah, stats.Bh, torch.eye(d, dtype=torch.float64), ridge)
-            if stats.affine:
-                T_run = torch.cat([T_run, torch.zeros(1, d, dtype=torch.float64)])
-            T = T_mlp if method == "mlp" else T_run
-            other = T_run if method == "mlp" else T_mlp
-            norm = max(stats.dd, 1e-300) ** 0.5
-            err = _sq_error(T, stats.A, stats.B, stats.dd) ** 0.5 / norm
-            base = _sq_error(prior, stats.A, stats.B, stats.dd) ** 0.5 / norm
-            err_other = _sq_error(other, stats.A, stats.B, stats.dd) ** 0.5 / norm
+                    hh.remove()
+                if start == 0:
+                    check_mlp_output(state, type(model).__name__)
+                stats.add_batch(state["h"], state["M"], state["z"], valid)
             originals[k] = (down.weight.data.clone(),
                             None if down.bias is None else down.bias.data.clone())
-            _fold(down, T)
-            results.append(BridgeRun(run, k, err, base, err_other, stats.tokens, method, ridge,
-                                     "affine (down_proj has a bias)" if stats.affine else "",
-                                     transform=T))
+            result = fit_run(run, k, stats, method, ridge)
+            fold(down, result.transform)
+            results.append(result)
     except BaseException:
         restore()
         raise

@@ -109,9 +109,6 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
                                     config.streaming, method=config.strategy,
                                     can_stream=config.layers is not None or strategy.streams,
                                     show_progress=show_progress)
-    if streamed and config.bridge != "none":
-        raise ShrinkError("--bridge linear needs the model in memory (it is not streamed yet); "
-                          "use --no-streaming on a machine that fits it")
     blocks = None
     if streamed:
         remove, reason, label, scores, calib = _choose_streamed(model, resolved, L, config,
@@ -137,9 +134,22 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
                                                 write_stream_prune)
 
             plan = plan_stream_prune(resolved.path, remove, load.trust_remote_code)
-            record["streaming"] = write_stream_prune(plan, tmp,
+            replace = fitted = None
+            if config.bridge == "linear":  # (no quality guard streamed: it needs the whole model)
+                from shrink.streaming.bridge import bridge_model_streaming
+
+                kw = load.load_kwargs()
+                fitted = bridge_model_streaming(
+                    resolved, remove, config.data, config.samples, config.seq_len, config.seed,
+                    config.batch_size, config.skip_first, config.ridge, kw["dtype"],
+                    kw["device"], load.trust_remote_code, show_progress)
+                record["bridge"] = [r.to_dict() for r in fitted.runs]
+                replace = fitted.tensors
+            record["streaming"] = write_stream_prune(plan, tmp, replace=replace,
                                                      trust_remote_code=load.trust_remote_code,
                                                      show_progress=show_progress)
+            if fitted is not None:
+                record["streaming"]["bridge"] = fitted.settings
             before, after, hf_config = plan.params_before, plan.params_after, plan.skeleton.config
             check_it = lambda folder: verify_streamed(folder, after)  # noqa: E731
         else:

@@ -15,13 +15,18 @@ Pruning (``plan_stream_prune`` + ``write_stream_prune``) copies the kept tensors
 ``model.layers.{i}.`` to the new numbering, and rewrites the config with the same function the
 in-memory path uses (:func:`shrink.stages.prune.swap_layers` applied to a weightless skeleton).
 Peak memory is one copy buffer (64 MiB), not one layer.
+
+The linear bridge (``stream_bridges``) is fitted the same way, one layer at a time, with two
+hidden-state streams (the dense model and the pruned, bridged one; see ``bridge.py``); the
+folded down-projections are then written in place of their originals by ``write_stream_prune``.
 """
+from shrink.streaming.bridge import StreamedBridges, stream_bridges
 from shrink.streaming.checkpoint import Checkpoint, TensorInfo, weights_bytes
 from shrink.streaming.memory import available_memory, decide_streaming
 from shrink.streaming.prune import StreamPlan, plan_stream_prune, write_stream_prune
 from shrink.streaming.score import score_model_streaming, stream_score
 from shrink.streaming.skeleton import build_skeleton, write_random_checkpoint
 
-__all__ = ["Checkpoint", "StreamPlan", "TensorInfo", "available_memory", "build_skeleton",
-           "decide_streaming", "plan_stream_prune", "score_model_streaming", "stream_score",
+__all__ = ["Checkpoint", "StreamPlan", "StreamedBridges", "TensorInfo", "available_memory", "build_skeleton",
+           "decide_streaming", "plan_stream_prune", "score_model_streaming", "stream_bridges", "stream_score",
            "weights_bytes", "write_random_checkpoint", "write_stream_prune"]

@@ -134,16 +134,33 @@ def readinto(f, info: TensorInfo, out: torch.Tensor) -> None:
         done += n
 
 
-def write_safetensors(out: Path, entries: list[tuple[str, TensorInfo]], metadata: dict) -> int:
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype (the inverse of ``DTYPES``)."""
+    for code, t in DTYPES.items():
+        if t == dtype:
+            return code
+    raise ShrinkError(f"safetensors cannot store {dtype}")  # pragma: no cover
+
+
+def _layout(t: TensorInfo | torch.Tensor) -> tuple[str, list[int], int, int]:
+    """(dtype code, shape, bytes, bytes per element) of a byte range or an in-memory tensor."""
+    if isinstance(t, TensorInfo):
+        return t.dtype, t.shape, t.nbytes, t.itemsize
+    return dtype_code(t.dtype), list(t.shape), t.numel() * t.element_size(), t.element_size()
+
+
+def write_safetensors(out: Path, entries: list[tuple[str, TensorInfo | torch.Tensor]],
+                      metadata: dict) -> int:
     """Write a safetensors file whose tensors are byte ranges of other files, copied in 64 MiB
-    chunks (the format: 8-byte header length, JSON header padded to 8, then the data)."""
-    entries = sorted(entries, key=lambda e: (-e[1].itemsize, e[0]))  # keeps every tensor aligned
+    chunks (the format: 8-byte header length, JSON header padded to 8, then the data), or
+    tensors in memory (a modified tensor substituted for its original), written as they are."""
+    entries = sorted(entries, key=lambda e: (-_layout(e[1])[3], e[0]))  # keeps tensors aligned
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, t in entries:
-        header[name] = {"dtype": t.dtype, "shape": t.shape,
-                        "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+        code, shape, nbytes, _ = _layout(t)
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     handles: dict[Path, object] = {}
@@ -152,6 +169,9 @@ def write_safetensors(out: Path, entries: list[tuple[str, TensorInfo]], metadata
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for _, t in entries:
+                if isinstance(t, torch.Tensor):
+                    f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+                    continue
                 src = handles.get(t.file)
                 if src is None:
                     src = handles[t.file] = open(t.file, "rb")

@@ -1,4 +1,6 @@
-"""Streamed pruning: copy the kept tensors byte for byte, renumbered, with a rewritten config."""
+"""Streamed pruning: copy the kept tensors byte for byte, renumbered, with a rewritten config;
+tensors the caller modified (the linear bridge's folded down-projections) are written in place of
+their originals."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,8 @@ from torch import nn
 from shrink.core.errors import ShrinkError
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar, stderr
-from shrink.streaming.checkpoint import COPY_CHUNK, Checkpoint, INDEX, SINGLE, TensorInfo, load_folder_config, write_safetensors
+from shrink.streaming.checkpoint import (COPY_CHUNK, DTYPES, INDEX, SINGLE, Checkpoint, TensorInfo,
+                                        load_folder_config, write_safetensors)
 from shrink.streaming.memory import available_memory, gb
 from shrink.streaming.skeleton import build_skeleton, copy_tokenizer, module_name, tied_keys
 
@@ -36,6 +39,7 @@ class StreamPlan:
     params_before: int
     params_after: int
     metadata: dict
+    names: dict[str, str]  # source tensor name -> its name in the output (kept tensors only)
 
     @property
     def copy_bytes(self) -> int:
@@ -70,6 +74,7 @@ def plan_stream_prune(model_dir: str | Path, remove: list[int],
         return f"{prefix}.{new_index[i]}.{m.group(2)}" if i in new_index else None
 
     shards: list[tuple[Path, list[tuple[str, TensorInfo]]]] = []
+    names: dict[str, str] = {}
     params_before = params_after = 0
     for path in ck.files:
         entries = []
@@ -80,6 +85,7 @@ def plan_stream_prune(model_dir: str | Path, remove: list[int],
             new = rename(key)
             if new is not None:
                 entries.append((new, t))
+                names[key] = new
                 params_after += t.numel
         if entries:
             shards.append((path, entries))
@@ -92,13 +98,36 @@ def plan_stream_prune(model_dir: str | Path, remove: list[int],
         raise ShrinkError(f"the pruned checkpoint would not match its config "
                           f"(missing {missing[:3]}, wrong shapes {wrong[:3]}); use --no-streaming")
     return StreamPlan(folder, skeleton, remove, keep, L, shards, params_before, params_after,
-                      ck.metadata)
+                      ck.metadata, names)
 
 
-def write_stream_prune(plan: StreamPlan, out: Path, *, trust_remote_code: bool = False,
-                       show_progress: bool = True) -> dict:
+def substitutions(plan: StreamPlan, replace: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``replace`` (source tensor name -> new value) keyed by output name, each checked against
+    the tensor it replaces (kept, same shape) and cast to that tensor's dtype in the checkpoint,
+    as the in-memory path saves in the source checkpoint's dtype."""
+    infos = {new: t for _, entries in plan.shards for new, t in entries}
+    out: dict[str, torch.Tensor] = {}
+    for src, value in replace.items():
+        new = plan.names.get(src)
+        if new is None:
+            raise ShrinkError(f"cannot substitute tensor '{src}': it is not among the tensors "
+                              "the pruned checkpoint keeps")
+        info = infos[new]
+        if list(value.shape) != info.shape:
+            raise ShrinkError(f"cannot substitute tensor '{src}': shape {list(value.shape)}, "
+                              f"the checkpoint's is {info.shape}")
+        out[new] = value.detach().to("cpu", DTYPES[info.dtype])
+    return out
+
+
+def write_stream_prune(plan: StreamPlan, out: Path, *,
+                       replace: dict[str, torch.Tensor] | None = None,
+                       trust_remote_code: bool = False, show_progress: bool = True) -> dict:
     """Copy the planned tensors byte for byte into ``out`` (64 MiB at a time), with the pruned
-    config, a new index, the tokenizer and the generation config. Returns what was written."""
+    config, a new index, the tokenizer and the generation config. ``replace`` maps source tensor
+    names to new values written instead of the originals (see :func:`substitutions`); they are
+    the only tensors held in memory. Returns what was written."""
+    subs = substitutions(plan, replace or {})
     if show_progress:
         stderr.print(f"streamed prune: copy {gb(plan.copy_bytes)} in {len(plan.shards)} shard(s), "
                      f"peak memory one {COPY_CHUNK >> 20} MiB buffer", highlight=False)
@@ -109,7 +138,8 @@ def write_stream_prune(plan: StreamPlan, out: Path, *, trust_remote_code: bool =
                                                      enabled=show_progress)):
         name = SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         meta = dict(plan.metadata.get(path) or {}) or {"format": "pt"}
-        total += write_safetensors(out / name, entries, meta)
+        total += write_safetensors(out / name, [(new, subs.get(new, t)) for new, t in entries],
+                                   meta)
         for new, _ in entries:
             weight_map[new] = name
     if n > 1:
@@ -123,7 +153,10 @@ def write_stream_prune(plan: StreamPlan, out: Path, *, trust_remote_code: bool =
         if (plan.folder / extra).is_file():
             shutil.copy2(plan.folder / extra, out / extra)
     copy_tokenizer(plan.folder, out, trust_remote_code)
-    return {"shards": n, "bytes_written": total}
+    written = {"shards": n, "bytes_written": total}
+    if subs:
+        written["replaced_tensors"] = sorted(subs)
+    return written
 
 
 def verify_streamed(tmp: Path, params_after: int) -> dict:

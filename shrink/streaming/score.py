@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 import torch
 from torch import nn
@@ -46,6 +47,59 @@ def layer_inputs(base: nn.Module, layers: nn.ModuleList, target: int, **forward_
     return captured["args"], captured["kwargs"]
 
 
+@dataclass
+class Skeleton:
+    """A checkpoint opened for streaming: the weightless model, where its layers and embeddings
+    are, and the checkpoint to load them from."""
+
+    config: object
+    ck: Checkpoint
+    model: nn.Module
+    base: nn.Module  # the module that owns the layer list (its forward builds masks, rotary)
+    layers: nn.ModuleList
+    prefix: str  # checkpoint name of the layer list, e.g. "model.layers"
+    embed: nn.Module
+    embed_prefix: str
+
+
+def open_skeleton(folder: Path, torch_dtype: torch.dtype, device: str,
+                  trust_remote_code: bool = False) -> Skeleton:
+    """The skeleton of ``folder`` with its small real buffers (rotary frequencies, embed scale)
+    moved next to the compute."""
+    config = load_folder_config(folder, trust_remote_code)
+    ck = Checkpoint(folder)
+    model = build_skeleton(config, torch_dtype)
+    base, _, layers = find_layers(model)
+    embed = base.get_input_embeddings()
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_meta:
+            owner, _, a = name.rpartition(".")
+            model.get_submodule(owner)._buffers[a] = buf.to(device)
+    return Skeleton(config, ck, model, base, layers, module_name(model, layers), embed,
+                    module_name(model, embed) + ".")
+
+
+def embed_into(sk: Skeleton, loader: Loader, input_ids: torch.Tensor, batches: list[slice],
+               masks: list[torch.Tensor], acts: torch.Tensor) -> None:
+    """Load the input embeddings alone and write every sample's layer-0 input into ``acts``."""
+    device = loader.device
+    loader.load(sk.embed, sk.embed_prefix, reuse=False)
+    for sl, mask in zip(batches, masks):
+        args, _ = layer_inputs(sk.base, sk.layers, 0, input_ids=input_ids[sl].to(device),
+                               attention_mask=mask)
+        acts[sl].copy_(args[0])
+    loader.free(sk.embed)
+
+
+def layer_forward(sk: Skeleton, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Layer i (its weights loaded) on hidden states ``x``, with the mask and position
+    embeddings the model's own forward gives layer i."""
+    from shrink.core.scores import hidden_states_of
+
+    args, kwargs = layer_inputs(sk.base, sk.layers, i, inputs_embeds=x, attention_mask=mask)
+    return hidden_states_of(sk.layers[i](x, *args[1:], **kwargs))
+
+
 @torch.no_grad()
 def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, batch_size: int = 4,
@@ -56,35 +110,22 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     """Layer scores of the model in ``model_dir`` without ever holding more than one decoder
     layer: the same :class:`shrink.core.scores.LayerScores` (BI, relmag, angular distances) as
     :func:`shrink.core.scores.score_layers` on the loaded model, to float rounding."""
-    from shrink.core.scores import ScoreAccumulator, hidden_states_of, check_score_inputs, token_masks
+    from shrink.core.scores import ScoreAccumulator, check_score_inputs, token_masks
 
     attention_mask = check_score_inputs(input_ids, attention_mask, skip_first)
     device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)
-    folder = Path(model_dir)
-    config = load_folder_config(folder, trust_remote_code)
-    ck = Checkpoint(folder)
-    model = build_skeleton(config, torch_dtype)
-    parent, attr, layers = find_layers(model)
-    base = parent
-    prefix = module_name(model, layers)
-    embed = base.get_input_embeddings()
-    embed_prefix = module_name(model, embed) + "."
+    sk = open_skeleton(Path(model_dir), torch_dtype, device, trust_remote_code)
+    layers = sk.layers
     L = len(layers)
     N, S = input_ids.shape
-    H = config.get_text_config().hidden_size
+    H = sk.config.get_text_config().hidden_size
     on_disk = activations_on_disk((N, S, H), torch_dtype, offload_dir)
-    est = estimate(ck, config, prefix, embed_prefix, N, S, batch_size, torch_dtype, device,
-                   on_disk)
+    est = estimate(sk.ck, sk.config, sk.prefix, sk.embed_prefix, N, S, batch_size, torch_dtype,
+                   device, on_disk)
     if show_progress:
         stderr.print(est.describe(), highlight=False)
     t_start = time.perf_counter()
-    # Keep the device copy of small buffers (rotary frequencies, embed scale) next to the compute.
-    for name, buf in list(model.named_buffers()):
-        if not buf.is_meta:
-            owner, _, a = name.rpartition(".")
-            model.get_submodule(owner)._buffers[a] = buf.to(device)
-
     acts, acts_file = activation_store((N, S, H), torch_dtype, offload_dir, on_disk)
     batches = [slice(s, min(s + batch_size, N)) for s in range(0, N, batch_size)]
     masks = [attention_mask[sl].to(device) for sl in batches]
@@ -93,22 +134,15 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     valids, last_idxs = zip(*(token_masks(mask, skip_first) for mask in masks))
     try:
         # 1. Embeddings alone: layer-0 inputs of every sample.
-        loader = Loader(ck, device)
-        loader.load(embed, embed_prefix, reuse=False)
-        for sl, mask in zip(batches, masks):
-            args, _ = layer_inputs(base, layers, 0, input_ids=input_ids[sl].to(device),
-                                    attention_mask=mask)
-            acts[sl].copy_(args[0])
-        loader.free(embed)
+        loader = Loader(sk.ck, device)
+        embed_into(sk, loader, input_ids, batches, masks, acts)
         # 2. One layer at a time.
         for i in progress_bar(range(L), "streaming layers", enabled=show_progress):
             layer = layers[i]
-            loader.load(layer, f"{prefix}.{i}.")
+            loader.load(layer, f"{sk.prefix}.{i}.")
             for b, (sl, mask) in enumerate(zip(batches, masks)):
                 x = acts[sl].to(device)
-                args, kwargs = layer_inputs(base, layers, i, inputs_embeds=x,
-                                             attention_mask=mask)
-                y = hidden_states_of(layer(x, *args[1:], **kwargs))
+                y = layer_forward(sk, i, x, mask)
                 rows = torch.arange(x.shape[0], device=x.device)
                 acc.add_layer(i, x, y, valids[b])
                 last[sl, i] = x[rows, last_idxs[b]].float().cpu()
