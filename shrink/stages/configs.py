@@ -107,10 +107,12 @@ class PruneConfig(LayerScoring):
         json_schema_extra=cli(parse="layers", metavar="LIST"))
     strategy: str = Field("bi", description="How to pick the layers (see `shrink prune --help`).",
                           json_schema_extra=cli(parse="strategy"))
-    bridge: Literal["none", "linear"] = Field(
+    bridge: Literal["none", "linear", "auto"] = Field(
         "none", description="linear: fold a linear map, fitted on the calibration blocks in "
                             "closed form (no training), into the MLP of the layer before each "
-                            "removed run (ReplaceMe); the checkpoint stays standard.")
+                            "removed run (ReplaceMe); the checkpoint stays standard. auto: "
+                            "linear where the architecture can absorb it exactly, else none "
+                            "(recorded).")
     ridge: float = Field(0.1, ge=0, description="Ridge of the bridge fit, toward the identity "
                                                 "(plain pruning), relative to the MLP output's "
                                                 "energy.")

@@ -10,10 +10,10 @@ import torch
 
 from shrink.core.data import token_blocks
 from shrink.core.perplexity import perplexity
-from shrink.core.errors import ShrinkError
+from shrink.core.errors import ShrinkError, first_line
 from shrink.core.layers import check_remove, prune_model
-from shrink.core.models import (ALIASES, check_seq_len, load_config, load_model, num_layers,
-                                read_shrink_json, resolve)
+from shrink.core.models import (ALIASES, check_seq_len, load_config, load_model, meta_model,
+                                num_layers, read_shrink_json, resolve)
 from shrink.core.outputs import check_output
 from shrink.core.progress import stderr
 from shrink.core.scores import LayerScores
@@ -95,10 +95,14 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
     """Score (when the strategy needs it), remove layers, save a checkpoint, verify it in a fresh
     process, and move it into place at ``output``."""
     config = config or PruneConfig()
+    settings = config.settings()  # as asked (bridge "auto" is resolved below)
     load = load or ModelOptions()
     resolved = resolve(model)
     check_output(output, force, resolved.path)
     L = check(model, config, load)
+    config, bridge_note = _resolve_bridge(config, resolved, load)
+    if bridge_note and show_progress:
+        stderr.print(f"--bridge auto: {bridge_note}", highlight=False)
     previous = read_shrink_json(resolved.path)
     strategy = get_strategy(config.strategy)
     streamed = False
@@ -126,6 +130,8 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
               "kept_original_layers": [orig[i] for i in kept],
               "seed": config.seed, "skip_first": config.skip_first, "calibration": calib,
               "scores": scores.to_dict() if scores is not None else None}
+    if bridge_note:
+        record["bridge_note"] = bridge_note
 
     def compute(tmp: Path) -> StageOutput:
         nonlocal blocks
@@ -196,8 +202,24 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
                             "base_model": base_model_id(resolved, hf_config, previous)})
 
     return run_stage("prune", output, compute, source=resolved.path,
-                     settings=config.settings(), force=force, verify=verify,
+                     settings=settings, force=force, verify=verify,
                      log=stderr.print if show_progress else None)
+
+
+def _resolve_bridge(config: PruneConfig, resolved, load: ModelOptions
+                    ) -> tuple[PruneConfig, str | None]:
+    """``--bridge auto``: linear when the architecture's layers can absorb the bridge exactly
+    (read from a weightless skeleton), else none, with the reason."""
+    if config.bridge != "auto":
+        return config, None
+    from shrink.core.bridge import check_bridgeable
+
+    hf_config = load_config(resolved, load.trust_remote_code)
+    try:
+        check_bridgeable(meta_model(hf_config, load.trust_remote_code))
+    except ShrinkError as e:
+        return config.model_copy(update={"bridge": "none"}), f"not bridged: {first_line(e)}"
+    return config.model_copy(update={"bridge": "linear"}), None
 
 
 def _guard_blocks(tokenizer):

@@ -211,3 +211,24 @@ def test_bridge_and_auto_through_the_prune_command(tiny_model_dir, tmp_path):
     best = min((c for c in auto["candidates"] if c["perplexity"] is not None),
                key=lambda c: c["perplexity"])
     assert record["removed_layers"] == best["layers"] == auto["layers"]
+
+
+def test_bridge_auto_bridges_where_the_architecture_allows(tiny_model_dir, tmp_path):
+    """--bridge auto (shrink build's default): bridged on Llama, recorded as not bridged on
+    Gemma 3 (its MLP output is normalised, so no linear map folds exactly) instead of failing,
+    while --bridge linear on Gemma 3 is still refused."""
+    common = ["--layers", "2,3", "--samples", "2", "--seq-len", "16", "--no-verify"]
+    r = _run(["prune", str(tiny_model_dir("llama")), *common, "--bridge", "auto",
+              "-o", str(tmp_path / "llama")])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "llama" / "shrink.json").read_text())["stages"][-1]
+    assert record["settings"]["bridge"] == "auto"  # as asked
+    assert [b["layers"] for b in record["bridge"]] == [[2, 3]] and "bridge_note" not in record
+    gemma = str(tiny_model_dir("gemma3"))
+    r = _run(["prune", gemma, *common, "--bridge", "auto", "-o", str(tmp_path / "gemma")])
+    assert r.exit_code == 0, r.output
+    assert "not bridged" in r.output
+    record = json.loads((tmp_path / "gemma" / "shrink.json").read_text())["stages"][-1]
+    assert "bridge" not in record and record["bridge_note"].startswith("not bridged")
+    r = _run(["prune", gemma, *common, "--bridge", "linear", "-o", str(tmp_path / "g2")])
+    assert r.exit_code == 2 and not (tmp_path / "g2").exists()
