@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/shrink-bench-healing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "healing"))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an earlier run in --out and its pruned model")
     a = ap.parse_args()
 
     import torch
@@ -76,15 +78,23 @@ def main() -> int:
     dense = str(ensure_embedded())
     evaluation = EvaluateConfig()  # the fixed set, both domains
     t0 = time.perf_counter()
-    pconf = PruneConfig(drop=a.drop, strategy=a.strategy, bridge=a.bridge, data=a.prune_data)
-    pr = prune(EMBEDDED, work / "pruned", pconf, force=True, verify=False, show_progress=False)
-    prune_info = {"config": pconf.settings(), "removed": pr.removed, "strategy": pr.strategy,
-                  "bridge": pr.bridge, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"pruned {pr.removed} ({pr.strategy}) in {prune_info['seconds']} s", flush=True)
-
-    rows: list[dict] = []
     out = Path(a.out)
-    for i, text in enumerate(a.runs):
+    rows: list[dict] = []
+    if a.append:  # the same pruned model: earlier rows stay comparable
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        rows, prune_info = earlier["rows"], earlier["meta"]["prune"]
+        command = earlier["meta"]["command"] + "; then " + command
+        t_start -= earlier["meta"]["seconds"]
+    else:
+        pconf = PruneConfig(drop=a.drop, strategy=a.strategy, bridge=a.bridge, data=a.prune_data)
+        pr = prune(EMBEDDED, work / "pruned", pconf, force=True, verify=False,
+                   show_progress=False)
+        prune_info = {"config": pconf.settings(), "removed": pr.removed, "strategy": pr.strategy,
+                      "bridge": pr.bridge, "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"pruned {pr.removed} ({pr.strategy}) in {prune_info['seconds']} s", flush=True)
+
+    first = len(rows)
+    for i, text in enumerate(a.runs, start=first):
         run = parse_run(text)
         source = dense if run["control"] else str(work / "pruned")
         conf = HealConfig(
@@ -113,7 +123,7 @@ def main() -> int:
                          "rank": a.rank, "last_layers": a.last_layers, "targets": "mlp",
                          "kd_alpha": 0.5, "kd_temperature": 2.0, "schedule": "cosine",
                          "warmup": max(1, a.steps // 10)},
-                "complete": i == len(a.runs) - 1}
+                "complete": i == first + len(a.runs) - 1}
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         out.with_suffix(".md").write_text(markdown(meta, rows))
     return 0

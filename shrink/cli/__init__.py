@@ -726,7 +726,11 @@ def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) ->
                             prefixes[stage].items() if pre == prefix}}
             given.update(values(cls, sub, prefix, ctx=ctx, only_given=True))
         if given:
-            base[stage] = {**(base.get(stage) or {}), **given}
+            earlier = dict(base.get(stage) or {})
+            if stage == "prune" and ({"drop", "layers"} & set(given)):
+                earlier.pop("drop", None)  # --layers replaces the recipe's --drop, and back
+                earlier.pop("layers", None)
+            base[stage] = {**earlier, **given}
     if no_heal:
         base["heal"] = None
     for name, value in values(ModelOptions, kwargs, ctx=ctx, only_given=True).items():
@@ -763,10 +767,11 @@ def build_cmd(ctx, model, recipe, output, resume, force, no_heal, allow_degraded
 
     if recipe is None and model is None:
         recipe = "smollm2-135m"
-    base: dict = {}
     if recipe is not None:
         config, _ = load_recipe(recipe)
         base = config.settings()
+    else:  # shrink build's own defaults, with the options given on top
+        base = BuildConfig().settings()
     if model is not None:
         base["model"] = model
     if allow_degraded:

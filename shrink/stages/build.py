@@ -246,11 +246,13 @@ def plan(c: BuildConfig, L: int, out: Path, disk: int) -> str:
     p = c.prune
     what = (f"layers {p.layers}" if p.layers is not None else f"{p.drop} of {L} layers by "
             f"{p.strategy}")
-    steps = [f"prune ({what}, scored on {p.samples} x {p.seq_len} tokens of {p.data})"]
+    bridge = {"linear": ", bridged by a linear map", "auto": ", bridged where the "
+              "architecture allows", "none": ""}[p.bridge]
+    steps = [f"prune ({what}, scored on {p.samples} x {p.seq_len} tokens of {p.data}{bridge})"]
     if c.heal is not None:
         h = c.heal
         steps.append(f"heal ({h.method or 'lora'}{', preset ' + h.preset if h.preset else ''}, "
-                     f"{h.steps or 'default'} steps)")
+                     f"{h.steps or 'default'} steps on {h.data})")
     if c.quantize is not None:
         steps.append(f"quantize (GPTQ {c.quantize.gptq}, {c.quantize.samples} x "
                      f"{c.quantize.seq_len} calibration tokens)")

@@ -21,8 +21,12 @@ from shrink.core.errors import ShrinkError
 CALIBRATION = "austen:calibration"
 HEALING = "austen:healing"
 EVALUATION = "austen:evaluation"
-TEXT_HELP = ("Text: austen:<split|novel>, a .txt/.jsonl file or folder, or "
-             "hf:NAME[:CONFIG][:SPLIT] (needs network).")
+# shrink build's measured defaults (bench/results/quality*.md, healing.md): calibration and
+# healing text of both shipped domains, so neither the bridge nor the fine-tune learns Austen only
+MIXED_CALIBRATION = "austen:calibration+tech:calibration"
+MIXED_HEALING = "austen:healing+tech:calibration"
+TEXT_HELP = ("Text: austen:<split|novel>, tech:<calibration|evaluation>, a .txt/.jsonl file or "
+             "folder, or hf:NAME[:CONFIG][:SPLIT] (needs network); A+B mixes sources evenly.")
 GPTQ_BITS = ("2bit", "3bit", "4bit", "8bit")
 
 
@@ -161,7 +165,7 @@ class HealConfig(Config):
                                                   "gate_proj,up_proj. [default: mlp]")
     steps: int | None = Field(None, ge=1, description="Optimizer steps. [default: 100]")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (cosine). "
-                                                     "[default: 3e-4]")
+                                                     "[default: 1e-3]")
     warmup: int | None = Field(None, ge=0, description="Warm-up steps. [default: 10% of steps, "
                                                        "at most 100]")
     batch_size: int | None = Field(None, ge=1, description="Blocks per device per micro-step. "
@@ -333,8 +337,11 @@ class BuildConfig(ModelOptions):
     model: str = Field("smollm2-135m", description="Model folder, hub id or alias.")
     allow_degraded: bool = Field(False, description="Go on healing a model that the quality "
                                                     "guard found badly degraded.")
-    prune: PruneConfig = Field(default_factory=lambda: PruneConfig(drop=6))
-    heal: HealConfig | None = Field(default_factory=HealConfig)
+    # the measured defaults (README, "shrink build"): auto strategy, linear bridge where the
+    # architecture allows it, calibration and healing text of both domains
+    prune: PruneConfig = Field(default_factory=lambda: PruneConfig(
+        drop=6, strategy="auto", bridge="auto", data=MIXED_CALIBRATION))
+    heal: HealConfig | None = Field(default_factory=lambda: HealConfig(data=MIXED_HEALING))
     quantize: QuantizeConfig | None = None
     export: ExportConfig | None = None
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -8,7 +8,7 @@ from shrink.core.models import find_layers, text_config
 from shrink.stages.configs import HealConfig
 
 # Values used when neither the user nor a preset sets one.
-DEFAULTS = dict(method="lora", rank=8, dropout=0.05, targets="mlp", steps=100, lr=3e-4,
+DEFAULTS = dict(method="lora", rank=8, dropout=0.05, targets="mlp", steps=100, lr=1e-3,
                 batch_size=4, grad_accum=1, seq_len=512, kd_alpha=0.5, last_layers=2)
 
 _ATTN_WORDS = ("attn", "attention")
