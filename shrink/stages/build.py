@@ -255,7 +255,7 @@ def plan(c: BuildConfig, L: int, out: Path, disk: int) -> str:
                      f"{h.steps or 'default'} steps on {h.data})")
     if c.quantize is not None:
         steps.append(f"quantize (GPTQ {c.quantize.gptq}, {c.quantize.samples} x "
-                     f"{c.quantize.seq_len} calibration tokens)")
+                     f"{c.quantize.seq_len} calibration tokens of {c.quantize.data})")
     if c.export is not None and c.export.onnx:
         steps.append(f"export ONNX ({c.export.onnx}, LM head {c.export.lm_head}, "
                      f"{c.export.target})")
