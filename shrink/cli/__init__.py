@@ -32,7 +32,9 @@ class ShrinkGroup(click.Group):
         err.quiet = bool(quiet)
         log = None
         try:
-            if verbose or not has_terminal_fds() or not ctx.protected_args:
+            # no capture for --help: click prints it to stdout inside the command's parsing
+            asks_help = any(a in ctx.help_option_names for a in ctx.args)
+            if verbose or not has_terminal_fds() or not ctx.protected_args or asks_help:
                 return super().invoke(ctx)
             log = log_path(ctx.protected_args[0])
             with capture_to(log, keep=(console, err)):
