@@ -92,8 +92,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=128)
-    ap.add_argument("--only", default=None, help="comma-separated substrings: bench only "
-                                                 "the artifacts whose folder name has one")
+    ap.add_argument("--only", default=None, help="comma-separated folder names: bench only "
+                                                 "these artifacts (smollm2-135m is the dense HF)")
     ap.add_argument("--prepare-only", action="store_true", help="build the artifacts, no timing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtimes"))
     a = ap.parse_args()
@@ -104,7 +104,7 @@ def main() -> int:
     arts = prepare(work, a.gguf, a.onnx_variant, a.gptq)
     if a.only:
         keep = a.only.split(",")
-        arts = [x for x in arts if any(k in Path(x).name for k in keep)]
+        arts = [x for x in arts if Path(x).name in keep]
     print(f"artifacts ready in {time.perf_counter() - t0:.0f} s: {arts}", flush=True)
     if a.prepare_only:
         return 0
