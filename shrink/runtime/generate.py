@@ -55,13 +55,19 @@ class GenaiRunner:
         self.tokenizer = og.Tokenizer(self.model)
         cfg = json.loads((self.path / "genai_config.json").read_text())
         self.context_length = int(cfg["model"].get("context_length") or 2048)
+        # A model with sliding-window layers (Gemma 3) keeps a cache of window_size positions
+        # for them, and onnxruntime-genai refuses a generator whose max_length is below it
+        # ("KV cache capacity (6) must be at least local_window_size (512)"): every generator
+        # here is at least that long, and generation stops by count instead.
+        window = (cfg["model"].get("decoder", {}).get("sliding_window") or {}).get("window_size")
+        self.min_length = min(int(window or 0), self.context_length)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def _generator(self, max_length: int, **search):
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, **search)
+        params.set_search_options(max_length=max(max_length, self.min_length), **search)
         return self.og.Generator(self.model, params)
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -86,7 +92,7 @@ class GenaiRunner:
         gen = self._generator(max_length, **search)
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         new: list[int] = []
-        while not gen.is_done():
+        while len(new) < max_new_tokens and not gen.is_done():
             gen.generate_next_token()
             tok = int(gen.get_next_tokens()[0])
             new.append(tok)
