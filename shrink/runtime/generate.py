@@ -38,6 +38,18 @@ def import_onnx_runtime(module: str):
                           f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
 
 
+def genai_min_length(path: str | Path) -> int:
+    """The smallest ``max_length`` onnxruntime-genai accepts for this model folder.
+
+    A model with sliding-window layers (Gemma 3) keeps a cache of ``window_size`` positions for
+    them, and onnxruntime-genai refuses a generator whose max_length is below it ("KV cache
+    capacity (6) must be at least local_window_size (512)"). Generators get at least this
+    length and stop by count instead."""
+    cfg = json.loads((Path(path) / "genai_config.json").read_text())["model"]
+    window = (cfg.get("decoder", {}).get("sliding_window") or {}).get("window_size")
+    return min(int(window or 0), int(cfg.get("context_length") or 2048))
+
+
 class GenaiRunner:
     """An onnxruntime-genai folder (model builder output, with KV cache)."""
 
@@ -55,12 +67,7 @@ class GenaiRunner:
         self.tokenizer = og.Tokenizer(self.model)
         cfg = json.loads((self.path / "genai_config.json").read_text())
         self.context_length = int(cfg["model"].get("context_length") or 2048)
-        # A model with sliding-window layers (Gemma 3) keeps a cache of window_size positions
-        # for them, and onnxruntime-genai refuses a generator whose max_length is below it
-        # ("KV cache capacity (6) must be at least local_window_size (512)"): every generator
-        # here is at least that long, and generation stops by count instead.
-        window = (cfg["model"].get("decoder", {}).get("sliding_window") or {}).get("window_size")
-        self.min_length = min(int(window or 0), self.context_length)
+        self.min_length = genai_min_length(self.path)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]

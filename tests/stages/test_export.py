@@ -165,6 +165,9 @@ def test_gemma3_exports_with_kv_cache(tiny_model_dir, tmp_path):
     # a generator shorter than the window: onnxruntime-genai refuses one whose max_length is
     # below the sliding window, so the runner sizes it up and stops by count
     assert generate(out, "Hello", max_new_tokens=4) == generate(src, "Hello", max_new_tokens=4)
+    res = CliRunner().invoke(main, ["bench", str(out), "--prompt-len", "4", "--gen-len", "4",
+                                    "--repeats", "1", "--ppl-samples", "0"])
+    assert res.exit_code == 0, res.output
 
 
 def test_gemma3_int4_export_has_kv_cache(tiny_model_dir, tmp_path):
