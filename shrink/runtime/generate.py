@@ -38,6 +38,18 @@ def import_onnx_runtime(module: str):
                           f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
 
 
+def genai_min_length(path: str | Path) -> int:
+    """The smallest ``max_length`` onnxruntime-genai accepts for this model folder.
+
+    A model with sliding-window layers (Gemma 3) keeps a cache of ``window_size`` positions for
+    them, and onnxruntime-genai refuses a generator whose max_length is below it ("KV cache
+    capacity (6) must be at least local_window_size (512)"). Generators get at least this
+    length and stop by count instead."""
+    cfg = json.loads((Path(path) / "genai_config.json").read_text())["model"]
+    window = (cfg.get("decoder", {}).get("sliding_window") or {}).get("window_size")
+    return min(int(window or 0), int(cfg.get("context_length") or 2048))
+
+
 class GenaiRunner:
     """An onnxruntime-genai folder (model builder output, with KV cache)."""
 
@@ -55,13 +67,14 @@ class GenaiRunner:
         self.tokenizer = og.Tokenizer(self.model)
         cfg = json.loads((self.path / "genai_config.json").read_text())
         self.context_length = int(cfg["model"].get("context_length") or 2048)
+        self.min_length = genai_min_length(self.path)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def _generator(self, max_length: int, **search):
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, **search)
+        params.set_search_options(max_length=max(max_length, self.min_length), **search)
         return self.og.Generator(self.model, params)
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -86,7 +99,7 @@ class GenaiRunner:
         gen = self._generator(max_length, **search)
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         new: list[int] = []
-        while not gen.is_done():
+        while len(new) < max_new_tokens and not gen.is_done():
             gen.generate_next_token()
             tok = int(gen.get_next_tokens()[0])
             new.append(tok)

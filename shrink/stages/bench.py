@@ -176,9 +176,10 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
                   warmup: int, ppl_samples: int, ppl_seq_len: int, threads: int | None) -> dict:
     from transformers import AutoTokenizer
 
-    from shrink.runtime.generate import import_onnx_runtime
+    from shrink.runtime.generate import genai_min_length, import_onnx_runtime
 
     og = import_onnx_runtime("onnxruntime_genai")
+    min_length = genai_min_length(path)
 
     tok = AutoTokenizer.from_pretrained(path)
     config = og.Config(str(path))
@@ -190,7 +191,8 @@ def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch:
 
     def run(n: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_len + n, do_sample=False, batch_size=batch)
+        params.set_search_options(max_length=max(prompt_len + n, min_length), do_sample=False,
+                                  batch_size=batch)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(ids)

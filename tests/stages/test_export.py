@@ -118,13 +118,133 @@ def test_pruned_model_exports(tiny_model_dir, tmp_path):
     assert stages == ["prune", "export"]
 
 
-def test_fallback_without_kv_cache(tiny_model_dir, tmp_path):
-    """Gemma 3 (per-layer rope parameters in transformers 5) is beyond this builder: the
-    forward-pass export is used, verified, and labelled as having no KV cache."""
+def _genai_decoder(folder: Path) -> dict:
+    return json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+
+
+def _gemma3_variant(tiny_config, embedded_dir, tokenizer_files, folder: Path, **changes) -> Path:
+    """A tiny Gemma 3 with config changes, saved like the tiny_model_dir fixture's folders."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(0)
+    config = tiny_config("gemma3")
+    for key, value in changes.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(folder)
+    for name in tokenizer_files:
+        if (embedded_dir / name).exists():
+            shutil.copy(embedded_dir / name, folder / name)
+    return folder
+
+
+def test_gemma3_exports_with_kv_cache(tiny_model_dir, tmp_path):
+    """Gemma 3 (per-layer-type rope parameters in transformers 5, sliding and full layers) goes
+    through the builder, not the fallback: a KV cache, the sliding layers from layer_types, and
+    fp32 logits equal to PyTorch's over 128 tokens (8x the tiny model's 16-token window)."""
+    src = tiny_model_dir("gemma3")
+    out = tmp_path / "gemma3"
+    result = export_onnx(src, out, ExportConfig(onnx="fp32"))
+    assert result.method == "onnxruntime-genai builder" and result.kv_cache
+    assert not result.builder_error and _stage(out)["kv_cache"] is True
+    decoder = _genai_decoder(out)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    layer_types = json.loads((src / "config.json").read_text())["layer_types"]
+    assert decoder["sliding_window"]["window_size"] == 16
+    assert decoder["sliding_window"]["layers"] == [i for i, t in enumerate(layer_types)
+                                                   if t == "sliding_attention"] == [0, 1, 3, 4]
+    v = result.verification
+    assert v["ok"] and v["greedy_equal_to_torch"] and v["greedy_tokens_matching"] == 3 * 32
+    assert v["first_step_logits_max_abs_diff"] < 1e-4
+    assert v["top1_agreement"] > 0.999
+    assert v["perplexity_onnx"] == pytest.approx(v["perplexity_torch"], rel=1e-4)
+    # a generator shorter than the window: onnxruntime-genai refuses one whose max_length is
+    # below the sliding window, so the runner sizes it up and stops by count
+    assert generate(out, "Hello", max_new_tokens=4) == generate(src, "Hello", max_new_tokens=4)
+    res = CliRunner().invoke(main, ["bench", str(out), "--prompt-len", "4", "--gen-len", "4",
+                                    "--repeats", "1", "--ppl-samples", "0"])
+    assert res.exit_code == 0, res.output
+
+
+def test_gemma3_int4_export_has_kv_cache(tiny_model_dir, tmp_path):
+    out = tmp_path / "gemma3-int4"
+    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("gemma3")), "-o", str(out),
+                                    "--onnx", "int4", "--no-fallback", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)["result"]["onnx"]
+    assert data["kv_cache"] and data["method"] == "onnxruntime-genai builder"
+    assert data["verification"]["ok"] and data["verification"]["finite_logits"]
+    # a random tiny model has flat logits (the llama one: > 0.5); real Gemma 3: tests/slow
+    assert data["verification"]["top1_agreement"] > 0.25
+    assert sorted(_matmul_bits(out).values()).count(8) == 1  # the LM head
+
+
+def test_pruned_gemma3_with_scaled_rope_exports(tiny_config, embedded_dir, tokenizer_files,
+                                                tmp_path):
+    """A pruned Gemma 3 whose layer_types were sliced (no longer the every-third-layer
+    pattern), with Gemma 3 4B's linear rope scaling on the full layers only and a width whose
+    embedding scale sqrt(80) the builder would round: fp32 equals PyTorch."""
+    from shrink.stages.configs import PruneConfig
+    from shrink.stages.prune import prune
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    src = _gemma3_variant(tiny_config, embedded_dir, tokenizer_files, tmp_path / "src",
+                          hidden_size=80, rope_parameters=rope)
+    pruned = tmp_path / "pruned"
+    prune(str(src), pruned, PruneConfig(layers=[1, 2]), verify=False, show_progress=False)
+    layer_types = json.loads((pruned / "config.json").read_text())["layer_types"]
+    assert layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    out = tmp_path / "onnx"
+    result = export_onnx(pruned, out, ExportConfig(onnx="fp32"))
+    assert result.kv_cache and result.method == "onnxruntime-genai builder"
+    assert _genai_decoder(out)["sliding_window"]["layers"] == [0, 1, 2]
+    assert _genai_decoder(out)["num_hidden_layers"] == 4
+    v = result.verification
+    assert v["greedy_equal_to_torch"] and v["first_step_logits_max_abs_diff"] < 1e-4
+    assert v["perplexity_onnx"] == pytest.approx(v["perplexity_torch"], rel=1e-4)
+
+
+def test_legacy_gemma3_rope():
+    from types import SimpleNamespace
+
+    from shrink.stages.export.genai_builder import legacy_gemma3_rope
+
+    config = SimpleNamespace(rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    legacy_gemma3_rope(config)
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert config.rope_local_base_freq == 1e4
+    legacy_gemma3_rope(config)  # already flat: unchanged
+    assert config.rope_parameters["rope_theta"] == 1e6
+    bad = SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "default"},
+                                           "sliding_attention": {"rope_type": "yarn"}})
+    with pytest.raises(ValueError, match="yarn"):
+        legacy_gemma3_rope(bad)
+
+
+def _builder_fails(monkeypatch):
+    """Make the model builder fail, as it does for an architecture it cannot build."""
+    from shrink.stages.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_run_builder", lambda *a, **k: (
+        False, "NotImplementedError: The FooForCausalLM model is not currently supported."))
+
+
+def test_fallback_without_kv_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """Where the builder fails, the forward-pass export is used, verified, and labelled as
+    having no KV cache (shown on Gemma 3 with the builder made to fail: every architecture the
+    tests cover builds with the builder)."""
+    _builder_fails(monkeypatch)
     out = tmp_path / "gemma3"
     result = export_onnx(tiny_model_dir("gemma3"), out, ExportConfig(onnx="int4"))
     assert result.method == "torch.onnx.export" and not result.kv_cache
-    assert result.builder_error
+    assert "not currently supported" in result.builder_error
     stage = _stage(out)
     assert stage["kv_cache"] is False and "no KV cache" in stage["note"]
     assert result.verification["ok"]
@@ -139,8 +259,10 @@ def test_fallback_without_kv_cache(tiny_model_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_fallback_fp32_parity(tiny_model_dir, tmp_path):
+def test_fallback_fp32_parity(tiny_model_dir, tmp_path, monkeypatch):
+    _builder_fails(monkeypatch)
     result = export_onnx(tiny_model_dir("gemma3"), tmp_path / "g", ExportConfig(onnx="fp32"))
+    assert result.method == "torch.onnx.export"
     v = result.verification
     assert v["greedy_equal_to_torch"] and v["first_step_logits_max_abs_diff"] < 1e-4
 

@@ -310,3 +310,49 @@ def test_cli_export_gguf_then_eval_and_generate_read_it(tiny_model_dir, tmp_path
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["export", str(src), "-o", str(tmp_path / "x"), "--gguf", "q9"])
     assert res.exit_code == 2 and "gguf: 'q9' is not a GGUF type" in res.output
+
+
+def _sentencepiece_bpe_tokenizer(folder: Path, vocab_size: int = 1200) -> None:
+    """A small SentencePiece-style BPE tokenizer.json like Gemma 3's (byte fallback, '▁' for
+    spaces, no space prefix, BOS first), trained here on Austen so that nothing is downloaded."""
+    from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                            trainers)
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+        ("<bos>", 1)])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<bos>", "<eos>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False)
+    tk.train_from_iterator(shrink.load_texts("austen:calibration")[:1], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                            unk_token="<unk>", pad_token="<eos>").save_pretrained(folder)
+
+
+def test_sentencepiece_tokenizer_matches_in_llama_cpp(tiny_model_dir, tmp_path):
+    """llama.cpp's SentencePiece tokenizer merges by token score; shrink scores each token by
+    the rank of the BPE merge that makes it, so llama.cpp splits words as HF does (with the
+    -1000 placeholder of gguf.LlamaHfVocab it merged left to right: Gemma 3 270M read
+    ' spurned' as ' spur'+'ned', HF ' sp'+'urned')."""
+    from transformers import AutoTokenizer
+
+    from shrink.runtime.gguf import GgufRunner
+
+    folder = tmp_path / "spm"
+    shutil.copytree(tiny_model_dir("gemma3"), folder)
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    _sentencepiece_bpe_tokenizer(folder)
+    path = tmp_path / "spm.gguf"
+    assert write_gguf(folder, path, "f32")["tokenizer"].startswith("llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [p for p in shrink.load_texts("austen:evaluation")[0].split("\n\n")
+             if p.strip()][:200]
+    with GgufRunner(path, n_ctx=256, n_threads=2) as runner:
+        differ = [t for t in texts if runner.encode(t) != list(tok(t)["input_ids"])]
+    assert not differ, f"{len(differ)} of {len(texts)} paragraphs differ, e.g. {differ[0]!r}"

@@ -337,6 +337,24 @@ def _bpe_pre(tokenizer, tok_file: Path) -> str:
     return pre
 
 
+def _merge_ranks(model: dict) -> dict[str, int]:
+    """Token -> rank of the first BPE merge that makes it, as llama.cpp scores for its
+    SentencePiece tokenizer.
+
+    llama.cpp's "llama" tokenizer merges the adjacent pair whose joined piece has the highest
+    score; HF's BPE merges the pair of lowest merge rank. ``gguf.LlamaHfVocab`` gives every
+    token the placeholder score -1000, so llama.cpp merged in text order instead: Gemma 3 270M
+    read ' spurned' as ' spur'+'ned' where HF reads ' sp'+'urned'. Score = -rank makes the two
+    agree (llama.cpp's converter takes SentencePiece's own scores from tokenizer.model, which
+    order pieces the same way; a tokenizer.json has only the merges). A token no merge makes
+    (single characters, bytes) scores below every merge."""
+    ranks: dict[str, int] = {}
+    for i, merge in enumerate(model.get("merges") or []):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        ranks.setdefault(a + b, i)
+    return ranks
+
+
 def _write_vocab(w, gguf, src: _Source) -> dict:
     """Tokenizer metadata the way llama.cpp's converter writes it; returns what was chosen."""
     folder = src.folder
@@ -356,8 +374,19 @@ def _write_vocab(w, gguf, src: _Source) -> dict:
             vocab = gguf.LlamaHfVocab(folder)
         except (FileNotFoundError, TypeError, AssertionError) as e:
             raise ShrinkError(f"{tok_file}: unsupported SentencePiece-style tokenizer ({e})") from None
+        ranks = _merge_ranks(model)
+        # added tokens match whole before BPE in HF; llama.cpp does that for CONTROL and
+        # USER_DEFINED tokens only (LlamaHfVocab marks just the tokenizer's named specials)
+        added = {t["content"]: (gguf.TokenType.CONTROL if t.get("special") else
+                                gguf.TokenType.USER_DEFINED) for t in tj.get("added_tokens", [])}
         tokens, scores, toktypes = [], [], []
         for text, score, toktype in vocab.all_tokens():
+            if toktype == gguf.TokenType.NORMAL:
+                piece = text.decode("utf-8", errors="replace")
+                if piece in added:
+                    toktype = added[piece]
+                else:
+                    score = -float(ranks.get(piece, len(ranks)))
             tokens.append(text)
             scores.append(score)
             toktypes.append(toktype)

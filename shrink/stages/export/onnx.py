@@ -6,7 +6,9 @@ process): it writes ``model.onnx`` with a KV cache, ``genai_config.json`` and th
 output-sensitive matrix, is 8-bit by default (``lm_head="int8"``; measured on the embedded model:
 perplexity 111 -> 95 for a round-to-nearest export, 96 -> 84 from a GPTQ checkpoint, for about
 40% more bytes) and the input embedding 4-bit. ``lm_head="int4"`` gives the smallest file. The
-builder also takes a GPTQ checkpoint as input and keeps its calibrated 4-bit weights.
+builder also takes a GPTQ checkpoint as input and keeps its calibrated 4-bit weights. It runs
+through :mod:`shrink.stages.export.genai_builder`, which first fixes what the builder reads wrongly
+under transformers 5 (Gemma 3's per-attention-type rope parameters).
 
 For an architecture the builder cannot build, the fallback is ``torch.onnx.export`` of the forward
 pass (no KV cache: every new token re-runs the whole sequence) plus onnxruntime's int4 weight
@@ -154,7 +156,9 @@ def _run_builder(src: Path, out: Path, precision: str, target: str,
     """Run the onnxruntime-genai model builder in a child process. Returns (ok, error line)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="shrink-onnx-cache-") as cache:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
+        # the builder's command line, run through shrink's wrapper (genai_builder), which
+        # first patches what the builder reads wrongly under transformers 5 (Gemma 3's rope)
+        cmd = [sys.executable, "-m", "shrink.stages.export.genai_builder", "-i", str(src),
                "-o", str(out), "-p", precision, "-e", target, "-c", cache,
                "--extra_options", *options]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
