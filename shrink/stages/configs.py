@@ -239,6 +239,10 @@ class ExportConfig(Config):
     lm_head: Literal["int8", "int4"] = Field(
         "int8", description="Bits of the LM head in an int4 ONNX export (int4: smallest file, "
                             "lower quality).")
+    block_size: int = Field(
+        32, description="Weights per int4 scale in an int4 ONNX export from a float model "
+                        "(a GPTQ source keeps its groups). 128 decodes faster on CPUs, 32 is "
+                        "more accurate (bench/results/runtimes.md).")
     target: Literal["cpu", "cuda"] = Field("cpu", description="Execution provider the ONNX "
                                                               "model is built for.")
     fallback: bool = Field(True, description="Fall back to a forward-pass-only (no KV cache) "
@@ -250,6 +254,13 @@ class ExportConfig(Config):
     threads: int | None = Field(None, ge=1, description="llama.cpp threads for the GGUF "
                                                         "quantizer and its check (default: all "
                                                         "cores).")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int) -> int:
+        if v not in (16, 32, 64, 128, 256):
+            raise ValueError(f"{v} is not an int4 block size; use 16, 32, 64, 128 or 256")
+        return v
 
     @field_validator("gguf")
     @classmethod

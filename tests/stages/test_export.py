@@ -101,6 +101,28 @@ def test_int4_lm_head_is_8bit_unless_asked(tiny_model_dir, llama_fp32, llama_int
     assert small.model_bytes < 0.2 * llama_fp32[1].model_bytes
 
 
+def _block_sizes(folder: Path) -> set[int]:
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {a.i for n in model.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "block_size"}
+
+
+def test_int4_block_size(tiny_model_dir, llama_int4, tmp_path):
+    """--block-size reaches the builder's MatMulNBits (default 32) and the record; a bad value
+    is one line naming the setting."""
+    assert _block_sizes(llama_int4[0]) == {32}
+    out = tmp_path / "b16"
+    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o", str(out),
+                                    "--onnx", "int4", "--block-size", "16", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    assert _block_sizes(out) == {16} and _stage(out)["block_size"] == 16
+    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o",
+                                    str(tmp_path / "bad"), "--onnx", "int4", "--block-size", "48"])
+    assert res.exit_code == 2 and "block_size" in res.output and "48" in res.output
+
+
 def test_pruned_model_exports(tiny_model_dir, tmp_path):
     """A model with layers removed by shrink.prune (renumbered layer_idx, fewer layers)."""
     from shrink.stages.configs import PruneConfig

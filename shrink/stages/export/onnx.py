@@ -139,9 +139,13 @@ def _last_error_line(text: str) -> str:
 # Export paths
 # ----------------------------------------------------------------------------------------------
 
-def builder_options(precision: str, lm_head: str | None, tied: bool) -> list[str]:
-    """The model builder's ``--extra_options`` for an export."""
+def builder_options(precision: str, lm_head: str | None, tied: bool,
+                    block_size: int | None = None) -> list[str]:
+    """The model builder's ``--extra_options`` for an export (``block_size``: int4 weight
+    blocks; None for a GPTQ source, whose groups the builder keeps)."""
     options = ["hf_token=false"]
+    if precision == "int4" and block_size is not None:
+        options.append(f"block_size={block_size}")
     if precision == "int4" and lm_head == "int8":
         options.append("matmul_mixed_precision=last_matmul:int8")
         if tied:
@@ -215,7 +219,7 @@ def _head_matmul(model) -> str | None:
 
 
 def _torch_export(src: Path, out: Path, precision: str, target: str,
-                  lm_head: str | None = None) -> str | None:
+                  lm_head: str | None = None, block_size: int = 32) -> str | None:
     """Forward pass only (input_ids, attention_mask -> logits), then int4 weights if asked.
     Returns the LM head's precision in an int4 export (int4 when no head MatMul is found)."""
     import torch
@@ -268,7 +272,7 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
         head = _head_matmul(proto) if lm_head == "int8" else None
         passes = [(4, [head] if head else None, None)] + ([(8, None, [head])] if head else [])
         for bits, exclude, include in passes:  # 4-bit body, then the 8-bit LM head
-            q = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=True,
+            q = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4 if target == "cpu" else None,
                                      nodes_to_exclude=exclude, nodes_to_include=include,
                                      op_types_to_quantize=("MatMul", "Gather"),
@@ -420,8 +424,9 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
         say(f"building ONNX ({precision}{f', {head} LM head' if head else ''}, {target}) with "
             "the onnxruntime-genai model builder")
         tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
+        block = None if quant_method else config.block_size
         ok, builder_error = _run_builder(src, tmp, precision, target,
-                                         builder_options(precision, head, tied))
+                                         builder_options(precision, head, tied, block))
         if ok:
             method, kv_cache = "onnxruntime-genai builder", True
         else:
@@ -432,13 +437,14 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
             say(f"the model builder cannot build this model ({builder_error}); falling back to "
                 "torch.onnx.export")
             say(f"warning: {NO_KV_NOTE}")
-            head = _torch_export(src, tmp, precision, target, head)
+            head = _torch_export(src, tmp, precision, target, head, config.block_size)
             method, kv_cache = "torch.onnx.export", False
         _keep_generation_config(src, tmp)
         model_bytes = folder_bytes(tmp, (".onnx", ".onnx.data", ".data"))
         record = {
             "format": "onnx", "source": str(src),
             "precision": precision, "lm_head": head, "target": target, "method": method,
+            "block_size": (block or "GPTQ groups") if precision == "int4" else None,
             "kv_cache": kv_cache,
             "runtime": "onnxruntime-genai" if kv_cache else "onnxruntime",
             "note": None if kv_cache else NO_KV_NOTE,
