@@ -352,6 +352,14 @@ def build(config: BuildConfig | None = None, output: str | Path | None = None,
         freed = folder_bytes(stages_dir)
         shutil.rmtree(stages_dir, ignore_errors=True)
         report["intermediates_removed_bytes"] = freed
+        # the report's paths: the copies in OUT for the final artifacts, none for the removed
+        moved = {str(Path(state["model"])): out / "model",
+                 **{row["path"]: out / fmt for fmt, row in
+                    info_by_stage.get("export", {}).items()}}
+        for row in (report.get("perplexity") or {}).values():
+            p = row.get("path")
+            if p and Path(p).is_relative_to(stages_dir):
+                row["path"] = str(moved[p]) if p in moved else None
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         if show_progress:
             stderr.print(f"removed the intermediate stage folders ({freed / 1e6:.0f} MB; "

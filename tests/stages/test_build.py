@@ -209,6 +209,11 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
     assert [s["name"] for s in report["stages"]] == ["prune", "heal", "quantize", "export",
                                                      "evaluate"]
     assert set(report["perplexity"]) >= {"dense", "pruned", "healed", "quantized", "onnx"}
+    # stages/ is gone: the report points at the copies in OUT, and at nothing for the removed
+    assert not (out / "stages").exists()
+    paths = {k: row["path"] for k, row in report["perplexity"].items()}
+    assert paths["quantized"] == str(out / "model") and paths["onnx"] == str(out / "onnx")
+    assert paths["pruned"] is None and paths["healed"] is None
     assert report["quantize"]["bits"] == 4 and report["export"]["onnx"]["kv_cache"]
     card = (out / "README.md").read_text()
     for tag in ("- gptq", "- onnx", "- lora-healed"):
