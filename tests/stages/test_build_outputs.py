@@ -41,12 +41,14 @@ def test_artifacts_are_self_contained_and_keep_the_generation_settings(tiny_mode
 @pytest.mark.slow
 def test_build_stops_before_healing_a_degraded_model(embedded_dir, tmp_path):
     """Gromov's simple heuristic ('last') ruins the embedded model (perplexity ~1e7): the quality
-    guard says so, and the build stops before spending a heal on it."""
+    guard says so, and the build stops before spending a heal on it. (Without the bridge: the
+    build's default --bridge auto repairs this layer set to ~3.7x, which the guard still flags,
+    but by a thinner margin.)"""
 
     pytest.importorskip("peft")
     res = CliRunner().invoke(main, [
         "build", str(embedded_dir), "--drop", "6", "--strategy", "last", "--prune-samples", "2",
-        "--steps", "1", "--eval-samples", "1", "-o", str(tmp_path / "b")])
+        "--bridge", "none", "--steps", "1", "--eval-samples", "1", "-o", str(tmp_path / "b")])
     assert res.exit_code == 2, res.output
     assert "QUALITY GUARD" in res.output and "--allow-degraded" in res.output
     record = json.loads((tmp_path / "b" / "stages" / "01-prune" / "model" / "shrink.json")
