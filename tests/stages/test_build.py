@@ -144,8 +144,12 @@ def test_build_no_heal_card_report_and_resume(tiny_model_dir, tmp_path):
 def _run_until(args: list[str], cwd: Path, marker: Path, sig: int, timeout: float = 300) -> int:
     """Start `shrink build`, wait until `marker` exists, send `sig`; return the exit code."""
     env = {**os.environ, "SHRINK_NO_PROGRESS": "1"}
+    # like a shell starting a foreground job: SIGINT at its default disposition in the child.
+    # In two full-suite runs (never alone) both SIGINT cases saw the build finish with 0, as if
+    # it had inherited an ignored SIGINT; the cause inside the suite is not identified yet.
     proc = subprocess.Popen([sys.executable, "-m", "shrink.cli", "build", *args], cwd=cwd,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not marker.exists():
         if proc.poll() is not None:
