@@ -3,13 +3,12 @@ the same T per run, the same folded tensors, the same written checkpoint and log
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
+from shards import padded_inputs, save_sharded, state
 
 from shrink.stages.configs import PruneConfig
 
@@ -44,32 +43,12 @@ def bridge_dir(tmp_path_factory, embedded_dir, tokenizer_files):
     def make(bias: bool = False) -> Path:
         if bias not in made:
             folder = tmp_path_factory.mktemp(f"bridge-llama-{int(bias)}")
-            _scaled(bias).save_pretrained(folder, max_shard_size="100KB")
-            for name in tokenizer_files:
-                if (embedded_dir / name).exists():
-                    shutil.copy(embedded_dir / name, folder / name)
-            made[bias] = folder
+            made[bias] = save_sharded(_scaled(bias), folder, embedded_dir, tokenizer_files)
         return made[bias]
 
     return make
 
 
-def _inputs(n=6, s=24):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 49152, (n, s), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding
-    mask[3, 17:] = 0  # right padding
-    return ids, mask
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -83,7 +62,7 @@ def test_stream_bridges_equal_apply_bridges(bridge_dir, bias):
     from shrink.streaming import stream_bridges
 
     folder = bridge_dir(bias)
-    ids, mask = _inputs()
+    ids, mask = padded_inputs(6)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     want, _ = apply_bridges(model, REMOVE, ids, mask, skip_first=2, batch_size=4)
     got = stream_bridges(folder, REMOVE, ids, mask, skip_first=2, batch_size=4,
@@ -118,11 +97,11 @@ def test_streamed_prune_with_bridge_equals_in_memory(bridge_dir, tmp_path):
                                                               streaming=True, **CALIB),
                      verify=False, show_progress=False)
     assert streamed.streamed and not mem.streamed
-    a, b = _state(tmp_path / "mem"), _state(tmp_path / "stream")
+    a, b = state(tmp_path / "mem"), state(tmp_path / "stream")
     assert sorted(a) == sorted(b)
     assert all(a[k].dtype == b[k].dtype for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
-    original = _state(Path(folder))
+    original = state(Path(folder))
     for new, old in ((0, 0), (1, 3)):  # the bridged layers changed; everything else is a copy
         key = f"model.layers.{new}.mlp.down_proj.weight"
         assert not torch.allclose(b[key], original[f"model.layers.{old}.mlp.down_proj.weight"])
@@ -159,7 +138,7 @@ def test_cli_streamed_bridge_reloads_with_in_memory_logits(bridge_dir, tmp_path)
                                                       "layers.3.mlp.down_proj"]
     r = runner.invoke(main, common + ["--no-streaming", "--no-verify", "-o", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
-    ids = _inputs()[0][:2]
+    ids = padded_inputs(6)[0][:2]
     logits = []
     for name in ("s", "m"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
@@ -184,7 +163,7 @@ def test_streamed_run_at_layer_zero_is_not_bridged(bridge_dir, tmp_path):
                                                     streaming=False, **CALIB),
                 verify=False, show_progress=False)
     assert [b["note"] for b in mem.bridge] == [b["note"] for b in res.bridge]
-    a, b = _state(tmp_path / "a"), _state(tmp_path / "m")
+    a, b = state(tmp_path / "a"), state(tmp_path / "m")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
     only = prune(folder, tmp_path / "b", PruneConfig(layers=[0, 1], bridge="linear",
                                                      streaming=True, **CALIB),
@@ -193,7 +172,7 @@ def test_streamed_run_at_layer_zero_is_not_bridged(bridge_dir, tmp_path):
     plain = prune(folder, tmp_path / "c", PruneConfig(layers=[0, 1], streaming=True),
                   verify=False, show_progress=False)
     assert plain.bridge is None
-    a, b = _state(tmp_path / "b"), _state(tmp_path / "c")
+    a, b = state(tmp_path / "b"), state(tmp_path / "c")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 

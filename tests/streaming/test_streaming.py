@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
+from shards import padded_inputs, save_sharded, state
 
 from shrink.core.errors import ShrinkError
 from shrink.stages.configs import PruneConfig, ScoreConfig
@@ -31,32 +30,12 @@ def sharded_dir(tmp_path_factory, tiny_model_dir, tokenizer_files):
             src = tiny_model_dir(arch)
             folder = tmp_path_factory.mktemp(f"sharded-{arch}")
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-            model.save_pretrained(folder, max_shard_size="100KB")
-            for name in tokenizer_files:
-                if (src / name).exists():
-                    shutil.copy(src / name, folder / name)
-            made[arch] = folder
+            made[arch] = save_sharded(model, folder, src, tokenizer_files)
         return made[arch]
 
     return make
 
 
-def _inputs(n=5, s=24):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 49152, (n, s), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding
-    mask[3, 17:] = 0  # right padding
-    return ids, mask
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
 
 
 def test_layers_really_split_across_shards(sharded_dir):
@@ -72,7 +51,7 @@ def test_stream_score_equals_in_memory(arch, sharded_dir):
     from shrink.streaming import stream_score
 
     folder = sharded_dir(arch)
-    ids, mask = _inputs()
+    ids, mask = padded_inputs(5)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ref = score_layers(model, ids, mask, batch_size=2, skip_first=1, show_progress=False)
     got = stream_score(folder, ids, mask, batch_size=2, skip_first=1, device="cpu",
@@ -88,7 +67,7 @@ def test_offloaded_activations_equal_and_cleaned(sharded_dir, tmp_path):
     from shrink.streaming import stream_score
 
     folder = sharded_dir("qwen3")
-    ids, mask = _inputs()
+    ids, mask = padded_inputs(5)
     ram = stream_score(folder, ids, mask, batch_size=3, show_progress=False)
     disk = stream_score(folder, ids, mask, batch_size=3, offload_dir=tmp_path / "acts",
                         show_progress=False)
@@ -121,7 +100,7 @@ def test_stream_prune_equals_in_memory(arch, sharded_dir, tmp_path):
                 verify=False, show_progress=False)
     streamed = prune(folder, tmp_path / "stream", PruneConfig(layers=remove, streaming=True),
                      verify=arch in ("llama", "gemma3"), show_progress=False)
-    a, b = _state(tmp_path / "mem"), _state(tmp_path / "stream")
+    a, b = state(tmp_path / "mem"), state(tmp_path / "stream")
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert not any(k.startswith("model.layers.4.") for k in b)
