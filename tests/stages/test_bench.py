@@ -102,7 +102,11 @@ def test_bench_threads_and_roofline(tiny_model_dir):
 
 
 def test_memory_bandwidth_counts_bytes():
-    bw = B.memory_bandwidth(threads=1, mib=16, repeats=2)
+    from shrink.runtime.worker import run_worker
+
+    # in a worker, as bench runs it: it sets torch's thread count, which must not leak into
+    # this process (the rest of the suite would run on one thread)
+    bw = run_worker("shrink.stages.bench:memory_bandwidth", threads=1, mib=16, repeats=2)
     assert bw["bytes"] == 16 * 2**20 and bw["threads"] == 1 and bw["read_bytes_per_s"] > 0
 
 
