@@ -8,6 +8,7 @@ user actually gave, so a recipe's values are overridden by explicit options alon
 """
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -85,10 +86,20 @@ def _dest(prefix: str, name: str) -> str:
     return f"{prefix}_{name}" if prefix else name
 
 
+DEFAULT_NOTE = re.compile(r"\s*\[default: [^\]]*\]")
+
+
+def show(value):
+    """A default as the option would be typed (lists as ``1,2``)."""
+    return ",".join(str(v) for v in value) if isinstance(value, list) else value
+
+
 def config_options(cls: type[BaseModel], prefix: str = "", *, exclude: tuple[str, ...] = (),
-                   required: tuple[str, ...] = ()) -> Callable:
-    """A decorator adding one click option per field of ``cls``."""
+                   required: tuple[str, ...] = (), defaults: dict | None = None) -> Callable:
+    """A decorator adding one click option per field of ``cls``. ``defaults`` replaces the
+    fields' own defaults where a command applies others (``shrink build`` runs the build's)."""
     decorators = []
+    defaults = defaults or {}
     for name, field in cls.model_fields.items():
         if name in exclude:
             continue
@@ -99,6 +110,10 @@ def config_options(cls: type[BaseModel], prefix: str = "", *, exclude: tuple[str
         inner, optional = _unwrap(field.annotation)
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         kw: dict = {"help": field.description or "", "show_default": default is not None}
+        if name in defaults:  # shown by click, in place of a default the description names
+            default = show(defaults[name])
+            kw["help"] = DEFAULT_NOTE.sub("", kw["help"])
+            kw["show_default"] = default is not None
         if "parse" in hints:
             kw["type"] = PARSERS[hints["parse"]][0]
         elif inner is bool:

@@ -54,14 +54,15 @@ texts (held-out Austen 61.2, tech 34.7: worse than no bridge).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from shrink.core.errors import ShrinkError
-from shrink.core.layers import check_remove, prune_model, without_layers
+from shrink.core.layers import (DenseStates, batch_key, check_remove, prune_model,
+                                without_layers)
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar
 from shrink.core.scores import check_score_inputs, decoder_base, hidden_states_of, token_masks
@@ -142,6 +143,23 @@ def check_bridge_settings(method: str, ridge: float) -> None:
         raise ShrinkError(f"unknown bridge method '{method}'; use one of {', '.join(METHODS)}")
     if ridge < 0:
         raise ShrinkError(f"the bridge's ridge must be >= 0, got {ridge}")
+
+
+def first_changed_layer(remove: list[int], bridged: bool) -> int:
+    """The first layer whose output differs from the dense model's once ``remove`` is removed
+    (and bridged: the kept layer before the first run absorbs a bridge)."""
+    first = min(remove)
+    return max(first - 1, 0) if bridged else first
+
+
+def bridge_dense_layers(remove: list[int]) -> set[int]:
+    """The dense layer outputs :func:`apply_bridges` reads: each bridged run's last layer (the
+    target) and the last layer below the first changed one (where the pruned passes start)."""
+    wanted = {run[-1] for run in contiguous_runs(remove) if run[0] > 0}
+    start = first_changed_layer(remove, True)
+    if start > 0:
+        wanted.add(start - 1)
+    return wanted
 
 
 def not_bridged_at_zero(run: list[int], method: str, ridge: float) -> BridgeRun:
@@ -273,11 +291,16 @@ def check_mlp_output(state: dict, arch: str) -> None:
 def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, *, skip_first: int = 1,
                   ridge: float = DEFAULT_RIDGE, method: str = "mlp", batch_size: int = 4,
-                  show_progress: bool = False) -> tuple[list[BridgeRun], Callable[[], None]]:
+                  show_progress: bool = False, dense: DenseStates | None = None
+                  ) -> tuple[list[BridgeRun], Callable[[], None]]:
     """Fit one bridge per contiguous run of ``remove`` on calibration blocks and fold each into
     the preceding kept layer's ``mlp.down_proj``, in place. The layers are NOT removed here (see
     :func:`bridge_and_prune` and :func:`bridged_without`): only the kept layers' weights change.
-    Returns the per-run results and a function that puts the original weights back."""
+    Returns the per-run results and a function that puts the original weights back.
+
+    ``dense`` (recorded on the same blocks and batch size, see :func:`bridge_dense_layers`)
+    supplies the dense targets and the unchanged layers below the first bridged one instead of
+    computing them again: the results are bit for bit the same."""
     check_bridge_settings(method, ridge)
     check_bridgeable(model)
     _, _, layers = find_layers(model)
@@ -313,6 +336,11 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
 
     results: list[BridgeRun] = []
     runs = contiguous_runs(remove)
+    start_layer = first_changed_layer(remove, True)
+
+    def replay():
+        return dense.start_at(model, start_layer) if dense is not None else nullcontext()
+
     try:
         for run in progress_bar(runs, "fitting bridges", enabled=show_progress):
             a, b_ = run[0], run[-1]
@@ -336,16 +364,20 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                 ids = input_ids[start:start + batch_size].to(device)
                 mask = attention_mask[start:start + batch_size].to(device)
                 valid = token_masks(mask, skip_first)[0].bool()
-                with dense_weights():
-                    hz = layers[b_].register_forward_hook(z_hook)
-                    try:
-                        _run_until(runner, ids, mask)
-                    finally:
-                        hz.remove()
+                recorded = dense.output(batch_key(ids, mask), b_) if dense is not None else None
+                if recorded is not None:  # the dense pass already computed layer b's output
+                    state["z"] = hidden_states_of(recorded)
+                else:
+                    with dense_weights():
+                        hz = layers[b_].register_forward_hook(z_hook)
+                        try:
+                            _run_until(runner, ids, mask)
+                        finally:
+                            hz.remove()
                 hh = layers[k].register_forward_hook(h_hook)
                 try:
                     with capture_mlp(layers[k], state, check=start == 0), \
-                            without_layers(model, remove):
+                            without_layers(model, remove), replay():
                         _run_until(runner, ids, mask)
                 finally:
                     hh.remove()

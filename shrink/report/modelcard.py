@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shrink.runtime import kinds
+
 # Licenses of the aliased base models (for the card's front matter), by hub id prefix.
 _LICENSES = {
     "meta-llama/Llama-2": "llama2",
@@ -136,16 +138,8 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
                       f"{q['bits_per_weight']:.2f} bits per quantized weight (scales, zeros and "
                       "g_idx included)." + (f" {q['group_size_note']}" if q.get("group_size_note")
                                              else "")]
-    exports = report.get("export") or {}
-    if "onnx" in exports:
-        e = exports["onnx"]
-        head = f", LM head {e['lm_head']}" if e.get("lm_head") else ""
-        lines += ["", f"ONNX: `onnx/` ({e.get('precision')}{head}; {e.get('method')}, KV cache: "
-                      f"{'yes' if e.get('kv_cache') else 'no'})."]
-    if "gguf" in exports:
-        e = exports["gguf"]
-        lines += ["", f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
-                      "loads in llama.cpp, Ollama and LM Studio)."]
+    for fmt, entry in (report.get("export") or {}).items():
+        lines += ["", kinds.get(fmt).export_note(entry)]
     lines += ["", "## Use", ""]
     if report.get("quantize"):
         lines += ["`model/` is a GPTQ checkpoint: transformers loads it when GPTQModel and "
@@ -174,68 +168,36 @@ def artifact_card(report: dict, artifact: str) -> str:
     that folder alone is uploaded, so it carries the front matter, what was done, this
     artifact's perplexity and the usage snippet for its format."""
     base = report.get("base_model")
-    quantized = bool(report.get("quantize"))
-    if artifact == "onnx":
-        tags, library, fmt = ["shrink", "pruned", "onnx", "onnxruntime-genai"], "onnxruntime", \
-            "ONNX (onnxruntime-genai)"
-        row = "onnx"
-    elif artifact == "gguf":
-        gtype = report["export"]["gguf"]["type"]
-        tags, library, fmt = ["shrink", "pruned", "gguf", "llama.cpp", gtype], "gguf", \
-            f"GGUF {gtype.upper()}"
-        row = "gguf"
-    else:
-        tags = ["shrink", "pruned"] + (["gptq", f"{report['quantize']['bits']}-bit"]
-                                       if quantized else [])
-        library, fmt = "transformers", ("GPTQ checkpoint" if quantized else
-                                        "Hugging Face checkpoint (safetensors)")
-        row = "quantized" if quantized else ("healed" if report.get("heal") else "pruned")
+    card = _artifact_kind(report, artifact).card(report)
     front = ["---"] + ([f"base_model: {base}"] if base else [])
     lic = license_for(base)
     if lic:
         front.append(f"license: {lic}")
-    front += [f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
-    front += [f"- {t}" for t in tags] + ["---", ""]
+    front += [f"library_name: {card.library}", "pipeline_tag: text-generation", "tags:"]
+    front += [f"- {t}" for t in card.tags] + ["---", ""]
     L0, L1 = report["num_layers"]
     ppl = report.get("perplexity", {})
     lines = front + [
-        f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed ({fmt})", "",
+        f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed "
+        f"({card.format})", "",
         f"Made with shrink {report['shrink_version']} from `{base or report['source_model']}`: "
         f"layers {report['removed_layers']} removed ({report['strategy']})"
-        + (", healed" if report.get("heal") else "")
-        + (f", GPTQ {report['quantize']['bits']}-bit" if quantized and artifact != "gguf" else "")
-        + (f", quantized to {fmt} by llama.cpp from the full-precision model"
-           if artifact == "gguf" else "") + ".", ""]
-    if row in ppl and "dense" in ppl:
-        lines += [f"Perplexity on `{report.get('evaluation_set')}`: {ppl[row]['perplexity']:.2f} "
+        + (", healed" if report.get("heal") else "") + card.made + ".", ""]
+    if card.row in ppl and "dense" in ppl:
+        lines += [f"Perplexity on `{report.get('evaluation_set')}`: "
+                  f"{ppl[card.row]['perplexity']:.2f} "
                   f"(dense: {ppl['dense']['perplexity']:.2f}).", ""]
     if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
         lines += [EMBEDDED_NOTE, ""]
-    lines += ["## Use", ""]
-    if artifact == "gguf":
-        file = report["export"]["gguf"]["file"]
-        lines += ["```bash", f"llama-cli -m {file} -p \"The capital of France is\" -n 32",
-                  f"# Ollama: a Modelfile with the line  FROM ./{file}", "```", "",
-                  "```python", "from llama_cpp import Llama  # pip install llama-cpp-python",
-                  f'llm = Llama("{file}")',
-                  'print(llm("The capital of France is", max_tokens=32)["choices"][0]["text"])',
-                  "```"]
-    elif artifact == "onnx":
-        lines += ["```python", "import onnxruntime_genai as og  # pip install onnxruntime-genai",
-                  'model = og.Model("path/to/this/folder")',
-                  "tokenizer = og.Tokenizer(model)",
-                  "params = og.GeneratorParams(model)",
-                  "generator = og.Generator(model, params)",
-                  'generator.append_tokens(tokenizer.encode("The capital of France is"))',
-                  "while not generator.is_done():", "    generator.generate_next_token()",
-                  "print(tokenizer.decode(generator.get_sequence(0)))", "```"]
-    else:
-        if quantized:
-            lines += ["A GPTQ checkpoint: transformers loads it when GPTQModel and optimum are "
-                      "installed (`pip install gptqmodel optimum`); vLLM serves it as is.", ""]
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
+    lines += ["## Use", ""] + card.usage
     lines += ["", "`shrink.json` in this folder records every stage (scores, settings, "
               "verification, library versions).", ""]
     return "\n".join(lines)
+
+
+def _artifact_kind(report: dict, artifact: str) -> kinds.Kind:
+    """The kind of a published folder: an export's own kind, else (``model/``) the build's
+    final checkpoint, GPTQ when it was quantized."""
+    if artifact in (report.get("export") or {}):
+        return kinds.get(artifact)
+    return kinds.get("gptq") if report.get("quantize") else kinds.get("hf")

@@ -35,12 +35,15 @@ def run_tasks(artifact: str | Path, tasks: list[str], tasks_path: str | Path | N
               device: str = "cpu", manager=None) -> dict[str, dict[str, float]]:
     """Run lm-evaluation-harness ``tasks`` on an HF or GPTQ folder; return {task: {metric: value}}.
     ``manager``: a :func:`task_manager` already built for these tasks."""
-    from shrink.runtime.artifacts import artifact_kind, artifact_path
+    from shrink.runtime import kinds
+    from shrink.runtime.artifacts import artifact_path
 
     path = artifact_path(artifact)
-    if artifact_kind(path) == "onnx":
-        raise ShrinkError(f"{artifact}: lm-evaluation-harness tasks run on HF and GPTQ folders, "
-                          "not ONNX")
+    kind = kinds.detect(path)
+    if not kind.lm_eval:
+        runs = ", ".join(k.name for k in kinds.all_kinds() if k.lm_eval)
+        raise ShrinkError(f"{artifact}: lm-evaluation-harness tasks run on {runs} artifacts, "
+                          f"not {kind.name}")
     if manager is None:
         manager = task_manager(tasks, tasks_path)
     import lm_eval

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from shrink.core.bridge import DEFAULT_RIDGE, bridged_without
+from shrink.core.bridge import (DEFAULT_RIDGE, bridge_dense_layers, bridged_without,
+                                first_changed_layer)
 from shrink.core.data import CALIBRATION, TokenBlocks, bos_prefix, token_stream
 from shrink.core.errors import ShrinkError
-from shrink.core.layers import without_layers
+from shrink.core.layers import DenseStates, without_layers
 from shrink.core.perplexity import perplexity
+from shrink.core.progress import progress_named
 
 CANDIDATES = ("bi", "angular", "relmag", "iterative")
 # What --strategy auto measures: the one-pass candidates. iterative re-scores the model once per
@@ -91,6 +93,26 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
                        seed, len(free))
 
 
+def shared_dense_states(model: nn.Module, candidates: list[list[int]],
+                        heldout_input_ids: torch.Tensor, calib_input_ids: torch.Tensor | None, *,
+                        bridge: bool, batch_size: int, show_progress: bool
+                        ) -> tuple[DenseStates | None, DenseStates]:
+    """One dense pass over the calibration blocks (when bridging) and one over the held-out
+    blocks, keeping every layer output that some candidate's bridge fit or perplexity reads (the
+    targets and the unchanged layers below its first change): no candidate recomputes them."""
+    calib = None
+    if calib_input_ids is not None:
+        wanted = set().union(*(bridge_dense_layers(c) for c in candidates))
+        calib = DenseStates().record(model, calib_input_ids, None, wanted, batch_size=batch_size,
+                                     description="auto: dense pass (calibration)",
+                                     show_progress=show_progress)
+    starts = {first_changed_layer(c, bridge) for c in candidates}
+    held = DenseStates().record(model, heldout_input_ids, None, {s - 1 for s in starts if s > 0},
+                                batch_size=batch_size, description="auto: dense pass (held out)",
+                                show_progress=show_progress)
+    return calib, held
+
+
 def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
                 propose: Callable[[str], tuple[list[int], str]],
                 candidates: tuple[str, ...] = DEFAULT_CANDIDATES, bridge: bool = False,
@@ -117,17 +139,22 @@ def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
             continue
         layers, reason = propose(name)
         proposals.append((name, layers, reason))
+    calib, held = shared_dense_states(model, [p[1] for p in proposals], heldout_input_ids,
+                                      calib_input_ids if bridge else None, bridge=bridge,
+                                      batch_size=batch_size, show_progress=show_progress)
     measured: list[Candidate] = []
-    for name, layers, reason in proposals:
+    for name, layers, reason in progress_named(proposals, "auto: candidate",
+                                               lambda p: f"{p[0]} {p[1]}", show_progress):
         same = next((c for c in measured if c.layers == layers), None)
         if same is not None:
             same.strategy += f"={name}"
             continue
         t0 = time.perf_counter()
         ctx = (bridged_without(model, layers, calib_input_ids, skip_first=skip_first,
-                               ridge=ridge, batch_size=batch_size)
+                               ridge=ridge, batch_size=batch_size, dense=calib)
                if bridge else nullcontext())
-        with ctx as runs, nullcontext() if bridge else without_layers(model, layers):
+        with ctx as runs, nullcontext() if bridge else without_layers(model, layers), \
+                held.start_at(model, first_changed_layer(layers, bridge)):
             ppl = perplexity(model, heldout_input_ids, batch_size=batch_size,
                              show_progress=False).perplexity
         measured.append(Candidate(name, layers, ppl, reason, time.perf_counter() - t0,

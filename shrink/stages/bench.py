@@ -34,22 +34,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shrink.core.data import EVALUATION
+from shrink.runtime import kinds
+from shrink.runtime.measure import prompt_ids, time_hf, vm_bytes
 from shrink.runtime.worker import run_worker
-from shrink.core.errors import ShrinkError, install_hint
+from shrink.core.errors import ShrinkError
 from shrink.core.outputs import folder_bytes
 
+
 def _resolve_artifact(name: str) -> tuple[Path, str]:
-    from shrink.runtime.artifacts import artifact_kind, artifact_path
+    from shrink.runtime.artifacts import artifact_path
 
     path = artifact_path(name)
-    return path.resolve(), artifact_kind(path)
-
-
-def _vm(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return path.resolve(), kinds.detect(path).name
 
 
 def _config_dict(path: Path) -> dict | None:
@@ -68,12 +64,6 @@ def _config_dict(path: Path) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all its threads."""
-    t = os.times()
-    return t.user + t.system
 
 
 def memory_bandwidth(threads: int | None = None, mib: int = 1024, repeats: int = 5) -> dict:
@@ -96,176 +86,17 @@ def memory_bandwidth(threads: int | None = None, mib: int = 1024, repeats: int =
             "method": f"best of {repeats} torch.sum over a {mib} MiB float32 tensor"}
 
 
-def _prompt_ids(tokenizer, prompt_len: int, batch: int):
-    from shrink.core.data import token_blocks
-
-    return token_blocks(tokenizer, EVALUATION, batch, prompt_len, seed=1234).input_ids
-
-
-def _time_hf(model, ids, gen_len: int, device: str) -> tuple[float, float]:
-    """(time to first token, decode seconds for gen_len - 1 further tokens)."""
-    import torch
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    with torch.no_grad():
-        sync()
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        sync()
-        t1 = time.perf_counter()
-        past = out.past_key_values
-        for _ in range(gen_len - 1):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            nxt = out.logits[:, -1:].argmax(-1)
-        sync()
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
-
-
-def _measure_hf(path: Path, kind: str, device: str, prompt_len: int, gen_len: int, batch: int,
-                warmup: int, ppl_samples: int, ppl_seq_len: int, threads: int | None) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if threads:
-        torch.set_num_threads(threads)
-
-    from shrink.stages.evaluate import perplexity
-
-    from shrink.core.models import check_tokenizer, check_tokenizer_files, from_pretrained_checked
-
-    check_tokenizer_files(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    check_tokenizer(tok, path)
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    kwargs = {"device_map": device} if kind == "gptq" else {}
-    try:
-        model = from_pretrained_checked(path, dtype=dtype, auto_class=AutoModelForCausalLM,
-                                        **kwargs)
-    except ImportError as e:
-        raise ShrinkError(f"cannot load GPTQ artifact {path}: {e}; {install_hint('gptq')}"
-                          ) from None
-    model.to(device).eval()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    ids = _prompt_ids(tok, prompt_len, batch).to(device)
-    for _ in range(warmup):
-        _time_hf(model, ids, min(gen_len, 4), device)
-    if device == "cpu":
-        Path("/proc/self/clear_refs").write_text("5")
-    cpu0 = _cpu_seconds()
-    ttft, decode = _time_hf(model, ids, gen_len, device)
-    result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": _cpu_seconds() - cpu0,
-              "threads": torch.get_num_threads(), "peak_rss_bytes": _vm("VmHWM")}
-    if device.startswith("cuda"):
-        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    if ppl_samples:
-        from shrink.core.data import token_blocks
-
-        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
-        result["perplexity"] = perplexity(model, blocks.input_ids, show_progress=False).perplexity
-    return result
-
-
-def _measure_onnx(path: Path, device: str, prompt_len: int, gen_len: int, batch: int,
-                  warmup: int, ppl_samples: int, ppl_seq_len: int, threads: int | None) -> dict:
-    from transformers import AutoTokenizer
-
-    from shrink.runtime.generate import genai_min_length, import_onnx_runtime
-
-    og = import_onnx_runtime("onnxruntime_genai")
-    min_length = genai_min_length(path)
-
-    tok = AutoTokenizer.from_pretrained(path)
-    config = og.Config(str(path))
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-    ids = _prompt_ids(tok, prompt_len, batch).numpy()
-
-    def run(n: int) -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=max(prompt_len + n, min_length), do_sample=False,
-                                  batch_size=batch)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(ids)
-        gen.generate_next_token()
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            gen.generate_next_token()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
-
-    for _ in range(warmup):
-        run(min(gen_len, 4))
-    Path("/proc/self/clear_refs").write_text("5")
-    cpu0 = _cpu_seconds()
-    ttft, decode = run(gen_len)
-    result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": _cpu_seconds() - cpu0,
-              "threads": threads, "peak_rss_bytes": _vm("VmHWM")}
-    if ppl_samples:
-        from shrink.core.data import token_blocks
-        from shrink.stages.evaluate import onnx_perplexity
-
-        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
-        result["perplexity"] = onnx_perplexity(path, blocks.input_ids,
-                                               show_progress=False).perplexity
-    return result
-
-
-def _measure_gguf(path: Path, prompt_len: int, gen_len: int, warmup: int, ppl_samples: int,
-                  ppl_seq_len: int, threads: int | None) -> dict:
-    """llama.cpp through llama-cpp-python: the same prompt and token counts (batch 1)."""
-    from transformers import AutoTokenizer
-
-    from shrink.runtime.artifacts import gguf_file
-    from shrink.runtime.gguf import GgufRunner
-
-    file = gguf_file(path)
-    tok = AutoTokenizer.from_pretrained(file.parent)
-    ids = _prompt_ids(tok, prompt_len, 1)[0].tolist()
-    with GgufRunner(file, n_ctx=max(1024, prompt_len + gen_len, ppl_seq_len),
-                    n_threads=threads, logits_all=False) as runner:
-        for _ in range(warmup):
-            runner.time_greedy(ids, min(gen_len, 4))
-        Path("/proc/self/clear_refs").write_text("5")
-        cpu0 = _cpu_seconds()
-        ttft, decode = runner.time_greedy(ids, gen_len)
-        result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": _cpu_seconds() - cpu0,
-                  "threads": runner.n_threads, "peak_rss_bytes": _vm("VmHWM")}
-    if ppl_samples:
-        from shrink.core.data import token_blocks
-
-        blocks = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len, seed=0)
-        with GgufRunner(file, n_ctx=max(1024, ppl_seq_len)) as runner:
-            result["perplexity"] = runner.perplexity(blocks.input_ids)["perplexity"]
-    return result
-
-
 def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
             batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
             threads: int | None = None) -> dict:
     """Measure one artifact in THIS process (the worker side); see :func:`bench`."""
     import torch  # noqa: F401 - before the RSS baseline: torch itself is not model memory
 
-    p = Path(path)
-    rss0 = _vm("VmRSS")
+    rss0 = vm_bytes("VmRSS")
     t0 = time.perf_counter()
-    if kind == "onnx":
-        r = _measure_onnx(p, device, prompt_len, gen_len, batch, warmup, ppl_samples, ppl_seq_len,
-                          threads)
-    elif kind == "gguf":
-        r = _measure_gguf(p, prompt_len, gen_len, warmup, ppl_samples, ppl_seq_len, threads)
-    else:
-        r = _measure_hf(p, kind, device, prompt_len, gen_len, batch, warmup, ppl_samples,
-                        ppl_seq_len, threads)
+    r = kinds.get(kind).measure(Path(path), kinds.Measure(
+        device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch, warmup=warmup,
+        ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, threads=threads))
     r.update(rss_before_load_bytes=rss0, wall_s=time.perf_counter() - t0)
     return r
 
@@ -336,17 +167,10 @@ def _run_worker(path: Path, kind: str, opts: dict) -> dict:
     return run_worker("shrink.stages.bench:measure", path=str(path), kind=kind, **opts)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".gguf", ".bin")
-
-
 def weight_file_bytes(path: Path, kind: str) -> int:
     """Bytes of an artifact's weight files (what a decoded token streams from memory)."""
-    if kind == "gguf":
-        from shrink.runtime.artifacts import gguf_file
 
-        return gguf_file(path).stat().st_size
-    return sum(f.stat().st_size for f in Path(path).rglob("*")
-               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return kinds.get(kind).describe(path)["weight_bytes"]
 
 
 def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu",
@@ -420,7 +244,7 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
             res.median["perplexity"] = done[res.path]
     if tasks:
         for res in progress_bar(results, "lm-eval tasks", enabled=show_progress):
-            if res.kind not in ("onnx", "gguf") and res.threads == counts[0]:
+            if kinds.get(res.kind).lm_eval and res.threads == counts[0]:
                 res.median["tasks"] = run_tasks(res.path, tasks, tasks_path, limit=limit,
                                                 device=device, manager=manager)
     for res in results:
@@ -465,36 +289,10 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
 
 
 def to_markdown(report: BenchReport) -> str:
-    s = report.settings
-    lines = [f"Device {s['device']}, prompt {s['prompt_len']} tokens, {s['gen_len']} generated, "
-             f"batch {s['batch']}, {s['repeats']} interleaved repeats (medians); ratios are to "
-             f"`{report.baseline}` at the same thread count.", ""]
-    for t, bw in report.bandwidth.items():
-        lines.append(f"- memory bandwidth, {t} thread(s): "
-                     f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})")
-    if report.bandwidth:
-        lines.append("")
-    lines += ["| artifact | kind | layers | threads | size MB | TTFT ms | decode tok/s | "
-              "prefill tok/s | roofline | cores busy | peak RSS MB | perplexity | GFLOP/token | "
-              "decode x | FLOPs x | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report.results:
-        m, q = r.median, r.ratios
-        ppl = m.get("perplexity")
-        roof = m.get("roofline_fraction")
-        load = m.get("load_avg_1m")
-        lines.append(
-            f"| {r.name} | {r.kind} | {r.layers or '?'} | {r.threads or 'default'} | "
-            f"{r.size_bytes / 1e6:.0f} | {1000 * m['ttft_s']:.1f} | "
-            f"{m['decode_tokens_per_s']:.1f} | {m['prefill_tokens_per_s']:.0f} | "
-            f"{'-' if roof is None else f'{roof:.0%}'} | {m.get('cores_busy', 0):.2f} | "
-            f"{m['peak_rss_bytes'] / 2**20:.0f} | "
-            f"{'n/a' if ppl is None else f'{ppl:.2f}'} | "
-            f"{'?' if r.flops_per_token is None else f'{r.flops_per_token / 1e9:.3f}'} | "
-            f"{q.get('decode_tokens_per_s', 1):.2f} | "
-            f"{q['flops_per_token'] if 'flops_per_token' in q else float('nan'):.3f} | "
-            f"{'-' if not load else f'{load[0]:.1f}-{load[1]:.1f}'} |")
-    return "\n".join(lines) + "\n"
+    """The report as a markdown table (the same columns as ``shrink bench`` prints)."""
+    from shrink.report.tables import bench_markdown
+
+    return bench_markdown(report)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -519,7 +317,7 @@ def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_l
     Throughput is measured interleaved across settings within each repeat (medians)."""
     from shrink.core.data import CALIBRATION, token_blocks
     from shrink.analysis.estimate import flops_per_token
-    from shrink.stages.evaluate import perplexity
+    from shrink.core.perplexity import perplexity
     from shrink.core.models import load_model
     from shrink.core.layers import without_layers
     from shrink.core.scores import score_layers
@@ -534,7 +332,7 @@ def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_l
     calib = token_blocks(tok, CALIBRATION, calib_samples, calib_seq_len)
     scores = score_layers(hf, calib.input_ids, show_progress=show_progress)
     evalb = token_blocks(tok, EVALUATION, ppl_samples, ppl_seq_len)
-    prompt = _prompt_ids(tok, prompt_len, 1).to(dev)
+    prompt = prompt_ids(tok, prompt_len, 1).to(dev)
     cfg = hf.config.to_dict()
     timings: dict[int, list[tuple[float, float]]] = {d: [] for d in drops}
     ppl: dict[int, float] = {}
@@ -549,8 +347,8 @@ def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_l
     for rep in progress_bar(range(repeats), "sweep", enabled=show_progress):
         for d in drops if rep % 2 == 0 else drops[::-1]:
             with without_layers(hf, removed(d)) if d else nullcontext(hf):
-                _time_hf(hf, prompt, 4, dev)  # warm-up
-                timings[d].append(_time_hf(hf, prompt, gen_len, dev))
+                time_hf(hf, prompt, 4, dev)  # warm-up
+                timings[d].append(time_hf(hf, prompt, gen_len, dev))
                 if d not in ppl:
                     ppl[d] = perplexity(hf, evalb.input_ids, show_progress=False).perplexity
     points = []

@@ -25,15 +25,31 @@ EVALUATION = "austen:evaluation"
 # healing text of both shipped domains, so neither the bridge nor the fine-tune learns Austen only
 MIXED_CALIBRATION = "austen:calibration+tech:calibration"
 MIXED_HEALING = "austen:healing+tech:calibration"
+# shrink build's heal: the cheapest recipe measured to keep the healed quality on SmolLM2-135M
+# (48 steps at lr 1.5e-3 without LoRA dropout: 50.27 Persuasion / 22.12 technical prose, against
+# 50.43 / 22.32 for 60 steps at 1e-3 with dropout 0.05, in a quarter less training time). The
+# default BuildConfig and the shipped recipe recipes/smollm2-135m.yaml both use these values.
+BUILD_HEAL = {"method": "lora", "rank": 8, "targets": "mlp", "steps": 48, "batch_size": 4,
+              "seq_len": 256, "lr": 1.5e-3, "warmup": 6, "dropout": 0.0,
+              "data": MIXED_HEALING, "seed": 0}
 TEXT_HELP = ("Text: austen:<split|novel>, tech:<calibration|evaluation>, a .txt/.jsonl file or "
              "folder, or hf:NAME[:CONFIG][:SPLIT] (needs network); A+B mixes sources evenly.")
 GPTQ_BITS = ("2bit", "3bit", "4bit", "8bit")
+# upper bounds that no real run comes near: a larger value is a typo, refused before any work
+MAX_TOKENS = 1 << 20  # tokens per block (the longest contexts are about a million)
+MAX_BLOCKS = 1 << 20
+MAX_BATCH = 1 << 12
+MAX_LAYERS = 1 << 12
+MAX_STEPS = 10 ** 8
+MAX_THREADS = 1 << 12
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds
 
 
 class Config(BaseModel):
     """Base of every stage config: frozen, no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)  # NaN and infinities are never a setting
 
     def settings(self) -> dict:
         """Every setting as plain JSON values (what records, hashes and --json outputs hold)."""
@@ -75,10 +91,10 @@ class TextBlocks(Config):
     """Token blocks of a text source: the same four settings wherever text is read."""
 
     data: str = Field(CALIBRATION, description=TEXT_HELP, json_schema_extra=cli(metavar="SOURCE"))
-    samples: int = Field(32, ge=1, description="Number of token blocks.")
-    seq_len: int = Field(256, ge=2, description="Tokens per block.")
-    seed: int = Field(0, description="Seed for choosing the blocks.")
-    batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
+    samples: int = Field(32, ge=1, le=MAX_BLOCKS, description="Number of token blocks.")
+    seq_len: int = Field(256, ge=2, le=MAX_TOKENS, description="Tokens per block.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for choosing the blocks.")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="Blocks per forward pass.")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -87,8 +103,9 @@ class TextBlocks(Config):
 class LayerScoring(TextBlocks):
     """Settings of layer scoring, shared by ``score`` and ``prune``."""
 
-    skip_first: int = Field(1, ge=0, description="Leave the first K tokens of each block out of "
-                                                 "BI/relmag (the attention sink).")
+    skip_first: int = Field(1, ge=0, le=MAX_TOKENS,
+                            description="Leave the first K tokens of each block out of "
+                                        "BI/relmag (the attention sink).")
     streaming: bool | None = Field(
         None, description="Read one layer at a time from the safetensors files (default: only "
                           "when the weights do not fit in the device's available memory).")
@@ -105,7 +122,7 @@ class ScoreConfig(LayerScoring):
 class PruneConfig(LayerScoring):
     """``shrink prune``: remove decoder layers (scores them first when the strategy needs it)."""
 
-    drop: int | None = Field(None, ge=1, description="Number of layers to remove.")
+    drop: int | None = Field(None, ge=1, le=MAX_LAYERS, description="Number of layers to remove.")
     layers: list[int] | None = Field(
         None, description="Remove exactly these layers, e.g. 21,22,25-27 (instead of --drop).",
         json_schema_extra=cli(parse="layers", metavar="LIST"))
@@ -117,12 +134,14 @@ class PruneConfig(LayerScoring):
                             "removed run (ReplaceMe); the checkpoint stays standard. auto: "
                             "linear where the architecture can absorb it exactly, else none "
                             "(recorded).")
-    ridge: float = Field(0.1, ge=0, description="Ridge of the bridge fit, toward the identity "
-                                                "(plain pruning), relative to the MLP output's "
-                                                "energy.")
-    guard: float = Field(3.0, ge=0, description="Quality guard: warn (and stop a build before "
-                                                "healing) when held-out perplexity after pruning "
-                                                "exceeds this many times the source's; 0: off.")
+    ridge: float = Field(0.1, ge=0, le=1e6,
+                         description="Ridge of the bridge fit, toward the identity "
+                                     "(plain pruning), relative to the MLP output's "
+                                     "energy.")
+    guard: float = Field(3.0, ge=0, le=1e6,
+                         description="Quality guard: warn (and stop a build before "
+                                     "healing) when held-out perplexity after pruning "
+                                     "exceeds this many times the source's; 0: off.")
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
@@ -153,38 +172,46 @@ class HealConfig(Config):
         None, description="lora: adapters on a 16/32-bit base; qlora: on a 4-bit NF4 base "
                           "(bitsandbytes); last-layers: the LM head and the last K layers "
                           "trained in full precision, no adapter. [default: lora]")
-    last_layers: int | None = Field(None, ge=1, description="K for --method last-layers. "
-                                                            "[default: 2]")
+    last_layers: int | None = Field(None, ge=1, le=MAX_LAYERS,
+                                    description="K for --method last-layers. "
+                                                "[default: 2]")
     preset: Literal["gromov"] | None = Field(
         None, description="Gromov et al.'s recipe: QLoRA, MLP only, alpha = rank, rank/LR by "
                           "family, 100 warm-up steps, 5000 steps x batch 16. Explicit values win.")
-    rank: int | None = Field(None, ge=1, description="LoRA rank. [default: 8]")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha. [default: = rank]")
+    rank: int | None = Field(None, ge=1, le=1 << 16, description="LoRA rank. [default: 8]")
+    alpha: float | None = Field(None, gt=0, le=1e6, description="LoRA alpha. [default: = rank]")
     dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout. [default: 0.05]")
     targets: str | None = Field(None, description="mlp, attn, all, or Linear names like "
                                                   "gate_proj,up_proj. [default: mlp]")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps. [default: 100]")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (cosine). "
-                                                     "[default: 1e-3]")
-    warmup: int | None = Field(None, ge=0, description="Warm-up steps. [default: 10% of steps, "
-                                                       "at most 100]")
-    batch_size: int | None = Field(None, ge=1, description="Blocks per device per micro-step. "
-                                                           "[default: 4]")
-    grad_accum: int | None = Field(None, ge=1, description="Gradient accumulation. [default: 1]")
-    seq_len: int | None = Field(None, ge=2, description="Tokens per block. [default: 512]")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                              description="Optimizer steps. [default: 100]")
+    lr: float | None = Field(None, gt=0, le=10, description="Peak learning rate (cosine). "
+                                                            "[default: 1e-3]")
+    warmup: int | None = Field(None, ge=0, le=MAX_STEPS,
+                               description="Warm-up steps. [default: 10% of steps, "
+                                           "at most 100]")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH,
+                                   description="Blocks per device per micro-step. "
+                                               "[default: 4]")
+    grad_accum: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                   description="Gradient accumulation. [default: 1]")
+    seq_len: int | None = Field(None, ge=2, le=MAX_TOKENS,
+                                description="Tokens per block. [default: 512]")
     data: str = Field(HEALING, description="Healing text. " + TEXT_HELP,
                       json_schema_extra=cli(metavar="SOURCE"))
-    seed: int = Field(0, description="Seed for blocks, adapter initialisation and data order.")
+    seed: int = Field(0, ge=0, le=MAX_SEED,
+                      description="Seed for blocks, adapter initialisation and data order.")
     teacher: str | None = Field(None, description="Distil from this model (same tokenizer), "
                                                   "e.g. the unpruned one.",
                                 json_schema_extra=cli(metavar="MODEL"))
-    kd_temperature: float = Field(2.0, gt=0, description="Distillation temperature T (KL "
-                                                         "scaled by T^2).")
+    kd_temperature: float = Field(2.0, gt=0, le=1e3, description="Distillation temperature T (KL "
+                                                                 "scaled by T^2).")
     kd_alpha: float | None = Field(None, ge=0, le=1, description="Weight of the KL term; "
                                    "1 - kd_alpha goes to the LM loss. [default: 0.5]")
     save_adapter: bool = Field(False, description="Also keep the LoRA adapter in OUT/adapter.")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (for "
-                                   "--resume). [default: steps/10, at most 500]")
+    save_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                   description="Checkpoint every N steps (for "
+                                               "--resume). [default: steps/10, at most 500]")
 
     @model_validator(mode="after")
     def _kd(self) -> HealConfig:
@@ -207,8 +234,8 @@ class QuantizeConfig(TextBlocks):
     sym: bool = Field(True, description="Symmetric quantization.")
     damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its "
                                                       "mean diagonal.")
-    samples: int = Field(64, ge=1, description="Calibration blocks.")
-    seq_len: int = Field(512, ge=2, description="Tokens per calibration block.")
+    samples: int = Field(64, ge=1, le=MAX_BLOCKS, description="Calibration blocks.")
+    seq_len: int = Field(512, ge=2, le=MAX_TOKENS, description="Tokens per calibration block.")
 
     @field_validator("gptq", mode="before")
     @classmethod
@@ -222,8 +249,8 @@ class QuantizeConfig(TextBlocks):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int | None) -> int | None:
-        if v is not None and v != -1 and v < 1:
-            raise ValueError("group_size must be -1 or a positive integer")
+        if v is not None and v != -1 and not 1 <= v <= MAX_TOKENS:
+            raise ValueError(f"group_size must be -1 or from 1 to {MAX_TOKENS}")
         return v
 
     def bits(self) -> int:
@@ -251,9 +278,18 @@ class ExportConfig(Config):
         None, description="GGUF type for llama.cpp / Ollama / LM Studio: f32, f16, bf16, q8_0, "
                           "q4_0, q4_k_m, q5_k_m, q6_k, ... (the gguf extra).",
         json_schema_extra=cli(metavar="TYPE"))
-    threads: int | None = Field(None, ge=1, description="llama.cpp threads for the GGUF "
-                                                        "quantizer and its check (default: all "
-                                                        "cores).")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS,
+                                description="llama.cpp threads for the GGUF "
+                                            "quantizer and its check (default: all "
+                                            "cores).")
+    imatrix: bool = Field(True, description="Give llama.cpp's quantizer an importance matrix "
+                                            "(mean squared input per column of every matrix, "
+                                            "computed on calibration text) for GGUF types "
+                                            "below 5 bits; the IQ1-IQ3 types require it.")
+    imatrix_data: str = Field(MIXED_CALIBRATION, description="Text of the importance matrix. "
+                              + TEXT_HELP, json_schema_extra=cli(metavar="SOURCE"))
+    imatrix_samples: int = Field(16, ge=1, description="Blocks of the importance matrix.")
+    imatrix_seq_len: int = Field(256, ge=2, description="Tokens per importance-matrix block.")
 
     @field_validator("block_size")
     @classmethod
@@ -278,10 +314,20 @@ class ExportConfig(Config):
     def _format(self) -> ExportConfig:
         if self.onnx == "fp16" and self.target == "cpu":
             raise ValueError("onnx fp16 needs target cuda (fp16 ONNX runs on GPUs)")
+        if self.gguf is not None and not self.imatrix:
+            from shrink.stages.export.gguf import check_imatrix
+
+            check_imatrix(self.gguf, False, ValueError)
         return self
 
     def formats(self) -> list[str]:
         return [f for f in ("onnx", "gguf") if getattr(self, f) is not None]
+
+    def uses_imatrix(self) -> bool:
+        """Whether the GGUF export computes an importance matrix (on, and a type it helps)."""
+        from shrink.stages.export.gguf import IMATRIX_TYPES
+
+        return self.imatrix and self.gguf in IMATRIX_TYPES
 
 
 class EvaluateConfig(TextBlocks):
@@ -291,8 +337,8 @@ class EvaluateConfig(TextBlocks):
 
     data: str = Field(EVALUATION, description="Held-out text. " + TEXT_HELP,
                       json_schema_extra=cli(metavar="SOURCE"))
-    samples: int = Field(8, ge=1, description="Evaluation blocks.")
-    seq_len: int = Field(512, ge=2, description="Tokens per evaluation block.")
+    samples: int = Field(8, ge=1, le=MAX_BLOCKS, description="Evaluation blocks.")
+    seq_len: int = Field(512, ge=2, le=MAX_TOKENS, description="Tokens per evaluation block.")
 
     second: str | None = Field(
         "tech:evaluation", description="A second held-out text of another domain (modern "
@@ -313,12 +359,13 @@ class BenchConfig(Config):
     """``shrink bench``: measured latency, throughput, memory and perplexity."""
 
     device: str = Field("cpu", description="cpu or cuda.")
-    prompt_len: int = Field(128, ge=2, description="Prompt tokens.")
-    gen_len: int = Field(64, ge=2, description="Generated tokens.")
-    batch: int = Field(1, ge=1, description="Sequences decoded together.")
-    repeats: int = Field(3, ge=1, description="Interleaved rounds (medians are reported).")
-    ppl_samples: int = Field(4, ge=0, description="Blocks of held-out text for perplexity "
-                                                  "(0: skip).")
+    prompt_len: int = Field(128, ge=2, le=MAX_TOKENS, description="Prompt tokens.")
+    gen_len: int = Field(64, ge=2, le=MAX_TOKENS, description="Generated tokens.")
+    batch: int = Field(1, ge=1, le=MAX_BATCH, description="Sequences decoded together.")
+    repeats: int = Field(3, ge=1, le=1000, description="Interleaved rounds (medians are reported).")
+    ppl_samples: int = Field(4, ge=0, le=MAX_BLOCKS,
+                             description="Blocks of held-out text for perplexity "
+                                         "(0: skip).")
     threads: list[int] | None = Field(
         None, description="CPU threads, e.g. 1,2: every artifact is measured at each count, "
                           "with the machine's memory bandwidth at that count (decode as a "
@@ -328,8 +375,8 @@ class BenchConfig(Config):
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or min(v) < 1):
-            raise ValueError("thread counts must be 1 or more")
+        if v is not None and (not v or min(v) < 1 or max(v) > MAX_THREADS):
+            raise ValueError(f"thread counts must be from 1 to {MAX_THREADS}")
         return sorted(set(v)) if v else v
 
 
@@ -350,17 +397,33 @@ class BuildConfig(ModelOptions):
                                                     "guard found badly degraded.")
     # the measured defaults (README, "shrink build"): auto strategy, linear bridge where the
     # architecture allows it, calibration and healing text of both domains
-    prune: PruneConfig = Field(default_factory=lambda: PruneConfig(
+    prune: PruneConfig | None = Field(default_factory=lambda: PruneConfig(
         drop=6, strategy="auto", bridge="auto", data=MIXED_CALIBRATION))
-    heal: HealConfig | None = Field(default_factory=lambda: HealConfig(data=MIXED_HEALING))
+    heal: HealConfig | None = Field(default_factory=lambda: HealConfig(**BUILD_HEAL))
     quantize: QuantizeConfig | None = None
     export: ExportConfig | None = None
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # sections of stages added through shrink.stages.pipeline.register_stage, by stage name
+    # (each validated by its stage's config class when the build starts)
+    registered: dict[str, dict] = Field(default_factory=dict)
 
     @field_validator("heal", mode="before")
     @classmethod
     def _no_heal(cls, v):
         return None if v is False else {} if v is True else v
+
+    def stage_config(self, name: str):
+        """The section of stage ``name``: a built-in stage's config, a registered stage's raw
+        settings, or None when the stage does not run."""
+        if name in type(self).model_fields and name != "registered":
+            return getattr(self, name)
+        return self.registered.get(name)
+
+    def settings(self) -> dict:
+        values = super().settings()
+        if not values.get("registered"):
+            values.pop("registered", None)  # recipes without extra stages stay as they were
+        return values
 
     def stages(self) -> list[str]:
         return [name for name in STAGE_CONFIGS if getattr(self, name) is not None]

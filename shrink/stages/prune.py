@@ -4,6 +4,7 @@ safetensors files when the model does not fit."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,12 +15,12 @@ from shrink.core.errors import ShrinkError, first_line
 from shrink.core.layers import check_remove, prune_model
 from shrink.core.models import (ALIASES, check_seq_len, load_config, load_model, meta_model,
                                 num_layers, read_shrink_json, resolve)
-from shrink.core.outputs import check_output
 from shrink.core.progress import stderr
 from shrink.core.scores import LayerScores
 from shrink.runtime.verify import verify_in_subprocess
 from shrink.stages.configs import ModelOptions, PruneConfig
-from shrink.stages.runner import StageOutput, run_stage
+from shrink.stages.pipeline import Artifact, BuildContext, Stage
+from shrink.stages.runner import StageOutput, claimed_output, run_stage
 from shrink.stages.strategies import check_drop, choose_layers, get_strategy, scores_for
 
 
@@ -98,7 +99,39 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
     settings = config.settings()  # as asked (bridge "auto" is resolved below)
     load = load or ModelOptions()
     resolved = resolve(model)
-    check_output(output, force, resolved.path)
+    with claimed_output(output, force, resolved.path):
+        job = _plan_prune(model, output, config, load, resolved, show_progress)
+        return run_stage("prune", output, partial(_write_pruned, job), source=resolved.path,
+                         settings=settings, force=force, verify=verify,
+                         log=stderr.print if show_progress else None)
+
+
+@dataclass
+class _PruneJob:
+    """Everything the writing half of a prune needs, decided before anything is written."""
+
+    model: str
+    output: str | Path
+    config: PruneConfig
+    load: ModelOptions
+    resolved: object
+    num_layers: int
+    remove: list[int]
+    kept: list[int]
+    label: str
+    reason: str
+    scores: LayerScores | None
+    record: dict
+    previous: dict | None
+    streamed: bool
+    show_progress: bool
+    loaded: object = None  # the in-memory model (None when streamed)
+    blocks: object = None  # calibration blocks, when choosing the layers tokenized them
+
+
+def _plan_prune(model: str, output, config: PruneConfig, load: ModelOptions, resolved,
+                show_progress: bool) -> _PruneJob:
+    """Check, decide streaming, choose the layers and start the record."""
     L = check(model, config, load)
     config, bridge_note = _resolve_bridge(config, resolved, load)
     if bridge_note and show_progress:
@@ -113,7 +146,7 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
                                     config.streaming, method=config.strategy,
                                     can_stream=config.layers is not None or strategy.streams,
                                     show_progress=show_progress)
-    blocks = None
+    loaded = blocks = None
     if streamed:
         remove, reason, label, scores, calib = _choose_streamed(model, resolved, L, config,
                                                                 strategy, load, show_progress)
@@ -132,78 +165,87 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
               "scores": scores.to_dict() if scores is not None else None}
     if bridge_note:
         record["bridge_note"] = bridge_note
+    return _PruneJob(model=model, output=output, config=config, load=load, resolved=resolved,
+                     num_layers=L, remove=remove, kept=kept, label=label, reason=reason,
+                     scores=scores, record=record, previous=previous, streamed=streamed,
+                     show_progress=show_progress, loaded=loaded, blocks=blocks)
 
-    def compute(tmp: Path) -> StageOutput:
-        nonlocal blocks
-        if streamed:
-            from shrink.streaming.prune import (plan_stream_prune, verify_streamed,
-                                                write_stream_prune)
 
-            plan = plan_stream_prune(resolved.path, remove, load.trust_remote_code)
-            replace = fitted = None
-            if config.bridge == "linear":  # (no quality guard streamed: it needs the whole model)
-                from shrink.streaming.bridge import bridge_model_streaming
+def _write_pruned(job: _PruneJob, tmp: Path) -> StageOutput:
+    """The runner's computation: write the pruned checkpoint into ``tmp``."""
+    write = _write_streamed if job.streamed else _write_in_memory
+    before, after, hf_config, check_it = write(job, tmp)
+    job.record.update(params_before=before, params_after=after)
+    result = PruneResult(
+        output=Path(job.output), removed=job.remove, kept=job.kept,
+        removed_original=job.record["removed_original_layers"], strategy=job.label,
+        reason=job.reason, num_layers_before=job.num_layers, params_before=before,
+        params_after=after, scores=job.scores, streamed=job.streamed,
+        bridge=job.record.get("bridge"), quality=job.record.get("quality"))
+    return StageOutput(result, job.record, check_it,
+                       {"source_model": job.model,
+                        "base_model": base_model_id(job.resolved, hf_config, job.previous)})
 
-                kw = load.load_kwargs()
-                fitted = bridge_model_streaming(
-                    resolved, remove, config.data, config.samples, config.seq_len, config.seed,
-                    config.batch_size, config.skip_first, config.ridge, kw["dtype"],
-                    kw["device"], load.trust_remote_code, show_progress)
-                record["bridge"] = [r.to_dict() for r in fitted.runs]
-                replace = fitted.tensors
-            record["streaming"] = write_stream_prune(plan, tmp, replace=replace,
-                                                     trust_remote_code=load.trust_remote_code,
-                                                     show_progress=show_progress)
-            if fitted is not None:
-                record["streaming"]["bridge"] = fitted.settings
-            before, after, hf_config = plan.params_before, plan.params_after, plan.skeleton.config
-            check_it = lambda folder: verify_streamed(folder, after)  # noqa: E731
-        else:
-            hf = loaded.model
-            before = sum(p.numel() for p in hf.parameters())
-            guard = _guard_blocks(loaded.tokenizer) if config.guard else None
-            source_ppl = perplexity(hf, guard.input_ids, show_progress=False).perplexity \
-                if guard is not None else None
-            bridges = None
-            if config.bridge == "linear":
-                from shrink.core.bridge import bridge_and_prune
 
-                if blocks is None:
-                    blocks = token_blocks(loaded.tokenizer, config.data, config.samples,
-                                          config.seq_len, config.seed)
-                runs = bridge_and_prune(hf, remove, blocks.input_ids,
-                                        skip_first=config.skip_first, ridge=config.ridge,
-                                        batch_size=config.batch_size,
-                                        show_progress=show_progress)
-                bridges = [r.to_dict() for r in runs]
-                record["bridge"] = bridges
-            else:
-                prune_model(hf, remove)
-            if guard is not None:
-                quality = _quality(hf, source_ppl, guard, config.guard)
-                record["quality"] = quality
-                if not quality["ok"] and show_progress:
-                    stderr.print(f"[bold red]{quality['message']}[/]", highlight=False)
-            after = sum(p.numel() for p in hf.parameters())
-            source_dtype = getattr(hf.config, "dtype", None)
-            if isinstance(source_dtype, torch.dtype) and \
-                    source_dtype != next(hf.parameters()).dtype:
-                hf.to(source_dtype)  # save in the checkpoint's own dtype
-            hf.save_pretrained(tmp, safe_serialization=True)
-            loaded.tokenizer.save_pretrained(tmp)
-            hf_config = hf.config
-            check_it = verify_in_subprocess
-        record.update(params_before=before, params_after=after)
-        result = PruneResult(Path(output), remove, kept, record["removed_original_layers"],
-                             label, reason, L, before, after, scores, streamed,
-                             record.get("bridge"), record.get("quality"))
-        return StageOutput(result, record, check_it,
-                           {"source_model": model,
-                            "base_model": base_model_id(resolved, hf_config, previous)})
+def _write_streamed(job: _PruneJob, tmp: Path):
+    """Copy the kept layers shard by shard (and fit the bridge streamed); no quality guard
+    here: it needs the whole model."""
+    from shrink.streaming.prune import plan_stream_prune, verify_streamed, write_stream_prune
 
-    return run_stage("prune", output, compute, source=resolved.path,
-                     settings=settings, force=force, verify=verify,
-                     log=stderr.print if show_progress else None)
+    config, load, record = job.config, job.load, job.record
+    plan = plan_stream_prune(job.resolved.path, job.remove, load.trust_remote_code)
+    replace = fitted = None
+    if config.bridge == "linear":
+        from shrink.streaming.bridge import bridge_model_streaming
+
+        kw = load.load_kwargs()
+        fitted = bridge_model_streaming(
+            job.resolved, job.remove, config.data, config.samples, config.seq_len, config.seed,
+            config.batch_size, config.skip_first, config.ridge, kw["dtype"], kw["device"],
+            load.trust_remote_code, job.show_progress)
+        record["bridge"] = [r.to_dict() for r in fitted.runs]
+        replace = fitted.tensors
+    record["streaming"] = write_stream_prune(plan, tmp, replace=replace,
+                                             trust_remote_code=load.trust_remote_code,
+                                             show_progress=job.show_progress)
+    if fitted is not None:
+        record["streaming"]["bridge"] = fitted.settings
+    after = plan.params_after
+    return (plan.params_before, after, plan.skeleton.config,
+            lambda folder: verify_streamed(folder, after))
+
+
+def _write_in_memory(job: _PruneJob, tmp: Path):
+    """Remove the layers (bridged or not) from the loaded model, judge it, save it."""
+    config, loaded, record = job.config, job.loaded, job.record
+    hf = loaded.model
+    before = sum(p.numel() for p in hf.parameters())
+    guard = _guard_blocks(loaded.tokenizer) if config.guard else None
+    source_ppl = perplexity(hf, guard.input_ids, show_progress=False).perplexity \
+        if guard is not None else None
+    if config.bridge == "linear":
+        from shrink.core.bridge import bridge_and_prune
+
+        if job.blocks is None:
+            job.blocks = token_blocks(loaded.tokenizer, config.data, config.samples,
+                                      config.seq_len, config.seed)
+        runs = bridge_and_prune(hf, job.remove, job.blocks.input_ids,
+                                skip_first=config.skip_first, ridge=config.ridge,
+                                batch_size=config.batch_size, show_progress=job.show_progress)
+        record["bridge"] = [r.to_dict() for r in runs]
+    else:
+        prune_model(hf, job.remove)
+    if guard is not None:
+        record["quality"] = _quality(hf, source_ppl, guard, config.guard)
+        if not record["quality"]["ok"] and job.show_progress:
+            stderr.print(f"[bold red]{record['quality']['message']}[/]", highlight=False)
+    after = sum(p.numel() for p in hf.parameters())
+    source_dtype = getattr(hf.config, "dtype", None)
+    if isinstance(source_dtype, torch.dtype) and source_dtype != next(hf.parameters()).dtype:
+        hf.to(source_dtype)  # save in the checkpoint's own dtype
+    hf.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    return before, after, hf.config, verify_in_subprocess
 
 
 def _resolve_bridge(config: PruneConfig, resolved, load: ModelOptions
@@ -288,3 +330,64 @@ def _choose_streamed(model: str, resolved, L: int, config: PruneConfig, strategy
         calib = scores.settings.get("data")
     remove, reason = choose_layers(config.strategy, config.drop, L, scores, config.seed)
     return remove, reason, config.strategy, scores, calib
+
+
+class PruneStage(Stage):
+    """The build's first stage: choose and remove layers (bridged where configured)."""
+
+    name = "prune"
+
+    def check(self, ctx: BuildContext) -> None:
+        ctx.source_layers = check(ctx.config.model, self.settings(ctx),
+                                  ctx.config.model_options())
+
+    def describe(self, ctx: BuildContext) -> str:
+        p = self.settings(ctx)
+        what = (f"layers {p.layers}" if p.layers is not None else
+                f"{p.drop} of {ctx.count_source_layers()} layers by {p.strategy}")
+        bridge = {"linear": ", bridged by a linear map", "auto": ", bridged where the "
+                  "architecture allows", "none": ""}[p.bridge]
+        return f"prune ({what}, scored on {p.samples} x {p.seq_len} tokens of {p.data}{bridge})"
+
+    def output_part(self, config) -> str:
+        return f"drop{self.settings_of(config).count()}"
+
+    def disk_bytes(self, ctx: BuildContext) -> int:
+        return ctx.source_bytes()
+
+    def run(self, ctx: BuildContext, work_dir: Path) -> dict:
+        c = ctx.config
+        r = prune(ctx.model, work_dir / "model", self.settings(ctx), load=c.model_options(),
+                  force=True, show_progress=ctx.show_progress)
+        if r.quality is not None and not r.quality["ok"] and c.heal is not None \
+                and not c.allow_degraded:
+            raise ShrinkError(f"{r.quality['message']}. The build stops before healing; "
+                              "pass --allow-degraded to heal it anyway, or choose another "
+                              "strategy (--strategy auto measures the candidates)")
+        return {"model": str(work_dir / "model"), "removed": r.removed, "reason": r.reason,
+                "bridge": r.bridge, "quality": r.quality,
+                "strategy": r.strategy, "num_layers": [r.num_layers_before, len(r.kept)],
+                "params": [r.params_before, r.params_after],
+                "scores": r.scores.to_dict() if r.scores is not None else None}
+
+    def apply(self, ctx: BuildContext, result: dict) -> None:
+        ctx.model = ctx.float_model = result["model"]
+        ctx.layers = result["num_layers"][1]
+        ctx.scores = result.get("scores")
+        ctx.add(Artifact("hf", Path(result["model"]), "pruned"))
+
+    def report(self, ctx: BuildContext, result: dict) -> dict:
+        from shrink.core.outputs import safetensors_bytes
+        from shrink.report.buildreport import arithmetic, model_config
+
+        return {"removed_layers": result["removed"], "strategy": result["strategy"],
+                "reason": result["reason"], "num_layers": result["num_layers"],
+                "bridge": result.get("bridge"), "quality": result.get("quality"),
+                "params": result["params"],
+                "sizes_bytes": {"pruned": safetensors_bytes(Path(result["model"]))},
+                "arithmetic": arithmetic("pruned", model_config(result["model"]))}
+
+    def absent_report(self, ctx: BuildContext) -> dict:
+        L = ctx.count_source_layers()
+        return {"removed_layers": [], "strategy": None, "reason": "not pruned",
+                "num_layers": [L, L], "bridge": None, "quality": None, "params": [None, None]}

@@ -11,9 +11,7 @@ perplexity before/after, a reload in a fresh process, and the ``shrink.json`` re
 from __future__ import annotations
 
 import gc
-import json
 import math
-import struct
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,12 +23,12 @@ from torch import nn
 from shrink.core.data import EVALUATION, token_blocks
 from shrink.core.quiet import stdout_to_stderr
 from shrink.runtime.gptq import cpu_workers, gptq_interrupts, logs_outside_cwd, require_gptq
-from shrink.runtime.worker import run_worker
 from shrink.core.errors import ShrinkError, first_line
 from shrink.core.models import (check_decoder_only, check_device, check_model_folder, check_seq_len, find_layers, from_pretrained_checked, load_config, resolve)
 from shrink.core.outputs import check_output, safetensors_bytes
 from shrink.core.progress import stderr
 from shrink.stages.configs import EvaluateConfig, QuantizeConfig
+from shrink.stages.pipeline import Artifact, BuildContext, Stage
 from shrink.stages.runner import StageOutput, run_stage
 
 BITS = (2, 3, 4, 8)
@@ -120,21 +118,15 @@ def choose_group_size(linears: dict[str, tuple[int, int]],
                       "channel)")
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
 def safetensors_tensors(folder: Path) -> dict[str, int]:
     """tensor name -> bytes, read from the safetensors headers (no weights loaded)."""
+    from shrink.core.safetensors import scan
+
     sizes: dict[str, int] = {}
-    for f in _safetensors_files(folder):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+    for header, _, _ in scan(folder)[1].values():
         for name, info in header.items():
-            if name != "__metadata__":
-                start, end = info["data_offsets"]
-                sizes[name] = end - start
+            start, end = info["data_offsets"]
+            sizes[name] = end - start
     return sizes
 
 
@@ -259,10 +251,13 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
                             record["evaluation"])
 
         def check_it(folder: Path) -> dict:
-            v = verify_gptq_in_subprocess(
-                folder, evaluation.data if evaluation is not None else None,
-                evaluation.samples if evaluation else 0, evaluation.seq_len if evaluation else 0,
-                evaluation.seed if evaluation else 0, device)
+            from shrink.runtime import kinds
+
+            v = kinds.verify(
+                folder, "gptq", eval_data=evaluation.data if evaluation is not None else None,
+                samples=evaluation.samples if evaluation else 0,
+                seq_len=evaluation.seq_len if evaluation else 0,
+                seed=evaluation.seed if evaluation else 0, device=device)
             result.perplexity_after = record["perplexity_after"] = v.get("perplexity")
             return v
 
@@ -341,14 +336,42 @@ def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, sample
     return result
 
 
-def verify_gptq_in_subprocess(path: str | Path, eval_data: str | None = EVALUATION,
-                              samples: int = 16, seq_len: int = 512, seed: int = 0,
-                              device: str | None = None, timeout: float = 3600) -> dict:
-    """Run :func:`verify_gptq_dir` in a fresh Python process; ShrinkError if it fails."""
-    result = run_worker("shrink.stages.quantize:verify_gptq_dir", timeout=timeout,
-                        path=str(path), eval_data=eval_data, samples=samples, seq_len=seq_len,
-                        seed=seed, device=device)
-    if not result["ok"]:
-        raise ShrinkError(f"verification of the GPTQ checkpoint {path} failed: "
-                          f"{json.dumps(result)}")
-    return result
+class QuantizeStage(Stage):
+    """GPTQ the (healed) model; the evaluate stage measures it, so this stage does not."""
+
+    name = "quantize"
+
+    def check(self, ctx: BuildContext) -> None:
+        q = self.settings(ctx)
+        if q.group_size not in (None, -1):
+            choose_group_size(quantizable_linears(load_config(ctx.source)), q.group_size)
+
+    def describe(self, ctx: BuildContext) -> str:
+        q = self.settings(ctx)
+        return (f"quantize (GPTQ {q.gptq}, {q.samples} x {q.seq_len} calibration tokens of "
+                f"{q.data})")
+
+    def output_part(self, config) -> str:
+        return f"gptq{self.settings_of(config).bits()}"
+
+    def disk_bytes(self, ctx: BuildContext) -> int:
+        return ctx.source_bytes() // 2
+
+    def run(self, ctx: BuildContext, work_dir: Path) -> dict:
+        # no evaluation here: the evaluate stage measures the input and the output of this
+        # stage on the same blocks; measuring here too would reload the float model for it
+        r = quantize(ctx.model, work_dir / "model", self.settings(ctx), evaluation=None,
+                     device=ctx.config.device, force=True, show_progress=ctx.show_progress)
+        return {"model": str(work_dir / "model"), "quantized": str(work_dir / "model"),
+                "bits": r.bits, "group_size": r.group_size, "group_size_note": r.group_size_note,
+                "bits_per_weight": r.bits_per_weight, "size_bytes": r.size_bytes_after}
+
+    def apply(self, ctx: BuildContext, result: dict) -> None:
+        ctx.model = result["model"]  # exports that quantize themselves keep the float model
+        ctx.add(Artifact("gptq", Path(result["model"]), "quantized"))
+
+    def report(self, ctx: BuildContext, result: dict) -> dict:
+        return {"quantize": result}
+
+    def absent_report(self, ctx: BuildContext) -> dict:
+        return {"quantize": None}

@@ -16,14 +16,16 @@ a check to run on the written folder in a fresh process. The runner owns the res
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shrink.core.models import read_shrink_json
 from shrink.core.quiet import hf_quiet
-from shrink.core.outputs import atomic_output, check_output, copy_license_files, write_record
+from shrink.core.outputs import (atomic_output, check_output, copy_license_files, lock_output,
+                                 write_record)
 
 
 @dataclass
@@ -34,6 +36,17 @@ class StageOutput:
     record: dict  # this stage's entry in shrink.json (without settings, timing, versions)
     verify: Callable[[Path], dict] | None = None  # a fresh-process check of the written folder
     top: dict = field(default_factory=dict)  # shrink.json top-level keys (source_model, ...)
+
+
+@contextmanager
+def claimed_output(output: str | Path, force: bool = False, source: Path | None = None, *,
+                   lock: bool = True) -> Iterator[Path]:
+    """Step 1 taken before a stage's heavy work: refuse a bad output at once and hold its lock
+    for the whole block (``lock=False``: check only, e.g. on the secondary processes of a
+    distributed run). :func:`run_stage` inside the block re-enters the same lock."""
+    out = check_output(output, force, source)
+    with lock_output(out) if lock else nullcontext():
+        yield out
 
 
 def run_stage(name: str, output: str | Path, compute: Callable[[Path], StageOutput], *,

@@ -11,10 +11,10 @@ import torch
 from shrink.core.errors import ShrinkError
 from shrink.core.errors import first_line
 from shrink.core.models import check_decoder_only
+from shrink.core.safetensors import INDEX, parse_header, scan
 
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -46,33 +46,9 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict, dict, int]:
-    """(tensors, metadata, data start) of a safetensors file, from its JSON header only."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ShrinkError(f"{path} is not a safetensors file ({size} bytes: too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20 or 8 + n > size:
-            raise ShrinkError(f"{path} is not a safetensors file (header of {n} bytes in a file "
-                              f"of {size}); it may be truncated or damaged")
-        try:
-            header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-            meta = header.pop("__metadata__", None) or {}
-            end = 0
-            for key, info in header.items():
-                a, b = info["data_offsets"]
-                info["shape"], info["dtype"]  # noqa: B018 - present, or KeyError below
-                end = max(end, int(b))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ShrinkError(f"{path} is not a valid safetensors file (bad header: "
-                              f"{first_line(e)})") from None
-    if 8 + n + end > size:
-        raise ShrinkError(f"{path} is truncated: its header describes {8 + n + end} bytes, the "
-                          f"file has {size}")
-    return header, meta, 8 + n
+    """(tensors, metadata, data start) of a safetensors file, from its JSON header only, checked
+    against the file (:func:`shrink.core.safetensors.parse_header`)."""
+    return parse_header(path)
 
 
 class Checkpoint:
@@ -80,27 +56,14 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = self.folder / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                files = sorted({self.folder / str(f) for f in weight_map.values()})
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
-                    AttributeError) as e:
-                raise ShrinkError(f"{index} is damaged (want JSON with a 'weight_map' object: "
-                                  f"{first_line(e)})") from None
-        elif (self.folder / SINGLE).is_file():
-            files = [self.folder / SINGLE]
-        else:
+        if not (self.folder / INDEX).is_file() and not any(self.folder.glob("*.safetensors")):
             raise ShrinkError(f"no safetensors weights in {self.folder} ({SINGLE} or {INDEX}): "
                               "streaming reads safetensors checkpoints only")
-        self.files = files
+        _, headers = scan(self.folder)  # shards agree with the index and with each other
+        self.files = sorted(headers)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[Path, dict] = {}
-        for path in files:
-            if not path.is_file():
-                raise ShrinkError(f"shard {path.name} listed in {INDEX} is missing")
-            header, meta, start = read_header(path)
+        for path, (header, meta, start) in headers.items():
             self.metadata[path] = meta
             for key, info in header.items():
                 a, b = info["data_offsets"]

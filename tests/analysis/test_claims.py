@@ -3,7 +3,7 @@ import json
 
 from click.testing import CliRunner
 
-from shrink.cli import claims as claims_cmd
+from shrink.cli.commands.claims import command as claims_cmd
 from shrink.analysis.claims import check_claims, to_markdown, verdict_for
 
 

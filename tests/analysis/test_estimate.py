@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from shrink.cli import estimate as estimate_cmd
+from shrink.cli.commands.estimate import command as estimate_cmd
 from shrink.core.errors import ShrinkError
 from shrink.analysis.estimate import (
     GPUS,

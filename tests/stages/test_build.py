@@ -226,9 +226,9 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
     record = json.loads((out / "model" / "shrink.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["prune", "heal", "quantize"]
     # the final artifacts run in their real consumers, in fresh processes
-    from shrink.stages.quantize import verify_gptq_in_subprocess
+    from shrink.runtime import kinds
 
-    assert verify_gptq_in_subprocess(out / "model", eval_data=None)["finite_logits"]
+    assert kinds.verify(out / "model", eval_data=None)["finite_logits"]
     proc = subprocess.run([sys.executable, "-m", "shrink.cli", "generate", str(out / "onnx"),
                            "--prompt", "Hello", "--max-new-tokens", "4"], capture_output=True,
                           text=True)

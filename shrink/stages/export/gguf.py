@@ -43,9 +43,17 @@ from shrink.core.outputs import check_output
 # written by shrink itself (gguf package)
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 # written by llama.cpp's quantizer from a lossless intermediate
-QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
-                   "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m",
+                   "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs",
+                   "iq3_s", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs")
 GGUF_TYPES = DIRECT_TYPES + QUANTIZED_TYPES
+# types below 5 bits, where llama.cpp's quantizer weights the rounding error by an importance
+# matrix when it has one (every k-quant, q4_0/q4_1 and IQ type uses it; 5+ bits gain little)
+IMATRIX_TYPES = ("q4_0", "q4_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+                 "q4_k_m", "iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs")
+# made for an importance matrix: llama.cpp refuses most of them without one, and the rest
+# (iq3_s) lose much more than the k-quant of the same size
+NEEDS_IMATRIX = ("q2_k_s", "iq3_s", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                    "generation_config.json")
@@ -96,6 +104,24 @@ def check_type(gguf_type: str) -> str:
     if t not in GGUF_TYPES:
         raise ShrinkError(f"unknown GGUF type '{gguf_type}'; choose one of {', '.join(GGUF_TYPES)}")
     return t
+
+
+def check_imatrix(gguf_type: str, imatrix: bool, error: type[Exception] = ShrinkError) -> None:
+    """Refuse a type that needs an importance matrix when there is none."""
+    if gguf_type in NEEDS_IMATRIX and not imatrix:
+        raise error(f"GGUF {gguf_type} needs an importance matrix (llama.cpp's 2- and 3-bit IQ "
+                    "types and q2_k_s are made for one): leave --imatrix on")
+
+
+def imatrix_spec(gguf_type: str, imatrix=None):
+    """The importance matrix an export of ``gguf_type`` uses (an ImatrixSpec), or None where the
+    type gains nothing from one or ``imatrix`` is False (refused for types that need one)."""
+    from shrink.stages.export.imatrix import ImatrixSpec
+
+    check_imatrix(gguf_type, imatrix is not False)
+    if imatrix is False or gguf_type not in IMATRIX_TYPES:
+        return None
+    return imatrix if isinstance(imatrix, ImatrixSpec) else ImatrixSpec()
 
 
 def _import_gguf():
@@ -151,19 +177,14 @@ def _open_source(model_dir: str | Path) -> _Source:
                           f"GGUF export in shrink (supported: {', '.join(_ARCHS)})")
     arch_name, permute = _ARCHS[hf_arch]
     src = _Source(folder, config, hf_arch, arch_name, permute)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ShrinkError(f"no *.safetensors weights in '{folder}'")
-    from safetensors import safe_open
+    from shrink.core.safetensors import scan
 
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    sl = st.get_slice(name)
-                    src.tensors[name] = (f, list(sl.get_shape()), sl.get_dtype())
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise ShrinkError(f"cannot read {f}: {e}") from None
+    where, headers = scan(folder)  # headers checked; shards agree with the index and each other
+    if not headers:
+        raise ShrinkError(f"no *.safetensors weights in '{folder}'")
+    for name, f in where.items():
+        info = headers[f][0][name]
+        src.tensors[name] = (f, list(info["shape"]), info["dtype"])
     return src
 
 
@@ -604,6 +625,37 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16") -
 # the stage
 # ------------------------------------------------------------------------------------------------
 
+@dataclass
+class GgufResult:
+    """What ``export_gguf`` wrote: the typed fields, and every detail of the export record in
+    ``details`` (notes, tokenizer, quantized_from, ...). ``result["key"]`` and
+    ``result.get("key")`` read a field, else a detail."""
+
+    output: Path
+    path: Path  # the .gguf file
+    file: str
+    type: str
+    bytes: int
+    block_count: int | None = None
+    architecture: str | None = None
+    verification: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    # tensors of each type in the file: with a k-quant, what fell back to which type
+    tensor_types: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**self.details, "output": str(self.output), "path": str(self.path),
+                "file": self.file, "type": self.type, "bytes": self.bytes,
+                "block_count": self.block_count, "architecture": self.architecture,
+                "verification": self.verification, "tensor_types": self.tensor_types}
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def get(self, key: str, default=None):
+        return self.to_dict().get(key, default)
+
+
 def gguf_file_name(model_dir: Path, gguf_type: str) -> str:
     return f"{model_dir.resolve().name}-{gguf_type.upper()}.gguf"
 
@@ -612,7 +664,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
                 force: bool = False, verify: bool = True, threads: int | None = None,
                 samples: int = 4, seq_len: int = 256, data: str | None = None,
                 max_new_tokens: int = 16, timeout: float = 3600, log=None,
-                name: str | None = None) -> dict:
+                name: str | None = None, imatrix=None, compare=None) -> GgufResult:
     """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
 
     ``output`` is a folder: it gets ``<model>-<TYPE>.gguf``, the source's license files and a
@@ -620,9 +672,13 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
     temporary sibling renamed into place only after the check in a fresh llama.cpp process
     passes; ``verify=False`` skips that check). ``samples`` x ``seq_len`` held-out tokens are
     used for perplexity (``data``: a text source, default the held-out novel). ``threads``:
-    llama.cpp threads (default: all cores).
+    llama.cpp threads (default: all cores). ``imatrix``: an
+    :class:`~shrink.stages.export.imatrix.ImatrixSpec` (which calibration text), True/None for
+    the default one, False for none; used for the types below 5 bits (``IMATRIX_TYPES``).
+    ``compare``: a :class:`~shrink.stages.export.gguf_point.DenseComparison`: also measure the
+    dense model through the same type (cached) and this file on the same evaluation sets.
 
-    Returns the record: type, sizes, architecture, block count, tokenizer, the file's path and
+    Returns a :class:`GgufResult`: type, sizes, tensor types (what fell back to which type), architecture, block count, tokenizer, the file's path and
     the verification result (tokenizer agreement, greedy tokens vs PyTorch, top-1 agreement,
     perplexity). Raises ShrinkError on bad input or a failed check.
     """
@@ -643,8 +699,11 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
         check_runtime()  # llama.cpp verifies and quantizes: fail before any slow work
     name = f"{name}-{gguf_type.upper()}.gguf" if name else gguf_file_name(model_dir, gguf_type)
     say = log or (lambda line: None)
+    spec = imatrix_spec(gguf_type, imatrix)
 
     def compute(tmp: Path) -> StageOutput:
+        from shrink.runtime.gguf import tensor_type_counts
+
         t0 = time.perf_counter()
         file = tmp / name
         say(f"writing GGUF {gguf_type} with the gguf package"
@@ -657,7 +716,14 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
             base_type = _weights_dtype(_open_source(model_dir))
             base = tmp / f".base-{base_type}.gguf"
             info = write_gguf(model_dir, base, base_type)
-            quantize_in_subprocess(base, file, gguf_type, threads=threads, timeout=timeout)
+            imat = {}
+            if spec is not None:
+                from shrink.stages.export.imatrix import imatrix_file
+
+                imat["imatrix"], info["imatrix"] = imatrix_file(model_dir, spec, log=say)
+                imat.update(imatrix_dataset=spec.data, imatrix_chunks=spec.samples)
+            quantize_in_subprocess(base, file, gguf_type, threads=threads, timeout=timeout,
+                                   **imat)
             base.unlink()
             info["type"] = gguf_type
             info["quantized_from"] = base_type
@@ -666,21 +732,28 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
                 shutil.copy2(model_dir / f, tmp / f)
         info.update(format="gguf", source=str(model_dir.resolve()), file=name,
                     seconds_write=round(time.perf_counter() - t0, 2),
-                    bytes=file.stat().st_size)
+                    bytes=file.stat().st_size, tensor_types=tensor_type_counts(file))
+        if compare is not None:
+            from shrink.stages.export.gguf_point import compare_with_dense
+
+            info["comparison"] = compare_with_dense(file, model_dir, gguf_type, compare,
+                                                    imatrix=spec, threads=threads, log=say)
 
         def check_it(folder: Path) -> dict:
-            from shrink.runtime.gguf import verify_in_subprocess
+            from shrink.runtime import kinds
 
-            info["verification"] = verify_in_subprocess(
-                folder / name, model_dir, gguf_type, threads=threads, samples=samples,
-                seq_len=seq_len, data=data, max_new_tokens=max_new_tokens, timeout=timeout)
+            info["verification"] = kinds.verify(
+                folder / name, "gguf", source=model_dir, gguf_type=gguf_type, threads=threads,
+                samples=samples, seq_len=seq_len, data=data, max_new_tokens=max_new_tokens,
+                timeout=timeout)
             return info["verification"]
 
         return StageOutput(info, dict(info), check_it, {"source_model": str(model_dir)})
 
     info = run_stage("export", out, compute, source=model_dir,
-                     settings={"gguf": gguf_type, "threads": threads}, force=force,
+                     settings={"gguf": gguf_type, "threads": threads,
+                               "imatrix": spec.settings() if spec else None}, force=force,
                      verify=verify, log=say)
-    info["path"] = str(out / name)
-    info["output"] = str(out)
-    return info
+    return GgufResult(out, out / name, name, info["type"], info["bytes"],
+                      info.get("block_count"), info.get("architecture"),
+                      info.get("verification") or {}, info, info.get("tensor_types") or {})

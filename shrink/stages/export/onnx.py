@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shrink.core.quiet import third_party_quiet
-from shrink.runtime.worker import run_worker
 from shrink.stages.configs import ExportConfig
 from shrink.stages.runner import StageOutput, run_stage
 from shrink.core.errors import ShrinkError
 from shrink.runtime.artifacts import is_onnx_folder
-from shrink.runtime.generate import ONNX_EXTRA, ONNX_GPU_EXTRA
+from shrink.runtime.onnx import ONNX_EXTRA, ONNX_GPU_EXTRA
 from shrink.core.outputs import (check_output, folder_bytes)
 
 PRECISIONS = ("int4", "fp16", "fp32")
@@ -312,7 +311,7 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shrink.core.data import EVALUATION, token_blocks
-    from shrink.runtime.generate import onnx_runner
+    from shrink.runtime.onnx import onnx_runner
 
 
     runner = onnx_runner(onnx_dir, target)
@@ -379,14 +378,6 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
     else:  # quantized or half precision: reported, not required to match
         result["ok"] = finite and math.isfinite(ppl_o)
     return result
-
-
-def verify_in_subprocess(onnx_dir: Path, source_dir: Path, precision: str, target: str,
-                         timeout: float = 3600) -> dict:
-    """:func:`verify_onnx` in a fresh process (one worker protocol: shrink.runtime.worker)."""
-    return run_worker("shrink.stages.export.onnx:verify_onnx", timeout=timeout,
-                      onnx_dir=str(onnx_dir), source_dir=str(source_dir), precision=precision,
-                      target=target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,13 +450,9 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
                             builder_error or None)
 
         def check_it(folder: Path) -> dict:
-            v = verify_in_subprocess(folder, src, precision, target)
-            if not v["ok"]:
-                raise ShrinkError("the ONNX export does not match PyTorch: " + json.dumps(
-                    {k: v.get(k) for k in ("greedy_equal_to_torch",
-                                           "first_step_logits_max_abs_diff",
-                                           "top1_agreement", "finite_logits")}))
-            return v
+            from shrink.runtime import kinds
+
+            return kinds.verify(folder, "onnx", source=src, precision=precision, target=target)
 
         return StageOutput(result, record, check_it, {"source_model": str(model_dir)})
 

@@ -34,6 +34,7 @@ from shrink.stages.configs import EvaluateConfig, HealConfig, ModelOptions
 from shrink.stages.heal.merge import merge
 from shrink.stages.heal.presets import resolve_settings, resolve_targets
 from shrink.stages.heal.trainer import prepare_work, train, trainable_model, work_dir_for
+from shrink.stages.pipeline import Artifact, BuildContext, Stage
 from shrink.stages.runner import StageOutput, run_stage
 
 QLORA_INSTALL = install_hint("qlora")
@@ -191,6 +192,12 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
                     save_steps=c.save_steps, resume_from=resume_from, callbacks=callbacks,
                     show_progress=show_progress, state=state)
     settings.update(trained.info)
+    tp = trained.info.get("throughput")
+    if tp and show_progress and state.is_main_process:
+        stderr.print(f"heal: {tp['tokens_per_second']} tokens/s, "
+                     f"{tp['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s = "
+                     f"{tp['fraction_of_matmul_rate']:.0%} of this machine's measured matmul "
+                     f"rate ({tp['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s)", highlight=False)
     settings["epochs"] = round(trained.steps * global_batch / blocks.input_ids.shape[0], 3)
     settings["train_data"] = blocks.describe()
     settings["eval_data_blocks"] = evalb.describe()
@@ -258,3 +265,41 @@ def heal(model_dir: str | Path, output: str | Path, config: HealConfig | None = 
         out_lock.release()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+class HealStage(Stage):
+    """Fine-tune the pruned model; resumes its own trainer checkpoints in its stage folder."""
+
+    name = "heal"
+    keeps_work = True
+
+    def describe(self, ctx: BuildContext) -> str:
+        h = self.settings(ctx)
+        return (f"heal ({h.method or 'lora'}{', preset ' + h.preset if h.preset else ''}, "
+                f"{h.steps or 'default'} steps on {h.data})")
+
+    def output_part(self, config) -> str:
+        return "healed"
+
+    def disk_bytes(self, ctx: BuildContext) -> int:
+        return ctx.source_bytes() * 2  # healed model + trainer checkpoints (bounded by base)
+
+    def run(self, ctx: BuildContext, work_dir: Path) -> dict:
+        c = ctx.config
+        r = heal(ctx.model, work_dir / "model", self.settings(ctx), evaluation=c.evaluate,
+                 load=c.model_options(), force=True, resume=ctx.resume,
+                 show_progress=ctx.show_progress)
+        return {"model": str(work_dir / "model"), "steps": r.steps, "final_loss": r.final_loss,
+                "ppl_before": r.ppl_before, "ppl_after": r.ppl_after,
+                "ppl_before_second": r.ppl_before_second, "ppl_after_second": r.ppl_after_second,
+                "evaluation": c.evaluate.name(), "settings": r.settings}
+
+    def apply(self, ctx: BuildContext, result: dict) -> None:
+        ctx.model = ctx.float_model = result["model"]
+        ctx.add(Artifact("hf", Path(result["model"]), "healed"))
+
+    def report(self, ctx: BuildContext, result: dict) -> dict:
+        return {"heal": result}
+
+    def absent_report(self, ctx: BuildContext) -> dict:
+        return {"heal": None}

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from shrink.core.models import from_pretrained_checked
-from shrink.core.perplexity import PerplexityResult, perplexity
+from shrink.core.measures import PerplexityBook, weights_key
+from shrink.core.measures import measure as measure_once
+from shrink.core.perplexity import PerplexityResult
 from shrink.core.progress import stderr
 
 
@@ -34,23 +36,28 @@ def source_dtype(config) -> torch.dtype:
 
 def merge(location: str, trained: Path, method: str, hf_config, *, device: str, on_cuda: bool,
           eval_ids: torch.Tensor, load_kw: dict, show_progress: bool,
-          second_ids: torch.Tensor | None = None) -> Merged:
+          second_ids: torch.Tensor | None = None, book: PerplexityBook | None = None,
+          set_names: tuple[str, str | None] = ("evaluation", "second")) -> Merged:
     """Reload the base in 16/32 bits, apply the adapter and merge it (``merge_and_unload``); for
     ``last-layers`` the trained model itself is loaded. Perplexity before (the base) and after
     is measured on ``eval_ids`` (and on ``second_ids``, a second domain, into ``.second``), and
-    the merge is checked against the adapter model."""
+    the merge is checked against the adapter model. "After" is the model as it is saved (in the
+    source's dtype). ``book`` (named ``set_names``) reuses what the build already measured."""
 
-    def measure(model: nn.Module) -> PerplexityResult:
-        result = perplexity(model, eval_ids, show_progress=show_progress)
+    def measure(model: nn.Module, what: str) -> PerplexityResult:
+        key = weights_key(model) if book is not None else None
+        result = measure_once(book, model, eval_ids, set_names[0], "heal", what, key=key,
+                              show_progress=show_progress)
         if second_ids is not None:
-            result.second = perplexity(model, second_ids, show_progress=show_progress)
+            result.second = measure_once(book, model, second_ids, set_names[1], "heal", what,
+                                         key=key, show_progress=show_progress)
         return result
 
     src_dtype = source_dtype(hf_config)
     merge_dtype = torch.float32 if not on_cuda else src_dtype
     base = from_pretrained_checked(location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
-    before = measure(base)
+    before = measure(base, "before")
     probe = eval_ids[:1].to(device)
     if method == "last-layers":
         del base
@@ -72,7 +79,9 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
             merged_logits = merged(input_ids=probe, use_cache=False).logits.float()
         check = {"max_abs_logit_diff": float((peft_logits - merged_logits).abs().max()),
                  "tokens": int(probe.numel())}
-    after = measure(merged)
+    if src_dtype != merge_dtype:  # measure the weights that are saved
+        merged.to(src_dtype).to(merge_dtype)
+    after = measure(merged, "after")
     if merged.dtype != src_dtype:
         merged.to(src_dtype)
     merged.config.use_cache = True

@@ -319,6 +319,7 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: dict, *, work: Path, see
     final_loss = (sum(r["loss"] for r in losses[-n_tail:]) / n_tail) if losses else None
     steps = int(trainer.state.global_step)
     info = {"train_seconds": round(float(out.metrics.get("train_runtime", 0.0)), 2)}
+    info["throughput"] = _throughput(trainer, s, on_cuda, info["train_seconds"], resume_from)
     if guard is not None:
         info["guard_4bit_repairs"] = guard.repaired
     saved = work / ("model-final" if s["method"] == "last-layers" else "adapter-final")
@@ -326,3 +327,19 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: dict, *, work: Path, see
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(saved)
     state.wait_for_everyone()
     return Trained(saved, steps, final_loss, losses, info)
+
+
+def _throughput(trainer, s: dict, on_cuda: bool, seconds: float, resume_from: str | None
+                ) -> dict | None:
+    """Tokens/s of this run's steps and the fraction of the machine's matmul rate (CPU only:
+    the rate measured is the CPU's)."""
+    from shrink.core.measures import training_throughput
+
+    if on_cuda or seconds <= 0:
+        return None
+    done = int(trainer.state.global_step)
+    if resume_from:
+        done -= int(Path(resume_from).name.split("-")[-1])
+    tokens = done * s["batch_size"] * s["grad_accum"] * s["seq_len"] * trainer.args.world_size
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return training_throughput(tokens, seconds, model)
