@@ -109,7 +109,8 @@ def main() -> int:
     if a.prepare_only:
         return 0
 
-    from shrink.stages.bench import bench, to_markdown
+    from shrink.report.tables import bench_markdown
+    from shrink.stages.bench import bench
 
     load0 = os.getloadavg()
     t1 = time.perf_counter()
@@ -137,7 +138,7 @@ def main() -> int:
         "Threads: PyTorch `torch.set_num_threads` (OpenMP), onnxruntime-genai "
         "`intra_op_num_threads` (inter-op 1), llama.cpp `n_threads` = `n_threads_batch`; wait "
         "policies are each runtime's default.", ""]
-    out.with_suffix(".md").write_text("\n".join(head) + to_markdown(report))
+    out.with_suffix(".md").write_text("\n".join(head) + bench_markdown(report))
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "load_before": load0, "load_after": os.getloadavg(),
          "report": report.to_dict()}, indent=1, default=str))

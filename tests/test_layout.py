@@ -138,6 +138,70 @@ def test_no_private_names_imported_across_modules():
     assert private == []
 
 
+# The shape the package keeps. These lists name what is over the limits today; they may only
+# shrink: a test fails when an entry is no longer over (remove it) or something new is.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+MAX_PARAMETERS = 8
+LARGE_MODULES = {"shrink/analysis/estimate.py", "shrink/core/models.py",
+                 "shrink/stages/export/gguf.py"}
+LONG_STAGE_FUNCTIONS = {
+    "shrink/stages/bench.py:bench", "shrink/stages/export/gguf.py:_write_metadata",
+    "shrink/stages/export/gguf.py:_write_vocab", "shrink/stages/export/gguf.py:export_gguf",
+    "shrink/stages/export/onnx.py:_torch_export", "shrink/stages/export/onnx.py:verify_onnx",
+    "shrink/stages/export/onnx.py:export_onnx",
+    "shrink/stages/quantize.py:quantize",
+}
+WIDE_STAGE_FUNCTIONS = {
+    "shrink/stages/auto.py:choose_auto", "shrink/stages/bench.py:measure",
+    "shrink/stages/bench.py:bench", "shrink/stages/bench.py:sweep_drop",
+    "shrink/stages/export/gguf.py:export_gguf", "shrink/stages/heal/__init__.py:heal",
+    "shrink/stages/heal/merge.py:merge", "shrink/stages/heal/trainer.py:train",
+    "shrink/stages/quantize.py:quantize",
+}
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+    return len([n for n in names if n not in ("self", "cls")])
+
+
+def stage_functions() -> tuple[set[str], set[str]]:
+    """Functions in shrink/stages over the line limit, and those over the parameter limit."""
+    long, wide = set(), set()
+    for p in sorted((PACKAGE / "stages").rglob("*.py")):
+        rel = p.relative_to(PACKAGE.parent).as_posix()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                    long.add(f"{rel}:{node.name}")
+                if _parameters(node) > MAX_PARAMETERS:
+                    wide.add(f"{rel}:{node.name}")
+    return long, wide
+
+
+def test_modules_stay_under_the_size_limit():
+    large = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py")
+             if len(p.read_text().splitlines()) >= MAX_MODULE_LINES}
+    assert large - LARGE_MODULES == set(), "new modules over the limit: split them"
+    assert LARGE_MODULES - large == set(), "now under the limit: remove them from LARGE_MODULES"
+
+
+def test_stage_functions_stay_short_and_narrow():
+    long, wide = stage_functions()
+    assert long - LONG_STAGE_FUNCTIONS == set(), f"over {MAX_FUNCTION_LINES} lines: split them"
+    assert wide - WIDE_STAGE_FUNCTIONS == set(), f"over {MAX_PARAMETERS} parameters"
+    assert LONG_STAGE_FUNCTIONS - long == set(), "now short: remove them from the list"
+    assert WIDE_STAGE_FUNCTIONS - wide == set(), "now narrow: remove them from the list"
+
+
+def test_the_build_is_a_loop_over_stages():
+    text = (PACKAGE / "stages" / "build.py").read_text()
+    assert 'name == "' not in text and 'kind == "' not in text
+
+
 def test_cycle_detector_finds_a_cycle():
     # the checker itself must be able to fail
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]

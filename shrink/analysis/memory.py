@@ -8,7 +8,8 @@ s bytes per compute element: 2 on a GPU, 4 on the CPU):
 - runtime: every process holds ``HOST_RUNTIME`` of libraries; a GPU keeps ``DEFAULT_RESERVE`` of
   its memory for the CUDA context and fragmentation, and the host keeps ``HOST_RESERVE``.
 - streamed walks (score, bridge, evaluate): device = max(one layer, embedding, head) + one
-  batch's working set ``T s (6d + 3f)`` + the logits of one 512-position chunk; host = the
+  batch's working set ``T s (6d + 3f)``, or the head's turn: fp32 logits of one chunk of
+  positions (at most ``LOGIT_BYTES``) and their log-softmax; host = the
   hidden states of every block ``N S d s`` (two streams for the bridge), which move to a
   memory-mapped file when they would take half the RAM or more.
 - prune: a byte copy through one 64 MiB buffer.
@@ -43,7 +44,7 @@ HOST_RUNTIME = 1.5e9  # python, torch, transformers and the CUDA libraries in on
 HOST_RESERVE = 0.10  # of the RAM, for the OS and the page cache
 NF4_BITS = 4.127  # bitsandbytes NF4 with double-quantized absmax
 COPY_BUFFER = 64 << 20
-LOGIT_CHUNK = 512
+LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk (shrink.streaming.perplexity.LOGIT_BYTES)
 GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69,
              "q5_0": 5.5, "q4_k_m": 4.85, "q4_0": 4.5, "q3_k_m": 3.91, "q2_k": 2.63}
 
@@ -162,7 +163,7 @@ def _batch_bytes(m: ModelFacts, batch: int, seq_len: int, s: int) -> float:
     positions (the head's turn)."""
     d, f = m.shape.hidden, m.shape.intermediate
     layer = batch * seq_len * s * (6 * d + 3 * f)
-    return max(layer, batch * min(seq_len, LOGIT_CHUNK) * m.shape.vocab * 4 * 2)
+    return max(layer, 2 * min(LOGIT_BYTES, batch * seq_len * m.shape.vocab * 4))
 
 
 def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batch: int,
@@ -330,22 +331,24 @@ def plan_build(config_like, *, gpu_bytes: float, ram_bytes: float,
     return Plan(m.name, drop, gpu_bytes, ram_bytes, stages, assumptions)
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t)\s*$", re.I)
+_UNITS = {"m": 2 ** 20, "g": GIB, "t": 2 ** 40}
 
 
 def parse_memory(text: str | float | int, what: str) -> float:
     """Bytes of a memory size: '24GB', '24 GiB', '64g', '512MB', a number of bytes, or (for a
-    GPU) a card name from the estimate table ('4090'). GB-sized units are binary."""
+    GPU) a card name from the estimate table ('4090', 'rtx 3090'). GB-sized units are binary."""
     if isinstance(text, (int, float)):
         return float(text)
-    m = _SIZE.match(str(text))
-    if m:
-        value, unit = float(m.group(1)), (m.group(2) or "b").lower()[0]
-        scale = {"b": 1, "m": 2 ** 20, "g": GIB, "t": 2 ** 40}[unit]
-        return value * scale if unit != "b" or value > 1024 else value * GIB
     if what == "gpu":
-        return find_gpu(str(text)).memory_gb * GIB
-    raise ShrinkError(f"cannot read the {what} size '{text}'; write it like 24GB or 512MB")
+        try:
+            return find_gpu(str(text)).memory_gb * GIB
+        except ShrinkError:
+            pass
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ShrinkError(f"cannot read the {what} size '{text}'; write it like 24GB or 512MB")
+    return float(m.group(1)) * _UNITS[m.group(2)[0].lower()]
 
 
 def plan_for_estimate(model: str, drop: int, gpu, ram, settings: PlanSettings | None = None

@@ -90,5 +90,7 @@ def main(verbose, quiet):
     the embedded default smollm2-135m (no network needed).
     """
     from shrink.core.quiet import quiet_process
+    from shrink.core.signals import install_sigterm_as_interrupt
 
     quiet_process()
+    install_sigterm_as_interrupt()  # a kill cleans up like Ctrl-C

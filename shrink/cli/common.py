@@ -78,11 +78,11 @@ def model_folder(model: str) -> str:
 
 def check_writable(*paths: str | None) -> None:
     """Fail before any work when a --json/--plot file cannot be written."""
+    from shrink.core.outputs import check_writable_file
+
     for p in paths:
         if p and p != "-":
-            parent = Path(p).expanduser().resolve().parent
-            if not parent.is_dir():
-                raise ShrinkError(f"cannot write '{p}': folder '{parent}' does not exist")
+            check_writable_file(p, "output file")
 
 
 def write_json(result, dest: str, settings: dict | None = None) -> None:

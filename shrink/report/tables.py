@@ -12,9 +12,9 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from shrink.analysis.estimate import Estimate
+    from shrink.core.scores import LayerScores
     from shrink.stages.bench import ArtifactResult, BenchReport, SweepPoint
     from shrink.stages.build import BuildResult
-    from shrink.core.scores import LayerScores
 
 
 def scores_table(scores: LayerScores, metric: str, chosen: list[int]) -> Table:

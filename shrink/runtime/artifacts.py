@@ -1,4 +1,5 @@
-"""What kind of artifact a folder is: a Hugging Face folder, a GPTQ checkpoint or an ONNX export."""
+"""Paths of artifacts: the embedded model's alias, an ONNX folder, the GGUF file of a folder, an
+ONNX export's record. Which kind an artifact is: :mod:`shrink.runtime.kinds`."""
 from __future__ import annotations
 
 import json
@@ -35,35 +36,6 @@ def gguf_file(path: str | Path) -> Path | None:
         if len(found) > 1:
             raise ShrinkError(f"'{path}' holds {len(found)} GGUF files; give one of them")
     return None
-
-
-def artifact_kind(path: str | Path) -> str:
-    """``"gguf"`` (a .gguf file, or a folder holding one), ``"onnx"`` (a folder with a .onnx
-    model), ``"gptq"`` (an HF folder whose config has a GPTQ ``quantization_config``) or ``"hf"``
-    (any other HF model folder)."""
-    p = artifact_path(path)
-    if gguf_file(p) is not None:
-        return "gguf"
-    if not p.is_dir():
-        raise ShrinkError(f"'{path}' is not a folder; give a model folder written by shrink "
-                          "(Hugging Face, GPTQ or ONNX)")
-    if is_onnx_folder(p):
-        return "onnx"
-    config = p / "config.json"
-    if not config.is_file():
-        raise ShrinkError(f"'{path}' is not a model folder (no config.json, genai_config.json or "
-                          ".onnx file in it)")
-    try:
-        qc = json.loads(config.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError as e:
-        raise ShrinkError(f"cannot read {config}: {e}") from None
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "gptq":
-        return "gptq"
-    if method:
-        raise ShrinkError(f"'{path}' is quantized with '{method}', which shrink does not run; "
-                          "shrink runs plain HF, GPTQ and ONNX folders")
-    return "hf"
 
 
 def onnx_record(path: Path) -> dict:

@@ -55,6 +55,38 @@ def is_gguf_file(path: str | Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def check_gguf_file(path: str | Path) -> None:
+    """Refuse what llama.cpp should not be handed, with one line: not a regular file, shorter than
+    a GGUF header, no GGUF magic, an unknown version, or a header whose tensors do not fit in the
+    file (truncated), as the gguf package's reader sees them."""
+    p = Path(path)
+    if not p.is_file():
+        raise ShrinkError(f"no such GGUF file '{path}'")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise ShrinkError(f"'{path}' is not a GGUF file ({size} bytes: too short)")
+    if head[:4] != b"GGUF":
+        raise ShrinkError(f"'{path}' is not a GGUF file (no GGUF magic)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise ShrinkError(f"'{path}' is GGUF version {version}; llama.cpp reads versions 2 and 3")
+    try:
+        import gguf
+    except ImportError:
+        return  # llama.cpp's own checks remain
+    try:
+        reader = gguf.GGUFReader(str(p))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError...: one line
+        raise ShrinkError(f"'{path}' is a damaged GGUF file ({first_line(e)}); it may be "
+                          "truncated") from None
+    if end > size:
+        raise ShrinkError(f"'{path}' is truncated: its tensors end at byte {end}, the file has "
+                          f"{size}")
+
+
 @contextlib.contextmanager
 def stderr_to(log_file: str | Path | None) -> Iterator[None]:
     """Send file descriptor 2 (where llama.cpp's C code logs) to ``log_file`` for the block,
@@ -92,10 +124,7 @@ class GgufRunner:
                  log_file: str | Path | None = None, logits_all: bool = True):
         check_runtime()
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ShrinkError(f"no such GGUF file '{path}'")
-        if not is_gguf_file(self.path):
-            raise ShrinkError(f"'{path}' is not a GGUF file (no GGUF magic)")
+        check_gguf_file(self.path)
         threads = int(n_threads or os.cpu_count() or 1)
         with stderr_to(log_file):
             import llama_cpp

@@ -141,7 +141,10 @@ class PlainOnnxRunner:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(models[0]), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(models[0]), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's Fail / InvalidGraph: one line
+            raise ShrinkError(f"onnxruntime cannot load {models[0]}: {first_line(e)}") from None
         from transformers import AutoTokenizer
 
         self.hf_tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -207,9 +210,60 @@ class PlainOnnxRunner:
         return final
 
 
+def _check_external_data(model, f: Path) -> None:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        data = (f.parent / info.location).resolve()
+        if f.parent.resolve() not in data.parents:
+            raise ShrinkError(f"{f}: tensor {tensor.name} keeps its data outside the folder "
+                              f"({info.location}); refusing to read it")
+        if not data.is_file():
+            raise ShrinkError(f"{f}: the data file {info.location} of tensor {tensor.name} is "
+                              "missing")
+        end = (info.offset or 0) + (info.length or 0)
+        if data.stat().st_size < end:
+            raise ShrinkError(f"{data} is truncated: tensor {tensor.name} ends at byte {end}, "
+                              f"the file has {data.stat().st_size}")
+
+
+def check_onnx_folder(path: str | Path) -> None:
+    """Refuse a damaged ONNX folder with one line before a runtime loads it: no .onnx file, an
+    empty or unparsable one, external data missing, truncated or outside the folder, a
+    genai_config.json that is not JSON, no tokenizer."""
+    import onnx
+
+    p = Path(path)
+    models = sorted(f for f in p.glob("*.onnx") if f.is_file())
+    if not models:
+        raise ShrinkError(f"no .onnx file in {path}")
+    for f in models:
+        if f.stat().st_size == 0:
+            raise ShrinkError(f"{f} is empty; export it again")
+        try:
+            model = onnx.load(str(f), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others: one line
+            raise ShrinkError(f"{f} is not a valid ONNX model ({first_line(e)}); it may be "
+                              "truncated or damaged") from None
+        _check_external_data(model, f)
+    genai = p / "genai_config.json"
+    if genai.is_file():
+        try:
+            if not isinstance(json.loads(genai.read_text(encoding="utf-8"))["model"], dict):
+                raise TypeError("'model' is not an object")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise ShrinkError(f"{genai} is damaged ({first_line(e)})") from None
+    if not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ShrinkError(f"{path} has no tokenizer (tokenizer.json); export it again")
+
+
 def onnx_runner(path: str | Path, target: str | None = None):
     """The right runner for an ONNX folder: onnxruntime-genai when it has genai_config.json."""
     p = Path(path)
+    check_onnx_folder(p)
     if (p / "genai_config.json").is_file():
         return GenaiRunner(p)
     return PlainOnnxRunner(p, target)

@@ -288,13 +288,6 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
     return BenchReport(settings, names[0], results, _machine(device), bandwidth)
 
 
-def to_markdown(report: BenchReport) -> str:
-    """The report as a markdown table (the same columns as ``shrink bench`` prints)."""
-    from shrink.report.tables import bench_markdown
-
-    return bench_markdown(report)
-
-
 # ----------------------------------------------------------------------------- sweep
 
 

@@ -23,9 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shrink.core.errors import ShrinkError
-from shrink.core.outputs import (atomic_output, check_not_source, check_replaceable,
-                                 check_resumable, existing_ancestor, folder_bytes, lock_output,
-                                 mark_output)
+from shrink.core.outputs import (
+    atomic_output,
+    check_not_source,
+    check_replaceable,
+    check_resumable,
+    existing_ancestor,
+    folder_bytes,
+    lock_output,
+    mark_output,
+)
 from shrink.core.progress import stderr
 from shrink.report import buildreport
 from shrink.stages.configs import BuildConfig
@@ -69,9 +76,9 @@ def plan(ctx: BuildContext, stages: list[Stage], out: Path, disk: int) -> str:
     for stage in stages:
         lines = stage.describe(ctx)
         steps += [lines] if isinstance(lines, str) else list(lines)
-    lines = [f"shrink build {ctx.config.model} -> {out} (at most {disk / 1e9:.1f} GB of disk "
-             "while it runs):"]
-    lines += [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
+    title = (f"shrink build {ctx.config.model} -> {out} (at most {disk / 1e9:.1f} GB of disk "
+             "while it runs):")
+    lines = [title] + [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
     return "\n".join(lines)
 
 

@@ -1,6 +1,8 @@
 """Perplexity on held-out text."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from shrink.core.data import token_blocks
 from shrink.core.perplexity import PerplexityResult
 from shrink.runtime import kinds
@@ -21,7 +23,7 @@ def evaluate(model: str, config: EvaluateConfig | None = None, *,
     config = config or EvaluateConfig()
     sources = [config.data] + ([config.second] if config.second else [])
     kind = kinds.for_model(model)
-    if book is not None and kind.name == "hf":
+    if book is not None and kind.torch_weights:
         results = _hf_measured(model, sources, config, load or ModelOptions(), book,
                                show_progress)
     else:
@@ -55,8 +57,6 @@ def _hf_measured(model: str, sources: list[str], config: EvaluateConfig, load: M
 def _kind_measured(kind, model: str, sources: list[str], config: EvaluateConfig,
                    load: ModelOptions, book, show_progress: bool) -> list[PerplexityResult]:
     """Another runtime's artifact: keyed by its files' bytes in the book, when there is one."""
-    from pathlib import Path
-
     from shrink.core.measures import weights_key
 
     names = [config.name(source) for source in sources]
@@ -93,7 +93,8 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: BuildContext, work_dir: Path) -> dict:
         c = self.settings(ctx)
-        targets = {"dense": ctx.config.model, **{a.label: str(a.path) for a in ctx.artifacts}}
+        targets = {"dense": ctx.config.model, **{a.label: str(a.path) for a in ctx.artifacts
+                                                 if a.measured}}
         rows = {}
         for label, path in targets.items():
             res = evaluate(path, c, load=ModelOptions(device=ctx.config.device),

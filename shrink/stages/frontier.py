@@ -61,7 +61,7 @@ class FrontierConfig(Config):
     @field_validator("depths")
     @classmethod
     def _depths(cls, v: list[float]) -> list[float]:
-        if any(not (math.isfinite(d) and d > 0) for d in v):
+        if any(not (math.isfinite(d) and d > 0) for d in v):  # [] measures the dense ladder only
             raise ValueError("depths must be positive fractions (0.2) or layer counts (6)")
         return v
 
@@ -135,6 +135,7 @@ def _gguf_point(run: Runner, source: str, label: str, family: str, drop: int, he
                run.work / f"{slug}.export.json")
     ev = run.shrink(["eval", str(folder), "--json", str(run.work / f"{slug}.eval.json")],
                     run.work / f"{slug}.eval.json")
+    ev = ev.get("result", ev)  # write_json wraps the result with the command and settings
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise ShrinkError(f"no .gguf file in {folder}")
@@ -244,7 +245,7 @@ def _measure_speed(run: Runner, points: list[Point], config: FrontierConfig) -> 
     names = [p.path for p in points if p.path]
     bench = run.shrink(["bench", *names, "--threads", str(config.threads), "--repeats",
                         str(config.repeats), "--ppl-samples", "0", "--json", str(done)], done)
-    by_path = {r["path"]: r for r in bench.get("results", [])}
+    by_path = {r["path"]: r for r in bench.get("result", bench).get("results", [])}
     for p in points:
         r = by_path.get(str(Path(p.path).resolve())) or by_path.get(p.path)
         if r:

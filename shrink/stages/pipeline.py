@@ -30,12 +30,14 @@ from shrink.core.errors import ShrinkError
 class Artifact:
     """A model the build made. ``kind`` names its runtime kind (how it is loaded and measured:
     hf, gptq, onnx, gguf); ``label`` is its row in the evaluation; ``publish``, when set, is the
-    folder it is copied to in the output (the final model is published as ``model``)."""
+    folder it is copied to in the output (the final model is published as ``model``); ``measured``:
+    whether the evaluation measures it."""
 
     kind: str
     path: Path
     label: str
     publish: str | None = None
+    measured: bool = True  # the evaluate stage measures its perplexity
 
 
 @dataclass

@@ -10,11 +10,19 @@ from pathlib import Path
 import torch
 
 from shrink.core.data import token_blocks
-from shrink.core.perplexity import perplexity
 from shrink.core.errors import ShrinkError, first_line
 from shrink.core.layers import check_remove, prune_model
-from shrink.core.models import (ALIASES, check_seq_len, load_config, load_model, meta_model,
-                                num_layers, read_shrink_json, resolve)
+from shrink.core.models import (
+    ALIASES,
+    check_seq_len,
+    load_config,
+    load_model,
+    meta_model,
+    num_layers,
+    read_shrink_json,
+    resolve,
+)
+from shrink.core.perplexity import perplexity
 from shrink.core.progress import stderr
 from shrink.core.scores import LayerScores
 from shrink.runtime.verify import verify_in_subprocess
@@ -190,7 +198,11 @@ def _write_pruned(job: _PruneJob, tmp: Path) -> StageOutput:
 def _write_streamed(job: _PruneJob, tmp: Path):
     """Copy the kept layers shard by shard (and fit the bridge streamed); no quality guard
     here: it needs the whole model."""
-    from shrink.streaming.prune import plan_stream_prune, verify_streamed, write_stream_prune
+    from shrink.streaming.prune import (
+        plan_stream_prune,
+        verify_streamed,
+        write_stream_prune,
+    )
 
     config, load, record = job.config, job.load, job.record
     plan = plan_stream_prune(job.resolved.path, job.remove, load.trust_remote_code)

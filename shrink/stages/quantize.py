@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import shutil
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from shrink.core.data import EVALUATION, token_blocks
 from shrink.core.quiet import stdout_to_stderr
 from shrink.runtime.gptq import cpu_workers, gptq_interrupts, logs_outside_cwd, require_gptq
 from shrink.core.errors import ShrinkError, first_line
-from shrink.core.models import (check_decoder_only, check_device, check_model_folder, check_seq_len, find_layers, from_pretrained_checked, load_config, resolve)
+from shrink.core.models import (check_decoder_only, check_device, check_model_folder, check_seq_len, find_layers, from_pretrained_checked, load_config, read_shrink_json, resolve)
 from shrink.core.outputs import check_output, safetensors_bytes
 from shrink.core.progress import stderr
 from shrink.stages.configs import EvaluateConfig, QuantizeConfig
@@ -159,7 +161,8 @@ def _check_source(config, name: str) -> None:
 
 def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, *,
              evaluation: EvaluateConfig | None = None, device: str | None = None,
-             force: bool = False, verify: bool = True, show_progress: bool = True) -> GptqResult:
+             force: bool = False, verify: bool = True, show_progress: bool = True,
+             book=None) -> GptqResult:
     """Quantize ``model_dir`` with GPTQ (GPTQModel) and write a standard GPTQ folder to ``output``.
 
     ``config.group_size`` None means 128, or the largest power of two dividing every quantized
@@ -194,14 +197,8 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
 
     ppl_before = None
     if eval_blocks is not None:
-        from shrink.core.models import load_model
-        from shrink.core.perplexity import perplexity
-
-        loaded = load_model(str(model_dir), device=device)
-        ppl_before = perplexity(loaded.model, eval_blocks.input_ids,
-                                show_progress=show_progress).perplexity
-        del loaded
-        gc.collect()
+        ppl_before = source_perplexity(str(model_dir), resolved.path, eval_blocks,
+                                       evaluation.name(), device, book, show_progress)
 
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)}
                    for row in blocks.input_ids]
@@ -214,7 +211,8 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
 
             try:
                 qconfig = GPTQConfig(bits=bits, group_size=g, desc_act=config.desc_act,
-                                     sym=config.sym, damp_percent=config.damp, device=device)
+                                     sym=config.sym, damp_percent=config.damp, device=device,
+                                     **offload_setting(resolved.path, device))
             except (ValueError, TypeError) as e:
                 raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
             try:
@@ -223,8 +221,8 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
                 raise ShrinkError(f"GPTQModel cannot load '{resolved.name}' for quantization: "
                                   f"{first_line(e)}") from None
             t0 = time.perf_counter()
-            with logs_outside_cwd():
-                qmodel.quantize(calibration, batch_size=1)
+            with logs_outside_cwd(), layer_progress(qmodel, hf_config, show_progress):
+                qmodel.quantize(calibration, batch_size=config.batch_size)
             seconds = time.perf_counter() - t0
             qmodel.save(str(tmp))
         del qmodel
@@ -266,6 +264,84 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
     return run_stage("quantize", output, compute, source=resolved.path,
                      settings=config.settings(), force=force, verify=verify,
                      log=stderr.print if show_progress else None)
+
+
+def source_perplexity(model: str, folder: Path | None, blocks, set_name: str, device: str,
+                      book, show_progress: bool) -> float:
+    """The source's perplexity on the evaluation set: from its shrink.json when the stage that
+    wrote it measured what it saved on this very set (heal does), else from the build's book,
+    else measured."""
+    from shrink.core.measures import measure
+    from shrink.core.models import load_model
+
+    record = read_shrink_json(folder) or {}
+    last = (record.get("stages") or [{}])[-1]
+    if (last.get("evaluation") or {}).get("set") == set_name and \
+            last.get("perplexity_after") is not None:
+        return float(last["perplexity_after"])
+    loaded = load_model(model, device=device)
+    value = measure(book, loaded.model, blocks.input_ids, set_name, "quantize", "before",
+                    show_progress=show_progress).perplexity
+    del loaded
+    gc.collect()
+    return value
+
+
+def offload_setting(folder: Path | None, device: str) -> dict:
+    """GPTQModel's disk offload (on by default) only when the model would not fit in memory:
+    for a model that fits it only adds writes and reads of every layer."""
+    import dataclasses
+
+    from gptqmodel import QuantizeConfig as GPTQConfig
+
+    if "offload_to_disk" not in {f.name for f in dataclasses.fields(GPTQConfig)}:
+        return {}
+    need = 3 * safetensors_bytes(folder) if folder is not None else None  # fp32 copy + work
+    avail = _available_memory()
+    fits = need is not None and avail is not None and need < avail
+    return {"offload_to_disk": not fits}
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable; else the free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@contextmanager
+def layer_progress(qmodel, hf_config, show_progress: bool):
+    """'GPTQ layer i of N' with an ETA, from GPTQModel's layer-complete callback."""
+    from shrink.core.models import text_config
+    from shrink.core.progress import progress_bar
+
+    n = getattr(text_config(hf_config), "num_hidden_layers", None)
+    if not show_progress or not isinstance(n, int):
+        yield
+        return
+    ticks = progress_bar(iter(range(n)), "GPTQ layer", total=n)
+    next(ticks, None)
+
+    class Callback:
+        def layer_complete(self, layer_idx: int, submodule_finalized: bool):
+            if not submodule_finalized:
+                next(ticks, None)
+
+    saved = getattr(qmodel, "layer_callback", None)
+    qmodel.layer_callback = Callback()
+    try:
+        yield
+    finally:
+        qmodel.layer_callback = saved
+        for _ in ticks:  # finish the bar
+            pass
 
 
 def keep_generation_config(source: Path | None, out: Path) -> None:

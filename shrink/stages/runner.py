@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from shrink.core.models import read_shrink_json
+from shrink.core.outputs import (
+    atomic_output,
+    check_output,
+    copy_license_files,
+    lock_output,
+    write_record,
+)
 from shrink.core.quiet import hf_quiet
-from shrink.core.outputs import (atomic_output, check_output, copy_license_files, lock_output,
-                                 write_record)
 
 
 @dataclass

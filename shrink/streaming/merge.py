@@ -4,7 +4,8 @@ peft's ``merge_and_unload`` needs the whole base model in memory. Here every LoR
 ``W`` is read alone from the base's safetensors shards, ``W + scale * B @ A`` is computed in
 float32 (``scale = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, per module as peft computes
 it), cast back to the tensor's dtype and written; every other tensor is copied byte for byte.
-Tensors the adapter saves whole (peft's ``modules_to_save``) replace their originals. The output
+Tensors the adapter saves whole (peft's ``modules_to_save``, or the base layer of an adapted
+embedding) replace their originals before any LoRA update. The output
 is written in shards of at most ``max_shard_bytes`` with an index, the config, the generation
 config and the tokenizer. Peak memory: one tensor and its LoRA factors, plus one 64 MiB copy
 buffer."""
@@ -130,8 +131,8 @@ def adapter_updates(adapter_dir: Path, base: Checkpoint) -> tuple[dict[str, Lora
         elif ".lora_" in name:
             raise ShrinkError(f"adapter tensor '{key}' is not a LoRA A/B matrix the streamed "
                               "merge knows; merge it in memory")
-        else:
-            whole[name] = info
+        else:  # a whole tensor (modules_to_save, or a saved embedding's base layer)
+            whole[name.replace(".base_layer.", ".")] = info
     updates: dict[str, Lora] = {}
     for module, p in pairs.items():
         if "lora_A" not in p or "lora_B" not in p:
@@ -170,9 +171,7 @@ def _read(info: TensorInfo, handles: dict) -> torch.Tensor:
 
 def merged_tensor(e: Entry, handles: dict) -> torch.Tensor:
     """The output value of an entry that is not a plain copy."""
-    if e.replace is not None:
-        return _read(e.replace, handles).to(DTYPES[e.dtype])
-    w = _read(e.info, handles).to(torch.float32)
+    w = _read(e.replace if e.replace is not None else e.info, handles).to(torch.float32)
     if e.lora is not None:
         a = _read(e.lora.a, handles).to(torch.float32)
         b = _read(e.lora.b, handles).to(torch.float32)

@@ -28,6 +28,8 @@ from shrink.streaming.memory import activation_store, activations_on_disk
 from shrink.streaming.score import Skeleton, embed_into, layer_forward, open_skeleton
 from shrink.streaming.skeleton import Loader, module_name
 
+LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk of positions (the loss needs about twice that)
+
 
 def _check_blocks(blocks, attention_mask):
     ids = getattr(blocks, "input_ids", blocks)
@@ -103,12 +105,14 @@ def _head_nll(sk: Skeleton, norm, head, x: torch.Tensor, ids: torch.Tensor, mask
 def stream_perplexity(model_dir: str | Path, blocks, *, attention_mask: torch.Tensor | None = None,
                       remove=(), replace: dict[str, torch.Tensor] | None = None,
                       device: str = "cpu", dtype=torch.float32, batch_size: int = 4,
-                      chunk: int = 512, offload_dir: str | Path | None = None,
+                      chunk: int | None = None, offload_dir: str | Path | None = None,
                       show_progress: bool = False, trust_remote_code: bool = False
                       ) -> PerplexityResult:
     """Token-weighted perplexity of the checkpoint in ``model_dir`` (without layers ``remove``,
     with tensors ``replace``) over ``blocks`` (a (samples, seq_len) tensor or TokenBlocks), one
-    layer in memory at a time; equal to the in-memory perplexity to float rounding."""
+    layer in memory at a time; equal to the in-memory perplexity to float rounding. The head
+    runs ``chunk`` positions of a batch at a time (default: as many as keep the fp32 logits
+    under ``LOGIT_BYTES``)."""
     ids, attention_mask = _check_blocks(blocks, attention_mask)
     device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)
@@ -121,6 +125,9 @@ def stream_perplexity(model_dir: str | Path, blocks, *, attention_mask: torch.Te
         raise ShrinkError(f"cannot substitute '{unknown[0]}': no such tensor in {model_dir}")
     N, S = ids.shape
     H = sk.config.get_text_config().hidden_size
+    if chunk is None:
+        rows = min(batch_size, N) * sk.config.get_text_config().vocab_size * 4
+        chunk = max(1, LOGIT_BYTES // rows)
     on_disk = activations_on_disk((N, S, H), torch_dtype, offload_dir)
     t0 = time.perf_counter()
     acts, acts_file = activation_store((N, S, H), torch_dtype, offload_dir, on_disk)

@@ -3,8 +3,8 @@ import json
 
 from click.testing import CliRunner
 
-from shrink.cli.commands.claims import command as claims_cmd
 from shrink.analysis.claims import check_claims, to_markdown, verdict_for
+from shrink.cli.commands.claims import command as claims_cmd
 
 
 def by_claim(checks, words):

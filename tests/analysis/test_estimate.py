@@ -4,8 +4,6 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from shrink.cli.commands.estimate import command as estimate_cmd
-from shrink.core.errors import ShrinkError
 from shrink.analysis.estimate import (
     GPUS,
     count_params,
@@ -17,6 +15,8 @@ from shrink.analysis.estimate import (
     load_config,
     weight_memory,
 )
+from shrink.cli.commands.estimate import command as estimate_cmd
+from shrink.core.errors import ShrinkError
 from shrink.core.models import ALIASES
 
 # d=8, f=16, L=2, h=2, h_kv=1 (so d_h=4), V=10, separate head.

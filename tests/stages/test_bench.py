@@ -10,12 +10,13 @@ from click.testing import CliRunner
 import shrink
 from shrink.cli import main
 from shrink.core.errors import ShrinkError
+from shrink.report.tables import bench_markdown
 from shrink.stages import bench as B
 from shrink.stages.configs import EvaluateConfig, PruneConfig
 
 
 def test_artifact_kinds(tiny_model_dir, tmp_path):
-    from shrink.runtime.artifacts import artifact_kind
+    from shrink.runtime.kinds import artifact_kind
 
     assert artifact_kind(tiny_model_dir("llama")) == "hf"
     g = tmp_path / "g"
@@ -51,7 +52,7 @@ def test_bench_two_artifacts(tiny_model_dir, tmp_path):
     ev = shrink.evaluate(str(pruned), EvaluateConfig(samples=1, seq_len=16), show_progress=False)
     assert cand.median["perplexity"] == pytest.approx(ev.perplexity, rel=1e-5)
     assert cand.median["decode_tokens_per_s"] > 0 and cand.median["peak_rss_bytes"] > 0
-    md = B.to_markdown(report)
+    md = bench_markdown(report)
     assert md.count("\n| ") >= 3 and "pruned" in md
 
 
@@ -98,7 +99,7 @@ def test_bench_threads_and_roofline(tiny_model_dir):
         assert r.median["roofline_fraction"] == pytest.approx(
             r.median["decode_tokens_per_s"] / r.median["roofline_tokens_per_s"])
         assert r.median["cores_busy"] > 0
-    assert "| 2 |" in B.to_markdown(report) and "GB/s" in B.to_markdown(report)
+    assert "| 2 |" in bench_markdown(report) and "GB/s" in bench_markdown(report)
 
 
 def test_memory_bandwidth_counts_bytes():

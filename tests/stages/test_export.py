@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime_genai")
 
 from shrink.cli import main  # noqa: E402
 from shrink.core.errors import ShrinkError  # noqa: E402
-from shrink.runtime.artifacts import artifact_kind  # noqa: E402
+from shrink.runtime.kinds import artifact_kind  # noqa: E402
 from shrink.runtime.generate import generate  # noqa: E402
 from shrink.stages.configs import ExportConfig  # noqa: E402
 from shrink.stages.export.onnx import export_onnx  # noqa: E402
@@ -386,7 +386,7 @@ def test_missing_extra_is_named(monkeypatch, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("module", ["onnxruntime_genai", "onnxruntime"])
 def test_generate_names_the_missing_runtime(module, monkeypatch):
-    from shrink.runtime.generate import import_onnx_runtime
+    from shrink.runtime.onnx import import_onnx_runtime
 
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     with pytest.raises(ShrinkError, match=rf"needs {module.replace('_', '-')} .*"

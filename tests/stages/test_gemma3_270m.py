@@ -63,7 +63,7 @@ def test_pruned_gguf_loads_in_llama_cpp(pruned, tmp_path):
 def test_pruned_onnx_has_kv_cache_and_matches_past_the_window(pruned, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from shrink.runtime.generate import onnx_runner
+    from shrink.runtime.onnx import onnx_runner
     from shrink.stages.configs import ExportConfig
     from shrink.stages.export.onnx import export_onnx
 

@@ -22,7 +22,7 @@ def test_good_model_passes(arch, tiny_model_dir):
     record = verify_streamed(tiny_model_dir(arch))
     assert record["ok"] and record["cache_matches_no_cache"] and record["finite_tensors"]
     assert record["cache_layers"] == [0, 5] and record["tensors_checked"] > 50
-    assert record["prompt_perplexity"] > 1
+    assert record["prompt_perplexity"] > 1 and record["cache_relative_logit_diff"] < 1e-5
 
 
 def test_layer_subset_and_bad_layers(tiny_model_dir):
@@ -63,3 +63,22 @@ def test_missing_tokenizer_is_caught(tiny_model_dir, tmp_path):
         (folder / name).unlink()
     with pytest.raises(ShrinkError, match="tokenizer"):
         verify_streamed(folder)
+
+
+def test_broken_cache_is_caught(tiny_model_dir, monkeypatch):
+    """Two layers sharing one cache slot (a wrong layer_idx) make the cached logits differ."""
+    import shrink.core.layers as layers_mod
+    from shrink.streaming.verify import verify_streamed
+
+    swap = layers_mod.swap_layers
+
+    def broken(model, keep):
+        undo = swap(model, keep)
+        for m in model.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = 0
+        return undo
+
+    monkeypatch.setattr(layers_mod, "swap_layers", broken)
+    with pytest.raises(ShrinkError, match="KV cache"):
+        verify_streamed(tiny_model_dir("llama"))

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-NAMES = ("bench", "build", "claims", "estimate", "eval", "export", "generate", "heal", "prune",
+NAMES = ("bench", "build", "claims", "estimate", "eval", "export", "frontier", "generate", "heal", "prune",
          "quantize", "score")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from shrink.cli.common import build_config, check_writable, console, json_option, wrote, write_json
+from shrink.cli.common import build_config, check_writable, console, json_option, write_json, wrote
 from shrink.cli.options import config_options
 from shrink.core.errors import ShrinkError
 from shrink.stages.configs import BenchConfig

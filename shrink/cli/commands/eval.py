@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import click
 
-from shrink.cli.common import (build_config, check_writable, console, json_option, load_options,
-                               model_options, write_json)
+from shrink.cli.common import (
+    build_config,
+    check_writable,
+    console,
+    json_option,
+    load_options,
+    model_options,
+    write_json,
+)
 from shrink.cli.options import config_options
 from shrink.stages.configs import EvaluateConfig
 

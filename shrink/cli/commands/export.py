@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import click
 
-from shrink.cli.common import (build_config, check_writable, console, err, model_folder,
-                               output_options, write_json)
+from shrink.cli.common import (
+    build_config,
+    check_writable,
+    console,
+    err,
+    model_folder,
+    output_options,
+    write_json,
+)
 from shrink.cli.options import config_options
 from shrink.stages.configs import ExportConfig
 

@@ -9,15 +9,23 @@ import click
 from shrink.cli.common import console, err
 
 
+def finite(ctx, param, value):
+    """Refuse NaN (click's ranges let it through: every comparison with NaN is false)."""
+    if value is not None and value != value:
+        raise click.BadParameter("NaN is not a number", ctx, param)
+    return value
+
+
 @click.command("generate")
 @click.argument("artifact")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="0 means greedy decoding.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1,
-                                                                              min_open=True))
-@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 1e3),
+              callback=finite, help="0 means greedy decoding.")
+@click.option("--top-p", default=1.0, show_default=True, callback=finite,
+              type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=None, type=click.IntRange(0, 2 ** 32 - 1),
+              help="Seed for sampling.")
 def command(artifact, prompt, max_new_tokens, temperature, top_p, seed):
     """Stream a continuation of --prompt from ARTIFACT: any folder shrink writes (Hugging Face,
     GPTQ or ONNX)."""

@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import click
 
-from shrink.cli.common import (build_config, check_writable, console, eval_config, eval_options,
-                               load_options, model_options, output_options, write_json)
+from shrink.cli.common import (
+    build_config,
+    check_writable,
+    console,
+    eval_config,
+    eval_options,
+    load_options,
+    model_options,
+    output_options,
+    write_json,
+)
 from shrink.cli.options import config_options
 from shrink.stages.configs import HealConfig
 

@@ -44,6 +44,9 @@ class Kind:
 
     name = ""
     lm_eval = False  # lm-evaluation-harness runs it (transformers loads it)
+    # load_model loads it as a float torch module: perplexity can be measured on (and
+    # remembered by) the module's weights
+    torch_weights = False
 
     def detect(self, path: Path) -> bool:
         """Whether ``path`` (an existing file or folder) is an artifact of this kind."""

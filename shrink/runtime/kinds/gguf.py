@@ -73,7 +73,10 @@ class GgufKind(Kind):
 
         from shrink.runtime import measure as M
 
+        from shrink.core.models import check_tokenizer_files
+
         file = _file(path)
+        check_tokenizer_files(file.parent)  # the prompt is built with the HF tokenizer
         tok = AutoTokenizer.from_pretrained(file.parent)
         ids = M.prompt_ids(tok, m.prompt_len, 1)[0].tolist()
         with self.load(file, n_ctx=max(1024, m.prompt_len + m.gen_len, m.ppl_seq_len),

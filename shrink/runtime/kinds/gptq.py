@@ -13,6 +13,7 @@ from shrink.runtime.worker import run_worker
 
 class GptqKind(HfKind):
     name = "gptq"
+    torch_weights = False  # its weights are GPTQModel's packed integers
 
     def detect(self, path: Path) -> bool:
         p = Path(path)

@@ -30,6 +30,7 @@ class HfKind(Kind):
 
     name = "hf"
     lm_eval = True
+    torch_weights = True
 
     def detect(self, path: Path) -> bool:
         p = Path(path)

@@ -154,22 +154,41 @@ def builder_options(precision: str, lm_head: str | None, tied: bool,
     return options
 
 
-def _run_builder(src: Path, out: Path, precision: str, target: str,
-                 options: list[str]) -> tuple[bool, str]:
+def _run_builder(src: Path, out: Path, precision: str, target: str, options: list[str],
+                 layers: int | None = None, show_progress: bool = False) -> tuple[bool, str]:
     """Run the onnxruntime-genai model builder in a child process. Returns (ok, error line)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="shrink-onnx-cache-") as cache:
         # the builder's command line, run through shrink's wrapper (genai_builder), which
         # first patches what the builder reads wrongly under transformers 5 (Gemma 3's rope)
         cmd = [sys.executable, "-m", "shrink.stages.export.genai_builder", "-i", str(src),
                "-o", str(out), "-p", precision, "-e", target, "-c", cache,
                "--extra_options", *options]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env) as proc:
+            lines = _builder_lines(proc.stdout, layers, show_progress)
     if proc.returncode != 0:
-        return False, _last_error_line(proc.stderr + "\n" + proc.stdout)
+        return False, _last_error_line("\n".join(lines))
     if not (out / "model.onnx").is_file() or not (out / "genai_config.json").is_file():
         return False, "the builder finished without writing model.onnx and genai_config.json"
     return True, ""
+
+
+def _builder_lines(stream, layers: int | None, show_progress: bool) -> list[str]:
+    """The builder's output lines; with ``show_progress``, a bar over its phase lines."""
+    from shrink.core.progress import progress_bar
+
+    steps = (layers or 0) + 4  # embedding, each layer, final norm, LM head, saving
+    ticks = progress_bar(iter(range(steps)), "ONNX builder", show_progress and bool(layers), steps)
+    next(ticks, None)
+    lines = []
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+        if line.startswith(("Reading layer", "Reading final", "Reading LM", "Saving ONNX")):
+            next(ticks, None)
+    list(ticks)  # the bar ends full
+    return lines
 
 
 def _untie_transposed_weights(model) -> None:
@@ -417,7 +436,9 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
         tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
         block = None if quant_method else config.block_size
         ok, builder_error = _run_builder(src, tmp, precision, target,
-                                         builder_options(precision, head, tied, block))
+                                         builder_options(precision, head, tied, block),
+                                         getattr(hf_config.get_text_config(),
+                                                 "num_hidden_layers", None), log is not None)
         if ok:
             method, kv_cache = "onnxruntime-genai builder", True
         else:

@@ -2,6 +2,7 @@
 and measuring the model before and after on the evaluation blocks."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from shrink.core.progress import stderr
 
 @dataclass
 class Merged:
-    model: nn.Module  # in the source checkpoint's dtype, ready to save
+    model: nn.Module | StreamedModel  # in the source checkpoint's dtype, ready to save
     before: PerplexityResult
     after: PerplexityResult
     check: dict  # max |logit difference| between the adapter model and the merged one
@@ -32,6 +33,67 @@ def source_dtype(config) -> torch.dtype:
                                                            torch.bfloat16):
         dtype = torch.float32
     return dtype
+
+
+class StreamedModel:
+    """A merged model written to ``folder`` by the streamed merge, never loaded: what the heal
+    stage needs of a merged model (``save_pretrained``, ``dtype``, ``config``), where saving moves
+    the written files into place."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype, config):
+        self.folder, self.dtype, self.config = folder, dtype, config
+
+    def save_pretrained(self, out: str | Path, **_) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.folder.iterdir()):
+            shutil.move(str(f), str(out / f.name))
+
+
+def needs_streamed_merge(location: str, device: str, dtype: torch.dtype) -> bool:
+    """Whether the base of a local safetensors folder, loaded in ``dtype`` for the merge, would
+    not fit the device's available memory (with 30% headroom for the merge and the evaluation)."""
+    from shrink.core.errors import ShrinkError
+    from shrink.streaming import available_memory, weights_bytes
+
+    if not Path(location).is_dir():
+        return False
+    try:
+        need = weights_bytes(location, dtype)
+    except ShrinkError:
+        return False
+    return need * 1.3 > available_memory(device)
+
+
+def merge_streamed(location: str, trained: Path, hf_config, *, device: str,
+                   eval_ids: torch.Tensor, second_ids: torch.Tensor | None,
+                   show_progress: bool) -> Merged:
+    """The adapter merged tensor by tensor into a folder next to it
+    (:func:`shrink.streaming.merge.merge_adapter_streamed`), with perplexity before and after
+    measured one layer at a time; nothing is loaded whole."""
+    from shrink.streaming.merge import merge_adapter_streamed
+    from shrink.streaming.perplexity import stream_perplexity
+
+    def measure(folder) -> PerplexityResult:
+        result = stream_perplexity(folder, eval_ids, device=device, dtype=None,
+                                   show_progress=show_progress)
+        if second_ids is not None:
+            result.second = stream_perplexity(folder, second_ids, device=device, dtype=None,
+                                              show_progress=show_progress)
+        return result
+
+    out = Path(trained).parent / "merged"
+    shutil.rmtree(out, ignore_errors=True)
+    before = measure(location)
+    info = merge_adapter_streamed(location, trained, out,
+                                  log=stderr.print if show_progress else None)
+    after = measure(out)
+    check = {"max_abs_logit_diff": None, "tokens": 0, "streamed": True,
+             "merged_tensors": len(info["merged_tensors"]),
+             "note": "streamed merge: W + scale * B @ A per tensor, equal to peft's "
+                     "merge_and_unload to float rounding"}
+    return Merged(StreamedModel(out, source_dtype(hf_config), hf_config), before, after, check,
+                  source_dtype(hf_config))
 
 
 def merge(location: str, trained: Path, method: str, hf_config, *, device: str, on_cuda: bool,
@@ -55,6 +117,9 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
 
     src_dtype = source_dtype(hf_config)
     merge_dtype = torch.float32 if not on_cuda else src_dtype
+    if method != "last-layers" and needs_streamed_merge(location, device, merge_dtype):
+        return merge_streamed(location, trained, hf_config, device=device, eval_ids=eval_ids,
+                              second_ids=second_ids, show_progress=show_progress)
     base = from_pretrained_checked(location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
     before = measure(base, "before")

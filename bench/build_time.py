@@ -1,0 +1,220 @@
+"""How far each stage of a finished build is from the cost of its own arithmetic.
+
+    python bench/build_time.py OUT [--results bench/results] [--name build_time]
+
+OUT is a finished ``shrink build`` folder: its report.json gives each stage's wall seconds and
+settings, OUT/model/config.json the model's shapes. Per stage this computes the floating-point
+work the stage must do (the formula is written beside each number), measures this machine's
+float32 matmul rate on the model's own shapes in the same run, and reports the floor (FLOPs /
+rate) and the ratio wall / floor, with the load average before and after the measurement.
+Writes RESULTS/NAME.md and RESULTS/NAME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GUARD_TOKENS = 4 * 256  # the quality guard's fixed blocks (shrink.core.guard)
+AUTO_HELDOUT_SAMPLES = 8  # held-out blocks per auto candidate (shrink.stages.prune)
+AUTO_CANDIDATES = 3  # bi, angular, relmag (shrink.stages.auto.DEFAULT_CANDIDATES)
+
+
+def shapes(cfg: dict) -> dict:
+    """Per-layer linear shapes (d_in, d_out) and the LM head of a Llama-style config."""
+    d, f, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or H
+    hd = cfg.get("head_dim") or d // H
+    linears = {"q_proj": (d, H * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd),
+               "o_proj": (H * hd, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    return {"d": d, "f": f, "vocab": V, "linears": linears,
+            "layer_params": sum(i * o for i, o in linears.values()), "head_params": d * V}
+
+
+def forward_params(s: dict, layers: int, head: bool = True) -> int:
+    return layers * s["layer_params"] + (s["head_params"] if head else 0)
+
+
+def _tokens(section: dict | None, samples_key: str = "samples") -> int:
+    section = section or {}
+    return int(section.get(samples_key) or 0) * int(section.get("seq_len") or 0)
+
+
+def stage_flops(report: dict, s: dict) -> dict[str, dict]:
+    """{stage: {"flops": F, "formula": text}} for the stages the build ran."""
+    st = report.get("settings") or {}
+    L0, L1 = report["num_layers"]
+    P0, P1 = forward_params(s, L0), forward_params(s, L1)
+    ev = st.get("evaluate") or {}
+    T_eval = _tokens(ev) * (2 if ev.get("second", "tech:evaluation") else 1)
+    out: dict[str, dict] = {}
+    p = st.get("prune") or {}
+    if p:
+        T_cal = _tokens(p)
+        T_held = AUTO_HELDOUT_SAMPLES * int(p.get("seq_len") or 0)
+        f = 2 * forward_params(s, L0, head=False) * T_cal + 2 * (P0 + P1) * GUARD_TOKENS
+        formula = "2 P_dense T_cal (scoring) + 2 (P_dense + P_pruned) T_guard"
+        if p.get("strategy") == "auto":
+            f += AUTO_CANDIDATES * 2 * P1 * T_held
+            formula += f" + {AUTO_CANDIDATES} x 2 P_pruned T_held (candidates)"
+        if p.get("bridge") in ("linear", "auto"):
+            f += 2 * forward_params(s, L0, head=False) * T_cal
+            formula += " + 2 P_dense T_cal (bridge fit)"
+        out["prune"] = {"flops": f, "formula": formula}
+    h = st.get("heal") or {}
+    if h:
+        T = int(h.get("steps") or 0) * int(h.get("batch_size") or 0) * \
+            int(h.get("grad_accum") or 1) * int(h.get("seq_len") or 0)
+        r = int(h.get("rank") or 8)
+        lora = L1 * sum(r * (i + o) for n, (i, o) in s["linears"].items()
+                        if n in ("gate_proj", "up_proj", "down_proj"))
+        f = (4 * P1 + 2 * lora) * T + 2 * 2 * P1 * T_eval
+        out["heal"] = {"flops": f, "formula": "(4 P_pruned + 2 P_lora) T_train + "
+                                              "2 x 2 P_pruned T_eval (before, after)"}
+    q = st.get("quantize") or {}
+    if q:
+        T = _tokens(q)
+        hess = sum(2 * i * i * T + i ** 3 + 2 * o * i * i for i, o in s["linears"].values()) * L1
+        f = 2 * 2 * forward_params(s, L1, head=False) * T + hess
+        out["quantize"] = {"flops": f, "formula": "2 x 2 P_layers T_cal (inputs, outputs) + per "
+                                                  "linear (2 d_in^2 T_cal + d_in^3 + "
+                                                  "2 d_out d_in^2)"}
+    if ev:
+        n = _measured_by_evaluate(report)
+        f = sum(2 * (P0 if label == "dense" else P1) * T_eval for label in n)
+        out["evaluate"] = {"flops": f, "formula": f"2 P T_eval for each of {', '.join(n) or 'none'}"}
+    return out
+
+
+def _measured_by_evaluate(report: dict) -> list[str]:
+    """The artifacts the evaluate stage computed (the perplexity book's ledger when the report
+    has one; else every row)."""
+    rows = list((report.get("perplexity") or {}).keys())
+    ledger = (report.get("perplexity_book") or {}).get("ledger")
+    if ledger is None:
+        return rows
+    paths = {row.get("path"): label for label, row in (report.get("perplexity") or {}).items()
+             if isinstance(row, dict)}
+    done = {paths.get(r["what"], r["what"]) for r in ledger if r.get("by") == "evaluate"}
+    return [label for label in rows if label in done]
+
+
+def matmul_rate(s: dict, rows: int = 1024, seconds: float = 0.5) -> dict:
+    """float32 matmul FLOP/s on the model's shapes: a batch of ``rows`` tokens through every
+    linear of a layer and the LM head, each product timed best-of over about ``seconds``."""
+    flops = spent = 0.0
+    per = {}
+    for name, (i, o) in list(s["linears"].items()) + [("lm_head", (s["d"], s["vocab"]))]:
+        a, b = torch.randn(rows, i), torch.randn(i, o)
+        a @ b
+        best, used = float("inf"), 0.0
+        while used < seconds / 8 or best == float("inf"):
+            t0 = time.perf_counter()
+            a @ b
+            dt = time.perf_counter() - t0
+            best, used = min(best, dt), used + dt
+        f = 2.0 * rows * i * o
+        per[name] = round(f / best / 1e9, 2)
+        flops, spent = flops + f, spent + best
+    return {"flops_per_second": flops / spent, "per_shape_gflops": per, "rows": rows,
+            "threads": torch.get_num_threads()}
+
+
+def analyse(out_dir: Path) -> dict:
+    report = json.loads((out_dir / "report.json").read_text())
+    cfg = json.loads((out_dir / "model" / "config.json").read_text())
+    s = shapes(cfg.get("text_config") or cfg)
+    load_before = os.getloadavg()
+    rate = matmul_rate(s)
+    load_after = os.getloadavg()
+    flops = stage_flops(report, s)
+    rows = []
+    for st in report.get("stages", []):
+        wall = float(st.get("seconds") or 0.0)
+        f = flops.get(st["name"])
+        floor = f["flops"] / rate["flops_per_second"] if f else None
+        rows.append({"stage": st["name"], "wall_s": round(wall, 1),
+                     "flops": f["flops"] if f else None, "formula": f["formula"] if f else
+                     "no floating-point floor modelled (conversion and I/O)",
+                     "floor_s": round(floor, 2) if floor is not None else None,
+                     "ratio": round(wall / floor, 2) if floor else None,
+                     "skipped": st.get("skipped", False)})
+    total_wall = sum(r["wall_s"] for r in rows)
+    total_floor = sum(r["floor_s"] or 0.0 for r in rows)
+    return {"build": str(out_dir), "stages": rows, "total_wall_s": round(total_wall, 1),
+            "total_floor_s": round(total_floor, 2),
+            "ratio": round(total_wall / total_floor, 2) if total_floor else None,
+            "matmul": rate, "load_average": {"before": load_before, "after": load_after},
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+                        "python": platform.python_version(), "torch": torch.__version__},
+            "command": "python " + " ".join(sys.argv)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def markdown(r: dict) -> str:
+    m = r["matmul"]
+    lines = [
+        "# Build time against the arithmetic floor", "",
+        f"Build: `{r['build']}`. Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
+        f"torch {r['machine']['torch']}. Command: `{r['command']}`.", "",
+        f"Matmul rate measured in this run on the model's own shapes ({m['rows']} tokens x each "
+        f"linear and the LM head, float32, {m['threads']} threads): "
+        f"**{m['flops_per_second'] / 1e9:.1f} GFLOP/s**. Load average (1, 5, 15 min) before "
+        f"{_load(r['load_average']['before'])}, after {_load(r['load_average']['after'])}.", "",
+        "| stage | wall s | FLOPs | floor s | wall / floor | formula |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for s in r["stages"]:
+        lines.append(f"| {s['stage']}{' (resumed)' if s['skipped'] else ''} | {s['wall_s']} | "
+                     f"{_e(s['flops'])} | {s['floor_s'] if s['floor_s'] is not None else '-'} | "
+                     f"{s['ratio'] if s['ratio'] is not None else '-'} | {s['formula']} |")
+    lines += [f"| **total** | {r['total_wall_s']} | | {r['total_floor_s']} | {r['ratio']} | |",
+              "", "P: weights of the linear layers a token passes (LM head included unless "
+              "noted), T: tokens. The floor is the arithmetic alone at the measured matmul "
+              "rate; loading, saving, verification and conversion are not in it.", ""]
+    return "\n".join(lines)
+
+
+def _e(x) -> str:
+    return f"{x:.3g}" if x is not None else "-"
+
+
+def _load(v) -> str:
+    return ", ".join(f"{x:.2f}" for x in v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="a finished shrink build folder")
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="build_time")
+    a = ap.parse_args(argv)
+    if not (a.out / "report.json").is_file():
+        print(f"error: {a.out} has no report.json (not a finished build)", file=sys.stderr)
+        return 2
+    r = analyse(a.out)
+    a.results.mkdir(parents=True, exist_ok=True)
+    (a.results / f"{a.name}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (a.results / f"{a.name}.md").write_text(markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

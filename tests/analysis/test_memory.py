@@ -1,0 +1,107 @@
+"""The build's memory plan: where each stage runs and whether it fits, before any work."""
+from __future__ import annotations
+
+import pytest
+
+from shrink.analysis.estimate import GB, GIB, count_params, load_config
+from shrink.analysis.memory import (PlanSettings, format_plan, heal_bytes, facts_for, parse_memory,
+                                    plan_build, plan_for_estimate)
+from shrink.core.errors import ShrinkError
+
+STAGES = ["score", "prune", "bridge", "heal", "merge", "quantize", "export gguf", "evaluate"]
+
+
+def test_gromov_70b_fits_one_24gb_card_with_qlora():
+    plan = plan_for_estimate("llama-2-70b", 40, "24GB", "64GB")
+    assert plan.fits and plan.refusal is None
+    assert [s.stage for s in plan.stages] == STAGES
+    heal = plan.stage("heal")
+    assert heal.mode == "whole (qlora)" and heal.precision == "4-bit"
+    assert "QLoRA chosen" in heal.note
+    assert 15 * GB < heal.device_bytes <= 24 * GIB * 0.9
+    # the dense model is streamed; the merge never holds more than a few tensors
+    assert plan.stage("score").mode == "streamed" and plan.stage("merge").host_bytes < 8 * GB
+    # the pruned checkpoint: 40 layers of 16-bit weights on disk
+    assert plan.stage("prune").disk_bytes == count_params(load_config("llama-2-70b"), 40).total * 2
+    lines = format_plan(plan)
+    assert lines[-1] == "every stage fits"
+    assert sum(line.startswith(tuple(STAGES)) for line in lines) == len(STAGES)
+
+
+def test_13b_drop_10_plan():
+    plan = plan_for_estimate("llama-2-13b", 10, "24GB", "64GB")
+    assert plan.fits
+    assert plan.stage("heal").mode == "whole (qlora)"  # 19.7 GB of 16-bit weights + activations
+    assert plan.stage("score").mode == "streamed"  # 26 GB dense does not fit the card
+    quant = plan.stage("quantize")
+    assert quant.precision == "4-bit" and quant.disk_bytes < plan.stage("prune").disk_bytes / 3
+
+
+def test_small_model_heals_with_16bit_lora():
+    plan = plan_for_estimate("smollm2-135m", 3, "24GB", "64GB")
+    assert plan.fits and plan.stage("heal").mode == "whole (lora)"
+    assert plan.stage("score").mode == "whole" and not plan.stage("heal").note
+
+
+def test_too_small_ram_is_refused_naming_stage_and_shortfall():
+    plan = plan_for_estimate("llama-2-70b", 40, "24GB", "8GB")
+    assert not plan.fits
+    assert plan.refusal.startswith("stage quantize cannot fit: needs ")
+    assert "GB of RAM" in plan.refusal and "short by" in plan.refusal
+    assert format_plan(plan)[-1] == f"refused: {plan.refusal}"
+
+
+def test_qlora_without_gpu_and_a_card_too_small():
+    no_gpu = plan_build("llama-2-13b", gpu_bytes=0, ram_bytes=64 * GIB, drop=10,
+                        settings=PlanSettings(heal_method="qlora"))
+    assert no_gpu.refusal == ("stage heal cannot fit: QLoRA needs a CUDA GPU (bitsandbytes); "
+                              "none was given")
+    small = plan_for_estimate("llama-2-70b", 40, "12GB", "64GB")
+    assert small.refusal.startswith("stage heal cannot fit: needs ")
+    assert "even with QLoRA" in small.refusal
+
+
+def test_heal_memory_grows_with_the_batch_and_qlora_is_smaller():
+    facts = facts_for(load_config("llama-2-13b"), 10)
+    small = heal_bytes(facts, "qlora", PlanSettings(heal_batch=1), "cuda")
+    big = heal_bytes(facts, "qlora", PlanSettings(heal_batch=8), "cuda")
+    assert small < big < heal_bytes(facts, "lora", PlanSettings(heal_batch=8), "cuda")
+
+
+def test_settings_are_the_stages_defaults():
+    from shrink.stages.configs import EvaluateConfig, QuantizeConfig, ScoreConfig
+    from shrink.stages.heal.presets import DEFAULTS
+
+    st = PlanSettings()
+
+    def default(cfg, name):
+        return cfg.model_fields[name].default
+
+    assert (st.score_samples, st.score_seq_len, st.batch_size) == (
+        default(ScoreConfig, "samples"), default(ScoreConfig, "seq_len"),
+        default(ScoreConfig, "batch_size"))
+    assert (st.gptq_samples, st.gptq_seq_len) == (default(QuantizeConfig, "samples"),
+                                                  default(QuantizeConfig, "seq_len"))
+    assert (st.eval_samples, st.eval_seq_len) == (default(EvaluateConfig, "samples"),
+                                                  default(EvaluateConfig, "seq_len"))
+    assert (st.heal_rank, st.heal_batch, st.heal_seq_len, st.heal_targets) == (
+        DEFAULTS["rank"], DEFAULTS["batch_size"], DEFAULTS["seq_len"], DEFAULTS["targets"])
+
+
+def test_logit_chunk_is_the_streamed_perplexity_one():
+    from shrink.analysis.memory import LOGIT_BYTES
+    from shrink.streaming import perplexity
+
+    assert LOGIT_BYTES == perplexity.LOGIT_BYTES
+
+
+def test_parse_memory():
+    assert parse_memory("24GB", "gpu") == 24 * GIB == parse_memory("24 GiB", "gpu")
+    assert parse_memory("512MB", "ram") == 512 * 2**20
+    assert parse_memory("4090", "gpu") == 24 * GIB
+    assert parse_memory(1e9, "ram") == 1e9
+    for bad in ("lots", "24"):  # a size needs its unit
+        with pytest.raises(ShrinkError, match="ram size"):
+            parse_memory(bad, "ram")
+    with pytest.raises(ShrinkError, match="positive RAM"):
+        plan_build("llama-2-7b", gpu_bytes=0, ram_bytes=0)

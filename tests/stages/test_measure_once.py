@@ -1,0 +1,44 @@
+"""A build measures each model on each block set once: the perplexity book's ledger has no
+duplicate, and evaluate reuses what heal measured of the same weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shrink.stages.build import build
+from shrink.stages.configs import (BUILD_HEAL, BuildConfig, EvaluateConfig, HealConfig,
+                                   PruneConfig)
+
+
+@pytest.mark.slow
+def test_a_build_measures_nothing_twice(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    c = BuildConfig(model=str(tiny_model_dir("llama")),
+                    prune=PruneConfig(drop=2, samples=2, seq_len=32),
+                    heal=HealConfig(steps=2, batch_size=2, seq_len=32, rank=4),
+                    evaluate=EvaluateConfig(samples=1, seq_len=64))
+    build(c, output=out, show_progress=False)
+    report = json.loads((out / "report.json").read_text())
+    book = report["perplexity_book"]
+    assert book["duplicates"] == []
+    pairs = [(r["key"], r["set"]) for r in book["ledger"]]
+    assert len(pairs) == len(set(pairs))
+    by = [r["by"] for r in book["ledger"]]
+    # heal: before and after on both domains; evaluate: only the dense source (pruned = heal's
+    # "before", healed = heal's "after", the same weights on the same blocks)
+    assert by.count("heal") == 4 and by.count("evaluate") == 2, book["ledger"]
+    rows = report["perplexity"]
+    assert rows["pruned"]["perplexity"] == report["heal"]["ppl_before"]
+    assert rows["healed"]["perplexity"] == report["heal"]["ppl_after"]
+    assert rows["healed"]["second"] == report["heal"]["ppl_after_second"]
+
+
+def test_build_heal_is_the_default_and_the_recipe():
+    from shrink.stages.build import load_recipe
+
+    assert BuildConfig().heal == HealConfig(**BUILD_HEAL)
+    config, _ = load_recipe("smollm2-135m")
+    assert config.heal == HealConfig(**BUILD_HEAL)
+    assert BUILD_HEAL["steps"] == 48 and BUILD_HEAL["dropout"] == 0.0
