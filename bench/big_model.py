@@ -150,7 +150,8 @@ def child_main(a) -> None:
 def predictions(a, limit: int) -> dict[str, float]:
     """Predicted host peak of each step, from the memory plan."""
     from shrink.analysis.estimate import count_params
-    from shrink.analysis.memory import HOST_RUNTIME, PlanSettings, plan_build
+    from shrink.analysis.memory import HOST_RUNTIME_CPU as HOST_RUNTIME
+    from shrink.analysis.memory import PlanSettings, plan_build
 
     cfg = synthetic_config(**shape_args(a)).to_dict()
     st = PlanSettings(score_samples=a.samples, score_seq_len=a.seq_len,

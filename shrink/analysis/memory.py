@@ -5,7 +5,8 @@ Model sizes come from :mod:`shrink.analysis.estimate` (parameter counts, GPTQ la
 per-stage formulas, in bytes (d hidden, f intermediate, V vocabulary, T tokens of one batch,
 s bytes per compute element: 2 on a GPU, 4 on the CPU):
 
-- runtime: every process holds ``HOST_RUNTIME`` of libraries; a GPU keeps ``DEFAULT_RESERVE`` of
+- runtime: every process holds ``HOST_RUNTIME`` of libraries (``HOST_RUNTIME_CPU`` when the
+  plan has no GPU); a GPU keeps ``DEFAULT_RESERVE`` of
   its memory for the CUDA context and fragmentation, and the host keeps ``HOST_RESERVE``.
 - streamed walks (score, bridge, evaluate): device = max(one layer, embedding, head) + one
   batch's working set ``T s (6d + 3f)``, or the head's turn: fp32 logits of one chunk of
@@ -35,12 +36,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from shrink.analysis.estimate import (DEFAULT_RESERVE, GB, GIB, ModelShape, ParamCounts,
-                                      count_params, find_gpu, layer_linears, load_config,
-                                      model_shape, weight_memory)
+from shrink.analysis.estimate import (
+    DEFAULT_RESERVE,
+    GB,
+    GIB,
+    ModelShape,
+    ParamCounts,
+    count_params,
+    find_gpu,
+    layer_linears,
+    load_config,
+    model_shape,
+    weight_memory,
+)
 from shrink.core.errors import ShrinkError
 
 HOST_RUNTIME = 1.5e9  # python, torch, transformers and the CUDA libraries in one process
+HOST_RUNTIME_CPU = 0.6e9  # the same without CUDA (measured ~0.45 GB peak by bench/big_model.py)
 HOST_RESERVE = 0.10  # of the RAM, for the OS and the page cache
 NF4_BITS = 4.127  # bitsandbytes NF4 with double-quantized absmax
 COPY_BUFFER = 64 << 20
@@ -147,6 +159,7 @@ class _Budget:
     def __init__(self, gpu_bytes: float, ram_bytes: float):
         self.gpu = gpu_bytes * (1 - DEFAULT_RESERVE)
         self.ram = ram_bytes * (1 - HOST_RESERVE)
+        self.runtime = HOST_RUNTIME if gpu_bytes > 0 else HOST_RUNTIME_CPU
 
     def short(self, device_bytes: float, host: float) -> str:
         if device_bytes > self.gpu:
@@ -178,7 +191,7 @@ def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batc
     whole = params.total * s
     limit = b.gpu if device == "cuda" else b.ram
     if whole * 1.2 + work <= limit:
-        return _stage(name, b, device, "whole", f"{8 * s}-bit", whole + work, HOST_RUNTIME, 0,
+        return _stage(name, b, device, "whole", f"{8 * s}-bit", whole + work, b.runtime, 0,
                       "")
     layer = max(m.layer_params, m.dense.embedding, m.dense.head) * s
     note = ""
@@ -188,7 +201,7 @@ def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batc
     else:
         disk, host_acts = 0.0, acts
     return _stage(name, b, device, "streamed", f"{8 * s}-bit", layer + work,
-                  HOST_RUNTIME + host_acts, disk, note)
+                  b.runtime + host_acts, disk, note)
 
 
 def _stage(name, b: _Budget, device, mode, precision, dev, host, disk, note) -> StagePlan:
@@ -200,7 +213,7 @@ def _stage(name, b: _Budget, device, mode, precision, dev, host, disk, note) -> 
 
 def _prune(m: ModelFacts, b: _Budget) -> StagePlan:
     out = m.pruned.total * m.source_bytes
-    return _stage("prune", b, "cpu", "copy", "bytes", 0, HOST_RUNTIME + COPY_BUFFER, out,
+    return _stage("prune", b, "cpu", "copy", "bytes", 0, b.runtime + COPY_BUFFER, out,
                   f"copies {m.pruned.layers} of {m.shape.layers} layers byte for byte")
 
 
@@ -229,7 +242,7 @@ def heal_bytes(m: ModelFacts, method: str, st: PlanSettings, device: str) -> flo
 
 
 def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
-    host = HOST_RUNTIME + 2 * m.largest_tensor * m.source_bytes
+    host = b.runtime + 2 * m.largest_tensor * m.source_bytes
     disk = _lora_params(m, st.heal_targets, st.heal_rank) * 4 * 3  # adapter + 2 checkpoints
     if b.gpu <= 0:
         if st.heal_method == "qlora":
@@ -256,7 +269,7 @@ def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
 
 
 def _merge(m: ModelFacts, b: _Budget) -> StagePlan:
-    host = HOST_RUNTIME + 3 * m.largest_tensor * 4 + COPY_BUFFER
+    host = b.runtime + 3 * m.largest_tensor * 4 + COPY_BUFFER
     return _stage("merge", b, "cpu", "tensor by tensor", "32-bit", 0, host,
                   m.pruned.total * m.source_bytes, "W + scale * B @ A, one tensor at a time")
 
@@ -270,7 +283,7 @@ def _gptq(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
     acts = 2 * N * S * m.shape.hidden * 2
     work = _batch_bytes(m, min(st.batch_size, N), S, 2)
     quantized_so_far = q.linear_bytes
-    host = HOST_RUNTIME + quantized_so_far + q.other_bytes + layer16
+    host = b.runtime + quantized_so_far + q.other_bytes + layer16
     device = "cuda" if b.gpu > 0 else "cpu"
     return _stage("quantize", b, device, "layer by layer", f"{bits}-bit", layer16 + hessian +
                   acts + work, host, q.total_bytes,
@@ -282,7 +295,7 @@ def _gguf(m: ModelFacts, b: _Budget, kind: str) -> StagePlan:
         raise ShrinkError(f"unknown GGUF type '{kind}' for the plan; use one of "
                           f"{', '.join(GGUF_BITS)}")
     params = m.pruned.total
-    host = HOST_RUNTIME + m.largest_tensor * (4 + GGUF_BITS[kind] / 8)
+    host = b.runtime + m.largest_tensor * (4 + GGUF_BITS[kind] / 8)
     disk = params * 2 + params * GGUF_BITS[kind] / 8
     return _stage("export gguf", b, "cpu", "tensor by tensor", kind, 0, host, disk,
                   "a 16-bit GGUF first, then llama.cpp's quantizer")
@@ -325,7 +338,7 @@ def plan_build(config_like, *, gpu_bytes: float, ram_bytes: float,
         stages.append(_gguf(m, b, st.gguf))
     stages.append(_evaluate(m, b, st, cfg))
     assumptions = [f"usable: {1 - DEFAULT_RESERVE:.0%} of the GPU, {1 - HOST_RESERVE:.0%} of the "
-                   f"RAM; {HOST_RUNTIME / GB:.1f} GB of libraries per process",
+                   f"RAM; {b.runtime / GB:.1f} GB of libraries per process",
                    f"heal: batch {st.heal_batch} x {st.heal_seq_len} tokens, rank {st.heal_rank} "
                    f"on {st.heal_targets}"]
     return Plan(m.name, drop, gpu_bytes, ram_bytes, stages, assumptions)

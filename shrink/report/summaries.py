@@ -90,6 +90,16 @@ def gguf_lines(result: dict) -> list[str]:
     v = result.get("verification") or {}
     lines = [f"GGUF {result['type']}: {result['bytes'] / 1e6:.1f} MB, "
              f"{result.get('block_count', '?')} blocks"]
+    if result.get("tensor_types"):
+        from shrink.runtime.gguf import types_line
+
+        imatrix = result.get("imatrix")
+        lines.append(f"tensor types: {types_line(result['tensor_types'])}; importance matrix: "
+                     + (f"{imatrix['tokens']} tokens of {imatrix['data']}" if imatrix
+                        else "none"))
+    if result.get("comparison"):
+        lines.append(f"perplexity on {' | '.join(result['comparison']['sets'])}: "
+                     f"{result['comparison']['line']}")
     if v:
         lines.append(f"verified in a fresh llama.cpp process: greedy tokens equal to "
                      f"PyTorch's: {v.get('greedy_token_agreement', 0):.0%}, top-1 "

@@ -16,15 +16,24 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from shrink.core.errors import ShrinkError, first_line
-from shrink.streaming.checkpoint import (COPY_CHUNK, DTYPES, INDEX, SINGLE, Checkpoint,
-                                        TensorInfo, dtype_code, read_header, readinto)
+from shrink.streaming.checkpoint import (
+    COPY_CHUNK,
+    DTYPES,
+    INDEX,
+    SINGLE,
+    Checkpoint,
+    TensorInfo,
+    dtype_code,
+    read_header,
+    readinto,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

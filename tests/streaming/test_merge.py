@@ -135,9 +135,9 @@ def test_bad_adapters_are_refused(sharded_llama, tmp_path):
 def test_heal_merge_streams_when_the_base_does_not_fit(sharded_llama, tmp_path, monkeypatch):
     """The heal stage's merge takes the streamed path when the base would not fit: the same
     perplexities before and after as the in-memory merge, and the same tensors saved."""
-    from transformers import AutoConfig
-
     import importlib
+
+    from transformers import AutoConfig
 
     heal_merge = importlib.import_module("shrink.stages.heal.merge")  # the package's `merge`
     # attribute is the function of the same name

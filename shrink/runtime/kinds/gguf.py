@@ -71,9 +71,8 @@ class GgufKind(Kind):
         """llama.cpp through llama-cpp-python: the same prompt and token counts (batch 1)."""
         from transformers import AutoTokenizer
 
-        from shrink.runtime import measure as M
-
         from shrink.core.models import check_tokenizer_files
+        from shrink.runtime import measure as M
 
         file = _file(path)
         check_tokenizer_files(file.parent)  # the prompt is built with the HF tokenizer
@@ -133,5 +132,16 @@ class GgufKind(Kind):
                            '["text"])', "```"])
 
     def export_note(self, e: dict) -> str:
-        return (f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
+        from shrink.runtime.gguf import types_line
+
+        note = (f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
                 "loads in llama.cpp, Ollama and LM Studio).")
+        if e.get("tensor_types"):  # with a k-quant: what fell back to which type
+            note += f" Tensor types: {types_line(e['tensor_types'])}."
+        if e.get("imatrix"):
+            note += (f" Importance matrix from {e['imatrix']['tokens']} tokens of "
+                     f"{e['imatrix']['data']}.")
+        if e.get("comparison"):  # the dense model through the same type, same evaluation
+            c = e["comparison"]
+            note += f" Perplexity on {' | '.join(c['sets'])}: {c['line']}."
+        return note

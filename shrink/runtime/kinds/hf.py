@@ -50,8 +50,11 @@ class HfKind(Kind):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from shrink.core.models import (check_tokenizer, check_tokenizer_files,
-                                        from_pretrained_checked)
+        from shrink.core.models import (
+            check_tokenizer,
+            check_tokenizer_files,
+            from_pretrained_checked,
+        )
 
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,8 +120,11 @@ class HfKind(Kind):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from shrink.core.models import (check_tokenizer, check_tokenizer_files,
-                                        from_pretrained_checked)
+        from shrink.core.models import (
+            check_tokenizer,
+            check_tokenizer_files,
+            from_pretrained_checked,
+        )
         from shrink.core.perplexity import perplexity
         from shrink.runtime import measure as M
 

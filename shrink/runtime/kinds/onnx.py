@@ -50,7 +50,10 @@ class OnnxKind(Kind):
                    show_progress: bool = True) -> list:
         from transformers import AutoTokenizer
 
+        from shrink.runtime.onnx import check_onnx_folder
+
         folder = Path(model).expanduser()
+        check_onnx_folder(folder)  # one line for a damaged folder, before any tokenizing
         tok = AutoTokenizer.from_pretrained(folder)
         results = []
         for blocks in make_blocks(tok):
@@ -67,8 +70,9 @@ class OnnxKind(Kind):
         from transformers import AutoTokenizer
 
         from shrink.runtime import measure as M
-        from shrink.runtime.onnx import genai_min_length, import_onnx_runtime
+        from shrink.runtime.onnx import check_onnx_folder, genai_min_length, import_onnx_runtime
 
+        check_onnx_folder(path)
         og = import_onnx_runtime("onnxruntime_genai")
         min_length = genai_min_length(path)
         tok = AutoTokenizer.from_pretrained(path)

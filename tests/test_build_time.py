@@ -1,0 +1,60 @@
+"""bench/build_time.py on a stub build folder: the per-stage arithmetic, floor and ratio."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 1000,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4}
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("build_time", ROOT / "bench" / "build_time.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _stub(tmp_path: Path) -> Path:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG))
+    report = {
+        "settings": {"prune": {"strategy": "auto", "bridge": "auto", "samples": 2, "seq_len": 8},
+                     "heal": {"steps": 3, "batch_size": 2, "seq_len": 8, "rank": 4},
+                     "evaluate": {"samples": 1, "seq_len": 16, "second": None}},
+        "num_layers": [6, 4],
+        "perplexity": {"dense": {"path": "src"}, "pruned": {"path": "p"},
+                       "healed": {"path": "h"}},
+        "perplexity_book": {"ledger": [{"by": "heal", "what": "before"},
+                                       {"by": "evaluate", "what": "src"}]},
+        "stages": [{"name": "prune", "seconds": 10.0}, {"name": "heal", "seconds": 20.0},
+                   {"name": "evaluate", "seconds": 1.0}, {"name": "export", "seconds": 3.0}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    return tmp_path
+
+
+def test_floor_and_ratio_per_stage(tmp_path, monkeypatch):
+    bt = _module()
+    monkeypatch.setattr(bt, "matmul_rate", lambda s: {"flops_per_second": 1e9, "rows": 1,
+                                                      "threads": 1, "per_shape_gflops": {}})
+    r = bt.analyse(_stub(tmp_path))
+    s = bt.shapes(CONFIG)
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128  # q, o; k, v (2 kv heads); mlp
+    assert s["layer_params"] == layer
+    P4 = 4 * layer + 64 * 1000
+    rows = {x["stage"]: x for x in r["stages"]}
+    # evaluate computed only the dense model (pruned and healed came from heal's measurements)
+    assert rows["evaluate"]["flops"] == 2 * (6 * layer + 64 * 1000) * 16
+    lora = 4 * 3 * 4 * (64 + 128)
+    assert rows["heal"]["flops"] == (4 * P4 + 2 * lora) * 3 * 2 * 8 + 2 * 2 * P4 * 16
+    assert rows["heal"]["floor_s"] == round(rows["heal"]["flops"] / 1e9, 2)
+    assert rows["heal"]["ratio"] == round(20.0 / (rows["heal"]["flops"] / 1e9), 2)
+    assert rows["export"]["flops"] is None and rows["export"]["ratio"] is None
+    assert r["total_wall_s"] == 34.0
+    assert "| heal | 20.0 |" in bt.markdown(r)
+
+
+def test_refuses_a_folder_without_report(tmp_path):
+    assert _module().main([str(tmp_path)]) == 2
