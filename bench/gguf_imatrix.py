@@ -1,6 +1,6 @@
 """How much shrink's importance matrix helps each GGUF type of the embedded SmolLM2-135M (dense):
 bytes on disk and perplexity in llama.cpp on both evaluation domains, with and without the
-imatrix (types of 5 bits and more get none; the 2/3-bit IQ types only exist with one).
+imatrix (q8_0, written by shrink directly, gets none; the 2/3-bit IQ types only exist with one).
 
 Each point is ``shrink.stages.export.gguf_point.gguf_point``: the export stage writes the file
 (llama.cpp's quantizer, given the imatrix through its C API), then a fresh process measures it.
@@ -56,7 +56,7 @@ def measure(model_dir: Path, types: list[str], evaluation, spec, threads: int) -
 
 
 def table(rows: list[dict], sets: list[str]) -> list[str]:
-    from shrink.runtime.gguf import types_line
+    from shrink.runtime.gguf_quant import types_line
 
     plain = {r["type"]: r for r in rows if not r["imatrix"]}
     head = " | ".join(f"perplexity {s}" for s in sets)
@@ -114,9 +114,9 @@ def main() -> None:
              f"Perplexity in llama.cpp on {', '.join(sets)}: {args.samples} blocks x "
              f"{args.seq_len} tokens each (seed 0). Importance matrix: mean squared input per "
              f"column of every quantized matrix, computed by shrink in PyTorch on "
-             f"{spec.describe()}, handed to llama.cpp's quantizer through its C API. Types of 5 "
-             "bits and more get no imatrix; the 2- and 3-bit IQ types and q2_k_s only exist "
-             "with one. Tensor types: what each file holds (rows 576 wide are not a multiple "
+             f"{spec.describe()}, handed to llama.cpp's quantizer through its C API. q8_0 "
+             "(written by shrink directly) gets none; the 2- and 3-bit IQ types and q2_k_s "
+             "only exist with one. Tensor types: what each file holds (rows 576 wide are not a multiple "
              "of 256, so most k-quant tensors fall back to a 32-wide type).", ""]
     lines += table(rows, sets)
     RESULTS.mkdir(exist_ok=True)

@@ -61,8 +61,8 @@ import torch
 from torch import nn
 
 from shrink.core.errors import ShrinkError
-from shrink.core.layers import (DenseStates, batch_key, check_remove, prune_model,
-                                without_layers)
+from shrink.core.dense import DenseStates, batch_key
+from shrink.core.layers import check_remove, prune_model, without_layers
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar
 from shrink.core.scores import check_score_inputs, decoder_base, hidden_states_of, token_masks

@@ -25,7 +25,8 @@ def read_text_bounded(path: str | Path, where: str, limit: int = MAX_BYTES) -> s
     p = Path(path)
     try:
         if not p.is_file():
-            raise ShrinkError(f"{where}: not a regular file")
+            raise ShrinkError(f"{where}: not a regular file (a folder, FIFO or device); give "
+                              "a YAML file")
         with open(p, "rb") as f:
             raw = f.read(limit + 1)
     except OSError as e:

@@ -91,7 +91,7 @@ def gguf_lines(result: dict) -> list[str]:
     lines = [f"GGUF {result['type']}: {result['bytes'] / 1e6:.1f} MB, "
              f"{result.get('block_count', '?')} blocks"]
     if result.get("tensor_types"):
-        from shrink.runtime.gguf import types_line
+        from shrink.runtime.gguf_quant import types_line
 
         imatrix = result.get("imatrix")
         lines.append(f"tensor types: {types_line(result['tensor_types'])}; importance matrix: "

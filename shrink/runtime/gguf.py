@@ -273,7 +273,7 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | No
     params.nthread = int(threads or os.cpu_count() or 1)
     keep = None
     if imatrix:
-        from shrink.runtime.gguf_imatrix import imatrix_entries, imatrix_overrides
+        from shrink.runtime.gguf_quant import imatrix_entries, imatrix_overrides
 
         params.imatrix, keep = imatrix_entries(llama_cpp, imatrix)
         params.kv_overrides, kv = imatrix_overrides(llama_cpp, imatrix_dataset, len(imatrix),
@@ -304,57 +304,12 @@ def quantize_file(src: str, dst: str, gguf_type: str, threads: int | None = None
     t0 = time.perf_counter()
     data = None
     if imatrix:
-        from shrink.runtime.gguf_imatrix import load_imatrix
+        from shrink.runtime.gguf_quant import load_imatrix
 
         data = load_imatrix(imatrix)
     quantize(src, dst, gguf_type, threads, data, imatrix_dataset, imatrix_chunks)
     return {"ok": True, "seconds": round(time.perf_counter() - t0, 2),
-            "bytes": Path(dst).stat().st_size, "tensor_types": tensor_type_counts(dst)}
-
-
-def tensor_type_counts(path: str | Path) -> dict[str, int]:
-    """How many tensors of each type the GGUF file holds, e.g. {"Q5_0": 150, "Q8_0": 1, ...}:
-    with a k-quant type, which tensors fell back to another type (rows not a multiple of 256)."""
-    import gguf
-
-    types: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def types_line(types: dict[str, int]) -> str:
-    """``Q5_0 150, F32 61, Q8_0 1``: a file's tensor types, most frequent first."""
-    return ", ".join(f"{k} {v}" for k, v in sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def measure_perplexity(gguf_path: str, tokenizer_dir: str, sets: list[dict],
-                       threads: int | None = None) -> dict:
-    """Perplexity of the GGUF in llama.cpp on each text set {data, samples, seq_len, seed},
-    tokenized by the HF tokenizer in ``tokenizer_dir`` (run it in a fresh process:
-    :func:`measure_in_subprocess`). Returns {data: perplexity}, bytes and tensor types."""
-    from transformers import AutoTokenizer
-
-    from shrink.core.data import token_blocks
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out: dict = {"bytes": Path(gguf_path).stat().st_size,
-                 "tensor_types": tensor_type_counts(gguf_path), "perplexity": {}}
-    n_ctx = max(int(s["seq_len"]) for s in sets)
-    with GgufRunner(gguf_path, n_ctx=n_ctx, n_threads=threads) as runner:
-        for s in sets:
-            blocks = token_blocks(tok, s["data"], int(s["samples"]), int(s["seq_len"]),
-                                  int(s.get("seed", 0)))
-            out["perplexity"][s["data"]] = runner.perplexity(blocks.input_ids)["perplexity"]
-    return out
-
-
-def measure_in_subprocess(gguf_path: str | Path, tokenizer_dir: str | Path, sets: list[dict],
-                          threads: int | None = None, timeout: float = 3600) -> dict:
-    """:func:`measure_perplexity` in a fresh process."""
-    return run_worker("shrink.runtime.gguf:measure_perplexity", timeout=timeout,
-                      gguf_path=str(gguf_path), tokenizer_dir=str(tokenizer_dir), sets=sets,
-                      threads=threads)
+            "bytes": Path(dst).stat().st_size}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ calibration blocks are given for it) names a set of n layers; the sets are remov
 (optionally bridged, see shrink.core.bridge), the perplexity is measured on HELD-OUT calibration
 blocks (blocks of the calibration text that scoring did not read: never the evaluation text), and
 the lowest wins. Identical layer sets are measured once. Every candidate's numbers are returned.
+
+Nothing is computed twice: one dense pass over the calibration blocks and one over the held-out
+blocks keep the layer outputs the candidates read (the bridges' targets, and the hidden states
+below each candidate's first changed layer), so each candidate computes only from its first
+changed layer on. The replayed states are the ones a full pass computes, so the perplexities
+and the chosen layers are bit for bit those of measuring every candidate from scratch.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from shrink.core.bridge import (DEFAULT_RIDGE, bridge_dense_layers, bridged_with
                                 first_changed_layer)
 from shrink.core.data import CALIBRATION, TokenBlocks, bos_prefix, token_stream
 from shrink.core.errors import ShrinkError
-from shrink.core.layers import DenseStates, without_layers
+from shrink.core.dense import DenseStates
+from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
 from shrink.core.progress import progress_named
 

@@ -284,8 +284,8 @@ class ExportConfig(Config):
                                             "cores).")
     imatrix: bool = Field(True, description="Give llama.cpp's quantizer an importance matrix "
                                             "(mean squared input per column of every matrix, "
-                                            "computed on calibration text) for GGUF types "
-                                            "below 5 bits; the IQ1-IQ3 types require it.")
+                                            "computed on calibration text) for the GGUF types "
+                                            "it writes; the 2- and 3-bit IQ types require it.")
     imatrix_data: str = Field(MIXED_CALIBRATION, description="Text of the importance matrix. "
                               + TEXT_HELP, json_schema_extra=cli(metavar="SOURCE"))
     imatrix_samples: int = Field(16, ge=1, description="Blocks of the importance matrix.")
@@ -303,7 +303,7 @@ class ExportConfig(Config):
     def _gguf(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from shrink.stages.export.gguf import GGUF_TYPES
+        from shrink.stages.export.gguf_types import GGUF_TYPES
 
         v = v.strip().lower()
         if v not in GGUF_TYPES:
@@ -315,7 +315,7 @@ class ExportConfig(Config):
         if self.onnx == "fp16" and self.target == "cpu":
             raise ValueError("onnx fp16 needs target cuda (fp16 ONNX runs on GPUs)")
         if self.gguf is not None and not self.imatrix:
-            from shrink.stages.export.gguf import check_imatrix
+            from shrink.stages.export.gguf_types import check_imatrix
 
             check_imatrix(self.gguf, False, ValueError)
         return self
@@ -325,7 +325,7 @@ class ExportConfig(Config):
 
     def uses_imatrix(self) -> bool:
         """Whether the GGUF export computes an importance matrix (on, and a type it helps)."""
-        from shrink.stages.export.gguf import IMATRIX_TYPES
+        from shrink.stages.export.gguf_types import IMATRIX_TYPES
 
         return self.imatrix and self.gguf in IMATRIX_TYPES
 

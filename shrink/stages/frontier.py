@@ -29,7 +29,7 @@ from shrink.stages.configs import Config
 
 DENSE_LADDER = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "q3_k_m", "q2_k",
                 "iq3_s", "iq2_m"]
-PLAIN_ALSO = ["q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "q3_k_m", "q2_k"]
+PLAIN_ALSO = ["q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "q3_k_m", "q2_k"]
 REFERENCE = "dense f16"
 
 
@@ -142,8 +142,11 @@ def _gguf_point(run: Runner, source: str, label: str, family: str, drop: int, he
     ppl = {_domain(ev): ev["perplexity"]}
     if ev.get("second"):
         ppl[_domain(ev["second"])] = ev["second"]["perplexity"]
+    from shrink.stages.export.gguf_types import IMATRIX_TYPES
+
     return Point(label=label, family=family, drop=drop, healed=healed, format=gguf_type,
-                 bytes=files[0].stat().st_size, ppl=ppl, imatrix=imatrix, path=str(folder))
+                 bytes=files[0].stat().st_size, ppl=ppl,
+                 imatrix=imatrix and gguf_type in IMATRIX_TYPES, path=str(folder))
 
 
 def _domain(result: dict) -> str:

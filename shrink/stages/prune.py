@@ -400,6 +400,13 @@ class PruneStage(Stage):
                 "arithmetic": arithmetic("pruned", model_config(result["model"]))}
 
     def absent_report(self, ctx: BuildContext) -> dict:
+        """A build without pruning keeps every layer (the card still tells the counts)."""
+        from math import prod
+
+        from shrink.core.models import check_weights_files
+
         L = ctx.count_source_layers()
-        return {"removed_layers": [], "strategy": None, "reason": "not pruned",
-                "num_layers": [L, L], "bridge": None, "quality": None, "params": [None, None]}
+        n = (sum(prod(shape) for _, shape in check_weights_files(ctx.source.path).values())
+             if ctx.source.path is not None else None)
+        return {"removed_layers": [], "strategy": "none", "reason": "not pruned",
+                "num_layers": [L, L], "bridge": None, "quality": None, "params": [n, n]}

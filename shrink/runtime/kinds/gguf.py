@@ -132,7 +132,7 @@ class GgufKind(Kind):
                            '["text"])', "```"])
 
     def export_note(self, e: dict) -> str:
-        from shrink.runtime.gguf import types_line
+        from shrink.runtime.gguf_quant import types_line
 
         note = (f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
                 "loads in llama.cpp, Ollama and LM Studio).")

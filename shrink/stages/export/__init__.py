@@ -103,7 +103,7 @@ def _export_onnx(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
 
 def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
     from shrink.stages.export.gguf import export_gguf
-    from shrink.stages.export.gguf_point import DenseComparison
+    from shrink.stages.export.gguf_point import DenseComparison, compare_with_dense
     from shrink.stages.export.imatrix import ImatrixSpec
 
     # from the full-precision model: llama.cpp quantizes it itself (a GPTQ checkpoint would be
@@ -113,14 +113,16 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
     # the dense source through the same type, on the same evaluation: what pruning bought
     # over quantization alone (a local source only: a hub id has no folder to quantize)
     dense = getattr(ctx.source, "path", None)
-    compare = DenseComparison(Path(dense), ctx.config.evaluate) if pruned and dense else None
+    imatrix = ImatrixSpec.from_config(config)
     g = export_gguf(ctx.float_model, dest, config.gguf, force=True, threads=config.threads,
-                    log=_log(ctx), name=name, imatrix=ImatrixSpec.from_config(config),
-                    compare=compare)
+                    log=_log(ctx), name=name, imatrix=imatrix)
+    comparison = compare_with_dense(
+        g.path, ctx.float_model, config.gguf, DenseComparison(Path(dense), ctx.config.evaluate),
+        imatrix=imatrix, threads=config.threads, log=_log(ctx)) if pruned and dense else None
     return {"path": str(dest), "type": g.type, "file": g.file, "size_bytes": g.bytes,
             "block_count": g.block_count, "verification": g.verification,
             "tensor_types": g.tensor_types, "imatrix": g.get("imatrix"),
-            "comparison": g.get("comparison")}
+            "comparison": comparison}
 
 
 def _log(ctx: BuildContext):

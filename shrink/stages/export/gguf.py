@@ -35,25 +35,21 @@ import numpy as np
 
 from shrink.core.errors import ShrinkError, install_hint
 from shrink.core.outputs import check_output
+from shrink.stages.export.gguf_types import ARCHS as _ARCHS
+from shrink.stages.export.gguf_types import (  # noqa: F401 (the exporter's names, re-exported)
+    DIRECT_TYPES,
+    GGUF_TYPES,
+    IMATRIX_TYPES,
+    NEEDS_IMATRIX,
+    QUANTIZED_TYPES,
+    check_imatrix,
+    llama_cpp_arch,
+)
 
 # ------------------------------------------------------------------------------------------------
 # types
 # ------------------------------------------------------------------------------------------------
 
-# written by shrink itself (gguf package)
-DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
-# written by llama.cpp's quantizer from a lossless intermediate
-QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m",
-                   "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs",
-                   "iq3_s", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs")
-GGUF_TYPES = DIRECT_TYPES + QUANTIZED_TYPES
-# types below 5 bits, where llama.cpp's quantizer weights the rounding error by an importance
-# matrix when it has one (every k-quant, q4_0/q4_1 and IQ type uses it; 5+ bits gain little)
-IMATRIX_TYPES = ("q4_0", "q4_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
-                 "q4_k_m", "iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs")
-# made for an importance matrix: llama.cpp refuses most of them without one, and the rest
-# (iq3_s) lose much more than the k-quant of the same size
-NEEDS_IMATRIX = ("q2_k_s", "iq3_s", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                    "generation_config.json")
@@ -61,14 +57,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 EXACT_TYPES = ("f32", "f16")
 GGUF_EXTRA = install_hint("gguf")
 
-# HF architecture -> (llama.cpp architecture, permute q/k for llama.cpp's interleaved RoPE)
-_ARCHS = {
-    "LlamaForCausalLM": ("LLAMA", True),
-    "MistralForCausalLM": ("LLAMA", True),
-    "Qwen2ForCausalLM": ("QWEN2", False),
-    "Qwen3ForCausalLM": ("QWEN3", False),
-    "Gemma3ForCausalLM": ("GEMMA3", False),
-}
 
 # tokenizer.ggml.pre for GPT-2-style BPE tokenizers. llama.cpp picks its pre-tokenizer regex by
 # this name; its converter identifies a tokenizer by the sha256 of the token ids of one check
@@ -104,13 +92,6 @@ def check_type(gguf_type: str) -> str:
     if t not in GGUF_TYPES:
         raise ShrinkError(f"unknown GGUF type '{gguf_type}'; choose one of {', '.join(GGUF_TYPES)}")
     return t
-
-
-def check_imatrix(gguf_type: str, imatrix: bool, error: type[Exception] = ShrinkError) -> None:
-    """Refuse a type that needs an importance matrix when there is none."""
-    if gguf_type in NEEDS_IMATRIX and not imatrix:
-        raise error(f"GGUF {gguf_type} needs an importance matrix (llama.cpp's 2- and 3-bit IQ "
-                    "types and q2_k_s are made for one): leave --imatrix on")
 
 
 def imatrix_spec(gguf_type: str, imatrix=None):
@@ -664,7 +645,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
                 force: bool = False, verify: bool = True, threads: int | None = None,
                 samples: int = 4, seq_len: int = 256, data: str | None = None,
                 max_new_tokens: int = 16, timeout: float = 3600, log=None,
-                name: str | None = None, imatrix=None, compare=None) -> GgufResult:
+                name: str | None = None, imatrix=None) -> GgufResult:
     """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
 
     ``output`` is a folder: it gets ``<model>-<TYPE>.gguf``, the source's license files and a
@@ -674,9 +655,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
     used for perplexity (``data``: a text source, default the held-out novel). ``threads``:
     llama.cpp threads (default: all cores). ``imatrix``: an
     :class:`~shrink.stages.export.imatrix.ImatrixSpec` (which calibration text), True/None for
-    the default one, False for none; used for the types below 5 bits (``IMATRIX_TYPES``).
-    ``compare``: a :class:`~shrink.stages.export.gguf_point.DenseComparison`: also measure the
-    dense model through the same type (cached) and this file on the same evaluation sets.
+    the default one, False for none; used for ``IMATRIX_TYPES``.
+    (:func:`shrink.stages.export.gguf_point.compare_with_dense` puts the written file next to
+    the dense model through the same type.)
 
     Returns a :class:`GgufResult`: type, sizes, tensor types (what fell back to which type), architecture, block count, tokenizer, the file's path and
     the verification result (tokenizer agreement, greedy tokens vs PyTorch, top-1 agreement,
@@ -702,7 +683,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
     spec = imatrix_spec(gguf_type, imatrix)
 
     def compute(tmp: Path) -> StageOutput:
-        from shrink.runtime.gguf import tensor_type_counts
+        from shrink.runtime.gguf_quant import tensor_type_counts
 
         t0 = time.perf_counter()
         file = tmp / name
@@ -733,11 +714,6 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
         info.update(format="gguf", source=str(model_dir.resolve()), file=name,
                     seconds_write=round(time.perf_counter() - t0, 2),
                     bytes=file.stat().st_size, tensor_types=tensor_type_counts(file))
-        if compare is not None:
-            from shrink.stages.export.gguf_point import compare_with_dense
-
-            info["comparison"] = compare_with_dense(file, model_dir, gguf_type, compare,
-                                                    imatrix=spec, threads=threads, log=say)
 
         def check_it(folder: Path) -> dict:
             from shrink.runtime import kinds

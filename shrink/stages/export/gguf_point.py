@@ -67,7 +67,7 @@ def gguf_point(model_dir: str | Path, gguf_type: str, *, imatrix=None,
     """``model_dir`` through ``gguf_type``: {bytes, perplexity: {text set: value}, tensor_types,
     imatrix settings, file}. ``gguf_file``: measure this file (already written from
     ``model_dir``) instead of the cached one. ``imatrix``: as for ``export_gguf``."""
-    from shrink.runtime.gguf import measure_in_subprocess
+    from shrink.runtime.gguf_measure import measure_in_subprocess
 
     evaluation = evaluation or EvaluateConfig()
     gguf_type = check_type(gguf_type)
@@ -111,6 +111,5 @@ def compare_with_dense(file: str | Path, model_dir: str | Path, gguf_type: str,
                       threads=threads, gguf_file=file, log=log)
     dense = gguf_point(compare.dense_dir, gguf_type, imatrix=imatrix,
                        evaluation=compare.evaluation, threads=threads, log=log)
-    this["file"] = Path(file).name  # the export's temporary folder is renamed after this
     return {"dense": dense, "this": this, "line": comparison_line(gguf_type, dense, this),
             "sets": [s["data"] for s in evaluation_sets(compare.evaluation)]}

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from shrink.core.errors import ShrinkError
-from shrink.runtime.gguf_imatrix import save_imatrix
+from shrink.runtime.gguf_quant import save_imatrix
 from shrink.stages.configs import MIXED_CALIBRATION
 
 # bump when what is computed changes, so cached matrices of the old computation are not reused
@@ -65,13 +65,10 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     import gguf
 
     from shrink.core.models import find_layers
-    from shrink.stages.export.gguf import _ARCHS
+    from shrink.stages.export.gguf_types import llama_cpp_arch
 
     hf_arch = type(model).__name__
-    if hf_arch not in _ARCHS:
-        raise ShrinkError(f"architecture {hf_arch} has no GGUF export in shrink (supported: "
-                          f"{', '.join(_ARCHS)})")
-    arch = getattr(gguf.MODEL_ARCH, _ARCHS[hf_arch][0])
+    arch = getattr(gguf.MODEL_ARCH, llama_cpp_arch(hf_arch))
     layers = find_layers(model)[2]
     tmap = gguf.get_tensor_name_map(arch, len(layers))
     layer_ids = {id(m) for layer in layers for m in layer.modules()}

@@ -1,5 +1,6 @@
-"""Importance matrices for llama.cpp's quantizer: stored as ``.npz`` (one float32 array per GGUF
-tensor name), and handed to ``llama_model_quantize`` through its C API.
+"""Helpers of llama.cpp's quantizer: importance matrices, stored as ``.npz`` (one float32 array
+per GGUF tensor name) and handed to ``llama_model_quantize`` through its C API, and the tensor
+types of a quantized file (which tensors fell back to which type).
 
 llama.cpp takes the importance matrix as an array of ``llama_model_imatrix_data`` {name, data,
 size} ended by a NULL name (``llama_model_quantize_params.imatrix``); llama-cpp-python declares
@@ -78,3 +79,19 @@ def imatrix_overrides(llama_cpp, dataset: str, entries: int, chunks: int):
             o.value.val_str = value.encode()
     arr[len(keys)].key = b""
     return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_kv_override)), arr
+
+
+def tensor_type_counts(path: str | Path) -> dict[str, int]:
+    """How many tensors of each type the GGUF file holds, e.g. {"Q5_0": 150, "Q8_0": 1, ...}:
+    with a k-quant type, which tensors fell back to another type (rows not a multiple of 256)."""
+    import gguf
+
+    types: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def types_line(types: dict[str, int]) -> str:
+    """``Q5_0 150, F32 61, Q8_0 1``: a file's tensor types, most frequent first."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
