@@ -160,7 +160,7 @@ def predictions(a, limit: int) -> dict[str, float]:
     plan = plan_build(cfg, gpu_bytes=0, ram_bytes=limit, drop=a.drop, settings=st)
     pred = {step: plan.stage(row).host_bytes for step, row in PLAN_ROW.items()}
     p = count_params(cfg, a.drop)
-    pred["make"] = HOST_RUNTIME + a.shard  # one shard in memory
+    pred["make"] = HOST_RUNTIME + 2 * a.shard  # one shard, and its bytes as save_file writes them
     adapter = p.layers * 3 * RANK * (cfg["hidden_size"] + cfg["intermediate_size"]) * 4
     pred["adapter"] = HOST_RUNTIME + 2 * adapter  # its tensors and the file being written
     pred["verify"] = HOST_RUNTIME + 4 * (p.embedding + p.head + 2 * p.per_layer)

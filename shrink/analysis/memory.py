@@ -171,22 +171,22 @@ class _Budget:
         return ""
 
 
-def _batch_bytes(m: ModelFacts, batch: int, seq_len: int, s: int) -> float:
-    """One batch's working set in a layer forward, and the fp32 logits of one chunk of
-    positions (the head's turn)."""
+def _batch_bytes(m: ModelFacts, batch: int, seq_len: int, s: int, head: bool = True) -> float:
+    """One batch's working set in a layer forward, or (``head``) the fp32 logits of one chunk
+    of positions and their log-softmax, whichever is larger."""
     d, f = m.shape.hidden, m.shape.intermediate
     layer = batch * seq_len * s * (6 * d + 3 * f)
-    return max(layer, 2 * min(LOGIT_BYTES, batch * seq_len * m.shape.vocab * 4))
+    return max(layer, 2 * min(LOGIT_BYTES, batch * seq_len * m.shape.vocab * 4) if head else 0)
 
 
 def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batch: int,
-          streams: int = 1, params: ParamCounts | None = None) -> StagePlan:
+          streams: int = 1, params: ParamCounts | None = None, head: bool = False) -> StagePlan:
     """A forward walk over calibration or evaluation blocks: whole when the weights fit the
     device with 20% headroom (as ``decide_streaming``), else one layer at a time."""
     params = params or m.dense
     device = "cuda" if b.gpu > 0 else "cpu"
     s = 2 if device == "cuda" else 4
-    work = _batch_bytes(m, min(batch, samples), seq_len, s)
+    work = _batch_bytes(m, min(batch, samples), seq_len, s, head)
     acts = streams * samples * seq_len * m.shape.hidden * s
     whole = params.total * s
     limit = b.gpu if device == "cuda" else b.ram
@@ -303,7 +303,7 @@ def _gguf(m: ModelFacts, b: _Budget, kind: str) -> StagePlan:
 
 def _evaluate(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
     plan = _walk("evaluate", m, b, st.eval_samples, st.eval_seq_len, st.batch_size,
-                 params=m.dense)
+                 params=m.dense, head=True)
     plan.note = "; ".join(x for x in (plan.note, "dense source and pruned outputs") if x)
     if st.gptq_bits and b.gpu > 0:
         q = weight_memory(cfg, m.drop, st.gptq_bits, st.group_size).total_bytes

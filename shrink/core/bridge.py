@@ -336,10 +336,16 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
 
     results: list[BridgeRun] = []
     runs = contiguous_runs(remove)
-    start_layer = first_changed_layer(remove, True)
+    # with ``dense``, each run's pruned passes start where the run before changed the model: at
+    # the first changed layer (from the dense states), then at the kept layer that absorbed the
+    # previous bridge (from the pruned stream just below it, kept during the previous run)
+    resume = (dense, first_changed_layer(remove, True)) if dense is not None else None
 
     def replay():
-        return dense.start_at(model, start_layer) if dense is not None else nullcontext()
+        return resume[0].start_at(model, resume[1]) if resume is not None else nullcontext()
+
+    def keep(position: int):
+        return chain.keeping(model, position - 1) if resume is not None else nullcontext()
 
     try:
         for run in progress_bar(runs, "fitting bridges", enabled=show_progress):
@@ -348,6 +354,8 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                 results.append(not_bridged_at_zero(run, method, ridge))
                 continue
             k = a - 1
+            position = k - sum(1 for i in remove if i < k)  # of layer k with remove removed
+            chain = DenseStates()
             down = down_proj(layers[k])
             stats = BridgeStats(d, affine=down.bias is not None)
             state: dict = {}
@@ -377,7 +385,7 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                 hh = layers[k].register_forward_hook(h_hook)
                 try:
                     with capture_mlp(layers[k], state, check=start == 0), \
-                            without_layers(model, remove), replay():
+                            without_layers(model, remove), replay(), keep(position):
                         _run_until(runner, ids, mask)
                 finally:
                     hh.remove()
@@ -389,6 +397,8 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
             result = fit_run(run, k, stats, method, ridge)
             fold(down, result.transform)
             results.append(result)
+            if resume is not None and position > 0:
+                resume = (chain, position)
     except BaseException:
         restore()
         raise

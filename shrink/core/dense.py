@@ -116,3 +116,29 @@ class DenseStates:
             handle.remove()
             for layer in found:
                 layer.__dict__.pop("forward", None)
+
+    @contextmanager
+    def keeping(self, model: nn.Module, position: int) -> Iterator[None]:
+        """While inside, every forward pass of ``model`` stores the output of its layer at
+        ``position`` (in the layer list as it is now, e.g. with layers removed) by batch, for a
+        later :meth:`start_at` ``position + 1`` on the same layer list."""
+        if position < 0:
+            yield
+            return
+        layer = find_layers(model)[2][position]
+        runner = decoder_base(model)
+        current: dict = {}
+
+        def on_batch(module, args, kwargs):
+            current["key"] = batch_key(kwargs.get("input_ids"), kwargs.get("attention_mask"))
+
+        def keep(module, args, output):
+            self.outputs[(current.get("key"), position)] = output
+
+        handles = [runner.register_forward_pre_hook(on_batch, with_kwargs=True),
+                   layer.register_forward_hook(keep)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -20,7 +20,7 @@ from shrink.core.errors import ShrinkError, first_line
 INDEX = "model.safetensors.index.json"
 # bytes per element of the dtypes shrink reads (the safetensors codes)
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
 MAX_INDEX = 64 << 20
 _LIST_AT_MOST = 5

@@ -112,3 +112,17 @@ def test_parse_memory():
             parse_memory(bad, "ram")
     with pytest.raises(ShrinkError, match="positive RAM"):
         plan_build("llama-2-7b", gpu_bytes=0, ram_bytes=0)
+
+
+def test_estimate_prints_the_plan_and_refuses_what_cannot_fit():
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    ok = CliRunner().invoke(main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB",
+                                   "--ram", "64GB"])
+    assert ok.exit_code == 0, ok.output
+    assert "heal" in ok.output and "qlora" in ok.output and "every stage fits" in ok.output
+    bad = CliRunner().invoke(main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB",
+                                    "--ram", "8GB"])
+    assert bad.exit_code == 2 and "refused: stage quantize cannot fit" in bad.output

@@ -10,7 +10,10 @@ format, the key names and the HF -> GGUF tensor name map. Everything is derived 
 * ``f32``, ``f16``, ``bf16`` and ``q8_0`` are written directly (``gguf.quants`` does q8_0).
 * Every other type (``q4_0``, ``q4_k_m``, ``q5_k_m``, ``q6_k``, ...) is made by llama.cpp's own
   quantizer (through llama-cpp-python, in a child process) from a lossless intermediate file
-  (f32, f16 or bf16: the dtype of the checkpoint's weights).
+  (f32, f16 or bf16: the dtype of the checkpoint's weights), given an importance matrix that
+  shrink computes from calibration text (:mod:`shrink.stages.export.imatrix`; required by the 2-
+  and 3-bit IQ types). The record counts the tensors of each type in the file: at a width that
+  is not a multiple of 256 most k-quant tensors fall back to a 32-wide type.
 * Before the file is moved into place, a fresh process loads it in llama.cpp
   (:func:`shrink.runtime.gguf.verify_in_subprocess`): block count and metadata against the HF
   config, tokenizer ids against the HF tokenizer, greedy generation against PyTorch (must be equal
