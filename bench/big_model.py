@@ -17,6 +17,7 @@ Usage: python bench/big_model.py [--workdir DIR] [--hidden 2048] [--layers 16] [
        [--data-limit BYTES] [--out bench/results/big_model.md]
        python bench/big_model.py --tiny --workdir /tmp/bm --data-limit 3000000000   (smoke run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,18 +37,32 @@ RANK = 8
 def shape_args(a) -> dict:
     if a.tiny:
         return dict(hidden=64, layers=6, intermediate=128, heads=4, kv_heads=2)
-    return dict(hidden=a.hidden, layers=a.layers, intermediate=a.intermediate, heads=a.heads,
-                kv_heads=a.kv_heads)
+    return dict(
+        hidden=a.hidden,
+        layers=a.layers,
+        intermediate=a.intermediate,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+    )
 
 
 def synthetic_config(hidden, layers, intermediate, heads, kv_heads):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, vocab_size=49152,
-                       max_position_embeddings=2048, tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32")
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        torch_dtype="float32",
+    )
 
 
 def vm(key: str) -> int:
@@ -60,7 +75,9 @@ def vm(key: str) -> int:
 def blocks(samples: int, seq_len: int, seed: int):
     import torch
 
-    return torch.randint(3, 49152, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        3, 49152, (samples, seq_len), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def write_adapter(pruned: Path, out: Path, seed: int = 0) -> dict:
@@ -78,13 +95,26 @@ def write_adapter(pruned: Path, out: Path, seed: int = 0) -> dict:
         if ".mlp." in name and name.endswith("_proj.weight"):
             module = name.removesuffix(".weight")
             n, k = info.shape
-            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, k, generator=g) * 0.01
-            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n, RANK, generator=g) * 0.01
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (
+                torch.randn(RANK, k, generator=g) * 0.01
+            )
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (
+                torch.randn(n, RANK, generator=g) * 0.01
+            )
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "use_rslora": False,
-         "target_modules": ["gate_proj", "up_proj", "down_proj"], "task_type": "CAUSAL_LM"}))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": RANK,
+                "lora_alpha": 2 * RANK,
+                "use_rslora": False,
+                "target_modules": ["gate_proj", "up_proj", "down_proj"],
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
     return {"lora_tensors": len(tensors)}
 
 
@@ -100,18 +130,20 @@ def run_child(step: str, work: Path, a) -> dict:
         from shrink.core.models import ensure_embedded
         from shrink.streaming import write_random_checkpoint
 
-        write_random_checkpoint(synthetic_config(**shape_args(a)), dense, max_shard_bytes=a.shard,
-                                seed=a.seed)
+        write_random_checkpoint(
+            synthetic_config(**shape_args(a)), dense, max_shard_bytes=a.shard, seed=a.seed
+        )
         src = ensure_embedded()
         for f in src.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
                 shutil.copy(f, dense / f.name)
         return {"bytes": sum(p.stat().st_size for p in dense.glob("*.safetensors"))}
     if step == "score":
-        s = stream_score(dense, blocks(a.samples, a.seq_len, 0), batch_size=4, device="cpu",
-                         show_progress=False)
+        s = stream_score(
+            dense, blocks(a.samples, a.seq_len, 0), batch_size=4, device="cpu", show_progress=False
+        )
         inner = list(range(1, len(s.bi) - 1))  # keep the first and last layers
-        remove = sorted(sorted(inner, key=lambda i: s.bi[i])[:a.drop])
+        remove = sorted(sorted(inner, key=lambda i: s.bi[i])[: a.drop])
         (work / "remove.json").write_text(json.dumps(remove))
         return {"remove": remove}
     if step == "prune":
@@ -154,9 +186,14 @@ def predictions(a, limit: int) -> dict[str, float]:
     from shrink.analysis.memory import PlanSettings, plan_build
 
     cfg = synthetic_config(**shape_args(a)).to_dict()
-    st = PlanSettings(score_samples=a.samples, score_seq_len=a.seq_len,
-                      eval_samples=a.eval_samples, eval_seq_len=a.eval_seq_len, gptq_bits=None,
-                      gguf=None)
+    st = PlanSettings(
+        score_samples=a.samples,
+        score_seq_len=a.seq_len,
+        eval_samples=a.eval_samples,
+        eval_seq_len=a.eval_seq_len,
+        gptq_bits=None,
+        gguf=None,
+    )
     plan = plan_build(cfg, gpu_bytes=0, ram_bytes=limit, drop=a.drop, settings=st)
     pred = {step: plan.stage(row).host_bytes for step, row in PLAN_ROW.items()}
     p = count_params(cfg, a.drop)
@@ -189,8 +226,12 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--shard", type=int, default=500 << 20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-limit", type=int, default=None,
-                    help="RLIMIT_DATA bytes of each step (default: half the float32 weights)")
+    ap.add_argument(
+        "--data-limit",
+        type=int,
+        default=None,
+        help="RLIMIT_DATA bytes of each step (default: half the float32 weights)",
+    )
     ap.add_argument("--out", default=None, help="markdown table (default: print only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -205,18 +246,35 @@ def main() -> None:
     pred = predictions(a, limit)
     rows = []
     for step in STEPS:
-        cmd = ["prlimit", f"--data={limit}", sys.executable, __file__, *sys.argv[1:], "--child",
-               step]
+        cmd = [
+            "prlimit",
+            f"--data={limit}",
+            sys.executable,
+            __file__,
+            *sys.argv[1:],
+            "--child",
+            step,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-        out = json.loads(lines[-1]) if lines else {
-            "ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:240],
-            "peak_rss": 0, "seconds": 0}
+        out = (
+            json.loads(lines[-1])
+            if lines
+            else {
+                "ok": False,
+                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:240],
+                "peak_rss": 0,
+                "seconds": 0,
+            }
+        )
         out["predicted"] = pred[step]
         rows.append(out)
-        print(f"{step:<11} ok={out['ok']} peak {out['peak_rss'] / 1e9:.2f} GB "
-              f"(plan {pred[step] / 1e9:.2f} GB) {out['seconds']:.1f} s "
-              f"{out.get('result') or out.get('error')}", flush=True)
+        print(
+            f"{step:<11} ok={out['ok']} peak {out['peak_rss'] / 1e9:.2f} GB "
+            f"(plan {pred[step] / 1e9:.2f} GB) {out['seconds']:.1f} s "
+            f"{out.get('result') or out.get('error')}",
+            flush=True,
+        )
         if not out["ok"]:
             break
     table = report(rows, a, weights, limit)
@@ -227,18 +285,24 @@ def main() -> None:
 
 def report(rows: list[dict], a, weights: int, limit: int) -> list[str]:
     s = shape_args(a)
-    lines = [f"# Streamed stages on a synthetic Llama ({s['layers']} layers, hidden {s['hidden']}, "
-             f"{weights / 1e9:.2f} GB of float32 weights)", "",
-             f"Each step in a fresh process under `prlimit --data={limit}` "
-             f"({limit / 1e9:.2f} GB, {limit / weights:.0%} of the weights); drop {a.drop} layers; "
-             f"{platform.processor() or platform.machine()}, {platform.python_version()}.", "",
-             "| step | predicted host peak | measured peak RSS | within plan | seconds | result |",
-             "|---|---:|---:|---|---:|---|"]
+    lines = [
+        f"# Streamed stages on a synthetic Llama ({s['layers']} layers, hidden {s['hidden']}, "
+        f"{weights / 1e9:.2f} GB of float32 weights)",
+        "",
+        f"Each step in a fresh process under `prlimit --data={limit}` "
+        f"({limit / 1e9:.2f} GB, {limit / weights:.0%} of the weights); drop {a.drop} layers; "
+        f"{platform.processor() or platform.machine()}, {platform.python_version()}.",
+        "",
+        "| step | predicted host peak | measured peak RSS | within plan | seconds | result |",
+        "|---|---:|---:|---|---:|---|",
+    ]
     for r in rows:
         within = r["peak_rss"] <= 1.25 * r["predicted"] if r["ok"] else False
-        lines.append(f"| {r['step']} | {r['predicted'] / 1e9:.2f} GB | {r['peak_rss'] / 1e9:.2f} GB "
-                     f"| {'yes' if within else 'NO'} | {r['seconds']:.1f} | "
-                     f"{json.dumps(r.get('result') or r.get('error'))} |")
+        lines.append(
+            f"| {r['step']} | {r['predicted'] / 1e9:.2f} GB | {r['peak_rss'] / 1e9:.2f} GB "
+            f"| {'yes' if within else 'NO'} | {r['seconds']:.1f} | "
+            f"{json.dumps(r.get('result') or r.get('error'))} |"
+        )
     return lines
 
 

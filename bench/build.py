@@ -7,6 +7,7 @@ bench/results/build.md and .json.
 
     python bench/build.py [--out /tmp/shrink-build]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,20 +34,29 @@ def main() -> None:
         sys.exit(f"build failed: {proc.stderr.strip().splitlines()[-1:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     report = json.loads((Path(a.out) / "report.json").read_text())
-    result = {"command": " ".join(cmd), "bench_command": "python bench/build.py "
-              + " ".join(sys.argv[1:]), "wall_s": wall, "peak_rss_bytes": peak,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-              "stages": report["stages"], "perplexity": report["perplexity"],
-              "sizes_bytes": report["sizes_bytes"]}
+    result = {
+        "command": " ".join(cmd),
+        "bench_command": "python bench/build.py " + " ".join(sys.argv[1:]),
+        "wall_s": wall,
+        "peak_rss_bytes": peak,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+        "stages": report["stages"],
+        "perplexity": report["perplexity"],
+        "sizes_bytes": report["sizes_bytes"],
+    }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "build.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# `shrink build` with no arguments (embedded SmolLM2, end to end)\n",
-             f"Command: `{result['bench_command'].strip()}` (runs `{result['command']}`)  ",
-             f"Machine: {result['machine']}.\n",
-             f"- wall time: **{wall / 60:.1f} min** (target: under 15 min on 2 cores)",
-             f"- peak memory (largest single process): **{peak / 2**30:.2f} GiB**", "",
-             "| stage | seconds |", "|---|---|"]
+    lines = [
+        "# `shrink build` with no arguments (embedded SmolLM2, end to end)\n",
+        f"Command: `{result['bench_command'].strip()}` (runs `{result['command']}`)  ",
+        f"Machine: {result['machine']}.\n",
+        f"- wall time: **{wall / 60:.1f} min** (target: under 15 min on 2 cores)",
+        f"- peak memory (largest single process): **{peak / 2**30:.2f} GiB**",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {s['name']} | {s['seconds']:.0f} |" for s in report["stages"]]
     lines += ["", "| model | perplexity |", "|---|---|"]
     lines += [f"| {k} | {v['perplexity']:.2f} |" for k, v in report["perplexity"].items()]

@@ -9,6 +9,7 @@ float32 matmul rate on the model's own shapes in the same run, and reports the f
 rate) and the ratio wall / floor, with the load average before and after the measurement.
 Writes RESULTS/NAME.md and RESULTS/NAME.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,23 @@ def shapes(cfg: dict) -> dict:
     H = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or H
     hd = cfg.get("head_dim") or d // H
-    linears = {"q_proj": (d, H * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd),
-               "o_proj": (H * hd, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    return {"d": d, "f": f, "vocab": V, "linears": linears,
-            "layer_params": sum(i * o for i, o in linears.values()), "head_params": d * V}
+    linears = {
+        "q_proj": (d, H * hd),
+        "k_proj": (d, kv * hd),
+        "v_proj": (d, kv * hd),
+        "o_proj": (H * hd, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
+    }
+    return {
+        "d": d,
+        "f": f,
+        "vocab": V,
+        "linears": linears,
+        "layer_params": sum(i * o for i, o in linears.values()),
+        "head_params": d * V,
+    }
 
 
 def forward_params(s: dict, layers: int, head: bool = True) -> int:
@@ -70,26 +84,41 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
         out["prune"] = {"flops": f, "formula": formula}
     h = st.get("heal") or {}
     if h:
-        T = int(h.get("steps") or 0) * int(h.get("batch_size") or 0) * \
-            int(h.get("grad_accum") or 1) * int(h.get("seq_len") or 0)
+        T = (
+            int(h.get("steps") or 0)
+            * int(h.get("batch_size") or 0)
+            * int(h.get("grad_accum") or 1)
+            * int(h.get("seq_len") or 0)
+        )
         r = int(h.get("rank") or 8)
-        lora = L1 * sum(r * (i + o) for n, (i, o) in s["linears"].items()
-                        if n in ("gate_proj", "up_proj", "down_proj"))
+        lora = L1 * sum(
+            r * (i + o)
+            for n, (i, o) in s["linears"].items()
+            if n in ("gate_proj", "up_proj", "down_proj")
+        )
         f = (4 * P1 + 2 * lora) * T + 2 * 2 * P1 * T_eval
-        out["heal"] = {"flops": f, "formula": "(4 P_pruned + 2 P_lora) T_train + "
-                                              "2 x 2 P_pruned T_eval (before, after)"}
+        out["heal"] = {
+            "flops": f,
+            "formula": "(4 P_pruned + 2 P_lora) T_train + 2 x 2 P_pruned T_eval (before, after)",
+        }
     q = st.get("quantize") or {}
     if q:
         T = _tokens(q)
-        hess = sum(2 * i * i * T + i ** 3 + 2 * o * i * i for i, o in s["linears"].values()) * L1
+        hess = sum(2 * i * i * T + i**3 + 2 * o * i * i for i, o in s["linears"].values()) * L1
         f = 2 * 2 * forward_params(s, L1, head=False) * T + hess
-        out["quantize"] = {"flops": f, "formula": "2 x 2 P_layers T_cal (inputs, outputs) + per "
-                                                  "linear (2 d_in^2 T_cal + d_in^3 + "
-                                                  "2 d_out d_in^2)"}
+        out["quantize"] = {
+            "flops": f,
+            "formula": "2 x 2 P_layers T_cal (inputs, outputs) + per "
+            "linear (2 d_in^2 T_cal + d_in^3 + "
+            "2 d_out d_in^2)",
+        }
     if ev:
         n = _measured_by_evaluate(report)
         f = sum(2 * (P0 if label == "dense" else P1) * T_eval for label in n)
-        out["evaluate"] = {"flops": f, "formula": f"2 P T_eval for each of {', '.join(n) or 'none'}"}
+        out["evaluate"] = {
+            "flops": f,
+            "formula": f"2 P T_eval for each of {', '.join(n) or 'none'}",
+        }
     return out
 
 
@@ -100,8 +129,11 @@ def _measured_by_evaluate(report: dict) -> list[str]:
     ledger = (report.get("perplexity_book") or {}).get("ledger")
     if ledger is None:
         return rows
-    paths = {row.get("path"): label for label, row in (report.get("perplexity") or {}).items()
-             if isinstance(row, dict)}
+    paths = {
+        row.get("path"): label
+        for label, row in (report.get("perplexity") or {}).items()
+        if isinstance(row, dict)
+    }
     done = {paths.get(r["what"], r["what"]) for r in ledger if r.get("by") == "evaluate"}
     return [label for label in rows if label in done]
 
@@ -123,8 +155,12 @@ def matmul_rate(s: dict, rows: int = 1024, seconds: float = 0.5) -> dict:
         f = 2.0 * rows * i * o
         per[name] = round(f / best / 1e9, 2)
         flops, spent = flops + f, spent + best
-    return {"flops_per_second": flops / spent, "per_shape_gflops": per, "rows": rows,
-            "threads": torch.get_num_threads()}
+    return {
+        "flops_per_second": flops / spent,
+        "per_shape_gflops": per,
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def analyse(out_dir: Path) -> dict:
@@ -140,21 +176,37 @@ def analyse(out_dir: Path) -> dict:
         wall = float(st.get("seconds") or 0.0)
         f = flops.get(st["name"])
         floor = f["flops"] / rate["flops_per_second"] if f else None
-        rows.append({"stage": st["name"], "wall_s": round(wall, 1),
-                     "flops": f["flops"] if f else None, "formula": f["formula"] if f else
-                     "no floating-point floor modelled (conversion and I/O)",
-                     "floor_s": round(floor, 2) if floor is not None else None,
-                     "ratio": round(wall / floor, 2) if floor else None,
-                     "skipped": st.get("skipped", False)})
+        rows.append(
+            {
+                "stage": st["name"],
+                "wall_s": round(wall, 1),
+                "flops": f["flops"] if f else None,
+                "formula": f["formula"]
+                if f
+                else "no floating-point floor modelled (conversion and I/O)",
+                "floor_s": round(floor, 2) if floor is not None else None,
+                "ratio": round(wall / floor, 2) if floor else None,
+                "skipped": st.get("skipped", False),
+            }
+        )
     total_wall = sum(r["wall_s"] for r in rows)
     total_floor = sum(r["floor_s"] or 0.0 for r in rows)
-    return {"build": str(out_dir), "stages": rows, "total_wall_s": round(total_wall, 1),
-            "total_floor_s": round(total_floor, 2),
-            "ratio": round(total_wall / total_floor, 2) if total_floor else None,
-            "matmul": rate, "load_average": {"before": load_before, "after": load_after},
-            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                        "python": platform.python_version(), "torch": torch.__version__},
-            "command": "python " + " ".join(sys.argv)}
+    return {
+        "build": str(out_dir),
+        "stages": rows,
+        "total_wall_s": round(total_wall, 1),
+        "total_floor_s": round(total_floor, 2),
+        "ratio": round(total_wall / total_floor, 2) if total_floor else None,
+        "matmul": rate,
+        "load_average": {"before": load_before, "after": load_after},
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "command": "python " + " ".join(sys.argv),
+    }
 
 
 def _cpu_name() -> str:
@@ -170,24 +222,33 @@ def _cpu_name() -> str:
 def markdown(r: dict) -> str:
     m = r["matmul"]
     lines = [
-        "# Build time against the arithmetic floor", "",
+        "# Build time against the arithmetic floor",
+        "",
         f"Build: `{r['build']}`. Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
-        f"torch {r['machine']['torch']}. Command: `{r['command']}`.", "",
+        f"torch {r['machine']['torch']}. Command: `{r['command']}`.",
+        "",
         f"Matmul rate measured in this run on the model's own shapes ({m['rows']} tokens x each "
         f"linear and the LM head, float32, {m['threads']} threads): "
         f"**{m['flops_per_second'] / 1e9:.1f} GFLOP/s**. Load average (1, 5, 15 min) before "
-        f"{_load(r['load_average']['before'])}, after {_load(r['load_average']['after'])}.", "",
+        f"{_load(r['load_average']['before'])}, after {_load(r['load_average']['after'])}.",
+        "",
         "| stage | wall s | FLOPs | floor s | wall / floor | formula |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for s in r["stages"]:
-        lines.append(f"| {s['stage']}{' (resumed)' if s['skipped'] else ''} | {s['wall_s']} | "
-                     f"{_e(s['flops'])} | {s['floor_s'] if s['floor_s'] is not None else '-'} | "
-                     f"{s['ratio'] if s['ratio'] is not None else '-'} | {s['formula']} |")
-    lines += [f"| **total** | {r['total_wall_s']} | | {r['total_floor_s']} | {r['ratio']} | |",
-              "", "P: weights of the linear layers a token passes (LM head included unless "
-              "noted), T: tokens. The floor is the arithmetic alone at the measured matmul "
-              "rate; loading, saving, verification and conversion are not in it.", ""]
+        lines.append(
+            f"| {s['stage']}{' (resumed)' if s['skipped'] else ''} | {s['wall_s']} | "
+            f"{_e(s['flops'])} | {s['floor_s'] if s['floor_s'] is not None else '-'} | "
+            f"{s['ratio'] if s['ratio'] is not None else '-'} | {s['formula']} |"
+        )
+    lines += [
+        f"| **total** | {r['total_wall_s']} | | {r['total_floor_s']} | {r['ratio']} | |",
+        "",
+        "P: weights of the linear layers a token passes (LM head included unless "
+        "noted), T: tokens. The floor is the arithmetic alone at the measured matmul "
+        "rate; loading, saving, verification and conversion are not in it.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 Run: python bench/claims.py   (no weights, no network; same table as `shrink claims --markdown`)
 """
+
 from pathlib import Path
 
 from shrink.analysis.claims import check_claims, to_markdown

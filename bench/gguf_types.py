@@ -9,6 +9,7 @@ prompts next to PyTorch, and measures perplexity. Writes bench/results/gguf_type
     python bench/gguf_types.py [--drop 6 --strategy bi] [--types f16 q8_0 q4_0 q4_k_m ...]
                                [--samples 8] [--seq-len 512] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2)")
     p.add_argument("--drop", type=int, default=0, help="prune this many layers first")
     p.add_argument("--strategy", default="bi", help="bi or relmag (layer scores)")
-    p.add_argument("--types", nargs="+",
-                   default=["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"])
+    p.add_argument(
+        "--types", nargs="+", default=["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+    )
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
@@ -47,6 +49,7 @@ def main() -> None:
         src = Path(args.model)
     else:
         from shrink.core.models import ensure_embedded
+
         src = ensure_embedded()
     rows = []
     with tempfile.TemporaryDirectory(prefix="shrink-bench-gguf-") as tmp:
@@ -67,19 +70,33 @@ def main() -> None:
         n_layers = model.config.num_hidden_layers
         del model
         weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-        print(json.dumps({"torch_fp32_perplexity": ref.perplexity, "layers": n_layers}),
-              file=sys.stderr)
+        print(
+            json.dumps({"torch_fp32_perplexity": ref.perplexity, "layers": n_layers}),
+            file=sys.stderr,
+        )
         for t in args.types:
             t0 = time.perf_counter()
-            info = export_gguf(model_dir, Path(tmp) / f"{t}.gguf", t, threads=args.threads,
-                               samples=args.samples, seq_len=args.seq_len)
+            info = export_gguf(
+                model_dir,
+                Path(tmp) / f"{t}.gguf",
+                t,
+                threads=args.threads,
+                samples=args.samples,
+                seq_len=args.seq_len,
+            )
             v = info["verification"]
-            row = {"type": t, "bytes": info["bytes"], "perplexity": v["perplexity"],
-                   "greedy_equal": v["greedy_equal"],
-                   "greedy_token_agreement": v["greedy_token_agreement"],
-                   "top1_agreement": v["top1_agreement"], "tensor_types": v["tensor_types"],
-                   "completion": v["completion"], "seconds_write": info["seconds_write"],
-                   "seconds_total": round(time.perf_counter() - t0, 1)}
+            row = {
+                "type": t,
+                "bytes": info["bytes"],
+                "perplexity": v["perplexity"],
+                "greedy_equal": v["greedy_equal"],
+                "greedy_token_agreement": v["greedy_token_agreement"],
+                "top1_agreement": v["top1_agreement"],
+                "tensor_types": v["tensor_types"],
+                "completion": v["completion"],
+                "seconds_write": info["seconds_write"],
+                "seconds_total": round(time.perf_counter() - t0, 1),
+            }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 
@@ -98,21 +115,33 @@ def main() -> None:
         "fixed prompts, llama.cpp vs PyTorch; top-1: next-token argmax agreement over one block.",
         "",
         "| type | size MB | perplexity (llama.cpp) | greedy = torch | greedy token agreement | "
-        "top-1 agreement | tensor types | \"The capital of France is\" |",
+        'top-1 agreement | tensor types | "The capital of France is" |',
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         types = ", ".join(f"{k} {v}" for k, v in sorted(r["tensor_types"].items()))
         comp = r["completion"].replace("\n", " ").replace("|", "/")[:40]
-        lines.append(f"| {r['type']} | {r['bytes'] / 1e6:.1f} | {r['perplexity']:.2f} | "
-                     f"{'yes' if r['greedy_equal'] else 'no'} | {r['greedy_token_agreement']:.2f} "
-                     f"| {r['top1_agreement']:.3f} | {types} | {comp} |")
+        lines.append(
+            f"| {r['type']} | {r['bytes'] / 1e6:.1f} | {r['perplexity']:.2f} | "
+            f"{'yes' if r['greedy_equal'] else 'no'} | {r['greedy_token_agreement']:.2f} "
+            f"| {r['top1_agreement']:.3f} | {types} | {comp} |"
+        )
     RESULTS.mkdir(exist_ok=True)
     stem = f"gguf_types-{tag}"
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "torch_fp32_perplexity": ref.perplexity, "layers": n_layers,
-         "data": blocks.describe(), "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "command": cmd,
+                "torch_fp32_perplexity": ref.perplexity,
+                "layers": n_layers,
+                "data": blocks.describe(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print("\n".join(lines))
 
 

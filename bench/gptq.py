@@ -7,6 +7,7 @@ and perplexity there. Writes bench/results/gptq.md and bench/results/gptq.json.
 
     python bench/gptq.py [--bits 4 8] [--samples 32] [--seq-len 256] [--eval-samples 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,24 +36,45 @@ def main() -> None:
 
     import torch
 
-    from shrink.stages.quantize import quantize_gptq
     from shrink.core.models import ensure_embedded
+    from shrink.stages.quantize import quantize_gptq
 
     src = ensure_embedded()
     runs = []
     with tempfile.TemporaryDirectory(prefix="shrink-bench-gptq-") as tmp:
         for bits in args.bits:
             t0 = time.perf_counter()
-            r = quantize_gptq(str(src), Path(tmp) / f"q{bits}", bits=bits,
-                              group_size=args.group_size, samples=args.samples,
-                              seq_len=args.seq_len, eval_samples=args.eval_samples,
-                              eval_seq_len=args.eval_seq_len, show_progress=False)
+            r = quantize_gptq(
+                str(src),
+                Path(tmp) / f"q{bits}",
+                bits=bits,
+                group_size=args.group_size,
+                samples=args.samples,
+                seq_len=args.seq_len,
+                eval_samples=args.eval_samples,
+                eval_seq_len=args.eval_seq_len,
+                show_progress=False,
+            )
             d = r.to_dict()
             d["total_seconds"] = round(time.perf_counter() - t0, 1)
             runs.append(d)
-            print(json.dumps({k: d[k] for k in ("bits", "group_size", "seconds", "bits_per_weight",
-                                                "size_bytes_after", "perplexity_before",
-                                                "perplexity_after")}), file=sys.stderr)
+            print(
+                json.dumps(
+                    {
+                        k: d[k]
+                        for k in (
+                            "bits",
+                            "group_size",
+                            "seconds",
+                            "bits_per_weight",
+                            "size_bytes_after",
+                            "perplexity_before",
+                            "perplexity_after",
+                        )
+                    }
+                ),
+                file=sys.stderr,
+            )
 
     cmd = "python bench/gptq.py " + " ".join(sys.argv[1:])
     first = runs[0]
@@ -83,7 +105,8 @@ def main() -> None:
             f"| GPTQ {d['bits']}-bit | {d['group_size']} | {d['size_bytes_after'] / 1e6:.1f} MB | "
             f"{d['bits_per_weight']:.3f} | {d['perplexity_after']:.3f} | "
             f"{d['perplexity_after'] / d['perplexity_before']:.3f} | {d['seconds']:.1f} s | "
-            f"{d['total_seconds']:.1f} s |")
+            f"{d['total_seconds']:.1f} s |"
+        )
     notes = [n for n in {d["group_size_note"] for d in runs} if n]
     lines += [
         "",

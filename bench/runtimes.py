@@ -10,6 +10,7 @@ thread-wait behaviour). Writes bench/results/runtimes.md and runtimes.json.
 The pruned model is 6 of 30 layers removed (``--strategy bi``, no healing: speed depends on the
 shapes only; its perplexity is the unhealed one). Artifacts are cached in ``--workdir``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,7 @@ def prepare(work: Path, gguf_types: list[str], variants: list[str], gptq: bool) 
 
             q = work / f"{tag}-gptq-4bit"
             if not q.exists():
-                quantize(src, q, QuantizeConfig(gptq="4bit"), evaluation=None,
-                         show_progress=False)
+                quantize(src, q, QuantizeConfig(gptq="4bit"), evaluation=None, show_progress=False)
             arts.append(str(q))
     return arts
 
@@ -84,16 +84,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/shrink-bench-runtimes")
     ap.add_argument("--gguf", nargs="*", default=["q4_0", "q4_k_m"])
-    ap.add_argument("--onnx-variant", nargs="*", default=[],
-                    help="extra ONNX int4 builds, each a comma-separated list of builder "
-                         "--extra_options, e.g. block_size=128 accuracy_level=1")
+    ap.add_argument(
+        "--onnx-variant",
+        nargs="*",
+        default=[],
+        help="extra ONNX int4 builds, each a comma-separated list of builder "
+        "--extra_options, e.g. block_size=128 accuracy_level=1",
+    )
     ap.add_argument("--gptq", action="store_true", help="also GPTQ 4-bit (GPTQModel on CPU)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=128)
-    ap.add_argument("--only", default=None, help="comma-separated folder names: bench only "
-                                                 "these artifacts (smollm2-135m is the dense HF)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated folder names: bench only "
+        "these artifacts (smollm2-135m is the dense HF)",
+    )
     ap.add_argument("--prepare-only", action="store_true", help="build the artifacts, no timing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtimes"))
     a = ap.parse_args()
@@ -114,8 +122,16 @@ def main() -> int:
 
     load0 = os.getloadavg()
     t1 = time.perf_counter()
-    report = bench(arts, prompt_len=a.prompt_len, gen_len=a.gen_len, repeats=a.repeats,
-                   ppl_samples=8, ppl_seq_len=512, threads=a.threads, show_progress=True)
+    report = bench(
+        arts,
+        prompt_len=a.prompt_len,
+        gen_len=a.gen_len,
+        repeats=a.repeats,
+        ppl_samples=8,
+        ppl_seq_len=512,
+        threads=a.threads,
+        show_progress=True,
+    )
     seconds = time.perf_counter() - t1
     names = {x: (Path(x).name if Path(x).name != "smollm2-135m" else "dense-hf") for x in arts}
     for r in report.results:
@@ -123,7 +139,8 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     head = [
-        "# CPU runtimes: PyTorch, ONNX int4, GGUF, dense and pruned SmolLM2-135M", "",
+        "# CPU runtimes: PyTorch, ONNX int4, GGUF, dense and pruned SmolLM2-135M",
+        "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'CPU'}),"
         f" load average {load0[0]:.2f} before and {os.getloadavg()[0]:.2f} after "
@@ -137,11 +154,22 @@ def main() -> int:
         "runtime whose idle threads spin shows ~= its thread count.  ",
         "Threads: PyTorch `torch.set_num_threads` (OpenMP), onnxruntime-genai "
         "`intra_op_num_threads` (inter-op 1), llama.cpp `n_threads` = `n_threads_batch`; wait "
-        "policies are each runtime's default.", ""]
+        "policies are each runtime's default.",
+        "",
+    ]
     out.with_suffix(".md").write_text("\n".join(head) + bench_markdown(report))
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "load_before": load0, "load_after": os.getloadavg(),
-         "report": report.to_dict()}, indent=1, default=str))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "load_before": load0,
+                "load_after": os.getloadavg(),
+                "report": report.to_dict(),
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(out.with_suffix(".md").read_text())
     return 0
 

@@ -16,6 +16,7 @@ RLIMIT_DATA counts private writable memory, which is what a process really alloc
 Usage: python bench/streaming.py [--workdir DIR] [--layers 32] [--cap-gb 1.5] [--samples 4]
        [--seq-len 128] [--big-in-memory] [--repeats 2] [--out bench/results/streaming.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,22 +72,37 @@ def build(folder: Path, layers: int) -> tuple[Path, float]:
     if (folder / "config.json").is_file():
         return folder, 0.0
     t0 = time.perf_counter()
-    config = tf.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
-                            max_position_embeddings=2048, tie_word_embeddings=False)
+    config = tf.LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     write_random_checkpoint(config, folder, max_shard_bytes=1 << 30, dtype=torch.float32)
     return folder, time.perf_counter() - t0
 
 
 def child(mode: str, folder: Path, cap: int, samples: int, seq_len: int) -> dict:
     env = {**os.environ, "SHRINK_NO_PROGRESS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(folder), str(cap), str(samples),
-                        str(seq_len)], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(folder), str(cap), str(samples), str(seq_len)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if not lines:  # killed before it could report (e.g. std::bad_alloc abort)
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"mode": mode, "ok": False, "error": f"exit {p.returncode}: {tail[:240]}",
-                "cap": cap}
+        return {
+            "mode": mode,
+            "ok": False,
+            "error": f"exit {p.returncode}: {tail[:240]}",
+            "cap": cap,
+        }
     return json.loads(lines[-1])
 
 
@@ -114,8 +130,9 @@ def main() -> None:
     w_big, w_small = Checkpoint(big).nbytes, Checkpoint(small).nbytes
     cap = int(args.cap_gb * 1e9)
     n, s = args.samples, args.seq_len
-    print(f"big {gb(w_big)} (built in {t_big:.0f} s), small {gb(w_small)}, cap {gb(cap)}",
-          flush=True)
+    print(
+        f"big {gb(w_big)} (built in {t_big:.0f} s), small {gb(w_small)}, cap {gb(cap)}", flush=True
+    )
     runs = {}
     runs["big_stream_capped"] = child("stream", big, cap, n, s)
     print(runs["big_stream_capped"], flush=True)
@@ -166,8 +183,9 @@ def main() -> None:
         return f"| {name} | {res} | {secs} | {tps} | {gb(r.get('peak_rss'))} |"
 
     lines.append(row("streamed (`stream_score`), capped", bs))
-    lines.append(row("in memory (`from_pretrained` + `score_layers`), capped",
-                     runs["big_memory_capped"]))
+    lines.append(
+        row("in memory (`from_pretrained` + `score_layers`), capped", runs["big_memory_capped"])
+    )
     if "big_memory" in runs:
         lines.append(row("in memory, no cap", runs["big_memory"]))
         lines.append(row("streamed, no cap (run right after it)", runs["big_stream"]))
@@ -193,8 +211,11 @@ def main() -> None:
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"weights_big": w_big, "weights_small": w_small, "cap": cap, "runs": runs}, indent=1))
+    Path(args.out).with_suffix(".json").write_text(
+        json.dumps(
+            {"weights_big": w_big, "weights_small": w_small, "cap": cap, "runs": runs}, indent=1
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -12,6 +12,7 @@ small typed result; the CLI is generated from the same configs::
 Names are imported on first use, so ``import shrink`` is cheap and changes nothing in the host
 program (no logging levels, warning filters or environment variables).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,34 +21,57 @@ __version__ = "0.1.0"
 
 _API = {
     # configs (cheap: pydantic only)
-    "ScoreConfig": "shrink.stages.configs", "PruneConfig": "shrink.stages.configs",
-    "HealConfig": "shrink.stages.configs", "QuantizeConfig": "shrink.stages.configs",
-    "ExportConfig": "shrink.stages.configs", "EvaluateConfig": "shrink.stages.configs",
-    "BenchConfig": "shrink.stages.configs", "BuildConfig": "shrink.stages.configs",
+    "ScoreConfig": "shrink.stages.configs",
+    "PruneConfig": "shrink.stages.configs",
+    "HealConfig": "shrink.stages.configs",
+    "QuantizeConfig": "shrink.stages.configs",
+    "ExportConfig": "shrink.stages.configs",
+    "EvaluateConfig": "shrink.stages.configs",
+    "BenchConfig": "shrink.stages.configs",
+    "BuildConfig": "shrink.stages.configs",
     "ModelOptions": "shrink.stages.configs",
     # stages: one function each, config in, typed result out
-    "score": "shrink.stages.score", "prune": "shrink.stages.prune", "heal": "shrink.stages.heal",
-    "quantize": "shrink.stages.quantize", "export": "shrink.stages.export",
-    "evaluate": "shrink.stages.evaluate", "bench": "shrink.stages.bench",
+    "score": "shrink.stages.score",
+    "prune": "shrink.stages.prune",
+    "heal": "shrink.stages.heal",
+    "quantize": "shrink.stages.quantize",
+    "export": "shrink.stages.export",
+    "evaluate": "shrink.stages.evaluate",
+    "bench": "shrink.stages.bench",
     "build": "shrink.stages.build",
-    "PruneResult": "shrink.stages.prune", "HealResult": "shrink.stages.heal",
-    "GptqResult": "shrink.stages.quantize", "OnnxResult": "shrink.stages.export.onnx",
-    "BuildResult": "shrink.stages.build", "BenchReport": "shrink.stages.bench",
-    "register_strategy": "shrink.stages.strategies", "STRATEGIES": "shrink.stages.strategies",
+    "PruneResult": "shrink.stages.prune",
+    "HealResult": "shrink.stages.heal",
+    "GptqResult": "shrink.stages.quantize",
+    "OnnxResult": "shrink.stages.export.onnx",
+    "BuildResult": "shrink.stages.build",
+    "BenchReport": "shrink.stages.bench",
+    "register_strategy": "shrink.stages.strategies",
+    "STRATEGIES": "shrink.stages.strategies",
     # building blocks
-    "load_model": "shrink.core.models", "resolve": "shrink.core.models",
-    "find_layers": "shrink.core.models", "LoadedModel": "shrink.core.models",
-    "ALIASES": "shrink.core.models", "EMBEDDED": "shrink.core.models",
-    "token_blocks": "shrink.core.data", "load_texts": "shrink.core.data",
-    "TokenBlocks": "shrink.core.data", "CALIBRATION": "shrink.core.data",
-    "EVALUATION": "shrink.core.data", "HEALING": "shrink.core.data",
-    "score_layers": "shrink.core.scores", "removal_perplexity": "shrink.core.scores",
+    "load_model": "shrink.core.models",
+    "resolve": "shrink.core.models",
+    "find_layers": "shrink.core.models",
+    "LoadedModel": "shrink.core.models",
+    "ALIASES": "shrink.core.models",
+    "EMBEDDED": "shrink.core.models",
+    "token_blocks": "shrink.core.data",
+    "load_texts": "shrink.core.data",
+    "TokenBlocks": "shrink.core.data",
+    "CALIBRATION": "shrink.core.data",
+    "EVALUATION": "shrink.core.data",
+    "HEALING": "shrink.core.data",
+    "score_layers": "shrink.core.scores",
+    "removal_perplexity": "shrink.core.scores",
     "LayerScores": "shrink.core.scores",
-    "prune_model": "shrink.core.layers", "without_layers": "shrink.core.layers",
-    "perplexity": "shrink.core.perplexity", "PerplexityResult": "shrink.core.perplexity",
+    "prune_model": "shrink.core.layers",
+    "without_layers": "shrink.core.layers",
+    "perplexity": "shrink.core.perplexity",
+    "PerplexityResult": "shrink.core.perplexity",
     "ShrinkError": "shrink.core.errors",
-    "verify_model_dir": "shrink.runtime.verify", "generate": "shrink.runtime.generate",
-    "estimate": "shrink.analysis.estimate", "check_claims": "shrink.analysis.claims",
+    "verify_model_dir": "shrink.runtime.verify",
+    "generate": "shrink.runtime.generate",
+    "estimate": "shrink.analysis.estimate",
+    "check_claims": "shrink.analysis.claims",
 }
 
 __all__ = sorted(_API)

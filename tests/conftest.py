@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models of several architectures, saved as real HF folders with the
 embedded model's tokenizer, and the embedded SmolLM2 itself. Nothing touches the network."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,18 @@ def tiny_config(arch: str, layers: int = 6):
     """A tiny config of each architecture; vocab matches the embedded SmolLM2 tokenizer."""
     import transformers as tf
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-                  max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=True)
     if arch == "mistral":
@@ -31,12 +41,21 @@ def tiny_config(arch: str, layers: int = 6):
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=16, use_sliding_window=True, sliding_window=32,
-                              max_window_layers=layers // 2)
+        return tf.Qwen3Config(
+            **common,
+            head_dim=16,
+            use_sliding_window=True,
+            sliding_window=32,
+            max_window_layers=layers // 2,
+        )
     if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=16,
-                                   layer_types=["sliding_attention", "sliding_attention",
-                                                "full_attention"] * (layers // 3))
+        return tf.Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"]
+            * (layers // 3),
+        )
     raise ValueError(arch)
 
 
@@ -85,8 +104,9 @@ def tiny_model_dir(tmp_path_factory, embedded_dir):
             torch.manual_seed(0)
             config = tiny_config(arch, layers)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2,
-                                                       pad_token_id=2)
+            model.generation_config = GenerationConfig(
+                bos_token_id=1, eos_token_id=2, pad_token_id=2
+            )
             folder = tmp_path_factory.mktemp(f"tiny-{arch}-{layers}")
             model.save_pretrained(folder)
             for name in TOKENIZER_FILES:

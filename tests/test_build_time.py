@@ -1,4 +1,5 @@
 """bench/build_time.py on a stub build folder: the per-stage arithmetic, floor and ratio."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -6,8 +7,14 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 1000,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4}
+CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 4,
+}
 
 
 def _module():
@@ -21,24 +28,34 @@ def _stub(tmp_path: Path) -> Path:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG))
     report = {
-        "settings": {"prune": {"strategy": "auto", "bridge": "auto", "samples": 2, "seq_len": 8},
-                     "heal": {"steps": 3, "batch_size": 2, "seq_len": 8, "rank": 4},
-                     "evaluate": {"samples": 1, "seq_len": 16, "second": None}},
+        "settings": {
+            "prune": {"strategy": "auto", "bridge": "auto", "samples": 2, "seq_len": 8},
+            "heal": {"steps": 3, "batch_size": 2, "seq_len": 8, "rank": 4},
+            "evaluate": {"samples": 1, "seq_len": 16, "second": None},
+        },
         "num_layers": [6, 4],
-        "perplexity": {"dense": {"path": "src"}, "pruned": {"path": "p"},
-                       "healed": {"path": "h"}},
-        "perplexity_book": {"ledger": [{"by": "heal", "what": "before"},
-                                       {"by": "evaluate", "what": "src"}]},
-        "stages": [{"name": "prune", "seconds": 10.0}, {"name": "heal", "seconds": 20.0},
-                   {"name": "evaluate", "seconds": 1.0}, {"name": "export", "seconds": 3.0}]}
+        "perplexity": {"dense": {"path": "src"}, "pruned": {"path": "p"}, "healed": {"path": "h"}},
+        "perplexity_book": {
+            "ledger": [{"by": "heal", "what": "before"}, {"by": "evaluate", "what": "src"}]
+        },
+        "stages": [
+            {"name": "prune", "seconds": 10.0},
+            {"name": "heal", "seconds": 20.0},
+            {"name": "evaluate", "seconds": 1.0},
+            {"name": "export", "seconds": 3.0},
+        ],
+    }
     (tmp_path / "report.json").write_text(json.dumps(report))
     return tmp_path
 
 
 def test_floor_and_ratio_per_stage(tmp_path, monkeypatch):
     bt = _module()
-    monkeypatch.setattr(bt, "matmul_rate", lambda s: {"flops_per_second": 1e9, "rows": 1,
-                                                      "threads": 1, "per_shape_gflops": {}})
+    monkeypatch.setattr(
+        bt,
+        "matmul_rate",
+        lambda s: {"flops_per_second": 1e9, "rows": 1, "threads": 1, "per_shape_gflops": {}},
+    )
     r = bt.analyse(_stub(tmp_path))
     s = bt.shapes(CONFIG)
     layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128  # q, o; k, v (2 kv heads); mlp

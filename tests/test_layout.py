@@ -4,6 +4,7 @@ Run as a script for the figures quoted in the README's Development section:
 ``python tests/test_layout.py`` prints the largest file, the longest function, the number of
 CLI option declarations and every import cycle (module-level and function-level imports alike).
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,8 +72,10 @@ def _is_ancestor(a: str, b: str) -> bool:
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
-    edges = {m: {t for t in ts if not _is_ancestor(m, t) and not _is_ancestor(t, m)}
-             for m, ts in graph.items()}
+    edges = {
+        m: {t for t in ts if not _is_ancestor(m, t) and not _is_ancestor(t, m)}
+        for m, ts in graph.items()
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -123,9 +126,13 @@ def figures() -> dict:
     options = sum(p.read_text().count("click.option(") for p in cli)
     graph, private = import_graph()
     largest = max(sizes.items(), key=lambda kv: kv[1])
-    return {"largest_file": largest, "longest_function": longest,
-            "cli_option_declarations": options, "import_cycles": cycles(graph),
-            "private_imports": private}
+    return {
+        "largest_file": largest,
+        "longest_function": longest,
+        "cli_option_declarations": options,
+        "import_cycles": cycles(graph),
+        "private_imports": private,
+    }
 
 
 def test_no_import_cycles():
@@ -143,20 +150,30 @@ def test_no_private_names_imported_across_modules():
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 8
-LARGE_MODULES = {"shrink/analysis/estimate.py", "shrink/core/models.py",
-                 "shrink/stages/export/gguf.py"}
+LARGE_MODULES = {
+    "shrink/analysis/estimate.py",
+    "shrink/core/models.py",
+    "shrink/stages/export/gguf.py",
+}
 LONG_STAGE_FUNCTIONS = {
-    "shrink/stages/bench.py:bench", "shrink/stages/export/gguf.py:_write_metadata",
-    "shrink/stages/export/gguf.py:_write_vocab", "shrink/stages/export/gguf.py:export_gguf",
-    "shrink/stages/export/onnx.py:_torch_export", "shrink/stages/export/onnx.py:verify_onnx",
+    "shrink/stages/bench.py:bench",
+    "shrink/stages/export/gguf.py:_write_metadata",
+    "shrink/stages/export/gguf.py:_write_vocab",
+    "shrink/stages/export/gguf.py:export_gguf",
+    "shrink/stages/export/onnx.py:_torch_export",
+    "shrink/stages/export/onnx.py:verify_onnx",
     "shrink/stages/export/onnx.py:export_onnx",
     "shrink/stages/quantize.py:quantize",
 }
 WIDE_STAGE_FUNCTIONS = {
-    "shrink/stages/auto.py:choose_auto", "shrink/stages/bench.py:measure",
-    "shrink/stages/bench.py:bench", "shrink/stages/bench.py:sweep_drop",
-    "shrink/stages/export/gguf.py:export_gguf", "shrink/stages/heal/__init__.py:heal",
-    "shrink/stages/heal/merge.py:merge", "shrink/stages/heal/trainer.py:train",
+    "shrink/stages/auto.py:choose_auto",
+    "shrink/stages/bench.py:measure",
+    "shrink/stages/bench.py:bench",
+    "shrink/stages/bench.py:sweep_drop",
+    "shrink/stages/export/gguf.py:export_gguf",
+    "shrink/stages/heal/__init__.py:heal",
+    "shrink/stages/heal/merge.py:merge",
+    "shrink/stages/heal/trainer.py:train",
     "shrink/stages/quantize.py:quantize",
 }
 
@@ -183,8 +200,11 @@ def stage_functions() -> tuple[set[str], set[str]]:
 
 
 def test_modules_stay_under_the_size_limit():
-    large = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py")
-             if len(p.read_text().splitlines()) >= MAX_MODULE_LINES}
+    large = {
+        p.relative_to(PACKAGE.parent).as_posix()
+        for p in PACKAGE.rglob("*.py")
+        if len(p.read_text().splitlines()) >= MAX_MODULE_LINES
+    }
     assert large - LARGE_MODULES == set(), "new modules over the limit: split them"
     assert LARGE_MODULES - large == set(), "now under the limit: remove them from LARGE_MODULES"
 

@@ -4,6 +4,7 @@ Verdict rule (stated vs exact): ``holds`` if stated/exact is within 10% of 1, ``
 within 25%, else ``wrong``. The one qualitative claim ("runs on consumer GPUs") is checked against
 the GPU table instead; its rule is given in its ``tolerance`` field.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -53,18 +54,26 @@ def _numeric(claim, source, stated, exact, unit, note, bench=None) -> ClaimCheck
         note = f"{direction}. {note}"
     else:
         note = f"off by {(ratio - 1):+.1%}. {note}"
-    return ClaimCheck(claim, source, stated, exact, unit, ratio, verdict, TOLERANCE, note.strip(), bench)
+    return ClaimCheck(
+        claim, source, stated, exact, unit, ratio, verdict, TOLERANCE, note.strip(), bench
+    )
 
 
 # Commands that measure what the arithmetic predicts (a GPU with enough memory, the weights
 # local): peak memory and decode throughput with `shrink bench`, ratios to the dense model.
 BENCH_70B_DENSE = "shrink bench LLAMA_2_70B_DIR --device cuda"
-BENCH_70B_PRUNED = ("shrink build --config gromov-llama-2-70b -o l2-70b-40L && "
-                    "shrink bench l2-70b-40L/model --device cuda")
-BENCH_13B = ("shrink prune llama-2-13b --drop 10 -o l2-13b-30L && "
-             "shrink bench l2-13b-30L --baseline LLAMA_2_13B_DIR --device cuda")
-BENCH_7B = ("shrink prune llama-2-7b --drop 9 -o l2-7b-23L && shrink quantize l2-7b-23L "
-            "--gptq 4bit -o l2-7b-23L-gptq && shrink bench l2-7b-23L-gptq --device cuda")
+BENCH_70B_PRUNED = (
+    "shrink build --config gromov-llama-2-70b -o l2-70b-40L && "
+    "shrink bench l2-70b-40L/model --device cuda"
+)
+BENCH_13B = (
+    "shrink prune llama-2-13b --drop 10 -o l2-13b-30L && "
+    "shrink bench l2-13b-30L --baseline LLAMA_2_13B_DIR --device cuda"
+)
+BENCH_7B = (
+    "shrink prune llama-2-7b --drop 9 -o l2-7b-23L && shrink quantize l2-7b-23L "
+    "--gptq 4bit -o l2-7b-23L-gptq && shrink bench l2-7b-23L-gptq --device cuda"
+)
 
 
 def check_claims() -> list[ClaimCheck]:
@@ -77,59 +86,102 @@ def check_claims() -> list[ClaimCheck]:
     b7_cut = estimate("llama-2-7b", drop=9, context=CONTEXT)
     checks = []
 
-    checks.append(_numeric(
-        "Llama-2-70B takes ~140 GB (fp16)", GROMOV, 140.0, dense.weights.total_gb, "GB",
-        f"exact: {dense.params.total / 1e9:.3f} B parameters x 2 bytes.",
-        BENCH_70B_DENSE,
-    ))
-    checks.append(_numeric(
-        "Llama-2-70B needs ~3e10 FLOPs per token", GROMOV, 3e10, float(dense.flops.matmul),
-        "FLOPs/token",
-        f"exact matmul FLOPs 2*(weights) = {dense.flops.matmul:.3g}, before the "
-        f"{dense.flops.attention:.2g} of attention over a {CONTEXT}-token context.",
-    ))
-    checks.append(_numeric(
-        "4-bit + 50% of layers pruned: ~17.5 GB", GROMOV, 17.5, pruned4.weights.total_gb, "GB",
-        "exact: GPTQ 4-bit g128 (4.16 bits per weight with scales, zeros, g_idx), embeddings and head "
-        "in fp16; 17.5 is 140/8, pure 4-bit.",
-        BENCH_70B_PRUNED,
-    ))
-    checks.append(_numeric(
-        "4-bit + 50% pruned: ~1.5e10 FLOPs per token", GROMOV, 1.5e10, float(pruned4.flops.matmul),
-        "FLOPs/token",
-        "quantization does not change FLOPs; 40 remaining layers need "
-        f"{pruned4.flops.matmul:.3g} matmul FLOPs per token.",
-    ))
-    checks.append(_numeric(
-        "Pruning 50% of layers halves the FLOPs", GROMOV, 0.5,
-        pruned4.flops.matmul / dense.flops.matmul, "fraction",
-        "the halving is right (the head's FLOPs are not halved, hence slightly above 0.5); only the "
-        "absolute FLOPs numbers are low.",
-    ))
+    checks.append(
+        _numeric(
+            "Llama-2-70B takes ~140 GB (fp16)",
+            GROMOV,
+            140.0,
+            dense.weights.total_gb,
+            "GB",
+            f"exact: {dense.params.total / 1e9:.3f} B parameters x 2 bytes.",
+            BENCH_70B_DENSE,
+        )
+    )
+    checks.append(
+        _numeric(
+            "Llama-2-70B needs ~3e10 FLOPs per token",
+            GROMOV,
+            3e10,
+            float(dense.flops.matmul),
+            "FLOPs/token",
+            f"exact matmul FLOPs 2*(weights) = {dense.flops.matmul:.3g}, before the "
+            f"{dense.flops.attention:.2g} of attention over a {CONTEXT}-token context.",
+        )
+    )
+    checks.append(
+        _numeric(
+            "4-bit + 50% of layers pruned: ~17.5 GB",
+            GROMOV,
+            17.5,
+            pruned4.weights.total_gb,
+            "GB",
+            "exact: GPTQ 4-bit g128 (4.16 bits per weight with scales, zeros, g_idx), embeddings and head "
+            "in fp16; 17.5 is 140/8, pure 4-bit.",
+            BENCH_70B_PRUNED,
+        )
+    )
+    checks.append(
+        _numeric(
+            "4-bit + 50% pruned: ~1.5e10 FLOPs per token",
+            GROMOV,
+            1.5e10,
+            float(pruned4.flops.matmul),
+            "FLOPs/token",
+            "quantization does not change FLOPs; 40 remaining layers need "
+            f"{pruned4.flops.matmul:.3g} matmul FLOPs per token.",
+        )
+    )
+    checks.append(
+        _numeric(
+            "Pruning 50% of layers halves the FLOPs",
+            GROMOV,
+            0.5,
+            pruned4.flops.matmul / dense.flops.matmul,
+            "fraction",
+            "the halving is right (the head's FLOPs are not halved, hence slightly above 0.5); only the "
+            "absolute FLOPs numbers are low.",
+        )
+    )
     checks.append(_consumer_gpus(pruned4))
 
     removed13 = 1 - b13_cut.params.total / b13.params.total
-    checks.append(_numeric(
-        "Llama-2-13B minus 10 layers removes ~25% of parameters", SHORTGPT, 0.25, removed13,
-        "fraction",
-        f"exact: 1 - {b13_cut.params.total / 1e9:.3f}/{b13.params.total / 1e9:.3f} = {removed13:.1%}.",
-        BENCH_13B,
-    ))
+    checks.append(
+        _numeric(
+            "Llama-2-13B minus 10 layers removes ~25% of parameters",
+            SHORTGPT,
+            0.25,
+            removed13,
+            "fraction",
+            f"exact: 1 - {b13_cut.params.total / 1e9:.3f}/{b13.params.total / 1e9:.3f} = {removed13:.1%}.",
+            BENCH_13B,
+        )
+    )
     flops13 = 1 - b13_cut.flops.matmul / b13.flops.matmul
-    checks.append(_numeric(
-        "Llama-2-13B minus 10 layers removes ~25% of compute", SHORTGPT, 0.25, flops13, "fraction",
-        f"exact matmul FLOPs: 1 - {b13_cut.flops.matmul / 1e9:.1f}G/{b13.flops.matmul / 1e9:.1f}G = "
-        f"{flops13:.1%} (also {1 - b13_cut.flops.total / b13.flops.total:.1%} with attention "
-        f"over {CONTEXT} tokens).",
-        BENCH_13B,
-    ))
+    checks.append(
+        _numeric(
+            "Llama-2-13B minus 10 layers removes ~25% of compute",
+            SHORTGPT,
+            0.25,
+            flops13,
+            "fraction",
+            f"exact matmul FLOPs: 1 - {b13_cut.flops.matmul / 1e9:.1f}G/{b13.flops.matmul / 1e9:.1f}G = "
+            f"{flops13:.1%} (also {1 - b13_cut.flops.total / b13.flops.total:.1%} with attention "
+            f"over {CONTEXT} tokens).",
+            BENCH_13B,
+        )
+    )
     removed7 = 1 - b7_cut.params.total / b7.params.total
-    checks.append(_numeric(
-        "Llama-2-7B minus 9 of 32 layers is a 27.1% reduction (Table 2)", SHORTGPT, 0.271, removed7,
-        "fraction",
-        f"matches the parameter fraction removed, {removed7:.2%} (the layer fraction is 9/32 = 28.1%).",
-        BENCH_7B,
-    ))
+    checks.append(
+        _numeric(
+            "Llama-2-7B minus 9 of 32 layers is a 27.1% reduction (Table 2)",
+            SHORTGPT,
+            0.271,
+            removed7,
+            "fraction",
+            f"matches the parameter fraction removed, {removed7:.2%} (the layer fraction is 9/32 = 28.1%).",
+            BENCH_7B,
+        )
+    )
     return checks
 
 
@@ -191,8 +243,16 @@ def to_markdown(checks: list[ClaimCheck]) -> str:
         ratio = "-" if c.ratio is None else f"{c.ratio:.3f}"
         bench = f"`{c.bench}`" if c.bench else "-"
         note = c.note if c.ratio is not None else f"{c.note} Rule: {c.tolerance}."
-        cells = [c.claim, c.source, format_stated(c), format_exact(c), ratio, f"**{c.verdict}**",
-                 note, bench]
+        cells = [
+            c.claim,
+            c.source,
+            format_stated(c),
+            format_exact(c),
+            ratio,
+            f"**{c.verdict}**",
+            note,
+            bench,
+        ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

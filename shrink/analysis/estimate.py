@@ -13,6 +13,7 @@ Nothing here loads weights. The formulas follow /work/shared/reference/papers.md
 
 Units: GB = 1e9 bytes everywhere in the results; bandwidth GB/s = 1e9 bytes/s.
 """
+
 from __future__ import annotations
 
 import json
@@ -293,7 +294,9 @@ class WeightMemory:
     linear_bytes: float  # attention + MLP matrices (quantized when bits < 16)
     other_bytes: float  # embedding, head, norms, biases: always 16-bit
     total_bytes: float
-    read_per_token_bytes: float  # what a decode step reads: all but the embedding table's unused rows
+    read_per_token_bytes: (
+        float  # what a decode step reads: all but the embedding table's unused rows
+    )
     bits_per_linear_weight: float  # effective bits including GPTQ overhead
 
     @property
@@ -316,7 +319,9 @@ def weight_memory(cfg: dict, drop: int = 0, bits: int = 16, group_size: int = 12
     if bits == 16:
         linear = 2.0 * counts.linear_weights
     else:
-        per_layer = sum(gptq_linear_bytes(k, n, bits, group_size) for _, k, n in layer_linears(shape))
+        per_layer = sum(
+            gptq_linear_bytes(k, n, bits, group_size) for _, k, n in layer_linears(shape)
+        )
         linear = counts.layers * per_layer
     other = 2.0 * (counts.total - counts.linear_weights)
     total = linear + other
@@ -408,10 +413,24 @@ GPUS: tuple[Gpu, ...] = (
     Gpu("RTX 3090", 24, 936, 71, _NV, ("3090",)),
     Gpu("RTX 4090", 24, 1008, 165.2, _NV, ("4090",)),
     Gpu("RTX 5090", 32, 1792, 209.5, _NV, ("5090",)),
-    Gpu("Apple M2 Max", 96, 400, None, "Apple (largest config, unified memory); TFLOPS not published",
-        ("m2max",), APPLE_RESERVE),
-    Gpu("Apple M3 Max", 128, 400, None, "Apple (largest config, unified memory); TFLOPS not published",
-        ("m3max",), APPLE_RESERVE),
+    Gpu(
+        "Apple M2 Max",
+        96,
+        400,
+        None,
+        "Apple (largest config, unified memory); TFLOPS not published",
+        ("m2max",),
+        APPLE_RESERVE,
+    ),
+    Gpu(
+        "Apple M3 Max",
+        128,
+        400,
+        None,
+        "Apple (largest config, unified memory); TFLOPS not published",
+        ("m3max",),
+        APPLE_RESERVE,
+    ),
 )
 
 
@@ -454,7 +473,9 @@ class GpuFit:
     source: str
 
 
-def gpu_fit(gpu: Gpu, weights: WeightMemory, kv_bytes: float, flops: Flops, batch: int = 1) -> GpuFit:
+def gpu_fit(
+    gpu: Gpu, weights: WeightMemory, kv_bytes: float, flops: Flops, batch: int = 1
+) -> GpuFit:
     """Whether weights + KV fit in the usable memory, and the roofline token rates.
 
     decode: each step reads the weights once and the whole KV cache and yields ``batch`` tokens, so

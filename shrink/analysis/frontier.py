@@ -10,6 +10,7 @@ Quality across domains is compared domain by domain (dominance); when one point 
 among non-dominated ones, the chooser uses the geometric mean of the perplexities, which weighs a
 10% loss the same on either domain.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,16 +26,16 @@ AXES = ("bytes", "speed")
 class Point:
     """One measured artifact."""
 
-    label: str                      # e.g. "dense q4_k_m", "drop 6 healed iq4_nl"
-    family: str                     # dense | dense-healed | pruned | pruned-healed
-    drop: int                       # decoder layers removed
+    label: str  # e.g. "dense q4_k_m", "drop 6 healed iq4_nl"
+    family: str  # dense | dense-healed | pruned | pruned-healed
+    drop: int  # decoder layers removed
     healed: bool
-    format: str                     # GGUF type, e.g. q4_k_m
-    bytes: int                      # the artifact's weight file on disk
-    ppl: dict[str, float]           # domain label -> perplexity
+    format: str  # GGUF type, e.g. q4_k_m
+    bytes: int  # the artifact's weight file on disk
+    ppl: dict[str, float]  # domain label -> perplexity
     imatrix: bool = False
     decode_tps: float | None = None  # decode tokens/s (median over interleaved fresh processes)
-    peak_rss: int | None = None      # bytes
+    peak_rss: int | None = None  # bytes
     path: str | None = None
     dominated_by: dict[str, str] = field(default_factory=dict)  # axis -> label of a dominator
 
@@ -89,7 +90,9 @@ def mark_front(points: list[Point], axes: tuple[str, ...] = AXES) -> list[Point]
             p.dominated_by.pop(axis, None)
             better = [q for q in points if q is not p and dominates(q, p, axis)]
             if better:
-                p.dominated_by[axis] = min(better, key=lambda q: (_cost(q, axis), q.quality())).label
+                p.dominated_by[axis] = min(
+                    better, key=lambda q: (_cost(q, axis), q.quality())
+                ).label
     return points
 
 
@@ -100,9 +103,26 @@ def front(points: list[Point], axis: str = "bytes") -> list[Point]:
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "t": 1e12, "tb": 1e12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
-          "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str | int | float) -> int:
@@ -128,8 +148,9 @@ def parse_speed(text: str) -> tuple[float, str]:
     try:
         v = float(num)
     except ValueError:
-        raise ShrinkError(f"--target-speed: '{text}' is not a speed (e.g. 1.3x or 40tok/s)"
-                          ) from None
+        raise ShrinkError(
+            f"--target-speed: '{text}' is not a speed (e.g. 1.3x or 40tok/s)"
+        ) from None
     if not (math.isfinite(v) and v > 0):
         raise ShrinkError(f"--target-speed: '{text}' must be a positive number")
     return v, unit
@@ -147,17 +168,22 @@ class Choice:
         out = [f"budget: {self.budget}"]
         if self.chosen is not None:
             c = self.chosen
-            out.append(f"chosen: {c.label} ({c.bytes / 1e6:.1f} MB, "
-                       + ", ".join(f"{d} {v:.2f}" for d, v in c.ppl.items())
-                       + (f", {c.decode_tps:.1f} tok/s" if c.decode_tps else "") + ")")
+            out.append(
+                f"chosen: {c.label} ({c.bytes / 1e6:.1f} MB, "
+                + ", ".join(f"{d} {v:.2f}" for d, v in c.ppl.items())
+                + (f", {c.decode_tps:.1f} tok/s" if c.decode_tps else "")
+                + ")"
+            )
         for p, why in self.rejected:
             out.append(f"rejected: {p.label}: {why}")
         return out
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget,
-                "chosen": self.chosen.to_dict() if self.chosen else None,
-                "rejected": [{"label": p.label, "why": why} for p, why in self.rejected]}
+        return {
+            "budget": self.budget,
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "rejected": [{"label": p.label, "why": why} for p, why in self.rejected],
+        }
 
 
 def speed_floor(points: list[Point], value: float, unit: str, reference: str) -> float:
@@ -166,13 +192,19 @@ def speed_floor(points: list[Point], value: float, unit: str, reference: str) ->
         return value
     ref = next((p for p in points if p.label == reference), None)
     if ref is None or not ref.decode_tps:
-        raise ShrinkError(f"--target-speed {value}x needs the measured speed of '{reference}' "
-                          "in the frontier")
+        raise ShrinkError(
+            f"--target-speed {value}x needs the measured speed of '{reference}' in the frontier"
+        )
     return value * ref.decode_tps
 
 
-def choose(points: list[Point], *, max_bytes: int | None = None,
-           min_tps: float | None = None, budget: str = "") -> Choice:
+def choose(
+    points: list[Point],
+    *,
+    max_bytes: int | None = None,
+    min_tps: float | None = None,
+    budget: str = "",
+) -> Choice:
     """The best artifact within the budget: among the points that fit (size at most
     ``max_bytes``, decode at least ``min_tps``), drop the dominated ones, then pick the lowest
     geometric-mean perplexity. Every other candidate is returned with why it lost."""
@@ -186,14 +218,21 @@ def choose(points: list[Point], *, max_bytes: int | None = None,
             rejected.append((p, f"{speed} tok/s is under {min_tps:.1f} tok/s"))
         else:
             fit.append(p)
-    axes = tuple(a for a, on in (("bytes", max_bytes is not None or min_tps is None),
-                                 ("speed", min_tps is not None)) if on)
+    axes = tuple(
+        a
+        for a, on in (
+            ("bytes", max_bytes is not None or min_tps is None),
+            ("speed", min_tps is not None),
+        )
+        if on
+    )
     survivors = []
     for p in fit:
         dom = next((q for q in fit for a in axes if q is not p and dominates(q, p, a)), None)
         if dom is not None:
-            rejected.append((p, f"dominated by {dom.label} (no larger or slower, no worse on any "
-                                "domain)"))
+            rejected.append(
+                (p, f"dominated by {dom.label} (no larger or slower, no worse on any domain)")
+            )
         else:
             survivors.append(p)
     if not survivors:
@@ -201,6 +240,11 @@ def choose(points: list[Point], *, max_bytes: int | None = None,
     best = min(survivors, key=lambda p: (p.quality(), p.bytes))
     for p in survivors:
         if p is not best:
-            rejected.append((p, f"fits, but quality {p.quality():.2f} is worse than "
-                                f"{best.quality():.2f} (geometric mean of perplexities)"))
+            rejected.append(
+                (
+                    p,
+                    f"fits, but quality {p.quality():.2f} is worse than "
+                    f"{best.quality():.2f} (geometric mean of perplexities)",
+                )
+            )
     return Choice(best, rejected, budget)

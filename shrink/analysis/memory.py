@@ -31,6 +31,7 @@ s bytes per compute element: 2 on a GPU, 4 on the CPU):
 Sizes in GB are decimal (1e9); a GPU or RAM size given as "24GB" is binary (24 * 2**30), as
 memory is sold.
 """
+
 from __future__ import annotations
 
 import re
@@ -57,8 +58,19 @@ HOST_RESERVE = 0.10  # of the RAM, for the OS and the page cache
 NF4_BITS = 4.127  # bitsandbytes NF4 with double-quantized absmax
 COPY_BUFFER = 64 << 20
 LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk (shrink.streaming.perplexity.LOGIT_BYTES)
-GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69,
-             "q5_0": 5.5, "q4_k_m": 4.85, "q4_0": 4.5, "q3_k_m": 3.91, "q2_k": 2.63}
+GGUF_BITS = {
+    "f32": 32,
+    "f16": 16,
+    "bf16": 16,
+    "q8_0": 8.5,
+    "q6_k": 6.56,
+    "q5_k_m": 5.69,
+    "q5_0": 5.5,
+    "q4_k_m": 4.85,
+    "q4_0": 4.5,
+    "q3_k_m": 3.91,
+    "q2_k": 2.63,
+}
 
 
 @dataclass
@@ -107,8 +119,15 @@ def facts_for(cfg: dict, drop: int = 0, name: str = "") -> ModelFacts:
     shape = model_shape(cfg)
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     largest = max([shape.vocab * shape.hidden] + [k * n for _, k, n in layer_linears(shape)])
-    return ModelFacts(name or str(cfg.get("_name_or_path", "model")), shape, count_params(cfg),
-                      count_params(cfg, drop), drop, 4 if "32" in dtype else 2, largest)
+    return ModelFacts(
+        name or str(cfg.get("_name_or_path", "model")),
+        shape,
+        count_params(cfg),
+        count_params(cfg, drop),
+        drop,
+        4 if "32" in dtype else 2,
+        largest,
+    )
 
 
 @dataclass
@@ -163,11 +182,15 @@ class _Budget:
 
     def short(self, device_bytes: float, host: float) -> str:
         if device_bytes > self.gpu:
-            return (f"needs {device_bytes / GB:.1f} GB of GPU memory, {self.gpu / GB:.1f} GB "
-                    f"usable (short by {(device_bytes - self.gpu) / GB:.1f} GB)")
+            return (
+                f"needs {device_bytes / GB:.1f} GB of GPU memory, {self.gpu / GB:.1f} GB "
+                f"usable (short by {(device_bytes - self.gpu) / GB:.1f} GB)"
+            )
         if host > self.ram:
-            return (f"needs {host / GB:.1f} GB of RAM, {self.ram / GB:.1f} GB usable (short by "
-                    f"{(host - self.ram) / GB:.1f} GB)")
+            return (
+                f"needs {host / GB:.1f} GB of RAM, {self.ram / GB:.1f} GB usable (short by "
+                f"{(host - self.ram) / GB:.1f} GB)"
+            )
         return ""
 
 
@@ -179,8 +202,17 @@ def _batch_bytes(m: ModelFacts, batch: int, seq_len: int, s: int, head: bool = T
     return max(layer, 2 * min(LOGIT_BYTES, batch * seq_len * m.shape.vocab * 4) if head else 0)
 
 
-def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batch: int,
-          streams: int = 1, params: ParamCounts | None = None, head: bool = False) -> StagePlan:
+def _walk(
+    name: str,
+    m: ModelFacts,
+    b: _Budget,
+    samples: int,
+    seq_len: int,
+    batch: int,
+    streams: int = 1,
+    params: ParamCounts | None = None,
+    head: bool = False,
+) -> StagePlan:
     """A forward walk over calibration or evaluation blocks: whole when the weights fit the
     device with 20% headroom (as ``decide_streaming``), else one layer at a time."""
     params = params or m.dense
@@ -191,8 +223,7 @@ def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batc
     whole = params.total * s
     limit = b.gpu if device == "cuda" else b.ram
     if whole * 1.2 + work <= limit:
-        return _stage(name, b, device, "whole", f"{8 * s}-bit", whole + work, b.runtime, 0,
-                      "")
+        return _stage(name, b, device, "whole", f"{8 * s}-bit", whole + work, b.runtime, 0, "")
     layer = max(m.layer_params, m.dense.embedding, m.dense.head) * s
     note = ""
     if acts >= 0.5 * b.ram:
@@ -200,8 +231,9 @@ def _walk(name: str, m: ModelFacts, b: _Budget, samples: int, seq_len: int, batc
         disk, host_acts = acts, 0.0
     else:
         disk, host_acts = 0.0, acts
-    return _stage(name, b, device, "streamed", f"{8 * s}-bit", layer + work,
-                  b.runtime + host_acts, disk, note)
+    return _stage(
+        name, b, device, "streamed", f"{8 * s}-bit", layer + work, b.runtime + host_acts, disk, note
+    )
 
 
 def _stage(name, b: _Budget, device, mode, precision, dev, host, disk, note) -> StagePlan:
@@ -213,15 +245,27 @@ def _stage(name, b: _Budget, device, mode, precision, dev, host, disk, note) -> 
 
 def _prune(m: ModelFacts, b: _Budget) -> StagePlan:
     out = m.pruned.total * m.source_bytes
-    return _stage("prune", b, "cpu", "copy", "bytes", 0, b.runtime + COPY_BUFFER, out,
-                  f"copies {m.pruned.layers} of {m.shape.layers} layers byte for byte")
+    return _stage(
+        "prune",
+        b,
+        "cpu",
+        "copy",
+        "bytes",
+        0,
+        b.runtime + COPY_BUFFER,
+        out,
+        f"copies {m.pruned.layers} of {m.shape.layers} layers byte for byte",
+    )
 
 
 def _lora_params(m: ModelFacts, targets: str, rank: int) -> int:
-    picked = {"mlp": ("gate_proj", "up_proj", "down_proj"),
-              "attn": ("q_proj", "k_proj", "v_proj", "o_proj")}.get(targets)
-    return m.pruned.layers * sum(rank * (k + n) for name, k, n in layer_linears(m.shape)
-                                 if picked is None or name in picked)
+    picked = {
+        "mlp": ("gate_proj", "up_proj", "down_proj"),
+        "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    }.get(targets)
+    return m.pruned.layers * sum(
+        rank * (k + n) for name, k, n in layer_linears(m.shape) if picked is None or name in picked
+    )
 
 
 def heal_bytes(m: ModelFacts, method: str, st: PlanSettings, device: str) -> float:
@@ -246,8 +290,17 @@ def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
     disk = _lora_params(m, st.heal_targets, st.heal_rank) * 4 * 3  # adapter + 2 checkpoints
     if b.gpu <= 0:
         if st.heal_method == "qlora":
-            return StagePlan("heal", "cpu", "whole", "4-bit", 0, host, disk, "",
-                             "QLoRA needs a CUDA GPU (bitsandbytes); none was given")
+            return StagePlan(
+                "heal",
+                "cpu",
+                "whole",
+                "4-bit",
+                0,
+                host,
+                disk,
+                "",
+                "QLoRA needs a CUDA GPU (bitsandbytes); none was given",
+            )
         need = heal_bytes(m, "lora", st, "cpu")
         return _stage("heal", b, "cpu", "whole", "32-bit", need, host, disk, "LoRA on the CPU")
     lora = heal_bytes(m, "lora", st, "cuda")
@@ -257,21 +310,34 @@ def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
     if method == "auto":
         method = "lora" if lora <= b.gpu else "qlora"
         if method == "qlora":
-            note = (f"QLoRA chosen: the 16-bit LoRA base and its activations need "
-                    f"{lora / GB:.1f} GB, the GPU has {b.gpu / GB:.1f} GB usable")
+            note = (
+                f"QLoRA chosen: the 16-bit LoRA base and its activations need "
+                f"{lora / GB:.1f} GB, the GPU has {b.gpu / GB:.1f} GB usable"
+            )
     need = lora if method == "lora" else qlora
     precision = "16-bit" if method == "lora" else "4-bit"
     plan = _stage("heal", b, "cuda", f"whole ({method})", precision, need, host, disk, note)
     if plan.short and method == "qlora":
-        plan.short += (f" even with QLoRA; lower the heal batch ({st.heal_batch}) or sequence "
-                       f"length ({st.heal_seq_len})")
+        plan.short += (
+            f" even with QLoRA; lower the heal batch ({st.heal_batch}) or sequence "
+            f"length ({st.heal_seq_len})"
+        )
     return plan
 
 
 def _merge(m: ModelFacts, b: _Budget) -> StagePlan:
     host = b.runtime + 3 * m.largest_tensor * 4 + COPY_BUFFER
-    return _stage("merge", b, "cpu", "tensor by tensor", "32-bit", 0, host,
-                  m.pruned.total * m.source_bytes, "W + scale * B @ A, one tensor at a time")
+    return _stage(
+        "merge",
+        b,
+        "cpu",
+        "tensor by tensor",
+        "32-bit",
+        0,
+        host,
+        m.pruned.total * m.source_bytes,
+        "W + scale * B @ A, one tensor at a time",
+    )
 
 
 def _gptq(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
@@ -285,25 +351,44 @@ def _gptq(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
     quantized_so_far = q.linear_bytes
     host = b.runtime + quantized_so_far + q.other_bytes + layer16
     device = "cuda" if b.gpu > 0 else "cpu"
-    return _stage("quantize", b, device, "layer by layer", f"{bits}-bit", layer16 + hessian +
-                  acts + work, host, q.total_bytes,
-                  "GPTQModel: one 16-bit layer on the device, the rest on the host or disk")
+    return _stage(
+        "quantize",
+        b,
+        device,
+        "layer by layer",
+        f"{bits}-bit",
+        layer16 + hessian + acts + work,
+        host,
+        q.total_bytes,
+        "GPTQModel: one 16-bit layer on the device, the rest on the host or disk",
+    )
 
 
 def _gguf(m: ModelFacts, b: _Budget, kind: str) -> StagePlan:
     if kind not in GGUF_BITS:
-        raise ShrinkError(f"unknown GGUF type '{kind}' for the plan; use one of "
-                          f"{', '.join(GGUF_BITS)}")
+        raise ShrinkError(
+            f"unknown GGUF type '{kind}' for the plan; use one of {', '.join(GGUF_BITS)}"
+        )
     params = m.pruned.total
     host = b.runtime + m.largest_tensor * (4 + GGUF_BITS[kind] / 8)
     disk = params * 2 + params * GGUF_BITS[kind] / 8
-    return _stage("export gguf", b, "cpu", "tensor by tensor", kind, 0, host, disk,
-                  "a 16-bit GGUF first, then llama.cpp's quantizer")
+    return _stage(
+        "export gguf",
+        b,
+        "cpu",
+        "tensor by tensor",
+        kind,
+        0,
+        host,
+        disk,
+        "a 16-bit GGUF first, then llama.cpp's quantizer",
+    )
 
 
 def _evaluate(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
-    plan = _walk("evaluate", m, b, st.eval_samples, st.eval_seq_len, st.batch_size,
-                 params=m.dense, head=True)
+    plan = _walk(
+        "evaluate", m, b, st.eval_samples, st.eval_seq_len, st.batch_size, params=m.dense, head=True
+    )
     plan.note = "; ".join(x for x in (plan.note, "dense source and pruned outputs") if x)
     if st.gptq_bits and b.gpu > 0:
         q = weight_memory(cfg, m.drop, st.gptq_bits, st.group_size).total_bytes
@@ -314,9 +399,15 @@ def _evaluate(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePl
     return plan
 
 
-def plan_build(config_like, *, gpu_bytes: float, ram_bytes: float,
-               model_facts: ModelFacts | None = None, drop: int = 0,
-               settings: PlanSettings | None = None) -> Plan:
+def plan_build(
+    config_like,
+    *,
+    gpu_bytes: float,
+    ram_bytes: float,
+    model_facts: ModelFacts | None = None,
+    drop: int = 0,
+    settings: PlanSettings | None = None,
+) -> Plan:
     """The plan of a whole build of ``config_like`` (alias, folder, .json or config dict) with
     ``drop`` layers removed, on a GPU of ``gpu_bytes`` (0: none) and ``ram_bytes`` of RAM."""
     cfg = config_like if isinstance(config_like, dict) else load_config(config_like)
@@ -328,24 +419,29 @@ def plan_build(config_like, *, gpu_bytes: float, ram_bytes: float,
     if gpu_bytes < 0 or ram_bytes <= 0:
         raise ShrinkError("the plan needs a positive RAM size and a GPU size of 0 or more")
     b = _Budget(gpu_bytes, ram_bytes)
-    stages = [_walk("score", m, b, st.score_samples, st.score_seq_len, st.batch_size),
-              _prune(m, b),
-              _walk("bridge", m, b, st.score_samples, st.score_seq_len, st.batch_size, streams=2),
-              _heal(m, b, st), _merge(m, b)]
+    stages = [
+        _walk("score", m, b, st.score_samples, st.score_seq_len, st.batch_size),
+        _prune(m, b),
+        _walk("bridge", m, b, st.score_samples, st.score_seq_len, st.batch_size, streams=2),
+        _heal(m, b, st),
+        _merge(m, b),
+    ]
     if st.gptq_bits:
         stages.append(_gptq(m, b, st, cfg))
     if st.gguf:
         stages.append(_gguf(m, b, st.gguf))
     stages.append(_evaluate(m, b, st, cfg))
-    assumptions = [f"usable: {1 - DEFAULT_RESERVE:.0%} of the GPU, {1 - HOST_RESERVE:.0%} of the "
-                   f"RAM; {b.runtime / GB:.1f} GB of libraries per process",
-                   f"heal: batch {st.heal_batch} x {st.heal_seq_len} tokens, rank {st.heal_rank} "
-                   f"on {st.heal_targets}"]
+    assumptions = [
+        f"usable: {1 - DEFAULT_RESERVE:.0%} of the GPU, {1 - HOST_RESERVE:.0%} of the "
+        f"RAM; {b.runtime / GB:.1f} GB of libraries per process",
+        f"heal: batch {st.heal_batch} x {st.heal_seq_len} tokens, rank {st.heal_rank} "
+        f"on {st.heal_targets}",
+    ]
     return Plan(m.name, drop, gpu_bytes, ram_bytes, stages, assumptions)
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t)\s*$", re.I)
-_UNITS = {"m": 2 ** 20, "g": GIB, "t": 2 ** 40}
+_UNITS = {"m": 2**20, "g": GIB, "t": 2**40}
 
 
 def parse_memory(text: str | float | int, what: str) -> float:
@@ -364,12 +460,14 @@ def parse_memory(text: str | float | int, what: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)[0].lower()]
 
 
-def plan_for_estimate(model: str, drop: int, gpu, ram, settings: PlanSettings | None = None
-                      ) -> Plan:
+def plan_for_estimate(
+    model: str, drop: int, gpu, ram, settings: PlanSettings | None = None
+) -> Plan:
     """The plan ``shrink estimate MODEL --drop N --gpu 24GB --ram 64GB`` prints."""
     gpu_bytes = 0.0 if gpu in (None, "", "none", 0) else parse_memory(gpu, "gpu")
-    return plan_build(model, gpu_bytes=gpu_bytes, ram_bytes=parse_memory(ram, "ram"), drop=drop,
-                      settings=settings)
+    return plan_build(
+        model, gpu_bytes=gpu_bytes, ram_bytes=parse_memory(ram, "ram"), drop=drop, settings=settings
+    )
 
 
 def _gb(n: float) -> str:
@@ -379,14 +477,18 @@ def _gb(n: float) -> str:
 def format_plan(plan: Plan) -> list[str]:
     """The plan as lines of text: a header, one row per stage, notes, and the verdict."""
     gpu = f"{plan.gpu_bytes / GIB:.0f} GiB GPU" if plan.gpu_bytes else "no GPU"
-    lines = [f"memory plan: {plan.model}, {plan.drop} layers dropped, {gpu}, "
-             f"{plan.ram_bytes / GIB:.0f} GiB RAM",
-             f"{'stage':<12} {'where':<5} {'how':<18} {'bits':<7} {'device':>9} {'host':>9} "
-             f"{'disk':>9}  fits"]
+    lines = [
+        f"memory plan: {plan.model}, {plan.drop} layers dropped, {gpu}, "
+        f"{plan.ram_bytes / GIB:.0f} GiB RAM",
+        f"{'stage':<12} {'where':<5} {'how':<18} {'bits':<7} {'device':>9} {'host':>9} "
+        f"{'disk':>9}  fits",
+    ]
     for s in plan.stages:
-        lines.append(f"{s.stage:<12} {s.device:<5} {s.mode:<18} {s.precision:<7} "
-                     f"{_gb(s.device_bytes):>9} {_gb(s.host_bytes):>9} {_gb(s.disk_bytes):>9}  "
-                     f"{'yes' if s.fits else 'NO'}")
+        lines.append(
+            f"{s.stage:<12} {s.device:<5} {s.mode:<18} {s.precision:<7} "
+            f"{_gb(s.device_bytes):>9} {_gb(s.host_bytes):>9} {_gb(s.disk_bytes):>9}  "
+            f"{'yes' if s.fits else 'NO'}"
+        )
     for s in plan.stages:
         if s.note:
             lines.append(f"  {s.stage}: {s.note}")
@@ -397,5 +499,15 @@ def format_plan(plan: Plan) -> list[str]:
     return lines
 
 
-__all__ = ["ModelFacts", "Plan", "PlanSettings", "StagePlan", "facts_for", "format_plan",
-           "heal_bytes", "parse_memory", "plan_build", "plan_for_estimate"]
+__all__ = [
+    "ModelFacts",
+    "Plan",
+    "PlanSettings",
+    "StagePlan",
+    "facts_for",
+    "format_plan",
+    "heal_bytes",
+    "parse_memory",
+    "plan_build",
+    "plan_for_estimate",
+]

@@ -1,5 +1,6 @@
 """The ``shrink`` group: -v/-q, third-party output captured to a log file, and expected failures
 turned into one line on stderr. The commands live in :mod:`shrink.cli.commands`."""
+
 from __future__ import annotations
 
 import os
@@ -45,10 +46,14 @@ class ShrinkGroup(click.Group):
                 raise
             line = (str(e).strip().splitlines() or [""])[0]
             err.quiet = False
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(line)} "
-                      "(set SHRINK_DEBUG=1 for the traceback"
-                      + (f"; third-party output: {log}" if log is not None else "") + ")",
-                      highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {type(e).__name__}: {escape(line)} "
+                "(set SHRINK_DEBUG=1 for the traceback"
+                + (f"; third-party output: {log}" if log is not None else "")
+                + ")",
+                highlight=False,
+                soft_wrap=True,
+            )
             sys.exit(1)
 
 
@@ -75,13 +80,21 @@ def log_path(command: str) -> Path:
     return folder / f"shrink-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
-@click.group(cls=ShrinkGroup, context_settings={"help_option_names": ["-h", "--help"],
-                                                "max_content_width": 100})
+@click.group(
+    cls=ShrinkGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="shrink-llm", prog_name="shrink")
-@click.option("-v", "--verbose", is_flag=True, help="Show third-party libraries' logs (by default "
-              "they go to a log file, named when something fails).")
-@click.option("-q", "--quiet", is_flag=True, help="Errors only on stderr (results still go to "
-              "stdout).")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Show third-party libraries' logs (by default "
+    "they go to a log file, named when something fails).",
+)
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Errors only on stderr (results still go to stdout)."
+)
 def main(verbose, quiet):
     """Turn a large language model into a smaller, faster one: score its layers, remove the
     least useful, and prove what was done.

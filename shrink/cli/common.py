@@ -1,4 +1,5 @@
 """What the command modules share: the consoles, the common options and the JSON envelope."""
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,14 @@ def json_option(help: str, metavar: str = "FILE"):  # noqa: A002 - click's own k
 def output_options(f):
     """-o/--output, --force, --no-verify and --json: what every writing command takes."""
     f = json_option("Write the result as JSON (- for stdout).")(f)
-    f = click.option("--no-verify", is_flag=True,
-                     help="Skip the fresh-process check of the output.")(f)
-    f = click.option("--force", is_flag=True, help="Replace the output if it exists (only a "
-                     "folder shrink or another model tool wrote).")(f)
+    f = click.option(
+        "--no-verify", is_flag=True, help="Skip the fresh-process check of the output."
+    )(f)
+    f = click.option(
+        "--force",
+        is_flag=True,
+        help="Replace the output if it exists (only a folder shrink or another model tool wrote).",
+    )(f)
     return click.option("-o", "--output", required=True, help="Output folder.")(f)
 
 
@@ -90,8 +95,12 @@ def write_json(result, dest: str, settings: dict | None = None) -> None:
     from shrink.core.outputs import versions
 
     ctx = click.get_current_context(silent=True)
-    envelope = {"command": ctx.command_path if ctx else "shrink", "settings": settings or {},
-                "result": result, "versions": versions()}
+    envelope = {
+        "command": ctx.command_path if ctx else "shrink",
+        "settings": settings or {},
+        "result": result,
+        "versions": versions(),
+    }
     text = json.dumps(envelope, indent=2, default=str)
     if dest == "-":
         click.echo(text, file=console.file)

@@ -6,6 +6,7 @@ from its options model): one field, one option, with the field's name, type, def
 the settings whose names more than one stage uses). ``values(...)`` reads back only what the
 user actually gave, so a recipe's values are overridden by explicit options alone.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,9 @@ def parse_layers(text: str) -> list[int]:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ShrinkError(f"--layers: '{part}' is not a layer number or range like 21-25"
-                              ) from None
+            raise ShrinkError(
+                f"--layers: '{part}' is not a layer number or range like 21-25"
+            ) from None
     return out
 
 
@@ -94,8 +96,14 @@ def show(value):
     return ",".join(str(v) for v in value) if isinstance(value, list) else value
 
 
-def config_options(cls: type[BaseModel], prefix: str = "", *, exclude: tuple[str, ...] = (),
-                   required: tuple[str, ...] = (), defaults: dict | None = None) -> Callable:
+def config_options(
+    cls: type[BaseModel],
+    prefix: str = "",
+    *,
+    exclude: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    defaults: dict | None = None,
+) -> Callable:
     """A decorator adding one click option per field of ``cls``. ``defaults`` replaces the
     fields' own defaults where a command applies others (``shrink build`` runs the build's)."""
     decorators = []
@@ -103,8 +111,11 @@ def config_options(cls: type[BaseModel], prefix: str = "", *, exclude: tuple[str
     for name, field in cls.model_fields.items():
         if name in exclude:
             continue
-        hints = (field.json_schema_extra or {}).get("cli", {}) \
-            if isinstance(field.json_schema_extra, dict) else {}
+        hints = (
+            (field.json_schema_extra or {}).get("cli", {})
+            if isinstance(field.json_schema_extra, dict)
+            else {}
+        )
         flag = "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
         dest = _dest(prefix, name)
         inner, optional = _unwrap(field.annotation)
@@ -135,11 +146,18 @@ def config_options(cls: type[BaseModel], prefix: str = "", *, exclude: tuple[str
         for d in reversed(decorators):
             f = d(f)
         return f
+
     return apply
 
 
-def values(cls: type[BaseModel], kwargs: dict, prefix: str = "", *,
-           ctx: click.Context | None = None, only_given: bool = False) -> dict:
+def values(
+    cls: type[BaseModel],
+    kwargs: dict,
+    prefix: str = "",
+    *,
+    ctx: click.Context | None = None,
+    only_given: bool = False,
+) -> dict:
     """The settings of ``cls`` in ``kwargs`` (popped), parsed; with ``only_given`` only those the
     user typed on the command line."""
     out = {}
@@ -148,11 +166,17 @@ def values(cls: type[BaseModel], kwargs: dict, prefix: str = "", *,
         if dest not in kwargs:
             continue
         value = kwargs.pop(dest)
-        if only_given and ctx is not None and \
-                ctx.get_parameter_source(dest) != ParameterSource.COMMANDLINE:
+        if (
+            only_given
+            and ctx is not None
+            and ctx.get_parameter_source(dest) != ParameterSource.COMMANDLINE
+        ):
             continue
-        hints = (field.json_schema_extra or {}).get("cli", {}) \
-            if isinstance(field.json_schema_extra, dict) else {}
+        hints = (
+            (field.json_schema_extra or {}).get("cli", {})
+            if isinstance(field.json_schema_extra, dict)
+            else {}
+        )
         if value is not None and "parse" in hints:
             value = PARSERS[hints["parse"]][1](value)
         out[name] = value

@@ -51,6 +51,7 @@ multiplied by T). Both fit errors are always reported; ``method="mlp"`` is the d
 folded form is the one that is optimised. Measured in the same setting, "run" was worse on both
 texts (held-out Austen 61.2, tech 34.7: worse than no bridge).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -60,8 +61,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shrink.core.errors import ShrinkError
 from shrink.core.dense import DenseStates, batch_key
+from shrink.core.errors import ShrinkError
 from shrink.core.layers import check_remove, prune_model, without_layers
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar
@@ -70,8 +71,12 @@ from shrink.core.scores import check_score_inputs, decoder_base, hidden_states_o
 METHODS = ("mlp", "run")
 DEFAULT_RIDGE = 0.1
 # Modules that sit between the MLP and the residual add: the fold cannot pass through them.
-_POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffw_norm",
-                   "post_feedforward_norm")
+_POST_MLP_NORMS = (
+    "post_feedforward_layernorm",
+    "post_mlp_layernorm",
+    "post_ffw_norm",
+    "post_feedforward_norm",
+)
 
 
 @dataclass
@@ -94,11 +99,18 @@ class BridgeRun:
         return self.folded_into is not None
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "folded_into": self.folded_into,
-                "target": f"layers.{self.folded_into}.mlp.down_proj" if self.bridged else None,
-                "fit_error": self.fit_error, "identity_error": self.identity_error,
-                "other_method_fit_error": self.run_fit_error, "tokens": self.tokens,
-                "method": self.method, "ridge": self.ridge, "note": self.note}
+        return {
+            "layers": self.layers,
+            "folded_into": self.folded_into,
+            "target": f"layers.{self.folded_into}.mlp.down_proj" if self.bridged else None,
+            "fit_error": self.fit_error,
+            "identity_error": self.identity_error,
+            "other_method_fit_error": self.run_fit_error,
+            "tokens": self.tokens,
+            "method": self.method,
+            "ridge": self.ridge,
+            "note": self.note,
+        }
 
 
 def contiguous_runs(remove: list[int]) -> list[list[int]]:
@@ -132,10 +144,13 @@ def check_bridgeable(model: nn.Module) -> None:
                 f"--bridge linear does not support {arch}: its layers apply an RMSNorm "
                 f"({name}) to the MLP output before adding it to the residual stream, and "
                 "RMSNorm(M T) is not linear in M, so no linear map can be folded into the "
-                "down-projection exactly; prune without a bridge")
+                "down-projection exactly; prune without a bridge"
+            )
     if down_proj(layer) is None:
-        raise ShrinkError(f"--bridge linear does not support {arch}: its layers have no "
-                          "mlp.down_proj linear layer to fold the bridge into")
+        raise ShrinkError(
+            f"--bridge linear does not support {arch}: its layers have no "
+            "mlp.down_proj linear layer to fold the bridge into"
+        )
 
 
 def check_bridge_settings(method: str, ridge: float) -> None:
@@ -164,8 +179,9 @@ def bridge_dense_layers(remove: list[int]) -> set[int]:
 
 def not_bridged_at_zero(run: list[int], method: str, ridge: float) -> BridgeRun:
     """The record of a run that starts at layer 0: removed, with no bridge."""
-    return BridgeRun(run, None, None, None, None, 0, method, ridge,
-                     "no bridge: no kept layer precedes layer 0")
+    return BridgeRun(
+        run, None, None, None, None, 0, method, ridge, "no bridge: no kept layer precedes layer 0"
+    )
 
 
 class _Stop(Exception):
@@ -223,8 +239,9 @@ class BridgeStats:
         self.Bh += h.T @ z
         self.tokens += M.shape[0]
 
-    def add_batch(self, h: torch.Tensor, M: torch.Tensor, z: torch.Tensor,
-                  valid: torch.Tensor) -> None:
+    def add_batch(
+        self, h: torch.Tensor, M: torch.Tensor, z: torch.Tensor, valid: torch.Tensor
+    ) -> None:
         """One batch (B, S, d): kept layer k's output h and MLP output M (so y = h - M), the
         dense output z of the run's last layer; ``valid`` (B, S) selects the counted tokens."""
         h, M, z = h.float(), M.float(), z.float()
@@ -246,8 +263,18 @@ def fit_run(run: list[int], k: int, stats: BridgeStats, method: str, ridge: floa
     err = sq_error(T, stats.A, stats.B, stats.dd) ** 0.5 / norm
     base = sq_error(prior, stats.A, stats.B, stats.dd) ** 0.5 / norm
     err_other = sq_error(other, stats.A, stats.B, stats.dd) ** 0.5 / norm
-    return BridgeRun(run, k, err, base, err_other, stats.tokens, method, ridge,
-                     "affine (down_proj has a bias)" if stats.affine else "", transform=T)
+    return BridgeRun(
+        run,
+        k,
+        err,
+        base,
+        err_other,
+        stats.tokens,
+        method,
+        ridge,
+        "affine (down_proj has a bias)" if stats.affine else "",
+        transform=T,
+    )
 
 
 def fold(down: nn.Linear, T: torch.Tensor) -> None:
@@ -267,11 +294,15 @@ def fold(down: nn.Linear, T: torch.Tensor) -> None:
 def capture_mlp(layer: nn.Module, state: dict, check: bool = False) -> Iterator[None]:
     """While inside, every forward of ``layer`` stores its MLP output as ``state["M"]`` and, when
     ``check``, its down-projection's output as ``state["down"]`` (see :func:`check_mlp_output`)."""
-    hooks = [layer.mlp.register_forward_hook(
-        lambda module, args, output: state.__setitem__("M", output))]
+    hooks = [
+        layer.mlp.register_forward_hook(lambda module, args, output: state.__setitem__("M", output))
+    ]
     if check:
-        hooks.append(down_proj(layer).register_forward_hook(
-            lambda module, args, output: state.__setitem__("down", output)))
+        hooks.append(
+            down_proj(layer).register_forward_hook(
+                lambda module, args, output: state.__setitem__("down", output)
+            )
+        )
     try:
         yield
     finally:
@@ -283,16 +314,26 @@ def check_mlp_output(state: dict, arch: str) -> None:
     """The fold is exact only when the MLP's output IS the down-projection's output (nothing
     applied after it): checked once, on the first batch's captured tensors."""
     if not torch.equal(state.pop("down"), state["M"]):
-        raise ShrinkError(f"--bridge linear does not support {arch}: its MLP output is not the "
-                          "down-projection's output")
+        raise ShrinkError(
+            f"--bridge linear does not support {arch}: its MLP output is not the "
+            "down-projection's output"
+        )
 
 
 @torch.no_grad()
-def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None, *, skip_first: int = 1,
-                  ridge: float = DEFAULT_RIDGE, method: str = "mlp", batch_size: int = 4,
-                  show_progress: bool = False, dense: DenseStates | None = None
-                  ) -> tuple[list[BridgeRun], Callable[[], None]]:
+def apply_bridges(
+    model: nn.Module,
+    remove: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    skip_first: int = 1,
+    ridge: float = DEFAULT_RIDGE,
+    method: str = "mlp",
+    batch_size: int = 4,
+    show_progress: bool = False,
+    dense: DenseStates | None = None,
+) -> tuple[list[BridgeRun], Callable[[], None]]:
     """Fit one bridge per contiguous run of ``remove`` on calibration blocks and fold each into
     the preceding kept layer's ``mlp.down_proj``, in place. The layers are NOT removed here (see
     :func:`bridge_and_prune` and :func:`bridged_without`): only the kept layers' weights change.
@@ -322,9 +363,15 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
     @contextmanager
     def dense_weights():
         """The dense model: original down_proj weights in the layers already folded."""
-        saved = {k: (down_proj(layers[k]).weight.data.clone(),
-                     None if down_proj(layers[k]).bias is None
-                     else down_proj(layers[k]).bias.data.clone()) for k in originals}
+        saved = {
+            k: (
+                down_proj(layers[k]).weight.data.clone(),
+                None
+                if down_proj(layers[k]).bias is None
+                else down_proj(layers[k]).bias.data.clone(),
+            )
+            for k in originals
+        }
         restore()
         try:
             yield
@@ -369,8 +416,8 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                 raise _Stop
 
             for start in range(0, input_ids.shape[0], batch_size):
-                ids = input_ids[start:start + batch_size].to(device)
-                mask = attention_mask[start:start + batch_size].to(device)
+                ids = input_ids[start : start + batch_size].to(device)
+                mask = attention_mask[start : start + batch_size].to(device)
                 valid = token_masks(mask, skip_first)[0].bool()
                 recorded = dense.output(batch_key(ids, mask), b_) if dense is not None else None
                 if recorded is not None:  # the dense pass already computed layer b's output
@@ -384,16 +431,22 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
                             hz.remove()
                 hh = layers[k].register_forward_hook(h_hook)
                 try:
-                    with capture_mlp(layers[k], state, check=start == 0), \
-                            without_layers(model, remove), replay(), keep(position):
+                    with (
+                        capture_mlp(layers[k], state, check=start == 0),
+                        without_layers(model, remove),
+                        replay(),
+                        keep(position),
+                    ):
                         _run_until(runner, ids, mask)
                 finally:
                     hh.remove()
                 if start == 0:
                     check_mlp_output(state, type(model).__name__)
                 stats.add_batch(state["h"], state["M"], state["z"], valid)
-            originals[k] = (down.weight.data.clone(),
-                            None if down.bias is None else down.bias.data.clone())
+            originals[k] = (
+                down.weight.data.clone(),
+                None if down.bias is None else down.bias.data.clone(),
+            )
             result = fit_run(run, k, stats, method, ridge)
             fold(down, result.transform)
             results.append(result)
@@ -406,8 +459,13 @@ def apply_bridges(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def bridge_and_prune(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None, **kwargs) -> list[BridgeRun]:
+def bridge_and_prune(
+    model: nn.Module,
+    remove: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> list[BridgeRun]:
     """Bridge every removed run (see :func:`apply_bridges`), then remove the layers, in place.
     The bridged layer numbers in the results are the model's numbering before pruning."""
     results, _ = apply_bridges(model, remove, input_ids, attention_mask, **kwargs)
@@ -416,9 +474,13 @@ def bridge_and_prune(model: nn.Module, remove: list[int], input_ids: torch.Tenso
 
 
 @contextmanager
-def bridged_without(model: nn.Module, remove: list[int], input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, **kwargs
-                    ) -> Iterator[list[BridgeRun]]:
+def bridged_without(
+    model: nn.Module,
+    remove: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> Iterator[list[BridgeRun]]:
     """Temporarily bridge and remove ``remove``; the model's weights and layers are restored on
     exit (for what-if measurements such as the automatic strategy)."""
     results, restore = apply_bridges(model, remove, input_ids, attention_mask, **kwargs)

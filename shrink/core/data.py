@@ -11,6 +11,7 @@ A source is one of:
   shared out evenly among them;
 - ``hf:NAME[:CONFIG][:SPLIT]``, read with the ``datasets`` library (needs network).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -25,8 +26,14 @@ import torch
 
 from shrink.core.errors import ShrinkError, first_line
 
-NOVELS = ["emma", "northanger-abbey", "pride-and-prejudice", "sense-and-sensibility",
-          "mansfield-park", "persuasion"]
+NOVELS = [
+    "emma",
+    "northanger-abbey",
+    "pride-and-prejudice",
+    "sense-and-sensibility",
+    "mansfield-park",
+    "persuasion",
+]
 SPLITS: dict[str, list[str]] = {
     "calibration": ["emma", "northanger-abbey"],
     "healing": ["pride-and-prejudice", "sense-and-sensibility", "mansfield-park"],
@@ -54,9 +61,14 @@ class TokenBlocks:
         return self.input_ids.numel()
 
     def describe(self) -> dict:
-        return {"source": self.source, "samples": int(self.input_ids.shape[0]),
-                "seq_len": self.seq_len, "seed": self.seed, "tokens": self.num_tokens,
-                "blocks_available": self.available}
+        return {
+            "source": self.source,
+            "samples": int(self.input_ids.shape[0]),
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "tokens": self.num_tokens,
+            "blocks_available": self.available,
+        }
 
 
 def _reflow(text: str) -> str:
@@ -82,15 +94,18 @@ def load_texts(source: str) -> list[str]:
     if source.startswith("tech:"):
         part = source.split(":", 1)[1]
         if part not in TECH_SPLITS:
-            raise ShrinkError(f"unknown corpus part '{source}'; use tech:evaluation or "
-                              "tech:calibration")
+            raise ShrinkError(
+                f"unknown corpus part '{source}'; use tech:evaluation or tech:calibration"
+            )
         return _tech(part)
     if source.startswith("austen:"):
         key = source.split(":", 1)[1]
         names = SPLITS.get(key) or ([key] if key in NOVELS else None)
         if names is None:
-            raise ShrinkError(f"unknown corpus part '{source}'; use austen:calibration, "
-                              f"austen:healing, austen:evaluation or austen:<novel> ({', '.join(NOVELS)})")
+            raise ShrinkError(
+                f"unknown corpus part '{source}'; use austen:calibration, "
+                f"austen:healing, austen:evaluation or austen:<novel> ({', '.join(NOVELS)})"
+            )
         return [_novel(n) for n in names]
     if source.startswith("hf:"):
         return _hf_texts(source)
@@ -104,8 +119,10 @@ def load_texts(source: str) -> list[str]:
             raise ShrinkError(f"text source '{source}': every .txt file in it is empty")
         return texts
     if not p.exists():
-        raise ShrinkError(f"no such text source '{source}' (a .txt, .jsonl, folder, "
-                          "austen:<split>, tech:<split> or hf:NAME[:CONFIG][:SPLIT])")
+        raise ShrinkError(
+            f"no such text source '{source}' (a .txt, .jsonl, folder, "
+            "austen:<split>, tech:<split> or hf:NAME[:CONFIG][:SPLIT])"
+        )
     raw = _read_text_file(p, source)
     if p.suffix == ".jsonl":
         return _jsonl_texts(raw, source)
@@ -126,11 +143,15 @@ def _read_text_file(p: Path, source: str) -> bytes:
     try:
         st = p.stat()
         if not stat.S_ISREG(st.st_mode):
-            raise ShrinkError(f"text source '{source}' is not a regular file (a FIFO, socket or "
-                              "device); give a .txt or .jsonl file or a folder")
+            raise ShrinkError(
+                f"text source '{source}' is not a regular file (a FIFO, socket or "
+                "device); give a .txt or .jsonl file or a folder"
+            )
         if st.st_size > MAX_TEXT_FILE:
-            raise ShrinkError(f"text source '{source}' is {st.st_size / 1e9:.1f} GB, more than "
-                              f"the {MAX_TEXT_FILE / 1e9:.1f} GB shrink reads; give a sample of it")
+            raise ShrinkError(
+                f"text source '{source}' is {st.st_size / 1e9:.1f} GB, more than "
+                f"the {MAX_TEXT_FILE / 1e9:.1f} GB shrink reads; give a sample of it"
+            )
         raw = p.read_bytes()
     except OSError as e:
         raise ShrinkError(f"cannot read text source '{source}': {first_line(e)}") from None
@@ -138,14 +159,17 @@ def _read_text_file(p: Path, source: str) -> bytes:
         raise ShrinkError(f"text source '{source}' is empty")
     nul = raw.find(b"\0")
     if nul >= 0:
-        raise ShrinkError(f"text source '{source}' is a binary file (a NUL byte at offset {nul}), "
-                          "not text")
+        raise ShrinkError(
+            f"text source '{source}' is a binary file (a NUL byte at offset {nul}), not text"
+        )
     half = MAX_LINE // 2
     for start in range(0, len(raw) - half + 1, half):
         if raw.find(b"\n", start, start + half) < 0:
             line = raw.count(b"\n", 0, start) + 1
-            raise ShrinkError(f"text source '{source}' has a line of more than {half >> 20} MB "
-                              f"(line {line}); split it into lines or documents")
+            raise ShrinkError(
+                f"text source '{source}' has a line of more than {half >> 20} MB "
+                f"(line {line}); split it into lines or documents"
+            )
     return raw
 
 
@@ -153,10 +177,12 @@ def _jsonl_texts(raw: bytes, source: str) -> list[str]:
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line_no = raw[:e.start].count(b"\n") + 1
-        raise ShrinkError(f"{source} is not UTF-8 text (line {line_no}, byte {e.start}: "
-                          f"{e.reason}); .jsonl files must be UTF-8: convert it, e.g. "
-                          "iconv -f latin1 -t utf-8") from None
+        line_no = raw[: e.start].count(b"\n") + 1
+        raise ShrinkError(
+            f"{source} is not UTF-8 text (line {line_no}, byte {e.start}: "
+            f"{e.reason}); .jsonl files must be UTF-8: convert it, e.g. "
+            "iconv -f latin1 -t utf-8"
+        ) from None
     texts = []
     for i, line in enumerate(content.splitlines(), 1):
         if not line.strip():
@@ -167,8 +193,10 @@ def _jsonl_texts(raw: bytes, source: str) -> list[str]:
             raise ShrinkError(f"{source} line {i} is not valid JSON") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             keys = ", ".join(sorted(map(str, row))[:5]) if isinstance(row, dict) else ""
-            raise ShrinkError(f"{source} line {i} has no string field 'text'"
-                              + (f" (its fields: {keys})" if keys else ""))
+            raise ShrinkError(
+                f"{source} line {i} has no string field 'text'"
+                + (f" (its fields: {keys})" if keys else "")
+            )
         texts.append(row["text"])
     if not texts:
         raise ShrinkError(f"{source} holds no JSON lines")
@@ -183,8 +211,9 @@ def _hf_texts(source: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise ShrinkError("hf: text sources need the 'datasets' package: pip install datasets"
-                          ) from None
+        raise ShrinkError(
+            "hf: text sources need the 'datasets' package: pip install datasets"
+        ) from None
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001
@@ -214,8 +243,9 @@ def token_stream(tokenizer, source: str) -> list[int]:
     return stream
 
 
-def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0,
-                 at_most: bool = False) -> TokenBlocks:
+def token_blocks(
+    tokenizer, source: str, samples: int, seq_len: int, seed: int = 0, at_most: bool = False
+) -> TokenBlocks:
     """Tokenize a text source into ``samples`` non-overlapping blocks of ``seq_len`` tokens
     (with ``at_most``, as many as the source holds when that is fewer; none is not an error).
 
@@ -228,10 +258,18 @@ def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int =
     if "+" in source:  # a mix: the blocks are shared out evenly among the parts, in order
         parts = [s.strip() for s in source.split("+") if s.strip()]
         counts = [samples // len(parts) + (i < samples % len(parts)) for i in range(len(parts))]
-        got = [token_blocks(tokenizer, s, n, seq_len, seed, at_most)
-               for s, n in zip(parts, counts) if n]
-        return TokenBlocks(torch.cat([g.input_ids for g in got]), source, seq_len, seed,
-                           sum(g.available for g in got))
+        got = [
+            token_blocks(tokenizer, s, n, seq_len, seed, at_most)
+            for s, n in zip(parts, counts)
+            if n
+        ]
+        return TokenBlocks(
+            torch.cat([g.input_ids for g in got]),
+            source,
+            seq_len,
+            seed,
+            sum(g.available for g in got),
+        )
     prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
     stream = token_stream(tokenizer, source)
@@ -239,8 +277,10 @@ def token_blocks(tokenizer, source: str, samples: int, seq_len: int, seed: int =
     if at_most:
         samples = min(samples, available)
     elif available < samples:
-        raise ShrinkError(f"text source '{source}' has {len(stream)} tokens: only {available} "
-                          f"blocks of {seq_len} tokens are possible, {samples} asked for")
+        raise ShrinkError(
+            f"text source '{source}' has {len(stream)} tokens: only {available} "
+            f"blocks of {seq_len} tokens are possible, {samples} asked for"
+        )
     picks = sorted(random.Random(seed).sample(range(available), samples))
-    rows = [prefix + stream[i * body:(i + 1) * body] for i in picks]
+    rows = [prefix + stream[i * body : (i + 1) * body] for i in picks]
     return TokenBlocks(torch.tensor(rows, dtype=torch.long), source, seq_len, seed, available)

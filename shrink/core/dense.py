@@ -1,6 +1,7 @@
 """The dense model's hidden states, recorded once and replayed: a pass over a variant that is
 unchanged below some layer (a pruned or bridged candidate) starts there instead of at the
 embeddings, with bit for bit the inputs a full pass would give it."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -39,10 +40,17 @@ class DenseStates:
         self.outputs: dict[tuple[bytes, int], object] = {}  # (batch, layer) -> output as returned
 
     @torch.no_grad()
-    def record(self, model: nn.Module, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor | None, layers: Iterable[int], *,
-               batch_size: int, description: str = "dense pass",
-               show_progress: bool = False) -> DenseStates:
+    def record(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layers: Iterable[int],
+        *,
+        batch_size: int,
+        description: str = "dense pass",
+        show_progress: bool = False,
+    ) -> DenseStates:
         """Run the dense model over ``input_ids`` in batches of ``batch_size`` (as the later
         passes will) and keep the outputs of ``layers``; the pass stops after the deepest one."""
         wanted = sorted(set(layers))
@@ -60,14 +68,16 @@ class DenseStates:
                 self.outputs[(current["key"], i)] = output
                 if i == wanted[-1]:
                     raise _Stop
+
             return hook
 
         handles = [found[i].register_forward_hook(keep(i)) for i in wanted]
         try:
-            for start in progress_bar(range(0, input_ids.shape[0], batch_size), description,
-                                      enabled=show_progress):
-                ids = input_ids[start:start + batch_size].to(device)
-                mask = attention_mask[start:start + batch_size].to(device)
+            for start in progress_bar(
+                range(0, input_ids.shape[0], batch_size), description, enabled=show_progress
+            ):
+                ids = input_ids[start : start + batch_size].to(device)
+                mask = attention_mask[start : start + batch_size].to(device)
                 current["key"] = batch_key(ids, mask)
                 try:
                     runner(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -105,6 +115,7 @@ class DenseStates:
                 if j == start - 1:
                     return out
                 return args[0] if args else kwargs["hidden_states"]
+
             return forward
 
         handle = runner.register_forward_pre_hook(on_batch, with_kwargs=True)
@@ -135,8 +146,10 @@ class DenseStates:
         def keep(module, args, output):
             self.outputs[(current.get("key"), position)] = output
 
-        handles = [runner.register_forward_pre_hook(on_batch, with_kwargs=True),
-                   layer.register_forward_hook(keep)]
+        handles = [
+            runner.register_forward_pre_hook(on_batch, with_kwargs=True),
+            layer.register_forward_hook(keep),
+        ]
         try:
             yield
         finally:

@@ -5,6 +5,7 @@ ratio (default 3x) the verdict is "degraded": the model is likely to generate no
 reload check says (finite logits and a consistent KV cache do not mean useful text). The guard
 only reports; callers decide (``shrink build`` stops before healing unless told otherwise).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,15 +44,26 @@ class QualityVerdict:
         return {**asdict(self), "verdict": self.verdict}
 
 
-def guard_blocks(tokenizer, source: str = GUARD_SOURCE, samples: int = GUARD_SAMPLES,
-                 seq_len: int = GUARD_SEQ_LEN, seed: int = GUARD_SEED):
+def guard_blocks(
+    tokenizer,
+    source: str = GUARD_SOURCE,
+    samples: int = GUARD_SAMPLES,
+    seq_len: int = GUARD_SEQ_LEN,
+    seed: int = GUARD_SEED,
+):
     """The guard's fixed blocks (the same for every stage, so ratios are comparable)."""
     return token_blocks(tokenizer, source, samples, seq_len, seed)
 
 
-def quality_ratio(model: nn.Module, source: float | nn.Module, input_ids: torch.Tensor, *,
-                  threshold: float = DEFAULT_MAX_RATIO, batch_size: int = 4,
-                  blocks: dict | None = None) -> QualityVerdict:
+def quality_ratio(
+    model: nn.Module,
+    source: float | nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    threshold: float = DEFAULT_MAX_RATIO,
+    batch_size: int = 4,
+    blocks: dict | None = None,
+) -> QualityVerdict:
     """Perplexity of ``model`` over the source's on ``input_ids``; ``source`` is the source
     model's perplexity on the same blocks, or the source model itself (measured here)."""
     if not threshold > 1.0:
@@ -66,10 +78,14 @@ def quality_ratio(model: nn.Module, source: float | nn.Module, input_ids: torch.
     ratio = ppl / src if math.isfinite(ppl) else math.inf
     ok = ratio <= threshold
     if ok:
-        message = (f"quality ok: perplexity {ppl:.4g} is {ratio:.2f}x the source model's "
-                   f"{src:.4g} (limit {threshold:g}x)")
+        message = (
+            f"quality ok: perplexity {ppl:.4g} is {ratio:.2f}x the source model's "
+            f"{src:.4g} (limit {threshold:g}x)"
+        )
     else:
-        message = (f"QUALITY GUARD: perplexity {ppl:.4g} is {ratio:.3g}x the source model's "
-                   f"{src:.4g}, above the {threshold:g}x limit: this model is badly degraded and "
-                   "likely to generate nonsense")
+        message = (
+            f"QUALITY GUARD: perplexity {ppl:.4g} is {ratio:.3g}x the source model's "
+            f"{src:.4g}, above the {threshold:g}x limit: this model is badly degraded and "
+            "likely to generate nonsense"
+        )
     return QualityVerdict(ppl, src, ratio, threshold, ok, message, blocks)

@@ -1,9 +1,12 @@
 """Removing decoder layers from a transformers model in memory, leaving a valid checkpoint."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
 from torch import nn
+
 from shrink.core.errors import ShrinkError
 from shrink.core.models import find_layers
 
@@ -51,6 +54,7 @@ def swap_layers(model: nn.Module, keep: list[int]) -> Callable[[], None]:
     def restore() -> None:
         for fn in reversed(undo):
             fn()
+
     return restore
 
 
@@ -86,4 +90,3 @@ def without_layers(model: nn.Module, remove: list[int]) -> Iterator[nn.Module]:
         yield model
     finally:
         restore()
-

@@ -9,6 +9,7 @@ The set name must identify the blocks exactly: source, samples, tokens per block
 :func:`set_name`). :class:`PerplexityBook` keeps the values and a ledger of every computation,
 so a build can show (and a test can check) that nothing was measured twice.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,11 @@ def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
 
 
 def _folder_key(folder: Path) -> str:
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and (p.name.endswith(WEIGHT_SUFFIXES) or p.name == "config.json"))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name == "config.json")
+    )
     if not any(p.name != "config.json" for p in files):
         raise ShrinkError(f"{folder} holds no weight files to key a measurement by")
     h = hashlib.blake2b(digest_size=16)
@@ -61,8 +65,7 @@ def weights_key(model_or_folder: nn.Module | str | Path) -> str:
         return _folder_key(folder)
     h = hashlib.blake2b(digest_size=16)
     seen: set[int] = set()
-    for name, t in list(model_or_folder.named_parameters()) + \
-            list(model_or_folder.named_buffers()):
+    for name, t in list(model_or_folder.named_parameters()) + list(model_or_folder.named_buffers()):
         if id(t) in seen:  # tied weights: hashed once
             continue
         seen.add(id(t))
@@ -87,12 +90,19 @@ class PerplexityBook:
         found = self.values.get((key, set_name))
         return copy.copy(found) if found is not None else None
 
-    def put(self, key: str, set_name: str, result: PerplexityResult, *, by: str,
-            what: str) -> None:
+    def put(self, key: str, set_name: str, result: PerplexityResult, *, by: str, what: str) -> None:
         """Record a computed value (one ledger row per computation)."""
         self.values[(key, set_name)] = copy.copy(result)
-        self.ledger.append({"key": key, "set": set_name, "by": by, "what": what,
-                            "value": result.perplexity, "seconds": round(result.seconds, 3)})
+        self.ledger.append(
+            {
+                "key": key,
+                "set": set_name,
+                "by": by,
+                "what": what,
+                "value": result.perplexity,
+                "seconds": round(result.seconds, 3),
+            }
+        )
 
     def duplicates(self) -> list[tuple[str, str]]:
         """(key, set) pairs the ledger shows computed more than once (should be none)."""
@@ -109,9 +119,18 @@ class PerplexityBook:
         return {"ledger": list(self.ledger), "duplicates": [list(d) for d in self.duplicates()]}
 
 
-def measure(book: PerplexityBook | None, model: nn.Module, input_ids: torch.Tensor,
-            set_name: str, by: str, what: str, *, key: str | None = None,
-            batch_size: int = 4, show_progress: bool = True) -> PerplexityResult:
+def measure(
+    book: PerplexityBook | None,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    set_name: str,
+    by: str,
+    what: str,
+    *,
+    key: str | None = None,
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> PerplexityResult:
     """The perplexity of ``model`` on ``input_ids`` (the block set ``set_name``): the book's value
     when it has one for these weights on this set, else computed and recorded. Without a book it
     is simply computed. ``key`` skips hashing when the caller already has it."""
@@ -126,8 +145,14 @@ def measure(book: PerplexityBook | None, model: nn.Module, input_ids: torch.Tens
     return result
 
 
-def matmul_rate(m: int = 1024, k: int = 1024, n: int = 1024, *, seconds: float = 0.3,
-                dtype: torch.dtype = torch.float32) -> float:
+def matmul_rate(
+    m: int = 1024,
+    k: int = 1024,
+    n: int = 1024,
+    *,
+    seconds: float = 0.3,
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """The machine's measured float matmul rate (FLOP/s) for an (m x k) @ (k x n) product, with
     torch's current thread setting: the best of repeated products over about ``seconds``."""
     import time
@@ -158,8 +183,9 @@ def linear_params(model: nn.Module, trained_only: bool = False) -> int:
     return total
 
 
-def training_throughput(tokens: int, seconds: float, model: nn.Module, *,
-                        rate: float | None = None) -> dict:
+def training_throughput(
+    tokens: int, seconds: float, model: nn.Module, *, rate: float | None = None
+) -> dict:
     """Tokens/s of a training run and the fraction of the machine's matmul rate it reaches.
     FLOPs per token: 2 P forward + 2 P backward to the inputs + 2 T for the trained weights'
     gradients (P = all linear weights, T = the trained ones: the adapters, or the trained
@@ -168,7 +194,11 @@ def training_throughput(tokens: int, seconds: float, model: nn.Module, *,
     per_token = 4 * P + 2 * T
     rate = rate if rate is not None else matmul_rate()
     achieved = per_token * tokens / seconds if seconds > 0 else 0.0
-    return {"tokens": tokens, "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-            "flops_formula": f"(4 * {P} linear weights + 2 * {T} trained) * tokens",
-            "achieved_flops_per_second": round(achieved), "matmul_flops_per_second": round(rate),
-            "fraction_of_matmul_rate": round(achieved / rate, 3) if rate else None}
+    return {
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "flops_formula": f"(4 * {P} linear weights + 2 * {T} trained) * tokens",
+        "achieved_flops_per_second": round(achieved),
+        "matmul_flops_per_second": round(rate),
+        "fraction_of_matmul_rate": round(achieved / rate, 3) if rate else None,
+    }

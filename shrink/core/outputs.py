@@ -1,5 +1,6 @@
 """Writing output folders safely: refuse to overwrite without ``force``, write into a temporary
 sibling folder, and rename it into place only when it is complete."""
+
 from __future__ import annotations
 
 import fcntl
@@ -26,14 +27,28 @@ MARKER = ".shrink-output"
 _LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "SOURCE.md")
 # what a model folder written by transformers, GPTQModel, onnxruntime-genai or a hub download
 # holds; anything else (paper.tex, a notes folder) means the folder holds other work
-_MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.onnx", "*.onnx.data", "*.onnx_data",
-                        "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja", "*.md",
-                        "*.csv", "*.png", "*.py", ".gitattributes", *_LICENSE_PATTERNS)
+_MODEL_FILE_PATTERNS = (
+    "*.json",
+    "*.safetensors",
+    "*.onnx",
+    "*.onnx.data",
+    "*.onnx_data",
+    "*.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+    "*.md",
+    "*.csv",
+    "*.png",
+    "*.py",
+    ".gitattributes",
+    *_LICENSE_PATTERNS,
+)
 _MODEL_DIRS = (".cache", "adapter")
 
 
-def check_output(output: str | Path, force: bool = False,
-                 source: str | Path | None = None) -> Path:
+def check_output(output: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
     """Fail early if ``output`` exists and is not an empty folder (unless ``force`` and it is a
     folder shrink may replace, see :func:`check_replaceable`), or if it is, holds or lies inside
     the input model folder ``source`` (:func:`check_not_source`)."""
@@ -45,8 +60,9 @@ def check_output(output: str | Path, force: bool = False,
             raise ShrinkError(f"output '{output}' exists and is a file")
         if any(out.iterdir()):
             if not force:
-                raise ShrinkError(f"output folder '{output}' exists and is not empty "
-                                  "(use --force to replace it)")
+                raise ShrinkError(
+                    f"output folder '{output}' exists and is not empty (use --force to replace it)"
+                )
             check_replaceable(out)
     _check_not_above_work(out.resolve(), "write into")
     parent = existing_ancestor(out.resolve().parent)
@@ -62,8 +78,10 @@ def check_not_link(output: str | Path) -> None:
     the link points (the input model, the home folder, /), not where the user looked."""
     out = Path(output).expanduser()
     if out.is_symlink():
-        raise ShrinkError(f"output '{output}' is a symbolic link (to {os.readlink(out)}); shrink "
-                          "does not write through links: give a real folder path")
+        raise ShrinkError(
+            f"output '{output}' is a symbolic link (to {os.readlink(out)}); shrink "
+            "does not write through links: give a real folder path"
+        )
 
 
 def check_writable_file(path: str | Path, option: str = "--json") -> None:
@@ -76,8 +94,9 @@ def check_writable_file(path: str | Path, option: str = "--json") -> None:
     if p.is_dir():
         raise ShrinkError(f"{option} '{path}' is a folder; give a file path")
     if p.exists() and not p.is_file():
-        raise ShrinkError(f"{option} '{path}' is not a regular file (a device or FIFO); give a "
-                          "file path")
+        raise ShrinkError(
+            f"{option} '{path}' is not a regular file (a device or FIFO); give a file path"
+        )
     if p.exists() and not os.access(p, os.W_OK):
         raise ShrinkError(f"{option} '{path}' is not writable")
     parent = p.resolve().parent
@@ -90,11 +109,14 @@ def check_writable_file(path: str | Path, option: str = "--json") -> None:
 def _check_not_above_work(folder: Path, verb: str) -> None:
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if folder == Path(folder.anchor):
-        raise ShrinkError(f"refusing to {verb} '{folder}': it is the filesystem root; choose a "
-                          "new output folder")
+        raise ShrinkError(
+            f"refusing to {verb} '{folder}': it is the filesystem root; choose a new output folder"
+        )
     if folder in (home, cwd) or folder in home.parents or folder in cwd.parents:
-        raise ShrinkError(f"refusing to {verb} '{folder}': it is the current or home folder or "
-                          "a folder above them; choose a new output folder")
+        raise ShrinkError(
+            f"refusing to {verb} '{folder}': it is the current or home folder or "
+            "a folder above them; choose a new output folder"
+        )
 
 
 def check_not_source(output: str | Path, source: str | Path | None) -> None:
@@ -105,14 +127,18 @@ def check_not_source(output: str | Path, source: str | Path | None) -> None:
     out = Path(output).expanduser().resolve()
     src = Path(source).expanduser().resolve()
     if out == src:
-        raise ShrinkError(f"output '{output}' is the input model folder; choose a new output "
-                          "folder")
+        raise ShrinkError(
+            f"output '{output}' is the input model folder; choose a new output folder"
+        )
     if src in out.parents:
-        raise ShrinkError(f"output '{output}' is inside the input model folder {src}; choose a "
-                          "folder outside it")
+        raise ShrinkError(
+            f"output '{output}' is inside the input model folder {src}; choose a folder outside it"
+        )
     if out in src.parents:
-        raise ShrinkError(f"output '{output}' holds the input model folder {src}; choose a "
-                          "folder that does not contain it")
+        raise ShrinkError(
+            f"output '{output}' holds the input model folder {src}; choose a "
+            "folder that does not contain it"
+        )
 
 
 def read_marker(folder: str | Path) -> dict | None:
@@ -136,9 +162,13 @@ def mark_output(folder: str | Path, files: list[str] | None = None) -> str:
     kept when the folder already has a valid marker; ``files`` defaults to the folder's current
     top-level entries (call it again after writing more, e.g. after each build stage)."""
     folder = Path(folder)
-    m = read_marker(folder) or {"format": 1, "tool": "shrink", "id": uuid.uuid4().hex,
-                                "pid": os.getpid(),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    m = read_marker(folder) or {
+        "format": 1,
+        "tool": "shrink",
+        "id": uuid.uuid4().hex,
+        "pid": os.getpid(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if files is None:
         files = sorted(e.name for e in folder.iterdir() if e.name != MARKER)
     m["files"] = sorted(files)
@@ -166,8 +196,9 @@ def shrink_output_problem(folder: str | Path) -> str | None:
             if rid is not None and rid != m["id"]:
                 return f"its {name} belongs to another output than its {MARKER} marker"
     listed = m.get("files")
-    entries = [e for e in folder.iterdir() if e.name != MARKER
-               and not e.name.startswith(f"{MARKER}.tmp-")]
+    entries = [
+        e for e in folder.iterdir() if e.name != MARKER and not e.name.startswith(f"{MARKER}.tmp-")
+    ]
     if isinstance(listed, list):
         foreign = [e.name for e in entries if e.name not in listed]
     else:
@@ -180,9 +211,12 @@ def shrink_output_problem(folder: str | Path) -> str | None:
 def _foreign_to_model_folder(entries: list[Path]) -> list[str]:
     from fnmatch import fnmatch
 
-    return [e.name for e in entries
-            if not (e.is_dir() and e.name in _MODEL_DIRS)
-            and not (e.is_file() and any(fnmatch(e.name, p) for p in _MODEL_FILE_PATTERNS))]
+    return [
+        e.name
+        for e in entries
+        if not (e.is_dir() and e.name in _MODEL_DIRS)
+        and not (e.is_file() and any(fnmatch(e.name, p) for p in _MODEL_FILE_PATTERNS))
+    ]
 
 
 def _model_folder_problem(folder: Path) -> str | None:
@@ -205,15 +239,19 @@ def check_replaceable(folder: Path) -> None:
     folder = Path(folder).expanduser().resolve()
     _check_not_above_work(folder, "replace")
     if (folder / ".git").exists():
-        raise ShrinkError(f"refusing to replace '{folder}' with --force: it is a git checkout; "
-                          "choose a new output folder")
+        raise ShrinkError(
+            f"refusing to replace '{folder}' with --force: it is a git checkout; "
+            "choose a new output folder"
+        )
     if read_marker(folder) is not None:
         problem = shrink_output_problem(folder)
     else:
         problem = _model_folder_problem(folder)
     if problem:
-        raise ShrinkError(f"refusing to replace '{folder}' with --force: {problem}; remove it "
-                          "yourself or choose a new output folder")
+        raise ShrinkError(
+            f"refusing to replace '{folder}' with --force: {problem}; remove it "
+            "yourself or choose a new output folder"
+        )
 
 
 def check_resumable(folder: str | Path) -> None:
@@ -223,8 +261,10 @@ def check_resumable(folder: str | Path) -> None:
     if not folder.exists() or not any(folder.iterdir()):
         return
     if read_marker(folder) is None:
-        raise ShrinkError(f"--resume: '{folder}' was not written by shrink (no {MARKER} marker); "
-                          "choose a new output folder")
+        raise ShrinkError(
+            f"--resume: '{folder}' was not written by shrink (no {MARKER} marker); "
+            "choose a new output folder"
+        )
     problem = shrink_output_problem(folder)
     if problem:
         raise ShrinkError(f"--resume: refusing to write into '{folder}': {problem}")
@@ -237,8 +277,11 @@ def safetensors_bytes(folder: str | Path) -> int:
 
 def folder_bytes(folder: str | Path, suffixes: tuple[str, ...] | None = None) -> int:
     """Bytes of every file under ``folder``, or of those whose names end in ``suffixes``."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()
-               and (suffixes is None or f.name.endswith(suffixes)))
+    return sum(
+        f.stat().st_size
+        for f in Path(folder).rglob("*")
+        if f.is_file() and (suffixes is None or f.name.endswith(suffixes))
+    )
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -273,17 +316,21 @@ class OutputLock:
             try:  # never through a link planted at the lock's path
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise ShrinkError(f"cannot create the lock {self.path} ({first_line(e)}); "
-                                  "remove it if it is a link, or choose another output "
-                                  "folder") from None
+                raise ShrinkError(
+                    f"cannot create the lock {self.path} ({first_line(e)}); "
+                    "remove it if it is a link, or choose another output "
+                    "folder"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.lseek(fd, 0, os.SEEK_SET)
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise ShrinkError(f"another shrink process is writing {out} (pid {pid}); wait "
-                                  "for it to finish or choose another output folder") from None
+                raise ShrinkError(
+                    f"another shrink process is writing {out} (pid {pid}); wait "
+                    "for it to finish or choose another output folder"
+                ) from None
             try:  # the file we locked must still be the one at the path (see release)
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -319,7 +366,7 @@ class OutputLock:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,8 +412,10 @@ def remove_stale_temporaries(output: str | Path) -> tuple[int, int, list[str]]:
         if m.group(1) == "old" and not out.exists() and entry.is_dir():
             # died between its two renames: the previous output is still whole; put it back
             os.replace(entry, out)
-            notes.append(f"restored {out} from {entry.name}, left by a shrink process that "
-                         "died while replacing it")
+            notes.append(
+                f"restored {out} from {entry.name}, left by a shrink process that "
+                "died while replacing it"
+            )
             continue
         size = _path_bytes(entry)
         if entry.is_dir() and not entry.is_symlink():
@@ -376,13 +425,17 @@ def remove_stale_temporaries(output: str | Path) -> tuple[int, int, list[str]]:
         if not entry.exists():
             removed, freed = removed + 1, freed + size
     if removed:
-        notes.append(f"removed {removed} temporary folder(s) left beside {out} by shrink "
-                     f"processes that died ({freed / 1e6:.1f} MB freed)")
+        notes.append(
+            f"removed {removed} temporary folder(s) left beside {out} by shrink "
+            f"processes that died ({freed / 1e6:.1f} MB freed)"
+        )
     work = out.parent / f".{out.name}.heal-work"
     if work.is_dir():
-        notes.append(f"{work} ({_path_bytes(work) / 1e6:.1f} MB) holds the checkpoints of an "
-                     "interrupted heal: 'shrink heal ... --resume' continues it; remove it if "
-                     "you do not need it")
+        notes.append(
+            f"{work} ({_path_bytes(work) / 1e6:.1f} MB) holds the checkpoints of an "
+            "interrupted heal: 'shrink heal ... --resume' continues it; remove it if "
+            "you do not need it"
+        )
     return removed, freed, notes
 
 
@@ -391,9 +444,12 @@ def _print_note(note: str) -> None:
 
 
 @contextmanager
-def atomic_output(output: str | Path, force: bool = False,
-                  on_note: Callable[[str], None] | None = _print_note,
-                  source: str | Path | None = None) -> Iterator[Path]:
+def atomic_output(
+    output: str | Path,
+    force: bool = False,
+    on_note: Callable[[str], None] | None = _print_note,
+    source: str | Path | None = None,
+) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``output`` in one rename.
 
     The output's lock (:class:`OutputLock`) is held from before anything is written until after
@@ -421,9 +477,11 @@ def atomic_output(output: str | Path, force: bool = False,
             mark_output(tmp)  # keeps the id (a copied-in marker's, with its shrink.json)
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 if not force:
-                    raise ShrinkError(f"output '{output}' appeared while this run was writing "
-                                      "it (another process?); nothing was replaced (use --force "
-                                      "to replace it)")
+                    raise ShrinkError(
+                        f"output '{output}' appeared while this run was writing "
+                        "it (another process?); nothing was replaced (use --force "
+                        "to replace it)"
+                    )
                 check_replaceable(out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -458,8 +516,12 @@ def versions() -> dict:
 
     from shrink import __version__
 
-    return {"shrink": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "shrink": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_record(folder: Path, previous: dict | None, stage: dict, **top) -> dict:

@@ -5,6 +5,7 @@ torch for the duration of the call, and restores every logging level, warning fi
 environment variable it changed on the way out. Only the CLI (its own process) and the fresh
 worker processes set them for good, through :func:`quiet_process`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,16 @@ CURRENT_LOG: Path | None = None  # the log file capture_to writes, while it is a
 
 # loggers that print import-time or per-call noise through the Python API: torchao ("Failed to
 # load ... .so"), torch's pytree deprecations, huggingface_hub's per-request warnings
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "huggingface_hub", "torch.onnx",
-                 "onnxruntime.quantization", "gptqmodel", "bitsandbytes", "accelerate")
+NOISY_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "huggingface_hub",
+    "torch.onnx",
+    "onnxruntime.quantization",
+    "gptqmodel",
+    "bitsandbytes",
+    "accelerate",
+)
 
 
 @contextlib.contextmanager
@@ -125,8 +134,10 @@ def capture_to(log_path: str | os.PathLike, keep: tuple = ()) -> Iterator[None]:
     log = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
     CURRENT_LOG = Path(log_path)
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    terminal = {fd: os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8",
-                              errors="replace") for fd in (1, 2)}
+    terminal = {
+        fd: os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+        for fd in (1, 2)
+    }
     files = [(c, c.file) for c in keep]
     for c in keep:  # rich Console: stderr consoles keep fd 2's terminal, stdout ones fd 1's
         c.file = terminal[2] if getattr(c, "stderr", False) else terminal[1]

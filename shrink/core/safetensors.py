@@ -8,6 +8,7 @@ cannot read), shards that disagree with their index (a shard missing, a tensor l
 wrong file, a shard name that leaves the folder) or with each other (one tensor in two shards)
 is a ShrinkError naming the file and the tensor, before any weight is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,23 @@ from shrink.core.errors import ShrinkError, first_line
 
 INDEX = "model.safetensors.index.json"
 # bytes per element of the dtypes shrink reads (the safetensors codes)
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
 MAX_INDEX = 64 << 20
 _LIST_AT_MOST = 5
@@ -28,8 +44,9 @@ _LIST_AT_MOST = 5
 
 def _not_safetensors(path: Path, size: int, why: str) -> ShrinkError:
     what = "empty" if size == 0 else f"{size} bytes"
-    return ShrinkError(f"{path} is not a valid safetensors file ({what}: {why}); it may be "
-                       "truncated or damaged")
+    return ShrinkError(
+        f"{path} is not a valid safetensors file ({what}: {why}); it may be truncated or damaged"
+    )
 
 
 def _check_tensor(path: Path, name, info, data_size: int) -> tuple[int, int]:
@@ -38,22 +55,35 @@ def _check_tensor(path: Path, name, info, data_size: int) -> tuple[int, int]:
         raise ShrinkError(f"{path}: header entry {name!r} is not a tensor description")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise ShrinkError(f"{path}: tensor {name} has dtype {dtype!r}, which shrink cannot read "
-                          f"(it reads {', '.join(DTYPE_SIZES)})")
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+        raise ShrinkError(
+            f"{path}: tensor {name} has dtype {dtype!r}, which shrink cannot read "
+            f"(it reads {', '.join(DTYPE_SIZES)})"
+        )
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)
+    ):
         raise ShrinkError(f"{path}: tensor {name} has an invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise ShrinkError(f"{path}: tensor {name} has invalid data_offsets {offsets!r}")
     start, end = offsets
     if end > data_size:
-        raise ShrinkError(f"{path} is truncated: tensor {name} ends at byte {end} of the data, "
-                          f"the file holds {data_size} bytes of data")
+        raise ShrinkError(
+            f"{path} is truncated: tensor {name} ends at byte {end} of the data, "
+            f"the file holds {data_size} bytes of data"
+        )
     want = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - start != want:
-        raise ShrinkError(f"{path}: tensor {name} takes {end - start} bytes, but its shape "
-                          f"{shape} in {dtype} needs {want}; the file is damaged")
+        raise ShrinkError(
+            f"{path}: tensor {name} takes {end - start} bytes, but its shape "
+            f"{shape} in {dtype} needs {want}; the file is damaged"
+        )
     return start, end
 
 
@@ -113,13 +143,21 @@ def _read_index(folder: Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise TypeError("'weight_map' is not an object")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ShrinkError(f"{index} is damaged (want JSON with a 'weight_map' object: "
-                          f"{first_line(e)})") from None
+        raise ShrinkError(
+            f"{index} is damaged (want JSON with a 'weight_map' object: {first_line(e)})"
+        ) from None
     for name, shard in weight_map.items():
-        if (not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard
-                or shard in (".", "..")):
-            raise ShrinkError(f"{index} is damaged: tensor {name} is listed in {shard!r}, which "
-                              "is not a file name in the model folder")
+        if (
+            not isinstance(shard, str)
+            or not shard
+            or "/" in shard
+            or "\\" in shard
+            or shard in (".", "..")
+        ):
+            raise ShrinkError(
+                f"{index} is damaged: tensor {name} is listed in {shard!r}, which "
+                "is not a file name in the model folder"
+            )
     return weight_map
 
 
@@ -132,8 +170,9 @@ def shard_files(folder: str | Path) -> list[Path]:
     shards = sorted({folder / s for s in _read_index(folder).values()})
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
-        raise ShrinkError(f"{folder / INDEX} lists shards that are not in {folder}: "
-                          f"{_names(missing)}")
+        raise ShrinkError(
+            f"{folder / INDEX} lists shards that are not in {folder}: {_names(missing)}"
+        )
     return shards
 
 
@@ -148,9 +187,11 @@ def scan(folder: str | Path) -> tuple[dict[str, Path], dict[Path, tuple[dict, di
     for f, (tensors, _, _) in headers.items():
         for name in tensors:
             if name in where:
-                raise ShrinkError(f"tensor {name} is in two shards of {folder}: "
-                                  f"{where[name].name} and {f.name}; the checkpoint is "
-                                  "inconsistent (re-download or re-save it)")
+                raise ShrinkError(
+                    f"tensor {name} is in two shards of {folder}: "
+                    f"{where[name].name} and {f.name}; the checkpoint is "
+                    "inconsistent (re-download or re-save it)"
+                )
             where[name] = f
     if (folder / INDEX).is_file():
         _check_index(folder, _read_index(folder), where)
@@ -162,15 +203,21 @@ def _check_index(folder: Path, weight_map: dict[str, str], where: dict[str, Path
     for name, shard in weight_map.items():
         held = where.get(name)
         if held is None:
-            raise ShrinkError(f"{index} lists tensor {name} in {shard}, which does not hold it; "
-                              "the checkpoint is inconsistent")
+            raise ShrinkError(
+                f"{index} lists tensor {name} in {shard}, which does not hold it; "
+                "the checkpoint is inconsistent"
+            )
         if held.name != shard:
-            raise ShrinkError(f"{index} lists tensor {name} in {shard}, but {held.name} holds "
-                              "it; the checkpoint is inconsistent")
+            raise ShrinkError(
+                f"{index} lists tensor {name} in {shard}, but {held.name} holds "
+                "it; the checkpoint is inconsistent"
+            )
     unlisted = [n for n in where if n not in weight_map]
     if unlisted:
-        raise ShrinkError(f"{index} does not list {_names(unlisted)}, held by "
-                          f"{where[unlisted[0]].name}; the checkpoint is inconsistent")
+        raise ShrinkError(
+            f"{index} does not list {_names(unlisted)}, held by "
+            f"{where[unlisted[0]].name}; the checkpoint is inconsistent"
+        )
 
 
 def shard_map(folder: str | Path) -> dict[str, Path]:

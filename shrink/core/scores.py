@@ -6,6 +6,7 @@ calibration blocks, taken with forward hooks on every decoder layer (the layer's
 output: ``output_hidden_states`` is not used because its last entry is after the final norm).
 Statistics are accumulated in float32 as running sums; no activation is kept beyond one layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,6 @@ from torch import nn
 from shrink.core.errors import ShrinkError
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar
-
 
 
 @dataclass
@@ -73,7 +73,7 @@ class LayerScores:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LayerScores":
+    def from_dict(cls, d: dict) -> LayerScores:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -89,8 +89,9 @@ def decoder_base(model: nn.Module) -> nn.Module:
     return parent if isinstance(parent, PreTrainedModel) else model
 
 
-def check_score_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       skip_first: int) -> torch.Tensor:
+def check_score_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, skip_first: int
+) -> torch.Tensor:
     """Validate scorer inputs; return the attention mask (all ones when none is given)."""
     if input_ids.dim() != 2:
         raise ShrinkError("input_ids must be (samples, seq_len)")
@@ -123,8 +124,9 @@ class ScoreAccumulator:
         self.tokens = 0
         self.samples = 0
 
-    def add_layer(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor,
-                  valid: torch.Tensor) -> None:
+    def add_layer(
+        self, i: int, x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor
+    ) -> None:
         """One batch through layer i: input and output residual streams (B, T, d)."""
         x_in, x_out = x_in.float(), x_out.float()
         cos = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-12)
@@ -144,15 +146,30 @@ class ScoreAccumulator:
         L = self.L
         ang = self.ang_sum / self.samples
         angular = [[float(ang[l, l + n]) for l in range(L - n + 1)] for n in range(1, L + 1)]
-        return LayerScores(model=model_name, num_layers=L, bi=(self.bi_sum / self.tokens).tolist(),
-                           relmag=(self.rm_sum / self.tokens).tolist(), angular=angular,
-                           tokens=self.tokens, samples=self.samples, settings=settings)
+        return LayerScores(
+            model=model_name,
+            num_layers=L,
+            bi=(self.bi_sum / self.tokens).tolist(),
+            relmag=(self.rm_sum / self.tokens).tolist(),
+            angular=angular,
+            tokens=self.tokens,
+            samples=self.samples,
+            settings=settings,
+        )
 
 
 @torch.no_grad()
-def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 *, batch_size: int = 4, skip_first: int = 1, model_name: str = "",
-                 settings: dict | None = None, show_progress: bool = True) -> LayerScores:
+def score_layers(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    batch_size: int = 4,
+    skip_first: int = 1,
+    model_name: str = "",
+    settings: dict | None = None,
+    show_progress: bool = True,
+) -> LayerScores:
     """Block Influence, relative magnitude and angular distances of every layer in one pass.
 
     ``skip_first`` leaves the first K non-padding tokens of every sample out of BI and relmag
@@ -171,6 +188,7 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             state["in"] = x
             state["last"][:, idx] = x[state["rows"], state["last_idx"]].float()
+
         return hook
 
     def post_hook(idx):
@@ -179,6 +197,7 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             acc.add_layer(idx, state.pop("in"), x_out, state["valid"])
             if idx == L - 1:
                 state["last"][:, L] = x_out[state["rows"], state["last_idx"]].float()
+
         return hook
 
     handles = []
@@ -190,24 +209,30 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     try:
         batches = range(0, input_ids.shape[0], batch_size)
         for start in progress_bar(batches, "scoring layers", enabled=show_progress):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = attention_mask[start:start + batch_size].to(device)
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device)
             valid, last_idx = token_masks(mask, skip_first)
             B = ids.shape[0]
-            state.update(valid=valid, rows=torch.arange(B, device=device), last_idx=last_idx,
-                         last=torch.zeros(B, L + 1, hidden, device=device, dtype=torch.float32))
+            state.update(
+                valid=valid,
+                rows=torch.arange(B, device=device),
+                last_idx=last_idx,
+                last=torch.zeros(B, L + 1, hidden, device=device, dtype=torch.float32),
+            )
             runner(input_ids=ids, attention_mask=mask, use_cache=False)
             acc.add_samples(state["last"], valid)
     finally:
         for h in handles:
             h.remove()
-    return acc.result(model_name, {"skip_first": skip_first, "batch_size": batch_size,
-                                   **(settings or {})})
+    return acc.result(
+        model_name, {"skip_first": skip_first, "batch_size": batch_size, **(settings or {})}
+    )
 
 
 @torch.no_grad()
-def removal_perplexity(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 4,
-                       show_progress: bool = True) -> tuple[float, list[float]]:
+def removal_perplexity(
+    model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 4, show_progress: bool = True
+) -> tuple[float, list[float]]:
     """Perplexity increase when each single layer is removed (L+1 passes: slow)."""
     from shrink.core.layers import without_layers
     from shrink.core.perplexity import perplexity
@@ -215,11 +240,12 @@ def removal_perplexity(model: nn.Module, input_ids: torch.Tensor, *, batch_size:
     _, _, layers = find_layers(model)
     dense = perplexity(model, input_ids, batch_size=batch_size, show_progress=False).perplexity
     out = []
-    for i in progress_bar(range(len(layers)), "perplexity without each layer",
-                          enabled=show_progress):
+    for i in progress_bar(
+        range(len(layers)), "perplexity without each layer", enabled=show_progress
+    ):
         with without_layers(model, [i]):
-            out.append(perplexity(model, input_ids, batch_size=batch_size,
-                                  show_progress=False).perplexity - dense)
+            out.append(
+                perplexity(model, input_ids, batch_size=batch_size, show_progress=False).perplexity
+                - dense
+            )
     return dense, out
-
-

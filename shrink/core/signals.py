@@ -6,6 +6,7 @@ GPTQModel's offload folder would stay behind. Raising KeyboardInterrupt instead 
 cleanup as Ctrl-C (atomic outputs remove their temporary folder and release their lock; the
 previous output stays as it was) and the CLI exits with its "interrupted" line.
 """
+
 from __future__ import annotations
 
 import signal

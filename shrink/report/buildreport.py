@@ -1,6 +1,7 @@
 """What a finished build writes beside its artifacts: ``report.json`` assembled from the build's
 own facts and every stage's part, ``recipe.yaml``, ``scores.png``, the model card and one card
 per published folder."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,14 @@ def arithmetic(label: str, config: dict | None) -> dict:
         w = weight_memory(config, bits=16)
     except ShrinkError as e:
         return {"error": str(e)}
-    return {label: {"flops_per_token": f.total, "matmul_flops_per_token": f.matmul,
-                    "weight_bytes_fp16": w.total_bytes,
-                    "layers": config.get("num_hidden_layers")}}
+    return {
+        label: {
+            "flops_per_token": f.total,
+            "matmul_flops_per_token": f.matmul,
+            "weight_bytes_fp16": w.total_bytes,
+            "layers": config.get("num_hidden_layers"),
+        }
+    }
 
 
 def model_config(folder: str | Path | None) -> dict | None:
@@ -43,8 +49,9 @@ def _merge(report: dict, part: dict) -> None:
             report[key] = value
 
 
-def assemble(ctx, sections: list[dict], absent: list[dict], runs: list,
-             command: str | None) -> dict:
+def assemble(
+    ctx, sections: list[dict], absent: list[dict], runs: list, command: str | None
+) -> dict:
     """report.json: the build's facts, then each stage's part (``sections``, in order; ``absent``
     from the stages that did not run), then the stages' timings and the published folders."""
     from shrink import __version__
@@ -54,19 +61,24 @@ def assemble(ctx, sections: list[dict], absent: list[dict], runs: list,
     source = ctx.source
     record = read_shrink_json(out / "model") or {}
     report = {
-        "shrink_version": __version__, "source_model": ctx.config.model,
-        "base_model": record.get("base_model"), "settings": ctx.config.settings(),
+        "shrink_version": __version__,
+        "source_model": ctx.config.model,
+        "base_model": record.get("base_model"),
+        "settings": ctx.config.settings(),
         "output_id": output_id(out),
         "sizes_bytes": {"dense": safetensors_bytes(Path(source.path)) if source.path else None},
         "perplexity": {},
-        "arithmetic": {"context": ARITHMETIC_CONTEXT,
-                       **arithmetic("dense", model_config(source.path))},
+        "arithmetic": {
+            "context": ARITHMETIC_CONTEXT,
+            **arithmetic("dense", model_config(source.path)),
+        },
     }
     for part in absent + sections:
         _merge(report, part)
     report["sizes_bytes"]["final_model"] = safetensors_bytes(out / "model")
-    report["stages"] = [{"name": r.name, "seconds": r.seconds, "skipped": r.skipped,
-                         "key": r.key} for r in runs]
+    report["stages"] = [
+        {"name": r.name, "seconds": r.seconds, "skipped": r.skipped, "key": r.key} for r in runs
+    ]
     report["command"] = command
     report["artifacts"] = {name: name for name in ctx.published()}
     book = getattr(ctx, "book", None)  # every perplexity the build computed, each once
@@ -91,11 +103,15 @@ def write_cards(ctx, report: dict) -> None:
         from shrink.core.scores import LayerScores
         from shrink.report.plots import plot_scores
 
-        plot = plot_scores(LayerScores.from_dict(ctx.scores), out / "scores.png",
-                           chosen=report.get("removed_layers"))
+        plot = plot_scores(
+            LayerScores.from_dict(ctx.scores),
+            out / "scores.png",
+            chosen=report.get("removed_layers"),
+        )
     write_report(out, report)
-    recipe = ("# every setting of this build: shrink build --config recipe.yaml\n"
-              + yaml.safe_dump(ctx.config.settings(), sort_keys=False))
+    recipe = "# every setting of this build: shrink build --config recipe.yaml\n" + yaml.safe_dump(
+        ctx.config.settings(), sort_keys=False
+    )
     (out / "recipe.yaml").write_text(recipe)
     (out / "README.md").write_text(model_card(report, ctx.scores, plot is not None, recipe))
     for artifact in report["artifacts"]:  # each published folder stands on its own

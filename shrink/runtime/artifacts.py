@@ -1,5 +1,6 @@
 """Paths of artifacts: the embedded model's alias, an ONNX folder, the GGUF file of a folder, an
 ONNX export's record. Which kind an artifact is: :mod:`shrink.runtime.kinds`."""
+
 from __future__ import annotations
 
 import json

@@ -13,6 +13,7 @@ quantizer, and verify a written GGUF in a fresh process.
 llama.cpp writes its loading log to file descriptor 2; :class:`GgufRunner` sends it to a log
 file (``log_file``, default a temporary file) while the model loads, then restores fd 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,11 @@ from shrink.runtime.worker import run_worker
 
 GGUF_EXTRA = install_hint("gguf")
 # fixed prompts of the verification (greedy tokens compared with PyTorch's)
-PROMPTS = ("The capital of France is",
-           "It is a truth universally acknowledged, that a single man in possession",
-           "def fibonacci(n):")
+PROMPTS = (
+    "The capital of France is",
+    "It is a truth universally acknowledged, that a single man in possession",
+    "def fibonacci(n):",
+)
 
 
 def check_runtime() -> None:
@@ -80,11 +83,13 @@ def check_gguf_file(path: str | Path) -> None:
         reader = gguf.GGUFReader(str(p))
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError...: one line
-        raise ShrinkError(f"'{path}' is a damaged GGUF file ({first_line(e)}); it may be "
-                          "truncated") from None
+        raise ShrinkError(
+            f"'{path}' is a damaged GGUF file ({first_line(e)}); it may be truncated"
+        ) from None
     if end > size:
-        raise ShrinkError(f"'{path}' is truncated: its tensors end at byte {end}, the file has "
-                          f"{size}")
+        raise ShrinkError(
+            f"'{path}' is truncated: its tensors end at byte {end}, the file has {size}"
+        )
 
 
 @contextlib.contextmanager
@@ -120,8 +125,14 @@ class GgufRunner:
 
     kv_cache = True
 
-    def __init__(self, path: str | Path, n_ctx: int = 1024, n_threads: int | None = None,
-                 log_file: str | Path | None = None, logits_all: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 1024,
+        n_threads: int | None = None,
+        log_file: str | Path | None = None,
+        logits_all: bool = True,
+    ):
         check_runtime()
         self.path = Path(path)
         check_gguf_file(self.path)
@@ -131,9 +142,16 @@ class GgufRunner:
 
             try:
                 self.llm = llama_cpp.Llama(
-                    model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                    n_ubatch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
-                    logits_all=logits_all, verbose=False, seed=0)
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(n_ctx, 512),
+                    n_ubatch=min(n_ctx, 512),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    logits_all=logits_all,
+                    verbose=False,
+                    seed=0,
+                )
             except (ValueError, RuntimeError) as e:
                 raise ShrinkError(f"llama.cpp cannot load {path}: {first_line(e)}") from None
         # close before the interpreter tears modules down (llama-cpp-python's __del__ then fails)
@@ -151,7 +169,7 @@ class GgufRunner:
             self._finalizer()
             self.llm = None
 
-    def __enter__(self) -> "GgufRunner":
+    def __enter__(self) -> GgufRunner:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -176,23 +194,32 @@ class GgufRunner:
 
     def _check_len(self, n: int) -> None:
         if n > self.n_ctx:
-            raise ShrinkError(f"{n} tokens exceed this runner's context of {self.n_ctx} "
-                              "(pass a larger n_ctx)")
+            raise ShrinkError(
+                f"{n} tokens exceed this runner's context of {self.n_ctx} (pass a larger n_ctx)"
+            )
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits for every position of ``ids``: (len(ids), vocab), float32."""
         ids = [int(t) for t in ids]
         self._check_len(len(ids))
         if not self.logits_all:
-            raise ShrinkError("this runner was made with logits_all=False: it has no logits "
-                              "for every position")
+            raise ShrinkError(
+                "this runner was made with logits_all=False: it has no logits for every position"
+            )
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def generate_ids(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = 0, min_new_tokens: int = 0,
-                     on_token: Callable[[int], None] | None = None) -> list[int]:
+    def generate_ids(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        min_new_tokens: int = 0,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
         """Continue ``ids`` with the KV cache; greedy (argmax) when ``temperature`` is 0.
         Stops after an end-of-generation token (included in the result)."""
         ids = [int(t) for t in ids]
@@ -241,21 +268,32 @@ class GgufRunner:
             logits = self.logits(row.tolist()).astype(np.float64)[:-1]
             targets = row[1:]
             m = logits.max(axis=1, keepdims=True)
-            lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+            lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
             total_nll += float((lse - logits[np.arange(len(targets)), targets]).sum())
             total_tokens += len(targets)
         mean = total_nll / total_tokens
-        return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "perplexity": math.exp(mean),
+            "nll": mean,
+            "tokens": total_tokens,
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 # ------------------------------------------------------------------------------------------------
 # quantization (llama.cpp's own quantizer)
 # ------------------------------------------------------------------------------------------------
 
-def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | None = None,
-             imatrix: dict | None = None, imatrix_dataset: str = "", imatrix_chunks: int = 0
-             ) -> None:
+
+def quantize(
+    src: str | Path,
+    dst: str | Path,
+    gguf_type: str,
+    threads: int | None = None,
+    imatrix: dict | None = None,
+    imatrix_dataset: str = "",
+    imatrix_chunks: int = 0,
+) -> None:
     """llama.cpp's ``llama_model_quantize`` (what ``llama-quantize`` runs), in this process.
     ``imatrix``: {GGUF tensor name: mean squared input per column} (see
     :mod:`shrink.stages.export.imatrix`). Prefer :func:`quantize_in_subprocess`: llama.cpp
@@ -276,8 +314,9 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | No
         from shrink.runtime.gguf_quant import imatrix_entries, imatrix_overrides
 
         params.imatrix, keep = imatrix_entries(llama_cpp, imatrix)
-        params.kv_overrides, kv = imatrix_overrides(llama_cpp, imatrix_dataset, len(imatrix),
-                                                    imatrix_chunks)
+        params.kv_overrides, kv = imatrix_overrides(
+            llama_cpp, imatrix_dataset, len(imatrix), imatrix_chunks
+        )
         keep = (keep, kv)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     del keep
@@ -285,22 +324,41 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | No
         raise ShrinkError(f"llama.cpp could not quantize {src} to {gguf_type} (code {rc})")
 
 
-def quantize_in_subprocess(src: str | Path, dst: str | Path, gguf_type: str,
-                           threads: int | None = None, timeout: float = 3600,
-                           imatrix: str | Path | None = None, imatrix_dataset: str = "",
-                           imatrix_chunks: int = 0) -> dict:
+def quantize_in_subprocess(
+    src: str | Path,
+    dst: str | Path,
+    gguf_type: str,
+    threads: int | None = None,
+    timeout: float = 3600,
+    imatrix: str | Path | None = None,
+    imatrix_dataset: str = "",
+    imatrix_chunks: int = 0,
+) -> dict:
     """Quantize ``src`` (an f32/f16/bf16 GGUF) to ``dst`` with llama.cpp in a child process
     (llama.cpp aborts the whole process on some errors), through shrink's one worker protocol.
     ``imatrix``: an ``.npz`` importance matrix (:func:`shrink.stages.export.imatrix.imatrix_file`)."""
-    return run_worker("shrink.runtime.gguf:quantize_file", timeout=timeout, src=str(src),
-                      dst=str(dst), gguf_type=gguf_type, threads=threads,
-                      imatrix=str(imatrix) if imatrix else None,
-                      imatrix_dataset=imatrix_dataset, imatrix_chunks=imatrix_chunks)
+    return run_worker(
+        "shrink.runtime.gguf:quantize_file",
+        timeout=timeout,
+        src=str(src),
+        dst=str(dst),
+        gguf_type=gguf_type,
+        threads=threads,
+        imatrix=str(imatrix) if imatrix else None,
+        imatrix_dataset=imatrix_dataset,
+        imatrix_chunks=imatrix_chunks,
+    )
 
 
-def quantize_file(src: str, dst: str, gguf_type: str, threads: int | None = None,
-                  imatrix: str | None = None, imatrix_dataset: str = "",
-                  imatrix_chunks: int = 0) -> dict:
+def quantize_file(
+    src: str,
+    dst: str,
+    gguf_type: str,
+    threads: int | None = None,
+    imatrix: str | None = None,
+    imatrix_dataset: str = "",
+    imatrix_chunks: int = 0,
+) -> dict:
     t0 = time.perf_counter()
     data = None
     if imatrix:
@@ -308,13 +366,17 @@ def quantize_file(src: str, dst: str, gguf_type: str, threads: int | None = None
 
         data = load_imatrix(imatrix)
     quantize(src, dst, gguf_type, threads, data, imatrix_dataset, imatrix_chunks)
-    return {"ok": True, "seconds": round(time.perf_counter() - t0, 2),
-            "bytes": Path(dst).stat().st_size}
+    return {
+        "ok": True,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "bytes": Path(dst).stat().st_size,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # verification
 # ------------------------------------------------------------------------------------------------
+
 
 def _gguf_fields(path: Path) -> dict:
     """Key/values of a GGUF file read with the gguf package (arrays included)."""
@@ -323,8 +385,10 @@ def _gguf_fields(path: Path) -> dict:
     reader = gguf.GGUFReader(str(path))
     out = {}
     for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model",
-                                                             "tokenizer.ggml.pre"):
+        if key.startswith("tokenizer.ggml.") and key not in (
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.pre",
+        ):
             continue
         try:
             out[key] = f.contents()
@@ -363,16 +427,26 @@ def _check_metadata(fields: dict, config: dict, runner: GgufRunner) -> list[str]
         pattern = [bool(x) for x in fields.get(f"{arch}.attention.sliding_window_pattern") or []]
         expect = [t == "sliding_attention" for t in config["layer_types"]]
         if pattern != expect:
-            problems.append(f"sliding_window_pattern {pattern} does not follow layer_types "
-                            f"{config['layer_types']}")
+            problems.append(
+                f"sliding_window_pattern {pattern} does not follow layer_types "
+                f"{config['layer_types']}"
+            )
         want("attention.sliding_window", config["sliding_window"])
     return problems
 
 
-def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
-                threads: int | None = None, samples: int = 4, seq_len: int = 256,
-                data: str | None = None, max_new_tokens: int = 16,
-                prompts: Sequence[str] = PROMPTS, seed: int = 0) -> dict:
+def verify_gguf(
+    gguf_path: str | Path,
+    model_dir: str | Path,
+    gguf_type: str,
+    threads: int | None = None,
+    samples: int = 4,
+    seq_len: int = 256,
+    data: str | None = None,
+    max_new_tokens: int = 16,
+    prompts: Sequence[str] = PROMPTS,
+    seed: int = 0,
+) -> dict:
     """Load the GGUF in llama.cpp and check it against the HF folder it came from (run this in a
     fresh process: :func:`verify_in_subprocess`)."""
     import torch
@@ -388,10 +462,13 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
     prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
     n_ctx = max(seq_len, max(len(p) for p in prompt_ids) + max_new_tokens)
 
-    result: dict = {"type": gguf_type, "bytes": gguf_path.stat().st_size,
-                    "architecture": fields.get("general.architecture"),
-                    "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
-                    "tensor_types": fields["_tensor_types"]}
+    result: dict = {
+        "type": gguf_type,
+        "bytes": gguf_path.stat().st_size,
+        "architecture": fields.get("general.architecture"),
+        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
+        "tensor_types": fields["_tensor_types"],
+    }
     t0 = time.perf_counter()
     runner = GgufRunner(gguf_path, n_ctx=n_ctx, n_threads=threads)
     result["seconds_load"] = round(time.perf_counter() - t0, 3)
@@ -401,15 +478,20 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
         # the tokenizer embedded in the GGUF against the HF tokenizer
         tok_texts = list(prompts)
         if len(blocks.input_ids):  # and a piece of the held-out text
-            tok_texts.append(tok.decode(blocks.input_ids[0][:64].tolist(), skip_special_tokens=True))
+            tok_texts.append(
+                tok.decode(blocks.input_ids[0][:64].tolist(), skip_special_tokens=True)
+            )
         tok_mismatch = [t for t in tok_texts if runner.encode(t) != list(tok(t)["input_ids"])]
         result["tokenizer_matches"] = not tok_mismatch
         if tok_mismatch:
-            problems.append(f"llama.cpp tokenizes {tok_mismatch[0]!r} differently from the HF "
-                            "tokenizer")
+            problems.append(
+                f"llama.cpp tokenizes {tok_mismatch[0]!r} differently from the HF tokenizer"
+            )
         gguf_greedy = [runner.generate_ids(ids, max_new_tokens) for ids in prompt_ids]
         first_logits = runner.logits(prompt_ids[0])
-        block_logits = runner.logits(blocks.input_ids[0].tolist()) if len(blocks.input_ids) else None
+        block_logits = (
+            runner.logits(blocks.input_ids[0].tolist()) if len(blocks.input_ids) else None
+        )
         ppl = runner.perplexity(blocks.input_ids) if len(blocks.input_ids) else None
     finally:
         runner.close()
@@ -418,34 +500,50 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     eos = model.generation_config.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (
-        eos[0] if isinstance(eos, list) else eos)
+    pad = (
+        tok.pad_token_id
+        if tok.pad_token_id is not None
+        else (eos[0] if isinstance(eos, list) else eos)
+    )
     torch_greedy = []
     with torch.no_grad():
         for ids in prompt_ids:
             x = torch.tensor([ids])
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 pad_token_id=pad)
-            torch_greedy.append(out[0, len(ids):].tolist())
+            out = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+            )
+            torch_greedy.append(out[0, len(ids) :].tolist())
         ref_first = model(torch.tensor([prompt_ids[0]])).logits[0].float().numpy()
-        ref_block = (model(blocks.input_ids[:1]).logits[0].float().numpy()
-                     if block_logits is not None else None)
+        ref_block = (
+            model(blocks.input_ids[:1]).logits[0].float().numpy()
+            if block_logits is not None
+            else None
+        )
     same = [g == t for g, t in zip(gguf_greedy, torch_greedy)]
     agree_tokens = sum(sum(a == b for a, b in zip(g, t)) for g, t in zip(gguf_greedy, torch_greedy))
     n_tokens = sum(max(len(g), len(t)) for g, t in zip(gguf_greedy, torch_greedy))
-    result.update({
-        "prompts": list(prompts),
-        "greedy_gguf": gguf_greedy,
-        "greedy_torch": torch_greedy,
-        "greedy_equal": all(same),
-        "greedy_token_agreement": round(agree_tokens / max(n_tokens, 1), 4),
-        "completion": tok.decode(gguf_greedy[0], skip_special_tokens=True),
-        "max_abs_logit_diff": float(np.abs(first_logits - ref_first).max()),
-    })
+    result.update(
+        {
+            "prompts": list(prompts),
+            "greedy_gguf": gguf_greedy,
+            "greedy_torch": torch_greedy,
+            "greedy_equal": all(same),
+            "greedy_token_agreement": round(agree_tokens / max(n_tokens, 1), 4),
+            "completion": tok.decode(gguf_greedy[0], skip_special_tokens=True),
+            "max_abs_logit_diff": float(np.abs(first_logits - ref_first).max()),
+        }
+    )
     if block_logits is not None:
-        result["top1_agreement"] = round(float(
-            (block_logits.argmax(-1) == ref_block.argmax(-1)).mean()), 4)
+        result["top1_agreement"] = round(
+            float((block_logits.argmax(-1) == ref_block.argmax(-1)).mean()), 4
+        )
     if ppl is not None:
         result["perplexity"] = ppl["perplexity"]
         result["nll"] = ppl["nll"]
@@ -456,8 +554,10 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
             problems.append("perplexity is not finite")
     if gguf_type in ("f32", "f16") and not all(same):
         i = same.index(False)
-        problems.append(f"{gguf_type} greedy tokens differ from PyTorch's on {prompts[i]!r}: "
-                        f"{gguf_greedy[i]} vs {torch_greedy[i]}")
+        problems.append(
+            f"{gguf_type} greedy tokens differ from PyTorch's on {prompts[i]!r}: "
+            f"{gguf_greedy[i]} vs {torch_greedy[i]}"
+        )
     if not all(len(g) > 0 for g in gguf_greedy):
         problems.append("llama.cpp generated no tokens")
     result["problems"] = problems
@@ -465,15 +565,30 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
     return result
 
 
-def verify_in_subprocess(gguf_path: str | Path, model_dir: str | Path, gguf_type: str,
-                         threads: int | None = None, samples: int = 4, seq_len: int = 256,
-                         data: str | None = None, max_new_tokens: int = 16,
-                         timeout: float = 3600) -> dict:
+def verify_in_subprocess(
+    gguf_path: str | Path,
+    model_dir: str | Path,
+    gguf_type: str,
+    threads: int | None = None,
+    samples: int = 4,
+    seq_len: int = 256,
+    data: str | None = None,
+    max_new_tokens: int = 16,
+    timeout: float = 3600,
+) -> dict:
     """:func:`verify_gguf` in a fresh process; raise ShrinkError naming the first problem."""
-    result = run_worker("shrink.runtime.gguf:verify_gguf", timeout=timeout,
-                        gguf_path=str(gguf_path), model_dir=str(model_dir), gguf_type=gguf_type,
-                        threads=threads, samples=samples, seq_len=seq_len, data=data,
-                        max_new_tokens=max_new_tokens)
+    result = run_worker(
+        "shrink.runtime.gguf:verify_gguf",
+        timeout=timeout,
+        gguf_path=str(gguf_path),
+        model_dir=str(model_dir),
+        gguf_type=gguf_type,
+        threads=threads,
+        samples=samples,
+        seq_len=seq_len,
+        data=data,
+        max_new_tokens=max_new_tokens,
+    )
     if not result.get("ok"):
         raise ShrinkError(f"verification of {gguf_path} failed: {result['problems'][0]}")
     return result

@@ -8,6 +8,7 @@ that structure in ctypes, so the arrays are passed directly, with no imatrix fil
 own format and no ``llama-quantize`` binary (llama-cpp-python ships none). What the arrays hold
 (the mean squared input per column) is computed by :mod:`shrink.stages.export.imatrix`.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def imatrix_entries(llama_cpp, imatrix: dict):
     import ctypes
 
     if not hasattr(llama_cpp, "llama_model_imatrix_data"):
-        raise ShrinkError("this llama-cpp-python takes no importance matrix through its C API; "
-                          f"upgrade it: {install_hint('gguf')}")
+        raise ShrinkError(
+            "this llama-cpp-python takes no importance matrix through its C API; "
+            f"upgrade it: {install_hint('gguf')}"
+        )
     arrays = {str(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}
     names = [name.encode() for name in arrays]
     entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
@@ -64,10 +67,12 @@ def imatrix_overrides(llama_cpp, dataset: str, entries: int, chunks: int):
     overrides that llama.cpp writes into the quantized file."""
     import ctypes
 
-    keys = [("quantize.imatrix.file", "shrink (computed in PyTorch)"),
-            ("quantize.imatrix.dataset", dataset[:127]),
-            ("quantize.imatrix.entries_count", int(entries)),
-            ("quantize.imatrix.chunks_count", int(chunks))]
+    keys = [
+        ("quantize.imatrix.file", "shrink (computed in PyTorch)"),
+        ("quantize.imatrix.dataset", dataset[:127]),
+        ("quantize.imatrix.entries_count", int(entries)),
+        ("quantize.imatrix.chunks_count", int(chunks)),
+    ]
     arr = (llama_cpp.llama_model_kv_override * (len(keys) + 1))()
     for o, (key, value) in zip(arr, keys):
         o.key = key.encode()

@@ -1,4 +1,5 @@
 """GPTQModel as a runtime: the install check, its CPU worker pool, and keeping its logs in place."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,16 @@ from pathlib import Path
 from shrink.core.errors import ShrinkError, install_hint
 from shrink.core.quiet import env
 
-
 INSTALL = install_hint("gptq")
+
+
 def require_gptq(what: str = "GPTQ quantization") -> None:
     """Fail with the install line when the ``gptq`` extra (GPTQModel + optimum) is missing."""
-    missing = [name for name, mod in (("gptqmodel", "gptqmodel"), ("optimum", "optimum"))
-               if find_spec(mod) is None]
+    missing = [
+        name
+        for name, mod in (("gptqmodel", "gptqmodel"), ("optimum", "optimum"))
+        if find_spec(mod) is None
+    ]
     if missing:
         raise ShrinkError(f"{what} needs {' and '.join(missing)}: run {INSTALL}")
 
@@ -82,8 +87,8 @@ def gptq_interrupts(output: str | Path):
     Yields the work folder; it is removed when the block ends, however it ends.
     """
     global INTERRUPTED
-    import signal
     import shutil
+    import signal
     import sys
     import tempfile
     import threading

@@ -1,6 +1,7 @@
 """Worker-side timing helpers shared by every artifact kind's ``measure`` (see
 :mod:`shrink.stages.bench`): the process's memory and CPU time, the benchmark's prompt, and the
 greedy decode loop timed for PyTorch models."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ onnxruntime for a forward-pass-only export (every new token re-runs the whole se
 ``shrink.stages.export.onnx`` verifies an export with these runners; ``shrink generate``,
 ``shrink eval`` and ``shrink bench`` run ONNX folders with them.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def import_onnx_runtime(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ShrinkError(f"running an ONNX model needs {module.replace('_', '-')} ({e}): run "
-                          f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)") from None
+        raise ShrinkError(
+            f"running an ONNX model needs {module.replace('_', '-')} ({e}): run "
+            f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} on an NVIDIA GPU)"
+        ) from None
 
 
 def genai_min_length(path: str | Path) -> int:
@@ -77,15 +80,24 @@ class GenaiRunner:
         gen = self._generator(len(ids) + 1)
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         out = np.asarray(gen.get_output("logits"))
-        return out.reshape(-1, out.shape[-1])[-len(ids):].astype(np.float32)
+        return out.reshape(-1, out.shape[-1])[-len(ids) :].astype(np.float32)
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None, min_new_tokens: int = 0,
-                     on_token: Callable[[int], None] | None = None) -> list[int]:
+    def generate_ids(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
         max_length = len(ids) + max_new_tokens
         if max_length > self.context_length:
-            raise ShrinkError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} "
-                              f"exceed the model's context length {self.context_length}")
+            raise ShrinkError(
+                f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} "
+                f"exceed the model's context length {self.context_length}"
+            )
         search = dict(do_sample=temperature > 0, min_length=len(ids) + min_new_tokens)
         if temperature > 0:
             search.update(temperature=float(temperature), top_p=float(top_p))
@@ -102,8 +114,15 @@ class GenaiRunner:
                 on_token(tok)
         return new
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int | None, stream: Stream | None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stream: Stream | None,
+    ) -> str:
         ids = self.encode(prompt)
         tstream = self.tokenizer.create_stream()
         pieces: list[str] = []
@@ -136,8 +155,10 @@ class PlainOnnxRunner:
         providers = ["CPUExecutionProvider"]
         if target == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ShrinkError(f"{path} was exported for CUDA but this onnxruntime has no "
-                                  f"CUDAExecutionProvider: run {ONNX_GPU_EXTRA}")
+                raise ShrinkError(
+                    f"{path} was exported for CUDA but this onnxruntime has no "
+                    f"CUDAExecutionProvider: run {ONNX_GPU_EXTRA}"
+                )
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -165,9 +186,16 @@ class PlainOnnxRunner:
         out = self.session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0]
         return out[0].astype(np.float32)
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None, min_new_tokens: int = 0,
-                     on_token: Callable[[int], None] | None = None) -> list[int]:
+    def generate_ids(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
         rng = np.random.default_rng(seed)
         seq = list(ids)
         new: list[int] = []
@@ -184,8 +212,15 @@ class PlainOnnxRunner:
                 break
         return new
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int | None, stream: Stream | None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stream: Stream | None,
+    ) -> str:
         ids = self.encode(prompt)
         new: list[int] = []
         shown = ""
@@ -200,13 +235,13 @@ class PlainOnnxRunner:
             if text.endswith("\ufffd"):
                 return
             if stream is not None and len(text) > len(shown):
-                stream(text[len(shown):])
+                stream(text[len(shown) :])
             shown = text
 
         self.generate_ids(ids, max_new_tokens, temperature, top_p, seed, on_token=on_token)
         final = self.hf_tokenizer.decode(new, skip_special_tokens=True)
         if stream is not None and len(final) > len(shown):
-            stream(final[len(shown):])
+            stream(final[len(shown) :])
         return final
 
 
@@ -219,15 +254,20 @@ def _check_external_data(model, f: Path) -> None:
         info = ExternalDataInfo(tensor)
         data = (f.parent / info.location).resolve()
         if f.parent.resolve() not in data.parents:
-            raise ShrinkError(f"{f}: tensor {tensor.name} keeps its data outside the folder "
-                              f"({info.location}); refusing to read it")
+            raise ShrinkError(
+                f"{f}: tensor {tensor.name} keeps its data outside the folder "
+                f"({info.location}); refusing to read it"
+            )
         if not data.is_file():
-            raise ShrinkError(f"{f}: the data file {info.location} of tensor {tensor.name} is "
-                              "missing")
+            raise ShrinkError(
+                f"{f}: the data file {info.location} of tensor {tensor.name} is missing"
+            )
         end = (info.offset or 0) + (info.length or 0)
         if data.stat().st_size < end:
-            raise ShrinkError(f"{data} is truncated: tensor {tensor.name} ends at byte {end}, "
-                              f"the file has {data.stat().st_size}")
+            raise ShrinkError(
+                f"{data} is truncated: tensor {tensor.name} ends at byte {end}, "
+                f"the file has {data.stat().st_size}"
+            )
 
 
 def check_onnx_folder(path: str | Path) -> None:
@@ -246,8 +286,9 @@ def check_onnx_folder(path: str | Path) -> None:
         try:
             model = onnx.load(str(f), load_external_data=False)
         except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others: one line
-            raise ShrinkError(f"{f} is not a valid ONNX model ({first_line(e)}); it may be "
-                              "truncated or damaged") from None
+            raise ShrinkError(
+                f"{f} is not a valid ONNX model ({first_line(e)}); it may be truncated or damaged"
+            ) from None
         _check_external_data(model, f)
     genai = p / "genai_config.json"
     if genai.is_file():

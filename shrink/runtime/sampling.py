@@ -1,5 +1,6 @@
 """Choosing the next token from logits: greedy, or temperature + nucleus (top-p) sampling. One
 sampler for every runtime shrink runs itself (ONNX, llama.cpp)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 ``verify_in_subprocess`` runs the check in a fresh Python process (:mod:`shrink.runtime.worker`),
 so nothing from the process that wrote the folder can hide a broken checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,11 +33,14 @@ def verify_model_dir(path: str | Path, prompt: str = PROMPT, max_new_tokens: int
     with torch.no_grad():
         logits = model(**enc).logits
         finite = bool(torch.isfinite(logits).all())
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=False,
-                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        kw = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
         cached = model.generate(**enc, use_cache=True, **kw)
         uncached = model.generate(**enc, use_cache=False, **kw)
-    new = cached[0, enc["input_ids"].shape[1]:]
+    new = cached[0, enc["input_ids"].shape[1] :]
     return {
         "num_layers": model.config.get_text_config().num_hidden_layers,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -12,6 +12,7 @@ function and prints one line ``SHRINK_RESULT <json>`` on stdout. A ShrinkError i
 comes back as a ShrinkError with the same message; any other failure as a ShrinkError naming the
 task and the child's last line of stderr.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,27 +28,29 @@ RESULT = "SHRINK_RESULT "
 ERROR = "SHRINK_ERROR "
 
 
-def run_worker(task: str, *, timeout: float = 3600, env: dict | None = None,
-               log: Path | None = None, **kwargs) -> dict:
+def run_worker(
+    task: str, *, timeout: float = 3600, env: dict | None = None, log: Path | None = None, **kwargs
+) -> dict:
     """Run ``task`` ("module:function") with JSON-serialisable ``kwargs`` in a fresh process."""
     cmd = [sys.executable, "-m", "shrink.runtime.worker", task, json.dumps(kwargs, default=str)]
     child_env = {**os.environ, **(env or {})}
-    child_env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(12, ((os.cpu_count() or 1) + 1)
-                                                               // 2))))
+    child_env.setdefault(
+        "GPTQMODEL_CPU_WORKERS", str(max(2, min(12, ((os.cpu_count() or 1) + 1) // 2)))
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=child_env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env)
     except subprocess.TimeoutExpired:
-        raise ShrinkError(f"{task} did not finish within {timeout:.0f} s in a fresh process"
-                          ) from None
+        raise ShrinkError(
+            f"{task} did not finish within {timeout:.0f} s in a fresh process"
+        ) from None
     if log is not None:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"--- worker {task}\n{proc.stderr}")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
+            return json.loads(line[len(RESULT) :])
         if line.startswith(ERROR):
-            raise ShrinkError(line[len(ERROR):])
+            raise ShrinkError(line[len(ERROR) :])
     tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
     raise ShrinkError(f"{task.split(':')[-1]} failed in a fresh process: {tail}")
 

@@ -12,6 +12,7 @@ below each candidate's first changed layer), so each candidate computes only fro
 changed layer on. The replayed states are the ones a full pass computes, so the perplexities
 and the chosen layers are bit for bit those of measuring every candidate from scratch.
 """
+
 from __future__ import annotations
 
 import random
@@ -23,11 +24,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from shrink.core.bridge import (DEFAULT_RIDGE, bridge_dense_layers, bridged_without,
-                                first_changed_layer)
+from shrink.core.bridge import (
+    DEFAULT_RIDGE,
+    bridge_dense_layers,
+    bridged_without,
+    first_changed_layer,
+)
 from shrink.core.data import CALIBRATION, TokenBlocks, bos_prefix, token_stream
-from shrink.core.errors import ShrinkError
 from shrink.core.dense import DenseStates
+from shrink.core.errors import ShrinkError
 from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
 from shrink.core.progress import progress_named
@@ -62,9 +67,17 @@ class AutoResult:
         return asdict(self)
 
 
-def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
-                   source: str = CALIBRATION, calib_samples: int = 32, calib_seq_len: int = 256,
-                   calib_seed: int = 0, seed: int = 1) -> TokenBlocks:
+def heldout_blocks(
+    tokenizer,
+    samples: int = 8,
+    seq_len: int = 256,
+    *,
+    source: str = CALIBRATION,
+    calib_samples: int = 32,
+    calib_seq_len: int = 256,
+    calib_seed: int = 0,
+    seed: int = 1,
+) -> TokenBlocks:
     """``samples`` blocks of ``source`` that share no token with the ``calib_samples`` blocks of
     ``calib_seq_len`` that :func:`shrink.data.token_blocks` picks with ``calib_seed`` (the blocks
     scoring and the bridge read). Chosen with ``seed``, kept in text order."""
@@ -74,11 +87,27 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
         def share(n: int) -> list[int]:
             return [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
 
-        got = [heldout_blocks(tokenizer, n, seq_len, source=s, calib_samples=c,
-                              calib_seq_len=calib_seq_len, calib_seed=calib_seed, seed=seed)
-               for s, n, c in zip(parts, share(samples), share(calib_samples)) if n]
-        return TokenBlocks(torch.cat([g.input_ids for g in got]), f"{source} (held out)",
-                           seq_len, seed, sum(g.available for g in got))
+        got = [
+            heldout_blocks(
+                tokenizer,
+                n,
+                seq_len,
+                source=s,
+                calib_samples=c,
+                calib_seq_len=calib_seq_len,
+                calib_seed=calib_seed,
+                seed=seed,
+            )
+            for s, n, c in zip(parts, share(samples), share(calib_samples))
+            if n
+        ]
+        return TokenBlocks(
+            torch.cat([g.input_ids for g in got]),
+            f"{source} (held out)",
+            seq_len,
+            seed,
+            sum(g.available for g in got),
+        )
     prefix = bos_prefix(tokenizer)
     stream = token_stream(tokenizer, source)
     cbody = calib_seq_len - len(prefix)
@@ -89,43 +118,71 @@ def heldout_blocks(tokenizer, samples: int = 8, seq_len: int = 256, *,
         for t in range(i * cbody, (i + 1) * cbody):
             taken[t] = True
     body = seq_len - len(prefix)
-    free = [j for j in range(len(stream) // body)
-            if not any(taken[j * body:(j + 1) * body])]
+    free = [j for j in range(len(stream) // body) if not any(taken[j * body : (j + 1) * body])]
     if len(free) < samples:
-        raise ShrinkError(f"'{source}' has only {len(free)} blocks of {seq_len} tokens that "
-                          f"calibration did not read; {samples} asked for")
+        raise ShrinkError(
+            f"'{source}' has only {len(free)} blocks of {seq_len} tokens that "
+            f"calibration did not read; {samples} asked for"
+        )
     picks = sorted(random.Random(seed).sample(free, samples))
-    rows = [prefix + stream[j * body:(j + 1) * body] for j in picks]
-    return TokenBlocks(torch.tensor(rows, dtype=torch.long), f"{source} (held out)", seq_len,
-                       seed, len(free))
+    rows = [prefix + stream[j * body : (j + 1) * body] for j in picks]
+    return TokenBlocks(
+        torch.tensor(rows, dtype=torch.long), f"{source} (held out)", seq_len, seed, len(free)
+    )
 
 
-def shared_dense_states(model: nn.Module, candidates: list[list[int]],
-                        heldout_input_ids: torch.Tensor, calib_input_ids: torch.Tensor | None, *,
-                        bridge: bool, batch_size: int, show_progress: bool
-                        ) -> tuple[DenseStates | None, DenseStates]:
+def shared_dense_states(
+    model: nn.Module,
+    candidates: list[list[int]],
+    heldout_input_ids: torch.Tensor,
+    calib_input_ids: torch.Tensor | None,
+    *,
+    bridge: bool,
+    batch_size: int,
+    show_progress: bool,
+) -> tuple[DenseStates | None, DenseStates]:
     """One dense pass over the calibration blocks (when bridging) and one over the held-out
     blocks, keeping every layer output that some candidate's bridge fit or perplexity reads (the
     targets and the unchanged layers below its first change): no candidate recomputes them."""
     calib = None
     if calib_input_ids is not None:
         wanted = set().union(*(bridge_dense_layers(c) for c in candidates))
-        calib = DenseStates().record(model, calib_input_ids, None, wanted, batch_size=batch_size,
-                                     description="auto: dense pass (calibration)",
-                                     show_progress=show_progress)
+        calib = DenseStates().record(
+            model,
+            calib_input_ids,
+            None,
+            wanted,
+            batch_size=batch_size,
+            description="auto: dense pass (calibration)",
+            show_progress=show_progress,
+        )
     starts = {first_changed_layer(c, bridge) for c in candidates}
-    held = DenseStates().record(model, heldout_input_ids, None, {s - 1 for s in starts if s > 0},
-                                batch_size=batch_size, description="auto: dense pass (held out)",
-                                show_progress=show_progress)
+    held = DenseStates().record(
+        model,
+        heldout_input_ids,
+        None,
+        {s - 1 for s in starts if s > 0},
+        batch_size=batch_size,
+        description="auto: dense pass (held out)",
+        show_progress=show_progress,
+    )
     return calib, held
 
 
-def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
-                propose: Callable[[str], tuple[list[int], str]],
-                candidates: tuple[str, ...] = DEFAULT_CANDIDATES, bridge: bool = False,
-                calib_input_ids: torch.Tensor | None = None, *, skip_first: int = 1,
-                ridge: float = DEFAULT_RIDGE, batch_size: int = 4,
-                show_progress: bool = False) -> AutoResult:
+def choose_auto(
+    model: nn.Module,
+    n: int,
+    heldout_input_ids: torch.Tensor,
+    propose: Callable[[str], tuple[list[int], str]],
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
+    bridge: bool = False,
+    calib_input_ids: torch.Tensor | None = None,
+    *,
+    skip_first: int = 1,
+    ridge: float = DEFAULT_RIDGE,
+    batch_size: int = 4,
+    show_progress: bool = False,
+) -> AutoResult:
     """Measure each candidate's held-out perplexity (bridged when ``bridge``) and keep the best.
 
     ``propose(name)`` gives a candidate strategy's layers and reason (the registry's
@@ -141,32 +198,69 @@ def choose_auto(model: nn.Module, n: int, heldout_input_ids: torch.Tensor,
     skipped: list[Candidate] = []
     for name in candidates:
         if name == "iterative" and calib_input_ids is None:
-            skipped.append(Candidate(name, [], None, "", 0.0,
-                                     note="skipped: no calibration blocks given to re-score"))
+            skipped.append(
+                Candidate(
+                    name, [], None, "", 0.0, note="skipped: no calibration blocks given to re-score"
+                )
+            )
             continue
         layers, reason = propose(name)
         proposals.append((name, layers, reason))
-    calib, held = shared_dense_states(model, [p[1] for p in proposals], heldout_input_ids,
-                                      calib_input_ids if bridge else None, bridge=bridge,
-                                      batch_size=batch_size, show_progress=show_progress)
+    calib, held = shared_dense_states(
+        model,
+        [p[1] for p in proposals],
+        heldout_input_ids,
+        calib_input_ids if bridge else None,
+        bridge=bridge,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
     measured: list[Candidate] = []
-    for name, layers, reason in progress_named(proposals, "auto: candidate",
-                                               lambda p: f"{p[0]} {p[1]}", show_progress):
+    for name, layers, reason in progress_named(
+        proposals, "auto: candidate", lambda p: f"{p[0]} {p[1]}", show_progress
+    ):
         same = next((c for c in measured if c.layers == layers), None)
         if same is not None:
             same.strategy += f"={name}"
             continue
         t0 = time.perf_counter()
-        ctx = (bridged_without(model, layers, calib_input_ids, skip_first=skip_first,
-                               ridge=ridge, batch_size=batch_size, dense=calib)
-               if bridge else nullcontext())
-        with ctx as runs, nullcontext() if bridge else without_layers(model, layers), \
-                held.start_at(model, first_changed_layer(layers, bridge)):
-            ppl = perplexity(model, heldout_input_ids, batch_size=batch_size,
-                             show_progress=False).perplexity
-        measured.append(Candidate(name, layers, ppl, reason, time.perf_counter() - t0,
-                                  [r.to_dict() for r in runs] if bridge else None))
+        ctx = (
+            bridged_without(
+                model,
+                layers,
+                calib_input_ids,
+                skip_first=skip_first,
+                ridge=ridge,
+                batch_size=batch_size,
+                dense=calib,
+            )
+            if bridge
+            else nullcontext()
+        )
+        with (
+            ctx as runs,
+            nullcontext() if bridge else without_layers(model, layers),
+            held.start_at(model, first_changed_layer(layers, bridge)),
+        ):
+            ppl = perplexity(
+                model, heldout_input_ids, batch_size=batch_size, show_progress=False
+            ).perplexity
+        measured.append(
+            Candidate(
+                name,
+                layers,
+                ppl,
+                reason,
+                time.perf_counter() - t0,
+                [r.to_dict() for r in runs] if bridge else None,
+            )
+        )
     best = min(measured, key=lambda c: (c.perplexity, c.strategy))
-    return AutoResult(best.strategy, best.layers, best.perplexity, bridge, measured + skipped,
-                      {"samples": int(heldout_input_ids.shape[0]),
-                       "seq_len": int(heldout_input_ids.shape[1])})
+    return AutoResult(
+        best.strategy,
+        best.layers,
+        best.perplexity,
+        bridge,
+        measured + skipped,
+        {"samples": int(heldout_input_ids.shape[0]), "seq_len": int(heldout_input_ids.shape[1])},
+    )

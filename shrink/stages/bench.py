@@ -24,6 +24,7 @@ per thread count in a fresh process (:func:`memory_bandwidth`: the best of sever
 that ceiling, with the artifact's weight files (safetensors / ONNX / GGUF bytes) as the bytes
 per token.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shrink.core.data import EVALUATION
+from shrink.core.errors import ShrinkError
+from shrink.core.outputs import folder_bytes
 from shrink.runtime import kinds
 from shrink.runtime.measure import prompt_ids, time_hf, vm_bytes
 from shrink.runtime.worker import run_worker
-from shrink.core.errors import ShrinkError
-from shrink.core.outputs import folder_bytes
 
 
 def _resolve_artifact(name: str) -> tuple[Path, str]:
@@ -81,22 +82,45 @@ def memory_bandwidth(threads: int | None = None, mib: int = 1024, repeats: int =
         t0 = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t0)
-    return {"read_bytes_per_s": x.numel() * 4 / best, "threads": torch.get_num_threads(),
-            "bytes": x.numel() * 4, "repeats": repeats,
-            "method": f"best of {repeats} torch.sum over a {mib} MiB float32 tensor"}
+    return {
+        "read_bytes_per_s": x.numel() * 4 / best,
+        "threads": torch.get_num_threads(),
+        "bytes": x.numel() * 4,
+        "repeats": repeats,
+        "method": f"best of {repeats} torch.sum over a {mib} MiB float32 tensor",
+    }
 
 
-def measure(path: str, kind: str, device: str = "cpu", prompt_len: int = 128, gen_len: int = 64,
-            batch: int = 1, warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
-            threads: int | None = None) -> dict:
+def measure(
+    path: str,
+    kind: str,
+    device: str = "cpu",
+    prompt_len: int = 128,
+    gen_len: int = 64,
+    batch: int = 1,
+    warmup: int = 1,
+    ppl_samples: int = 4,
+    ppl_seq_len: int = 256,
+    threads: int | None = None,
+) -> dict:
     """Measure one artifact in THIS process (the worker side); see :func:`bench`."""
     import torch  # noqa: F401 - before the RSS baseline: torch itself is not model memory
 
     rss0 = vm_bytes("VmRSS")
     t0 = time.perf_counter()
-    r = kinds.get(kind).measure(Path(path), kinds.Measure(
-        device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch, warmup=warmup,
-        ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, threads=threads))
+    r = kinds.get(kind).measure(
+        Path(path),
+        kinds.Measure(
+            device=device,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            batch=batch,
+            warmup=warmup,
+            ppl_samples=ppl_samples,
+            ppl_seq_len=ppl_seq_len,
+            threads=threads,
+        ),
+    )
     r.update(rss_before_load_bytes=rss0, wall_s=time.perf_counter() - t0)
     return r
 
@@ -146,7 +170,8 @@ def _analytic(path: Path, kind: str, context: int) -> tuple[int | None, float | 
             bits, group = int(q.get("bits", 4)), int(q.get("group_size", 128))
         w = weight_memory(cfg, bits=bits, group_size=group)
         layers = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get(
-            "num_hidden_layers")
+            "num_hidden_layers"
+        )
         return layers, f.total, w.total_bytes
     except ShrinkError:
         return cfg.get("num_hidden_layers"), None, None
@@ -173,12 +198,23 @@ def weight_file_bytes(path: Path, kind: str) -> int:
     return kinds.get(kind).describe(path)["weight_bytes"]
 
 
-def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu",
-          prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeats: int = 3,
-          warmup: int = 1, ppl_samples: int = 4, ppl_seq_len: int = 256,
-          tasks: list[str] | None = None, tasks_path: str | None = None,
-          limit: int | None = None, threads: list[int] | None = None,
-          show_progress: bool = True) -> BenchReport:
+def bench(
+    artifacts: list[str],
+    baseline: str | None = None,
+    device: str = "cpu",
+    prompt_len: int = 128,
+    gen_len: int = 64,
+    batch: int = 1,
+    repeats: int = 3,
+    warmup: int = 1,
+    ppl_samples: int = 4,
+    ppl_seq_len: int = 256,
+    tasks: list[str] | None = None,
+    tasks_path: str | None = None,
+    limit: int | None = None,
+    threads: list[int] | None = None,
+    show_progress: bool = True,
+) -> BenchReport:
     """Benchmark artifacts (HF, GPTQ, ONNX or GGUF folders) against a baseline, interleaved.
 
     ``threads``: measure every artifact at each of these CPU thread counts (one result per
@@ -207,10 +243,28 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
     for name, (path, kind) in zip(names, resolved):
         layers, flops, wbytes = _analytic(path, kind, prompt_len + gen_len)
         for t in counts:
-            results.append(ArtifactResult(name, str(path), kind, folder_bytes(path), layers,
-                                          flops, wbytes, t, weight_file_bytes(path, kind)))
-    opts = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
-                warmup=warmup, ppl_samples=0, ppl_seq_len=ppl_seq_len)
+            results.append(
+                ArtifactResult(
+                    name,
+                    str(path),
+                    kind,
+                    folder_bytes(path),
+                    layers,
+                    flops,
+                    wbytes,
+                    t,
+                    weight_file_bytes(path, kind),
+                )
+            )
+    opts = dict(
+        device=device,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        batch=batch,
+        warmup=warmup,
+        ppl_samples=0,
+        ppl_seq_len=ppl_seq_len,
+    )
     bandwidth: dict = {}
 
     def measure_bandwidth() -> None:  # before and after the runs: the best of the two
@@ -218,8 +272,10 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
             if device == "cpu":
                 bw = run_worker("shrink.stages.bench:memory_bandwidth", threads=t)
                 key = str(t if t is not None else "default")
-                if key not in bandwidth or bw["read_bytes_per_s"] > \
-                        bandwidth[key]["read_bytes_per_s"]:
+                if (
+                    key not in bandwidth
+                    or bw["read_bytes_per_s"] > bandwidth[key]["read_bytes_per_s"]
+                ):
                     bandwidth[key] = bw
 
     measure_bandwidth()
@@ -237,54 +293,85 @@ def bench(artifacts: list[str], baseline: str | None = None, device: str = "cpu"
         done: dict[str, float | None] = {}
         for res in progress_bar(results, "perplexity", enabled=show_progress):
             if res.path not in done:
-                run = _run_worker(Path(res.path), res.kind, {
-                    **opts, "ppl_samples": ppl_samples, "gen_len": 2, "warmup": 0,
-                    "threads": max(t for t in counts if t) if threads else None})
+                run = _run_worker(
+                    Path(res.path),
+                    res.kind,
+                    {
+                        **opts,
+                        "ppl_samples": ppl_samples,
+                        "gen_len": 2,
+                        "warmup": 0,
+                        "threads": max(t for t in counts if t) if threads else None,
+                    },
+                )
                 done[res.path] = run.get("perplexity")
             res.median["perplexity"] = done[res.path]
     if tasks:
         for res in progress_bar(results, "lm-eval tasks", enabled=show_progress):
             if kinds.get(res.kind).lm_eval and res.threads == counts[0]:
-                res.median["tasks"] = run_tasks(res.path, tasks, tasks_path, limit=limit,
-                                                device=device, manager=manager)
+                res.median["tasks"] = run_tasks(
+                    res.path, tasks, tasks_path, limit=limit, device=device, manager=manager
+                )
     for res in results:
         m = res.median
         m["ttft_s"] = statistics.median(r["ttft_s"] for r in res.runs)
         m["decode_tokens_per_s"] = statistics.median(
-            batch * (gen_len - 1) / r["decode_s"] for r in res.runs)
+            batch * (gen_len - 1) / r["decode_s"] for r in res.runs
+        )
         m["prefill_tokens_per_s"] = statistics.median(
-            batch * prompt_len / r["ttft_s"] for r in res.runs)
+            batch * prompt_len / r["ttft_s"] for r in res.runs
+        )
         m["e2e_s"] = statistics.median(r["ttft_s"] + r["decode_s"] for r in res.runs)
         m["peak_rss_bytes"] = statistics.median(r["peak_rss_bytes"] for r in res.runs)
-        m["cores_busy"] = statistics.median(r["cpu_s"] / (r["ttft_s"] + r["decode_s"])
-                                            for r in res.runs)
-        m["load_avg_1m"] = [min(r["load_avg_1m"] for r in res.runs),
-                            max(r["load_avg_1m"] for r in res.runs)]
+        m["cores_busy"] = statistics.median(
+            r["cpu_s"] / (r["ttft_s"] + r["decode_s"]) for r in res.runs
+        )
+        m["load_avg_1m"] = [
+            min(r["load_avg_1m"] for r in res.runs),
+            max(r["load_avg_1m"] for r in res.runs),
+        ]
         bw = bandwidth.get(str(res.threads if res.threads is not None else "default"))
         if bw and res.weight_file_bytes:
             m["roofline_tokens_per_s"] = bw["read_bytes_per_s"] / res.weight_file_bytes
-            m["roofline_fraction"] = (m["decode_tokens_per_s"] / batch
-                                      / m["roofline_tokens_per_s"])
+            m["roofline_fraction"] = m["decode_tokens_per_s"] / batch / m["roofline_tokens_per_s"]
         if any("peak_cuda_bytes" in r for r in res.runs):
             m["peak_cuda_bytes"] = statistics.median(r["peak_cuda_bytes"] for r in res.runs)
         if res.weight_bytes_per_token and device.startswith("cuda"):
-            m["achieved_bandwidth_gb_s"] = res.weight_bytes_per_token * m[
-                "decode_tokens_per_s"] / batch / 1e9
+            m["achieved_bandwidth_gb_s"] = (
+                res.weight_bytes_per_token * m["decode_tokens_per_s"] / batch / 1e9
+            )
     for res in results:
         base = next(b for b in results if b.threads == res.threads)  # same thread count
         r = res.ratios
-        for key in ("ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_s",
-                    "peak_rss_bytes", "peak_cuda_bytes", "perplexity"):
+        for key in (
+            "ttft_s",
+            "decode_tokens_per_s",
+            "prefill_tokens_per_s",
+            "e2e_s",
+            "peak_rss_bytes",
+            "peak_cuda_bytes",
+            "perplexity",
+        ):
             a, b = res.median.get(key), base.median.get(key)
             if a is not None and b:
                 r[key] = a / b
         r["size_bytes"] = res.size_bytes / base.size_bytes
         if res.flops_per_token and base.flops_per_token:
             r["flops_per_token"] = res.flops_per_token / base.flops_per_token
-    settings = dict(device=device, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
-                    repeats=repeats, warmup=warmup, ppl_samples=ppl_samples,
-                    ppl_seq_len=ppl_seq_len, tasks=tasks, tasks_path=tasks_path, limit=limit,
-                    threads=threads)
+    settings = dict(
+        device=device,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        batch=batch,
+        repeats=repeats,
+        warmup=warmup,
+        ppl_samples=ppl_samples,
+        ppl_seq_len=ppl_seq_len,
+        tasks=tasks,
+        tasks_path=tasks_path,
+        limit=limit,
+        threads=threads,
+    )
     return BenchReport(settings, names[0], results, _machine(device), bandwidth)
 
 
@@ -301,18 +388,27 @@ class SweepPoint:
     flops_per_token: float | None
 
 
-def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_len: int = 128,
-               gen_len: int = 32, repeats: int = 3, ppl_samples: int = 4, ppl_seq_len: int = 256,
-               calib_samples: int = 16, calib_seq_len: int = 256,
-               show_progress: bool = True) -> list[SweepPoint]:
+def sweep_drop(
+    model: str,
+    drops: list[int],
+    device: str | None = None,
+    prompt_len: int = 128,
+    gen_len: int = 32,
+    repeats: int = 3,
+    ppl_samples: int = 4,
+    ppl_seq_len: int = 256,
+    calib_samples: int = 16,
+    calib_seq_len: int = 256,
+    show_progress: bool = True,
+) -> list[SweepPoint]:
     """Prune by BI at each setting (in memory, one scoring) and measure perplexity and speed.
 
     Throughput is measured interleaved across settings within each repeat (medians)."""
-    from shrink.core.data import CALIBRATION, token_blocks
     from shrink.analysis.estimate import flops_per_token
-    from shrink.core.perplexity import perplexity
-    from shrink.core.models import load_model
+    from shrink.core.data import CALIBRATION, token_blocks
     from shrink.core.layers import without_layers
+    from shrink.core.models import load_model
+    from shrink.core.perplexity import perplexity
     from shrink.core.scores import score_layers
 
     loaded = load_model(model, device=device)
@@ -350,10 +446,14 @@ def sweep_drop(model: str, drops: list[int], device: str | None = None, prompt_l
             f = flops_per_token(cfg, context=prompt_len + gen_len, drop=d).total
         except ShrinkError:
             f = None
-        points.append(SweepPoint(
-            d, removed(d), ppl[d],
-            statistics.median((gen_len - 1) / dec for _, dec in timings[d]),
-            statistics.median(prompt_len / t for t, _ in timings[d]), f))
+        points.append(
+            SweepPoint(
+                d,
+                removed(d),
+                ppl[d],
+                statistics.median((gen_len - 1) / dec for _, dec in timings[d]),
+                statistics.median(prompt_len / t for t, _ in timings[d]),
+                f,
+            )
+        )
     return points
-
-

@@ -10,6 +10,7 @@ artifacts are ``OUT/model`` (the last model: HF or GPTQ folder) and a folder per
 artifact (``OUT/onnx``, ``OUT/gguf``), each moved into place atomically, plus ``OUT/README.md``
 (a Hugging Face model card) and ``OUT/report.json``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,9 @@ from shrink.stages.recipes import load_recipe, recipe_config  # noqa: F401 - the
 MARKER = "done.json"
 
 
-def validate(c: BuildConfig, stages: list[Stage] | None = None,
-             show_progress: bool = False) -> BuildContext:
+def validate(
+    c: BuildConfig, stages: list[Stage] | None = None, show_progress: bool = False
+) -> BuildContext:
     """Check every setting before any stage runs; returns the build's context."""
     from shrink.core.models import check_device
 
@@ -66,8 +68,10 @@ def check_disk(out: Path, need: int) -> None:
     probe = existing_ancestor(out)
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise ShrinkError(f"not enough disk space in {probe}: the build writes about "
-                          f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
+        raise ShrinkError(
+            f"not enough disk space in {probe}: the build writes about "
+            f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+        )
 
 
 def plan(ctx: BuildContext, stages: list[Stage], out: Path, disk: int) -> str:
@@ -76,8 +80,10 @@ def plan(ctx: BuildContext, stages: list[Stage], out: Path, disk: int) -> str:
     for stage in stages:
         lines = stage.describe(ctx)
         steps += [lines] if isinstance(lines, str) else list(lines)
-    title = (f"shrink build {ctx.config.model} -> {out} (at most {disk / 1e9:.1f} GB of disk "
-             "while it runs):")
+    title = (
+        f"shrink build {ctx.config.model} -> {out} (at most {disk / 1e9:.1f} GB of disk "
+        "while it runs):"
+    )
     lines = [title] + [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
     return "\n".join(lines)
 
@@ -128,18 +134,29 @@ class BuildResult:
     report: dict
 
     def to_dict(self) -> dict:
-        return {"output": str(self.output), "settings": self.settings.settings(),
-                "stages": [asdict(s) for s in self.stages], "report": self.report}
+        return {
+            "output": str(self.output),
+            "settings": self.settings.settings(),
+            "stages": [asdict(s) for s in self.stages],
+            "report": self.report,
+        }
 
 
 def stage_key(ctx: BuildContext, stage: Stage, previous: str) -> str:
     """A stage's marker key: its settings, the model options and the previous stage's key."""
-    return _hash({"stage": stage.name, "config": stage.key_settings(ctx),
-                  "load": ctx.config.model_options().settings(), "input": previous})
+    return _hash(
+        {
+            "stage": stage.name,
+            "config": stage.key_settings(ctx),
+            "load": ctx.config.model_options().settings(),
+            "input": previous,
+        }
+    )
 
 
-def _run_stage(ctx: BuildContext, stage: Stage, stage_dir: Path, key: str,
-               title: str) -> tuple[dict, bool]:
+def _run_stage(
+    ctx: BuildContext, stage: Stage, stage_dir: Path, key: str, title: str
+) -> tuple[dict, bool]:
     """Run one stage (or take its marker on resume); returns (marker, skipped)."""
     marker = _done(stage_dir, key) if ctx.resume else None
     if marker is not None:
@@ -153,12 +170,14 @@ def _run_stage(ctx: BuildContext, stage: Stage, stage_dir: Path, key: str,
     if ctx.show_progress:
         stderr.rule(f"[bold]{title}")
     info = stage.run(ctx, stage_dir)
-    return _mark(stage_dir, key, {"stage": stage.name, "info": info,
-                                  "seconds": time.perf_counter() - t0}), False
+    return _mark(
+        stage_dir, key, {"stage": stage.name, "info": info, "seconds": time.perf_counter() - t0}
+    ), False
 
 
-def run_stages(ctx: BuildContext, stages: list[Stage], stages_dir: Path
-               ) -> tuple[list[StageRun], list[dict]]:
+def run_stages(
+    ctx: BuildContext, stages: list[Stage], stages_dir: Path
+) -> tuple[list[StageRun], list[dict]]:
     """The loop: each stage runs (or resumes), updates the build and gives its report part."""
     runs: list[StageRun] = []
     sections: list[dict] = []
@@ -166,8 +185,9 @@ def run_stages(ctx: BuildContext, stages: list[Stage], stages_dir: Path
     for n, stage in enumerate(stages, 1):
         stage_dir = stages_dir / f"{n:02d}-{stage.name}"
         key = stage_key(ctx, stage, key)
-        marker, skipped = _run_stage(ctx, stage, stage_dir, key,
-                                     f"stage {n}/{len(stages)}: {stage.name}")
+        marker, skipped = _run_stage(
+            ctx, stage, stage_dir, key, f"stage {n}/{len(stages)}: {stage.name}"
+        )
         info = marker["info"]
         stage.apply(ctx, info)
         sections.append(stage.report(ctx, info))
@@ -180,8 +200,10 @@ def _open_output(out: Path, ctx: BuildContext, resume: bool, force: bool) -> Non
     if out.exists() and not out.is_dir():
         raise ShrinkError(f"output '{out}' exists and is a file")
     if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise ShrinkError(f"output folder '{out}' exists and is not empty (use --resume to "
-                          "continue it, --force to start over)")
+        raise ShrinkError(
+            f"output folder '{out}' exists and is not empty (use --resume to "
+            "continue it, --force to start over)"
+        )
     check_not_source(out, ctx.source.path)
     if resume and out.exists() and any(out.iterdir()):
         check_resumable(out)  # only a folder a shrink build created
@@ -198,9 +220,15 @@ def _start_over(out: Path, force: bool, resume: bool) -> Path:
     return stages_dir
 
 
-def build(config: BuildConfig | None = None, output: str | Path | None = None,
-          resume: bool = False, force: bool = False, command: str | None = None,
-          keep_stages: bool = False, show_progress: bool = True) -> BuildResult:
+def build(
+    config: BuildConfig | None = None,
+    output: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    command: str | None = None,
+    keep_stages: bool = False,
+    show_progress: bool = True,
+) -> BuildResult:
     """Run the whole chain into ``output``; see the module docstring."""
     s = config or BuildConfig()
     stages = build_stages(s)
@@ -231,8 +259,13 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
-def finish(ctx: BuildContext, stages: list[Stage], runs: list[StageRun], sections: list[dict],
-           command: str | None) -> dict:
+def finish(
+    ctx: BuildContext,
+    stages: list[Stage],
+    runs: list[StageRun],
+    sections: list[dict],
+    command: str | None,
+) -> dict:
     """Publish the final model and every published artifact into the output, then write the
     report, the recipe and the cards."""
     from shrink.stages.pipeline import all_stages
@@ -255,8 +288,11 @@ def _remove_intermediates(ctx: BuildContext, report: dict, stages_dir: Path) -> 
     buildreport.point_at_copies(report, stages_dir, moved)
     buildreport.write_report(ctx.output, report)
     if ctx.show_progress:
-        stderr.print(f"removed the intermediate stage folders ({freed / 1e6:.0f} MB; "
-                     "--keep-stages keeps them for --resume)", highlight=False)
+        stderr.print(
+            f"removed the intermediate stage folders ({freed / 1e6:.0f} MB; "
+            "--keep-stages keeps them for --resume)",
+            highlight=False,
+        )
 
 
 def command_line() -> str | None:

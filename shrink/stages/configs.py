@@ -10,6 +10,7 @@ error naming the key path (``heal.steps``).
 Settings that are not about *what* a stage computes (where it writes, ``--force``, ``--resume``,
 ``--json``, whether to verify) belong to the command or the runner, not to a config.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -29,27 +30,40 @@ MIXED_HEALING = "austen:healing+tech:calibration"
 # (48 steps at lr 1.5e-3 without LoRA dropout: 50.27 Persuasion / 22.12 technical prose, against
 # 50.43 / 22.32 for 60 steps at 1e-3 with dropout 0.05, in a quarter less training time). The
 # default BuildConfig and the shipped recipe recipes/smollm2-135m.yaml both use these values.
-BUILD_HEAL = {"method": "lora", "rank": 8, "targets": "mlp", "steps": 48, "batch_size": 4,
-              "seq_len": 256, "lr": 1.5e-3, "warmup": 6, "dropout": 0.0,
-              "data": MIXED_HEALING, "seed": 0}
-TEXT_HELP = ("Text: austen:<split|novel>, tech:<calibration|evaluation>, a .txt/.jsonl file or "
-             "folder, or hf:NAME[:CONFIG][:SPLIT] (needs network); A+B mixes sources evenly.")
+BUILD_HEAL = {
+    "method": "lora",
+    "rank": 8,
+    "targets": "mlp",
+    "steps": 48,
+    "batch_size": 4,
+    "seq_len": 256,
+    "lr": 1.5e-3,
+    "warmup": 6,
+    "dropout": 0.0,
+    "data": MIXED_HEALING,
+    "seed": 0,
+}
+TEXT_HELP = (
+    "Text: austen:<split|novel>, tech:<calibration|evaluation>, a .txt/.jsonl file or "
+    "folder, or hf:NAME[:CONFIG][:SPLIT] (needs network); A+B mixes sources evenly."
+)
 GPTQ_BITS = ("2bit", "3bit", "4bit", "8bit")
 # upper bounds that no real run comes near: a larger value is a typo, refused before any work
 MAX_TOKENS = 1 << 20  # tokens per block (the longest contexts are about a million)
 MAX_BLOCKS = 1 << 20
 MAX_BATCH = 1 << 12
 MAX_LAYERS = 1 << 12
-MAX_STEPS = 10 ** 8
+MAX_STEPS = 10**8
 MAX_THREADS = 1 << 12
-MAX_SEED = 2 ** 32 - 1  # numpy's seeds
+MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
 class Config(BaseModel):
     """Base of every stage config: frozen, no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
-                              allow_inf_nan=False)  # NaN and infinities are never a setting
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )  # NaN and infinities are never a setting
 
     def settings(self) -> dict:
         """Every setting as plain JSON values (what records, hashes and --json outputs hold)."""
@@ -69,10 +83,13 @@ class ModelOptions(Config):
     """How the source model is loaded (shared by every command that loads one)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+        "auto", description="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA)."
+    )
     device: str | None = Field(
-        None, description="cpu or cuda (default: cuda when available).",
-        json_schema_extra=cli(metavar="DEVICE"))
+        None,
+        description="cpu or cuda (default: cuda when available).",
+        json_schema_extra=cli(metavar="DEVICE"),
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
 
     @field_validator("device")
@@ -83,8 +100,11 @@ class ModelOptions(Config):
         return v
 
     def load_kwargs(self) -> dict:
-        return {"dtype": None if self.dtype == "auto" else self.dtype, "device": self.device,
-                "trust_remote_code": self.trust_remote_code}
+        return {
+            "dtype": None if self.dtype == "auto" else self.dtype,
+            "device": self.device,
+            "trust_remote_code": self.trust_remote_code,
+        }
 
 
 class TextBlocks(Config):
@@ -103,20 +123,27 @@ class TextBlocks(Config):
 class LayerScoring(TextBlocks):
     """Settings of layer scoring, shared by ``score`` and ``prune``."""
 
-    skip_first: int = Field(1, ge=0, le=MAX_TOKENS,
-                            description="Leave the first K tokens of each block out of "
-                                        "BI/relmag (the attention sink).")
+    skip_first: int = Field(
+        1,
+        ge=0,
+        le=MAX_TOKENS,
+        description="Leave the first K tokens of each block out of BI/relmag (the attention sink).",
+    )
     streaming: bool | None = Field(
-        None, description="Read one layer at a time from the safetensors files (default: only "
-                          "when the weights do not fit in the device's available memory).")
+        None,
+        description="Read one layer at a time from the safetensors files (default: only "
+        "when the weights do not fit in the device's available memory).",
+    )
 
 
 class ScoreConfig(LayerScoring):
     """``shrink score``: rank the decoder layers."""
 
     metric: Literal["bi", "angular", "relmag", "ppl"] = Field(
-        "bi", description="Which score ranks the layers (bi, angular and relmag come from one "
-                          "pass; ppl takes L+1 passes).")
+        "bi",
+        description="Which score ranks the layers (bi, angular and relmag come from one "
+        "pass; ppl takes L+1 passes).",
+    )
 
 
 class PruneConfig(LayerScoring):
@@ -124,24 +151,40 @@ class PruneConfig(LayerScoring):
 
     drop: int | None = Field(None, ge=1, le=MAX_LAYERS, description="Number of layers to remove.")
     layers: list[int] | None = Field(
-        None, description="Remove exactly these layers, e.g. 21,22,25-27 (instead of --drop).",
-        json_schema_extra=cli(parse="layers", metavar="LIST"))
-    strategy: str = Field("bi", description="How to pick the layers (see `shrink prune --help`).",
-                          json_schema_extra=cli(parse="strategy"))
+        None,
+        description="Remove exactly these layers, e.g. 21,22,25-27 (instead of --drop).",
+        json_schema_extra=cli(parse="layers", metavar="LIST"),
+    )
+    strategy: str = Field(
+        "bi",
+        description="How to pick the layers (see `shrink prune --help`).",
+        json_schema_extra=cli(parse="strategy"),
+    )
     bridge: Literal["none", "linear", "auto"] = Field(
-        "none", description="linear: fold a linear map, fitted on the calibration blocks in "
-                            "closed form (no training), into the MLP of the layer before each "
-                            "removed run (ReplaceMe); the checkpoint stays standard. auto: "
-                            "linear where the architecture can absorb it exactly, else none "
-                            "(recorded).")
-    ridge: float = Field(0.1, ge=0, le=1e6,
-                         description="Ridge of the bridge fit, toward the identity "
-                                     "(plain pruning), relative to the MLP output's "
-                                     "energy.")
-    guard: float = Field(3.0, ge=0, le=1e6,
-                         description="Quality guard: warn (and stop a build before "
-                                     "healing) when held-out perplexity after pruning "
-                                     "exceeds this many times the source's; 0: off.")
+        "none",
+        description="linear: fold a linear map, fitted on the calibration blocks in "
+        "closed form (no training), into the MLP of the layer before each "
+        "removed run (ReplaceMe); the checkpoint stays standard. auto: "
+        "linear where the architecture can absorb it exactly, else none "
+        "(recorded).",
+    )
+    ridge: float = Field(
+        0.1,
+        ge=0,
+        le=1e6,
+        description="Ridge of the bridge fit, toward the identity "
+        "(plain pruning), relative to the MLP output's "
+        "energy.",
+    )
+    guard: float = Field(
+        3.0,
+        ge=0,
+        le=1e6,
+        description="Quality guard: warn (and stop a build before "
+        "healing) when held-out perplexity after pruning "
+        "exceeds this many times the source's; 0: off.",
+    )
+
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
@@ -169,49 +212,70 @@ class HealConfig(Config):
     Unset values come from ``preset`` if one is given, else the defaults named in the help."""
 
     method: Literal["lora", "qlora", "last-layers"] | None = Field(
-        None, description="lora: adapters on a 16/32-bit base; qlora: on a 4-bit NF4 base "
-                          "(bitsandbytes); last-layers: the LM head and the last K layers "
-                          "trained in full precision, no adapter. [default: lora]")
-    last_layers: int | None = Field(None, ge=1, le=MAX_LAYERS,
-                                    description="K for --method last-layers. "
-                                                "[default: 2]")
+        None,
+        description="lora: adapters on a 16/32-bit base; qlora: on a 4-bit NF4 base "
+        "(bitsandbytes); last-layers: the LM head and the last K layers "
+        "trained in full precision, no adapter. [default: lora]",
+    )
+    last_layers: int | None = Field(
+        None, ge=1, le=MAX_LAYERS, description="K for --method last-layers. [default: 2]"
+    )
     preset: Literal["gromov"] | None = Field(
-        None, description="Gromov et al.'s recipe: QLoRA, MLP only, alpha = rank, rank/LR by "
-                          "family, 100 warm-up steps, 5000 steps x batch 16. Explicit values win.")
+        None,
+        description="Gromov et al.'s recipe: QLoRA, MLP only, alpha = rank, rank/LR by "
+        "family, 100 warm-up steps, 5000 steps x batch 16. Explicit values win.",
+    )
     rank: int | None = Field(None, ge=1, le=1 << 16, description="LoRA rank. [default: 8]")
     alpha: float | None = Field(None, gt=0, le=1e6, description="LoRA alpha. [default: = rank]")
     dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout. [default: 0.05]")
-    targets: str | None = Field(None, description="mlp, attn, all, or Linear names like "
-                                                  "gate_proj,up_proj. [default: mlp]")
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS,
-                              description="Optimizer steps. [default: 100]")
-    lr: float | None = Field(None, gt=0, le=10, description="Peak learning rate (cosine). "
-                                                            "[default: 1e-3]")
-    warmup: int | None = Field(None, ge=0, le=MAX_STEPS,
-                               description="Warm-up steps. [default: 10% of steps, "
-                                           "at most 100]")
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH,
-                                   description="Blocks per device per micro-step. "
-                                               "[default: 4]")
-    grad_accum: int | None = Field(None, ge=1, le=MAX_STEPS,
-                                   description="Gradient accumulation. [default: 1]")
-    seq_len: int | None = Field(None, ge=2, le=MAX_TOKENS,
-                                description="Tokens per block. [default: 512]")
-    data: str = Field(HEALING, description="Healing text. " + TEXT_HELP,
-                      json_schema_extra=cli(metavar="SOURCE"))
-    seed: int = Field(0, ge=0, le=MAX_SEED,
-                      description="Seed for blocks, adapter initialisation and data order.")
-    teacher: str | None = Field(None, description="Distil from this model (same tokenizer), "
-                                                  "e.g. the unpruned one.",
-                                json_schema_extra=cli(metavar="MODEL"))
-    kd_temperature: float = Field(2.0, gt=0, le=1e3, description="Distillation temperature T (KL "
-                                                                 "scaled by T^2).")
-    kd_alpha: float | None = Field(None, ge=0, le=1, description="Weight of the KL term; "
-                                   "1 - kd_alpha goes to the LM loss. [default: 0.5]")
+    targets: str | None = Field(
+        None, description="mlp, attn, all, or Linear names like gate_proj,up_proj. [default: mlp]"
+    )
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Optimizer steps. [default: 100]"
+    )
+    lr: float | None = Field(
+        None, gt=0, le=10, description="Peak learning rate (cosine). [default: 1e-3]"
+    )
+    warmup: int | None = Field(
+        None, ge=0, le=MAX_STEPS, description="Warm-up steps. [default: 10% of steps, at most 100]"
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="Blocks per device per micro-step. [default: 4]"
+    )
+    grad_accum: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Gradient accumulation. [default: 1]"
+    )
+    seq_len: int | None = Field(
+        None, ge=2, le=MAX_TOKENS, description="Tokens per block. [default: 512]"
+    )
+    data: str = Field(
+        HEALING, description="Healing text. " + TEXT_HELP, json_schema_extra=cli(metavar="SOURCE")
+    )
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed for blocks, adapter initialisation and data order."
+    )
+    teacher: str | None = Field(
+        None,
+        description="Distil from this model (same tokenizer), e.g. the unpruned one.",
+        json_schema_extra=cli(metavar="MODEL"),
+    )
+    kd_temperature: float = Field(
+        2.0, gt=0, le=1e3, description="Distillation temperature T (KL scaled by T^2)."
+    )
+    kd_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Weight of the KL term; 1 - kd_alpha goes to the LM loss. [default: 0.5]",
+    )
     save_adapter: bool = Field(False, description="Also keep the LoRA adapter in OUT/adapter.")
-    save_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
-                                   description="Checkpoint every N steps (for "
-                                               "--resume). [default: steps/10, at most 500]")
+    save_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Checkpoint every N steps (for --resume). [default: steps/10, at most 500]",
+    )
 
     @model_validator(mode="after")
     def _kd(self) -> HealConfig:
@@ -223,17 +287,24 @@ class HealConfig(Config):
 class QuantizeConfig(TextBlocks):
     """``shrink quantize``: GPTQ through GPTQModel, a standard GPTQ checkpoint."""
 
-    gptq: str = Field(..., description="GPTQ weight bits: 2bit, 3bit, 4bit or 8bit.",
-                      json_schema_extra=cli(metavar="BITS"))
+    gptq: str = Field(
+        ...,
+        description="GPTQ weight bits: 2bit, 3bit, 4bit or 8bit.",
+        json_schema_extra=cli(metavar="BITS"),
+    )
     group_size: int | None = Field(
-        None, description="Input columns sharing one scale/zero; -1: one group per output "
-                          "channel. Default 128, or the largest power of two dividing every "
-                          "layer's input width when 128 does not (reported).")
-    desc_act: bool = Field(False, description="Quantize columns in order of decreasing "
-                                              "activation (act-order).")
+        None,
+        description="Input columns sharing one scale/zero; -1: one group per output "
+        "channel. Default 128, or the largest power of two dividing every "
+        "layer's input width when 128 does not (reported).",
+    )
+    desc_act: bool = Field(
+        False, description="Quantize columns in order of decreasing activation (act-order)."
+    )
     sym: bool = Field(True, description="Symmetric quantization.")
-    damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its "
-                                                      "mean diagonal.")
+    damp: float = Field(
+        0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal."
+    )
     samples: int = Field(64, ge=1, le=MAX_BLOCKS, description="Calibration blocks.")
     seq_len: int = Field(512, ge=2, le=MAX_TOKENS, description="Tokens per calibration block.")
 
@@ -261,33 +332,53 @@ class ExportConfig(Config):
     """``shrink export``: ONNX for onnxruntime(-genai), GGUF for llama.cpp."""
 
     onnx: Literal["int4", "fp16", "fp32"] | None = Field(
-        None, description="ONNX weights: int4 (MatMulNBits), fp16 (CUDA only) or fp32.",
-        json_schema_extra=cli(metavar="PRECISION"))
+        None,
+        description="ONNX weights: int4 (MatMulNBits), fp16 (CUDA only) or fp32.",
+        json_schema_extra=cli(metavar="PRECISION"),
+    )
     lm_head: Literal["int8", "int4"] = Field(
-        "int8", description="Bits of the LM head in an int4 ONNX export (int4: smallest file, "
-                            "lower quality).")
+        "int8",
+        description="Bits of the LM head in an int4 ONNX export (int4: smallest file, "
+        "lower quality).",
+    )
     block_size: int = Field(
-        32, description="Weights per int4 scale in an int4 ONNX export from a float model "
-                        "(a GPTQ source keeps its groups). 128 decodes faster on CPUs, 32 is "
-                        "more accurate (bench/results/runtimes.md).")
-    target: Literal["cpu", "cuda"] = Field("cpu", description="Execution provider the ONNX "
-                                                              "model is built for.")
-    fallback: bool = Field(True, description="Fall back to a forward-pass-only (no KV cache) "
-                                             "ONNX export when the builder cannot build it.")
+        32,
+        description="Weights per int4 scale in an int4 ONNX export from a float model "
+        "(a GPTQ source keeps its groups). 128 decodes faster on CPUs, 32 is "
+        "more accurate (bench/results/runtimes.md).",
+    )
+    target: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Execution provider the ONNX model is built for."
+    )
+    fallback: bool = Field(
+        True,
+        description="Fall back to a forward-pass-only (no KV cache) "
+        "ONNX export when the builder cannot build it.",
+    )
     gguf: str | None = Field(
-        None, description="GGUF type for llama.cpp / Ollama / LM Studio: f32, f16, bf16, q8_0, "
-                          "q4_0, q4_k_m, q5_k_m, q6_k, ... (the gguf extra).",
-        json_schema_extra=cli(metavar="TYPE"))
-    threads: int | None = Field(None, ge=1, le=MAX_THREADS,
-                                description="llama.cpp threads for the GGUF "
-                                            "quantizer and its check (default: all "
-                                            "cores).")
-    imatrix: bool = Field(True, description="Give llama.cpp's quantizer an importance matrix "
-                                            "(mean squared input per column of every matrix, "
-                                            "computed on calibration text) for the GGUF types "
-                                            "it writes; the 2- and 3-bit IQ types require it.")
-    imatrix_data: str = Field(MIXED_CALIBRATION, description="Text of the importance matrix. "
-                              + TEXT_HELP, json_schema_extra=cli(metavar="SOURCE"))
+        None,
+        description="GGUF type for llama.cpp / Ollama / LM Studio: f32, f16, bf16, q8_0, "
+        "q4_0, q4_k_m, q5_k_m, q6_k, ... (the gguf extra).",
+        json_schema_extra=cli(metavar="TYPE"),
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_THREADS,
+        description="llama.cpp threads for the GGUF quantizer and its check (default: all cores).",
+    )
+    imatrix: bool = Field(
+        True,
+        description="Give llama.cpp's quantizer an importance matrix "
+        "(mean squared input per column of every matrix, "
+        "computed on calibration text) for the GGUF types "
+        "it writes; the 2- and 3-bit IQ types require it.",
+    )
+    imatrix_data: str = Field(
+        MIXED_CALIBRATION,
+        description="Text of the importance matrix. " + TEXT_HELP,
+        json_schema_extra=cli(metavar="SOURCE"),
+    )
     imatrix_samples: int = Field(16, ge=1, description="Blocks of the importance matrix.")
     imatrix_seq_len: int = Field(256, ge=2, description="Tokens per importance-matrix block.")
 
@@ -335,15 +426,20 @@ class EvaluateConfig(TextBlocks):
     evaluation set (Persuasion, 8 x 512 tokens, seed 0): every command that reports a
     perplexity uses it unless told otherwise, and names it beside the number."""
 
-    data: str = Field(EVALUATION, description="Held-out text. " + TEXT_HELP,
-                      json_schema_extra=cli(metavar="SOURCE"))
+    data: str = Field(
+        EVALUATION,
+        description="Held-out text. " + TEXT_HELP,
+        json_schema_extra=cli(metavar="SOURCE"),
+    )
     samples: int = Field(8, ge=1, le=MAX_BLOCKS, description="Evaluation blocks.")
     seq_len: int = Field(512, ge=2, le=MAX_TOKENS, description="Tokens per evaluation block.")
 
     second: str | None = Field(
-        "tech:evaluation", description="A second held-out text of another domain (modern "
+        "tech:evaluation",
+        description="A second held-out text of another domain (modern "
         "technical prose by default), measured on blocks of the same size; '' for none.",
-        json_schema_extra=cli(metavar="SOURCE"))
+        json_schema_extra=cli(metavar="SOURCE"),
+    )
 
     @field_validator("second")
     @classmethod
@@ -363,14 +459,16 @@ class BenchConfig(Config):
     gen_len: int = Field(64, ge=2, le=MAX_TOKENS, description="Generated tokens.")
     batch: int = Field(1, ge=1, le=MAX_BATCH, description="Sequences decoded together.")
     repeats: int = Field(3, ge=1, le=1000, description="Interleaved rounds (medians are reported).")
-    ppl_samples: int = Field(4, ge=0, le=MAX_BLOCKS,
-                             description="Blocks of held-out text for perplexity "
-                                         "(0: skip).")
+    ppl_samples: int = Field(
+        4, ge=0, le=MAX_BLOCKS, description="Blocks of held-out text for perplexity (0: skip)."
+    )
     threads: list[int] | None = Field(
-        None, description="CPU threads, e.g. 1,2: every artifact is measured at each count, "
-                          "with the machine's memory bandwidth at that count (decode as a "
-                          "fraction of its roofline). [default: each runtime's own default]",
-        json_schema_extra=cli(parse="ints", metavar="N,N"))
+        None,
+        description="CPU threads, e.g. 1,2: every artifact is measured at each count, "
+        "with the machine's memory bandwidth at that count (decode as a "
+        "fraction of its roofline). [default: each runtime's own default]",
+        json_schema_extra=cli(parse="ints", metavar="N,N"),
+    )
 
     @field_validator("threads")
     @classmethod
@@ -383,8 +481,11 @@ class BenchConfig(Config):
 # ----------------------------------------------------------------------------- the build recipe
 
 STAGE_CONFIGS: dict[str, type[Config]] = {
-    "prune": PruneConfig, "heal": HealConfig, "quantize": QuantizeConfig,
-    "export": ExportConfig, "evaluate": EvaluateConfig,
+    "prune": PruneConfig,
+    "heal": HealConfig,
+    "quantize": QuantizeConfig,
+    "export": ExportConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -393,12 +494,16 @@ class BuildConfig(ModelOptions):
     out (``quantize``, ``export``) does not run."""
 
     model: str = Field("smollm2-135m", description="Model folder, hub id or alias.")
-    allow_degraded: bool = Field(False, description="Go on healing a model that the quality "
-                                                    "guard found badly degraded.")
+    allow_degraded: bool = Field(
+        False, description="Go on healing a model that the quality guard found badly degraded."
+    )
     # the measured defaults (README, "shrink build"): auto strategy, linear bridge where the
     # architecture allows it, calibration and healing text of both domains
-    prune: PruneConfig | None = Field(default_factory=lambda: PruneConfig(
-        drop=6, strategy="auto", bridge="auto", data=MIXED_CALIBRATION))
+    prune: PruneConfig | None = Field(
+        default_factory=lambda: PruneConfig(
+            drop=6, strategy="auto", bridge="auto", data=MIXED_CALIBRATION
+        )
+    )
     heal: HealConfig | None = Field(default_factory=lambda: HealConfig(**BUILD_HEAL))
     quantize: QuantizeConfig | None = None
     export: ExportConfig | None = None
@@ -429,8 +534,9 @@ class BuildConfig(ModelOptions):
         return [name for name in STAGE_CONFIGS if getattr(self, name) is not None]
 
     def model_options(self) -> ModelOptions:
-        return ModelOptions(dtype=self.dtype, device=self.device,
-                            trust_remote_code=self.trust_remote_code)
+        return ModelOptions(
+            dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code
+        )
 
 
 def make(cls: type[Config], values: dict, where: str = "") -> Config:
@@ -450,7 +556,11 @@ def describe(e: ValidationError, where: str = "") -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
-        got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") \
-            and not isinstance(err.get("input"), dict) else ""
+        got = (
+            f" (got {err['input']!r})"
+            if err["type"] not in ("extra_forbidden", "missing")
+            and not isinstance(err.get("input"), dict)
+            else ""
+        )
         parts.append(f"{path}: {msg}{got}" if path else f"{msg}{got}")
     return "; ".join(parts)

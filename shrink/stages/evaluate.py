@@ -1,4 +1,5 @@
 """Perplexity on held-out text."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,14 @@ from shrink.stages.configs import EvaluateConfig, ModelOptions
 from shrink.stages.pipeline import BuildContext, Stage
 
 
-def evaluate(model: str, config: EvaluateConfig | None = None, *,
-             load: ModelOptions | None = None, show_progress: bool = True,
-             book=None) -> PerplexityResult:
+def evaluate(
+    model: str,
+    config: EvaluateConfig | None = None,
+    *,
+    load: ModelOptions | None = None,
+    show_progress: bool = True,
+    book=None,
+) -> PerplexityResult:
     """Perplexity of ``model`` on ``config``'s evaluation set (default: shrink's fixed set,
     Persuasion 8 x 512) and, on ``result.second``, on the second held-out domain
     (``config.second``, default the CPython reference text). ``model`` is anything load_model
@@ -24,19 +30,25 @@ def evaluate(model: str, config: EvaluateConfig | None = None, *,
     sources = [config.data] + ([config.second] if config.second else [])
     kind = kinds.for_model(model)
     if book is not None and kind.torch_weights:
-        results = _hf_measured(model, sources, config, load or ModelOptions(), book,
-                               show_progress)
+        results = _hf_measured(model, sources, config, load or ModelOptions(), book, show_progress)
     else:
-        results = _kind_measured(kind, model, sources, config, load or ModelOptions(), book,
-                                 show_progress)
+        results = _kind_measured(
+            kind, model, sources, config, load or ModelOptions(), book, show_progress
+        )
     results = [_labelled(r, config, model) for r in results]
     result = results[0]
     result.second = results[1] if len(results) > 1 else None
     return result
 
 
-def _hf_measured(model: str, sources: list[str], config: EvaluateConfig, load: ModelOptions,
-                 book, show_progress: bool) -> list[PerplexityResult]:
+def _hf_measured(
+    model: str,
+    sources: list[str],
+    config: EvaluateConfig,
+    load: ModelOptions,
+    book,
+    show_progress: bool,
+) -> list[PerplexityResult]:
     """A transformers model, loaded as the other stages load it, measured through the book."""
     from shrink.core.measures import measure, weights_key
     from shrink.core.models import load_model
@@ -46,16 +58,31 @@ def _hf_measured(model: str, sources: list[str], config: EvaluateConfig, load: M
     results = []
     for source in sources:
         blocks = _blocks(loaded.tokenizer, source, config)
-        r = measure(book, loaded.model, blocks.input_ids, config.name(source), "evaluate",
-                    str(model), key=key, batch_size=config.batch_size,
-                    show_progress=show_progress)
+        r = measure(
+            book,
+            loaded.model,
+            blocks.input_ids,
+            config.name(source),
+            "evaluate",
+            str(model),
+            key=key,
+            batch_size=config.batch_size,
+            show_progress=show_progress,
+        )
         r.data = blocks.describe()
         results.append(r)
     return results
 
 
-def _kind_measured(kind, model: str, sources: list[str], config: EvaluateConfig,
-                   load: ModelOptions, book, show_progress: bool) -> list[PerplexityResult]:
+def _kind_measured(
+    kind,
+    model: str,
+    sources: list[str],
+    config: EvaluateConfig,
+    load: ModelOptions,
+    book,
+    show_progress: bool,
+) -> list[PerplexityResult]:
     """Another runtime's artifact: keyed by its files' bytes in the book, when there is one."""
     from shrink.core.measures import weights_key
 
@@ -65,8 +92,12 @@ def _kind_measured(kind, model: str, sources: list[str], config: EvaluateConfig,
     if all(r is not None for r in found):
         return found
     results = kind.perplexity(
-        model, lambda tok: [_blocks(tok, source, config) for source in sources],
-        load=load, batch_size=config.batch_size, show_progress=show_progress)
+        model,
+        lambda tok: [_blocks(tok, source, config) for source in sources],
+        load=load,
+        batch_size=config.batch_size,
+        show_progress=show_progress,
+    )
     for r, n, old in zip(results, names, found):
         if key and old is None:
             book.put(key, n, r, by="evaluate", what=str(model))
@@ -93,22 +124,34 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: BuildContext, work_dir: Path) -> dict:
         c = self.settings(ctx)
-        targets = {"dense": ctx.config.model, **{a.label: str(a.path) for a in ctx.artifacts
-                                                 if a.measured}}
+        targets = {
+            "dense": ctx.config.model,
+            **{a.label: str(a.path) for a in ctx.artifacts if a.measured},
+        }
         rows = {}
         for label, path in targets.items():
-            res = evaluate(path, c, load=ModelOptions(device=ctx.config.device),
-                           show_progress=ctx.show_progress, book=ctx.book)
+            res = evaluate(
+                path,
+                c,
+                load=ModelOptions(device=ctx.config.device),
+                show_progress=ctx.show_progress,
+                book=ctx.book,
+            )
             rows[label] = {"perplexity": res.perplexity, "tokens": res.tokens, "path": str(path)}
             if res.second is not None:
                 rows[label]["second"] = res.second.perplexity
-        return {"perplexity": rows, "set": c.name(),
-                "second_set": c.name(c.second) if c.second else None}
+        return {
+            "perplexity": rows,
+            "set": c.name(),
+            "second_set": c.name(c.second) if c.second else None,
+        }
 
     def apply(self, ctx: BuildContext, result: dict) -> None:
         ctx.evaluation = dict(result["perplexity"])
 
     def report(self, ctx: BuildContext, result: dict) -> dict:
-        return {"evaluation_set": self.settings(ctx).name(),
-                "second_evaluation_set": result.get("second_set"),
-                "perplexity": dict(result["perplexity"])}
+        return {
+            "evaluation_set": self.settings(ctx).name(),
+            "second_evaluation_set": result.get("second_set"),
+            "perplexity": dict(result["perplexity"]),
+        }

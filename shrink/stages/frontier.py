@@ -11,6 +11,7 @@ Every step runs as a shrink command in a fresh process (the way a user would run
 no step's memory or threads leak into the next one's measurement); a step whose result file
 exists is not run again, so an interrupted frontier resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,19 @@ from shrink.analysis.frontier import Point, mark_front
 from shrink.core.errors import ShrinkError
 from shrink.stages.configs import Config
 
-DENSE_LADDER = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "q3_k_m", "q2_k",
-                "iq3_s", "iq2_m"]
+DENSE_LADDER = [
+    "f16",
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q4_k_m",
+    "iq4_nl",
+    "q4_0",
+    "q3_k_m",
+    "q2_k",
+    "iq3_s",
+    "iq2_m",
+]
 PLAIN_ALSO = ["q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "q3_k_m", "q2_k"]
 REFERENCE = "dense f16"
 
@@ -37,17 +49,29 @@ class FrontierConfig(Config):
     """``shrink frontier``: the size / speed / quality frontier of pruning against quantization."""
 
     dense_types: list[str] = Field(DENSE_LADDER, description="GGUF types of the dense model.")
-    plain_types: list[str] = Field(PLAIN_ALSO, description="Dense types also measured without "
-                                   "an importance matrix ('' for none).")
-    depths: list[float] = Field([0.1, 0.2, 0.3], description="Pruning depths: fractions of the "
-                                "layers (0.2) or layer counts (6).")
-    pruned_types: list[str] = Field(["iq4_nl", "q2_k"], description="GGUF types of every "
-                                    "pruned model (and of the fine-tuned dense control).")
+    plain_types: list[str] = Field(
+        PLAIN_ALSO,
+        description="Dense types also measured without an importance matrix ('' for none).",
+    )
+    depths: list[float] = Field(
+        [0.1, 0.2, 0.3],
+        description="Pruning depths: fractions of the layers (0.2) or layer counts (6).",
+    )
+    pruned_types: list[str] = Field(
+        ["iq4_nl", "q2_k"],
+        description="GGUF types of every pruned model (and of the fine-tuned dense control).",
+    )
     unhealed: bool = Field(True, description="Also measure each pruned model before healing.")
-    control: bool = Field(True, description="Give the dense model the same fine-tune as the "
-                                            "pruned ones and measure it too.")
-    speed: bool = Field(True, description="Measure decode tokens/s and peak memory (shrink "
-                                          "bench, fresh processes, interleaved).")
+    control: bool = Field(
+        True,
+        description="Give the dense model the same fine-tune as the "
+        "pruned ones and measure it too.",
+    )
+    speed: bool = Field(
+        True,
+        description="Measure decode tokens/s and peak memory (shrink "
+        "bench, fresh processes, interleaved).",
+    )
     threads: int = Field(1, ge=1, le=1024, description="CPU threads for the speed runs.")
     repeats: int = Field(2, ge=1, le=100, description="Interleaved speed rounds (median).")
 
@@ -111,11 +135,13 @@ class Runner:
             f.write("$ shrink " + " ".join(args) + "\n")
             f.flush()
             env = {**os.environ, "SHRINK_NO_PROGRESS": "1"}
-            rc = subprocess.call([sys.executable, "-m", "shrink", *args], stdout=f, stderr=f,
-                                 env=env)
+            rc = subprocess.call(
+                [sys.executable, "-m", "shrink", *args], stdout=f, stderr=f, env=env
+            )
         if rc != 0:
-            raise ShrinkError(f"frontier step failed (exit {rc}): shrink {' '.join(args)}; "
-                              f"see {log_file}")
+            raise ShrinkError(
+                f"frontier step failed (exit {rc}): shrink {' '.join(args)}; see {log_file}"
+            )
         if not done.is_file():
             raise ShrinkError(f"frontier step wrote no result: shrink {' '.join(args)}")
         data = json.loads(done.read_text())
@@ -124,17 +150,40 @@ class Runner:
         return data
 
 
-def _gguf_point(run: Runner, source: str, label: str, family: str, drop: int, healed: bool,
-                gguf_type: str, imatrix: bool) -> Point:
+def _gguf_point(
+    run: Runner,
+    source: str,
+    label: str,
+    family: str,
+    drop: int,
+    healed: bool,
+    gguf_type: str,
+    imatrix: bool,
+) -> Point:
     """Export ``source`` to ``gguf_type`` and measure its perplexity on both domains."""
     slug = label.replace(" ", "-")
     folder = run.work / slug
     flags = [] if imatrix else ["--no-imatrix"]
-    run.shrink(["export", source, "--gguf", gguf_type, *flags, "-o", str(folder), "--force",
-                "--no-verify", "--json", str(run.work / f"{slug}.export.json")],
-               run.work / f"{slug}.export.json")
-    ev = run.shrink(["eval", str(folder), "--json", str(run.work / f"{slug}.eval.json")],
-                    run.work / f"{slug}.eval.json")
+    run.shrink(
+        [
+            "export",
+            source,
+            "--gguf",
+            gguf_type,
+            *flags,
+            "-o",
+            str(folder),
+            "--force",
+            "--no-verify",
+            "--json",
+            str(run.work / f"{slug}.export.json"),
+        ],
+        run.work / f"{slug}.export.json",
+    )
+    ev = run.shrink(
+        ["eval", str(folder), "--json", str(run.work / f"{slug}.eval.json")],
+        run.work / f"{slug}.eval.json",
+    )
     ev = ev.get("result", ev)  # write_json wraps the result with the command and settings
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -144,15 +193,28 @@ def _gguf_point(run: Runner, source: str, label: str, family: str, drop: int, he
         ppl[_domain(ev["second"])] = ev["second"]["perplexity"]
     from shrink.stages.export.gguf_types import IMATRIX_TYPES
 
-    return Point(label=label, family=family, drop=drop, healed=healed, format=gguf_type,
-                 bytes=files[0].stat().st_size, ppl=ppl,
-                 imatrix=imatrix and gguf_type in IMATRIX_TYPES, path=str(folder))
+    return Point(
+        label=label,
+        family=family,
+        drop=drop,
+        healed=healed,
+        format=gguf_type,
+        bytes=files[0].stat().st_size,
+        ppl=ppl,
+        imatrix=imatrix and gguf_type in IMATRIX_TYPES,
+        path=str(folder),
+    )
 
 
 def _domain(result: dict) -> str:
     source = (result.get("data") or {}).get("source", "")
-    return "technical" if str(source).startswith("tech") else "Persuasion" \
-        if str(source).startswith("austen") else str(source)
+    return (
+        "technical"
+        if str(source).startswith("tech")
+        else "Persuasion"
+        if str(source).startswith("austen")
+        else str(source)
+    )
 
 
 def base_recipe(model: str):
@@ -174,8 +236,9 @@ def _heal_args(config) -> list[str]:
     return _flags(values) + ["--eval-samples", "1", "--eval-second", ""]
 
 
-def frontier(model: str, output: str | Path, config: FrontierConfig | None = None, *,
-             log=None) -> dict:
+def frontier(
+    model: str, output: str | Path, config: FrontierConfig | None = None, *, log=None
+) -> dict:
     """Measure the frontier of ``model`` into ``output`` (frontier.json, frontier.md, plots)."""
     from shrink.core.models import load_config, resolve
     from shrink.report.frontier import write_frontier
@@ -196,58 +259,127 @@ def frontier(model: str, output: str | Path, config: FrontierConfig | None = Non
     if config.speed:
         _measure_speed(run, points, config)
     mark_front(points)
-    result = {"model": model, "layers": n_layers, "drops": drops,
-              "settings": config.settings(), "recipe": recipe.model_dump(mode="json"),
-              "reference": REFERENCE, "seconds": time.perf_counter() - t0,
-              "cpu": _cpu_model(), "load_average": list(os.getloadavg()),
-              "points": [p.to_dict() for p in points]}
+    result = {
+        "model": model,
+        "layers": n_layers,
+        "drops": drops,
+        "settings": config.settings(),
+        "recipe": recipe.model_dump(mode="json"),
+        "reference": REFERENCE,
+        "seconds": time.perf_counter() - t0,
+        "cpu": _cpu_model(),
+        "load_average": list(os.getloadavg()),
+        "points": [p.to_dict() for p in points],
+    }
     write_frontier(result, out)
     return result
 
 
 def _dense_points(run: Runner, model: str, config: FrontierConfig) -> list[Point]:
-    points = [_gguf_point(run, model, f"dense {t}", "dense", 0, False, t, True)
-              for t in config.dense_types]
-    points += [_gguf_point(run, model, f"dense {t} plain", "dense", 0, False, t, False)
-               for t in config.plain_types if t]
+    points = [
+        _gguf_point(run, model, f"dense {t}", "dense", 0, False, t, True)
+        for t in config.dense_types
+    ]
+    points += [
+        _gguf_point(run, model, f"dense {t} plain", "dense", 0, False, t, False)
+        for t in config.plain_types
+        if t
+    ]
     return points
 
 
 def _control_points(run: Runner, model: str, recipe, config: FrontierConfig) -> list[Point]:
     healed = run.work / "dense-healed"
-    run.shrink(["heal", model, "-o", str(healed), "--force", "--no-verify", *_heal_args(recipe),
-                "--json", str(run.work / "dense-healed.json")], run.work / "dense-healed.json")
-    return [_gguf_point(run, str(healed), f"dense healed {t}", "dense-healed", 0, True, t, True)
-            for t in config.pruned_types]
+    run.shrink(
+        [
+            "heal",
+            model,
+            "-o",
+            str(healed),
+            "--force",
+            "--no-verify",
+            *_heal_args(recipe),
+            "--json",
+            str(run.work / "dense-healed.json"),
+        ],
+        run.work / "dense-healed.json",
+    )
+    return [
+        _gguf_point(run, str(healed), f"dense healed {t}", "dense-healed", 0, True, t, True)
+        for t in config.pruned_types
+    ]
 
 
-def _pruned_points(run: Runner, model: str, recipe, drop: int,
-                   config: FrontierConfig) -> list[Point]:
+def _pruned_points(
+    run: Runner, model: str, recipe, drop: int, config: FrontierConfig
+) -> list[Point]:
     pruned = run.work / f"drop{drop}"
     prune = recipe.prune.model_dump(exclude_defaults=True)
     prune.pop("layers", None)
     prune["drop"] = drop
-    run.shrink(["prune", model, *_flags(prune), "-o", str(pruned), "--force", "--no-verify",
-                "--json", str(run.work / f"drop{drop}.json")], run.work / f"drop{drop}.json")
+    run.shrink(
+        [
+            "prune",
+            model,
+            *_flags(prune),
+            "-o",
+            str(pruned),
+            "--force",
+            "--no-verify",
+            "--json",
+            str(run.work / f"drop{drop}.json"),
+        ],
+        run.work / f"drop{drop}.json",
+    )
     points = []
     if config.unhealed:
-        points += [_gguf_point(run, str(pruned), f"drop {drop} {t}", "pruned", drop, False, t,
-                               True) for t in config.pruned_types]
+        points += [
+            _gguf_point(run, str(pruned), f"drop {drop} {t}", "pruned", drop, False, t, True)
+            for t in config.pruned_types
+        ]
     if recipe.heal is not None:
         healed = run.work / f"drop{drop}-healed"
-        run.shrink(["heal", str(pruned), "-o", str(healed), "--force", "--no-verify",
-                    *_heal_args(recipe), "--json", str(run.work / f"drop{drop}-healed.json")],
-                   run.work / f"drop{drop}-healed.json")
-        points += [_gguf_point(run, str(healed), f"drop {drop} healed {t}", "pruned-healed",
-                               drop, True, t, True) for t in config.pruned_types]
+        run.shrink(
+            [
+                "heal",
+                str(pruned),
+                "-o",
+                str(healed),
+                "--force",
+                "--no-verify",
+                *_heal_args(recipe),
+                "--json",
+                str(run.work / f"drop{drop}-healed.json"),
+            ],
+            run.work / f"drop{drop}-healed.json",
+        )
+        points += [
+            _gguf_point(
+                run, str(healed), f"drop {drop} healed {t}", "pruned-healed", drop, True, t, True
+            )
+            for t in config.pruned_types
+        ]
     return points
 
 
 def _measure_speed(run: Runner, points: list[Point], config: FrontierConfig) -> None:
     done = run.work / "bench.json"
     names = [p.path for p in points if p.path]
-    bench = run.shrink(["bench", *names, "--threads", str(config.threads), "--repeats",
-                        str(config.repeats), "--ppl-samples", "0", "--json", str(done)], done)
+    bench = run.shrink(
+        [
+            "bench",
+            *names,
+            "--threads",
+            str(config.threads),
+            "--repeats",
+            str(config.repeats),
+            "--ppl-samples",
+            "0",
+            "--json",
+            str(done),
+        ],
+        done,
+    )
     by_path = {r["path"]: r for r in bench.get("result", bench).get("results", [])}
     for p in points:
         r = by_path.get(str(Path(p.path).resolve())) or by_path.get(p.path)
@@ -275,18 +407,20 @@ def load_frontier(path: str | Path) -> list[Point]:
     if p.is_dir():
         p = p / "frontier.json"
     if not p.is_file():
-        raise ShrinkError(f"no frontier results at {path}: run 'shrink frontier MODEL -o DIR' "
-                          "first and pass --frontier DIR")
+        raise ShrinkError(
+            f"no frontier results at {path}: run 'shrink frontier MODEL -o DIR' "
+            "first and pass --frontier DIR"
+        )
     try:
         data = json.loads(p.read_text())
         return [Point.from_dict(d) for d in data["points"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise ShrinkError(f"{p} is not a frontier.json written by shrink frontier ({e})"
-                          ) from None
+        raise ShrinkError(f"{p} is not a frontier.json written by shrink frontier ({e})") from None
 
 
-def budget_config(config, points: list[Point], *, target_size: str | None = None,
-                  target_speed: str | None = None):
+def budget_config(
+    config, points: list[Point], *, target_size: str | None = None, target_speed: str | None = None
+):
     """The build ``config`` rewritten to make the frontier's best artifact under the budget:
     its depth (or no pruning), healed or not, and its GGUF type; with the :class:`Choice` that
     lists every rejected candidate and why. Refuses when nothing measured fits."""
@@ -300,22 +434,31 @@ def budget_config(config, points: list[Point], *, target_size: str | None = None
     if target_speed:
         value, unit = parse_speed(target_speed)
         min_tps = speed_floor(points, value, unit, REFERENCE)
-        budget.append(f"at least {min_tps:.1f} decode tok/s"
-                      + (f" ({value}x {REFERENCE})" if unit == "x" else ""))
+        budget.append(
+            f"at least {min_tps:.1f} decode tok/s"
+            + (f" ({value}x {REFERENCE})" if unit == "x" else "")
+        )
     choice = choose(points, max_bytes=max_bytes, min_tps=min_tps, budget=", ".join(budget))
     if choice.chosen is None:
         smallest = min(points, key=lambda p: p.bytes, default=None)
-        hint = (f"; the smallest measured is {smallest.label}, {smallest.bytes / 1e6:.1f} MB"
-                if smallest else "")
+        hint = (
+            f"; the smallest measured is {smallest.label}, {smallest.bytes / 1e6:.1f} MB"
+            if smallest
+            else ""
+        )
         raise ShrinkError(f"no measured artifact meets the budget ({choice.budget}){hint}")
     c = choice.chosen
-    prune = (config.prune.model_copy(update={"drop": c.drop, "layers": None})
-             if c.drop and config.prune is not None else None)
+    prune = (
+        config.prune.model_copy(update={"drop": c.drop, "layers": None})
+        if c.drop and config.prune is not None
+        else None
+    )
     if c.drop and prune is None:
         raise ShrinkError(f"the budget picks {c.label}, but this recipe does not prune")
     heal = config.heal if c.healed else None
     if c.healed and heal is None:
         raise ShrinkError(f"the budget picks {c.label}, but this recipe does not heal")
     export = ExportConfig(gguf=c.format, imatrix=c.imatrix)
-    return config.model_copy(update={"prune": prune, "heal": heal, "quantize": None,
-                                     "export": export}), choice
+    return config.model_copy(
+        update={"prune": prune, "heal": heal, "quantize": None, "export": export}
+    ), choice

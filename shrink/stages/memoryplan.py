@@ -1,5 +1,6 @@
 """The memory plan of a build: each stage's place (device, streamed or whole, bits), predicted peak
 device and host memory, and disk, for the GPU and RAM this machine has (or the ones given)."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,11 @@ def plan_settings(c: BuildConfig) -> PlanSettings:
         s.heal_batch = c.heal.batch_size or s.heal_batch
         s.heal_seq_len = c.heal.seq_len or s.heal_seq_len
     if c.quantize is not None:
-        s.gptq_bits, s.gptq_samples, s.gptq_seq_len = (c.quantize.bits(), c.quantize.samples,
-                                                      c.quantize.seq_len)
+        s.gptq_bits, s.gptq_samples, s.gptq_seq_len = (
+            c.quantize.bits(),
+            c.quantize.samples,
+            c.quantize.seq_len,
+        )
         s.group_size = c.quantize.group_size or s.group_size
     else:
         s.gptq_bits = None
@@ -48,9 +52,11 @@ def machine_memory() -> tuple[float, float]:
 def build_plan(c: BuildConfig, gpu: str | None = None, ram: str | None = None) -> Plan:
     """The plan of build ``c`` on the given GPU and RAM sizes (default: this machine's)."""
     here_gpu, here_ram = machine_memory()
-    gpu_bytes = here_gpu if gpu is None else (0.0 if gpu in ("", "none") else
-                                              parse_memory(gpu, "gpu"))
+    gpu_bytes = (
+        here_gpu if gpu is None else (0.0 if gpu in ("", "none") else parse_memory(gpu, "gpu"))
+    )
     ram_bytes = here_ram if ram is None else parse_memory(ram, "ram")
     drop = (c.prune.count() or 0) if c.prune is not None else 0
-    return plan_build(c.model, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, drop=drop,
-                      settings=plan_settings(c))
+    return plan_build(
+        c.model, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, drop=drop, settings=plan_settings(c)
+    )

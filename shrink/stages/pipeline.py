@@ -14,6 +14,7 @@ A stage registered this way reads its settings from a section of the recipe name
 (``sparsify: {amount: 0.5}``), validated by its ``config_class``; it runs when that section is
 given. The built-in stages run in the order prune, heal, quantize, export, evaluate.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -78,8 +79,7 @@ class BuildContext:
         if self.source_layers is None:
             from shrink.core.models import load_config, num_layers
 
-            self.source_layers = num_layers(load_config(self.source,
-                                                        self.config.trust_remote_code))
+            self.source_layers = num_layers(load_config(self.source, self.config.trust_remote_code))
         return self.source_layers
 
     def source_bytes(self) -> int:
@@ -95,8 +95,10 @@ class BuildContext:
         """Folder name in the output -> the artifact copied there: the final model, then every
         artifact a stage published."""
         model = self.source.path if self.model == self.config.model else self.model
-        return {"model": Path(model),
-                **{a.publish: Path(a.path) for a in self.artifacts if a.publish}}
+        return {
+            "model": Path(model),
+            **{a.publish: Path(a.path) for a in self.artifacts if a.publish},
+        }
 
     def log(self, message: str) -> None:
         if self.show_progress:
@@ -218,8 +220,9 @@ def register_stage(stage: Stage | type | str, after: str | None = None) -> Stage
     if after is None:
         _REGISTRY.append((st.name, st))
     elif after not in names:
-        raise ShrinkError(f"no stage '{after}' to register '{st.name}' after; stages: "
-                          f"{', '.join(names)}")
+        raise ShrinkError(
+            f"no stage '{after}' to register '{st.name}' after; stages: {', '.join(names)}"
+        )
     else:
         _REGISTRY.insert(names.index(after) + 1, (st.name, st))
     return st
@@ -253,6 +256,7 @@ def build_stages(config) -> list[Stage]:
     names = stage_names()
     unknown = [k for k in (getattr(config, "registered", None) or {}) if k not in names]
     if unknown:
-        raise ShrinkError(f"{unknown[0]}: unknown setting (no stage of that name; stages: "
-                          f"{', '.join(names)})")
+        raise ShrinkError(
+            f"{unknown[0]}: unknown setting (no stage of that name; stages: {', '.join(names)})"
+        )
     return [st for st in all_stages() if st.enabled(config)]

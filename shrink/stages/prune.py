@@ -1,6 +1,7 @@
 """The ``prune`` stage: choose layers (scoring them first when the strategy needs it), remove
 them, and write a valid transformers checkpoint; in memory, or streamed layer by layer from the
 safetensors files when the model does not fit."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,12 +52,19 @@ class PruneResult:
     record: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"output": str(self.output), "strategy": self.strategy, "reason": self.reason,
-                "removed_layers": self.removed, "removed_original_layers": self.removed_original,
-                "num_layers": [self.num_layers_before, len(self.kept)],
-                "params": [self.params_before, self.params_after], "streamed": self.streamed,
-                "bridge": self.bridge, "quality": self.quality,
-                "verification": self.verification}
+        return {
+            "output": str(self.output),
+            "strategy": self.strategy,
+            "reason": self.reason,
+            "removed_layers": self.removed,
+            "removed_original_layers": self.removed_original,
+            "num_layers": [self.num_layers_before, len(self.kept)],
+            "params": [self.params_before, self.params_after],
+            "streamed": self.streamed,
+            "bridge": self.bridge,
+            "quality": self.quality,
+            "verification": self.verification,
+        }
 
 
 def base_model_id(resolved, config, previous: dict | None) -> str | None:
@@ -98,9 +106,16 @@ def check(model: str, config: PruneConfig, load: ModelOptions) -> int:
     return L
 
 
-def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
-          load: ModelOptions | None = None, force: bool = False, verify: bool = True,
-          show_progress: bool = True) -> PruneResult:
+def prune(
+    model: str,
+    output: str | Path,
+    config: PruneConfig | None = None,
+    *,
+    load: ModelOptions | None = None,
+    force: bool = False,
+    verify: bool = True,
+    show_progress: bool = True,
+) -> PruneResult:
     """Score (when the strategy needs it), remove layers, save a checkpoint, verify it in a fresh
     process, and move it into place at ``output``."""
     config = config or PruneConfig()
@@ -109,9 +124,16 @@ def prune(model: str, output: str | Path, config: PruneConfig | None = None, *,
     resolved = resolve(model)
     with claimed_output(output, force, resolved.path):
         job = _plan_prune(model, output, config, load, resolved, show_progress)
-        return run_stage("prune", output, partial(_write_pruned, job), source=resolved.path,
-                         settings=settings, force=force, verify=verify,
-                         log=stderr.print if show_progress else None)
+        return run_stage(
+            "prune",
+            output,
+            partial(_write_pruned, job),
+            source=resolved.path,
+            settings=settings,
+            force=force,
+            verify=verify,
+            log=stderr.print if show_progress else None,
+        )
 
 
 @dataclass
@@ -137,8 +159,9 @@ class _PruneJob:
     blocks: object = None  # calibration blocks, when choosing the layers tokenized them
 
 
-def _plan_prune(model: str, output, config: PruneConfig, load: ModelOptions, resolved,
-                show_progress: bool) -> _PruneJob:
+def _plan_prune(
+    model: str, output, config: PruneConfig, load: ModelOptions, resolved, show_progress: bool
+) -> _PruneJob:
     """Check, decide streaming, choose the layers and start the record."""
     L = check(model, config, load)
     config, bridge_note = _resolve_bridge(config, resolved, load)
@@ -150,33 +173,63 @@ def _plan_prune(model: str, output, config: PruneConfig, load: ModelOptions, res
     if config.streaming is not False:
         from shrink.streaming import decide_streaming
 
-        streamed = decide_streaming(resolved, load.device, load.load_kwargs()["dtype"],
-                                    config.streaming, method=config.strategy,
-                                    can_stream=config.layers is not None or strategy.streams,
-                                    show_progress=show_progress)
+        streamed = decide_streaming(
+            resolved,
+            load.device,
+            load.load_kwargs()["dtype"],
+            config.streaming,
+            method=config.strategy,
+            can_stream=config.layers is not None or strategy.streams,
+            show_progress=show_progress,
+        )
     loaded = blocks = None
     if streamed:
-        remove, reason, label, scores, calib = _choose_streamed(model, resolved, L, config,
-                                                                strategy, load, show_progress)
+        remove, reason, label, scores, calib = _choose_streamed(
+            model, resolved, L, config, strategy, load, show_progress
+        )
     else:
         loaded = load_model(model, **load.load_kwargs())
         remove, reason, label, scores, calib, blocks = _choose_in_memory(
-            model, loaded, L, config, strategy, show_progress)
+            model, loaded, L, config, strategy, show_progress
+        )
     kept = [i for i in range(L) if i not in remove]
     orig = original_layers(previous, L)
-    record = {"source": resolved.location, "strategy": label, "reason": reason,
-              "num_layers_before": L, "num_layers_after": len(kept),
-              "removed_layers": remove, "kept_layers": kept,
-              "removed_original_layers": [orig[i] for i in remove],
-              "kept_original_layers": [orig[i] for i in kept],
-              "seed": config.seed, "skip_first": config.skip_first, "calibration": calib,
-              "scores": scores.to_dict() if scores is not None else None}
+    record = {
+        "source": resolved.location,
+        "strategy": label,
+        "reason": reason,
+        "num_layers_before": L,
+        "num_layers_after": len(kept),
+        "removed_layers": remove,
+        "kept_layers": kept,
+        "removed_original_layers": [orig[i] for i in remove],
+        "kept_original_layers": [orig[i] for i in kept],
+        "seed": config.seed,
+        "skip_first": config.skip_first,
+        "calibration": calib,
+        "scores": scores.to_dict() if scores is not None else None,
+    }
     if bridge_note:
         record["bridge_note"] = bridge_note
-    return _PruneJob(model=model, output=output, config=config, load=load, resolved=resolved,
-                     num_layers=L, remove=remove, kept=kept, label=label, reason=reason,
-                     scores=scores, record=record, previous=previous, streamed=streamed,
-                     show_progress=show_progress, loaded=loaded, blocks=blocks)
+    return _PruneJob(
+        model=model,
+        output=output,
+        config=config,
+        load=load,
+        resolved=resolved,
+        num_layers=L,
+        remove=remove,
+        kept=kept,
+        label=label,
+        reason=reason,
+        scores=scores,
+        record=record,
+        previous=previous,
+        streamed=streamed,
+        show_progress=show_progress,
+        loaded=loaded,
+        blocks=blocks,
+    )
 
 
 def _write_pruned(job: _PruneJob, tmp: Path) -> StageOutput:
@@ -185,14 +238,29 @@ def _write_pruned(job: _PruneJob, tmp: Path) -> StageOutput:
     before, after, hf_config, check_it = write(job, tmp)
     job.record.update(params_before=before, params_after=after)
     result = PruneResult(
-        output=Path(job.output), removed=job.remove, kept=job.kept,
-        removed_original=job.record["removed_original_layers"], strategy=job.label,
-        reason=job.reason, num_layers_before=job.num_layers, params_before=before,
-        params_after=after, scores=job.scores, streamed=job.streamed,
-        bridge=job.record.get("bridge"), quality=job.record.get("quality"))
-    return StageOutput(result, job.record, check_it,
-                       {"source_model": job.model,
-                        "base_model": base_model_id(job.resolved, hf_config, job.previous)})
+        output=Path(job.output),
+        removed=job.remove,
+        kept=job.kept,
+        removed_original=job.record["removed_original_layers"],
+        strategy=job.label,
+        reason=job.reason,
+        num_layers_before=job.num_layers,
+        params_before=before,
+        params_after=after,
+        scores=job.scores,
+        streamed=job.streamed,
+        bridge=job.record.get("bridge"),
+        quality=job.record.get("quality"),
+    )
+    return StageOutput(
+        result,
+        job.record,
+        check_it,
+        {
+            "source_model": job.model,
+            "base_model": base_model_id(job.resolved, hf_config, job.previous),
+        },
+    )
 
 
 def _write_streamed(job: _PruneJob, tmp: Path):
@@ -212,19 +280,38 @@ def _write_streamed(job: _PruneJob, tmp: Path):
 
         kw = load.load_kwargs()
         fitted = bridge_model_streaming(
-            job.resolved, job.remove, config.data, config.samples, config.seq_len, config.seed,
-            config.batch_size, config.skip_first, config.ridge, kw["dtype"], kw["device"],
-            load.trust_remote_code, job.show_progress)
+            job.resolved,
+            job.remove,
+            config.data,
+            config.samples,
+            config.seq_len,
+            config.seed,
+            config.batch_size,
+            config.skip_first,
+            config.ridge,
+            kw["dtype"],
+            kw["device"],
+            load.trust_remote_code,
+            job.show_progress,
+        )
         record["bridge"] = [r.to_dict() for r in fitted.runs]
         replace = fitted.tensors
-    record["streaming"] = write_stream_prune(plan, tmp, replace=replace,
-                                             trust_remote_code=load.trust_remote_code,
-                                             show_progress=job.show_progress)
+    record["streaming"] = write_stream_prune(
+        plan,
+        tmp,
+        replace=replace,
+        trust_remote_code=load.trust_remote_code,
+        show_progress=job.show_progress,
+    )
     if fitted is not None:
         record["streaming"]["bridge"] = fitted.settings
     after = plan.params_after
-    return (plan.params_before, after, plan.skeleton.config,
-            lambda folder: verify_streamed(folder, after))
+    return (
+        plan.params_before,
+        after,
+        plan.skeleton.config,
+        lambda folder: verify_streamed(folder, after),
+    )
 
 
 def _write_in_memory(job: _PruneJob, tmp: Path):
@@ -233,17 +320,27 @@ def _write_in_memory(job: _PruneJob, tmp: Path):
     hf = loaded.model
     before = sum(p.numel() for p in hf.parameters())
     guard = _guard_blocks(loaded.tokenizer) if config.guard else None
-    source_ppl = perplexity(hf, guard.input_ids, show_progress=False).perplexity \
-        if guard is not None else None
+    source_ppl = (
+        perplexity(hf, guard.input_ids, show_progress=False).perplexity
+        if guard is not None
+        else None
+    )
     if config.bridge == "linear":
         from shrink.core.bridge import bridge_and_prune
 
         if job.blocks is None:
-            job.blocks = token_blocks(loaded.tokenizer, config.data, config.samples,
-                                      config.seq_len, config.seed)
-        runs = bridge_and_prune(hf, job.remove, job.blocks.input_ids,
-                                skip_first=config.skip_first, ridge=config.ridge,
-                                batch_size=config.batch_size, show_progress=job.show_progress)
+            job.blocks = token_blocks(
+                loaded.tokenizer, config.data, config.samples, config.seq_len, config.seed
+            )
+        runs = bridge_and_prune(
+            hf,
+            job.remove,
+            job.blocks.input_ids,
+            skip_first=config.skip_first,
+            ridge=config.ridge,
+            batch_size=config.batch_size,
+            show_progress=job.show_progress,
+        )
         record["bridge"] = [r.to_dict() for r in runs]
     else:
         prune_model(hf, job.remove)
@@ -260,8 +357,9 @@ def _write_in_memory(job: _PruneJob, tmp: Path):
     return before, after, hf.config, verify_in_subprocess
 
 
-def _resolve_bridge(config: PruneConfig, resolved, load: ModelOptions
-                    ) -> tuple[PruneConfig, str | None]:
+def _resolve_bridge(
+    config: PruneConfig, resolved, load: ModelOptions
+) -> tuple[PruneConfig, str | None]:
     """``--bridge auto``: linear when the architecture's layers can absorb the bridge exactly
     (read from a weightless skeleton), else none, with the reason."""
     if config.bridge != "auto":
@@ -287,58 +385,112 @@ def _quality(model, source_ppl: float, guard, threshold: float) -> dict:
     from shrink.core.guard import quality_ratio
 
     try:
-        verdict = quality_ratio(model, source_ppl, guard.input_ids, threshold=threshold,
-                                blocks=guard.describe())
+        verdict = quality_ratio(
+            model, source_ppl, guard.input_ids, threshold=threshold, blocks=guard.describe()
+        )
     except ShrinkError as e:  # a model producing NaN/inf: the worst verdict there is
-        return {"ok": False, "verdict": "degraded", "message": f"QUALITY GUARD: {e}",
-                "threshold": threshold, "source_perplexity": source_ppl, "ratio": None}
+        return {
+            "ok": False,
+            "verdict": "degraded",
+            "message": f"QUALITY GUARD: {e}",
+            "threshold": threshold,
+            "source_perplexity": source_ppl,
+            "ratio": None,
+        }
     return verdict.to_dict()
 
 
-def _choose_in_memory(model: str, loaded, L: int, config: PruneConfig, strategy,
-                      show_progress: bool):
+def _choose_in_memory(
+    model: str, loaded, L: int, config: PruneConfig, strategy, show_progress: bool
+):
     if config.layers is not None:
         return sorted(config.layers), "listed by the user", "explicit", None, None, None
-    blocks = token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len,
-                          config.seed) if strategy.needs_scores or not strategy.streams else None
+    blocks = (
+        token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len, config.seed)
+        if strategy.needs_scores or not strategy.streams
+        else None
+    )
     heldout = None
     if config.strategy == "auto":
         from shrink.stages.auto import heldout_blocks
 
-        heldout = heldout_blocks(loaded.tokenizer, 8, config.seq_len, source=config.data,
-                                 calib_samples=config.samples, calib_seq_len=config.seq_len,
-                                 calib_seed=config.seed).input_ids
+        heldout = heldout_blocks(
+            loaded.tokenizer,
+            8,
+            config.seq_len,
+            source=config.data,
+            calib_samples=config.samples,
+            calib_seq_len=config.seq_len,
+            calib_seed=config.seed,
+        ).input_ids
     calib = blocks.describe() if blocks is not None else None
-    scores = scores_for(strategy, loaded.model, blocks.input_ids if blocks else None,
-                        batch_size=config.batch_size, skip_first=config.skip_first,
-                        model_name=model, settings={"data": calib}, show_progress=show_progress)
+    scores = scores_for(
+        strategy,
+        loaded.model,
+        blocks.input_ids if blocks else None,
+        batch_size=config.batch_size,
+        skip_first=config.skip_first,
+        model_name=model,
+        settings={"data": calib},
+        show_progress=show_progress,
+    )
     details: dict = {}
     remove, reason = choose_layers(
-        config.strategy, config.drop, L, scores, config.seed, model=loaded.model,
-        input_ids=blocks.input_ids if blocks else None, batch_size=config.batch_size,
-        skip_first=config.skip_first, show_progress=show_progress, details=details,
-        heldout_input_ids=heldout, bridge=config.bridge == "linear", ridge=config.ridge)
+        config.strategy,
+        config.drop,
+        L,
+        scores,
+        config.seed,
+        model=loaded.model,
+        input_ids=blocks.input_ids if blocks else None,
+        batch_size=config.batch_size,
+        skip_first=config.skip_first,
+        show_progress=show_progress,
+        details=details,
+        heldout_input_ids=heldout,
+        bridge=config.bridge == "linear",
+        ridge=config.ridge,
+    )
     if details and calib is not None:
         calib.update(details)
     return remove, reason, config.strategy, scores, calib, blocks
 
 
-def _choose_streamed(model: str, resolved, L: int, config: PruneConfig, strategy,
-                     load: ModelOptions, show_progress: bool):
+def _choose_streamed(
+    model: str,
+    resolved,
+    L: int,
+    config: PruneConfig,
+    strategy,
+    load: ModelOptions,
+    show_progress: bool,
+):
     if config.layers is not None:
         return sorted(config.layers), "listed by the user", "explicit", None, None
     if not strategy.streams:
-        raise ShrinkError(f"strategy '{config.strategy}' needs the whole model in memory and "
-                          "cannot stream; use --no-streaming or a strategy that streams")
+        raise ShrinkError(
+            f"strategy '{config.strategy}' needs the whole model in memory and "
+            "cannot stream; use --no-streaming or a strategy that streams"
+        )
     scores = calib = None
     if strategy.needs_scores:
         from shrink.streaming import score_model_streaming
 
         kw = load.load_kwargs()
-        scores = score_model_streaming(model, resolved, config.data, config.samples,
-                                       config.seq_len, config.seed, config.batch_size,
-                                       config.skip_first, kw["dtype"], kw["device"],
-                                       load.trust_remote_code, show_progress)
+        scores = score_model_streaming(
+            model,
+            resolved,
+            config.data,
+            config.samples,
+            config.seq_len,
+            config.seed,
+            config.batch_size,
+            config.skip_first,
+            kw["dtype"],
+            kw["device"],
+            load.trust_remote_code,
+            show_progress,
+        )
         calib = scores.settings.get("data")
     remove, reason = choose_layers(config.strategy, config.drop, L, scores, config.seed)
     return remove, reason, config.strategy, scores, calib
@@ -350,15 +502,20 @@ class PruneStage(Stage):
     name = "prune"
 
     def check(self, ctx: BuildContext) -> None:
-        ctx.source_layers = check(ctx.config.model, self.settings(ctx),
-                                  ctx.config.model_options())
+        ctx.source_layers = check(ctx.config.model, self.settings(ctx), ctx.config.model_options())
 
     def describe(self, ctx: BuildContext) -> str:
         p = self.settings(ctx)
-        what = (f"layers {p.layers}" if p.layers is not None else
-                f"{p.drop} of {ctx.count_source_layers()} layers by {p.strategy}")
-        bridge = {"linear": ", bridged by a linear map", "auto": ", bridged where the "
-                  "architecture allows", "none": ""}[p.bridge]
+        what = (
+            f"layers {p.layers}"
+            if p.layers is not None
+            else f"{p.drop} of {ctx.count_source_layers()} layers by {p.strategy}"
+        )
+        bridge = {
+            "linear": ", bridged by a linear map",
+            "auto": ", bridged where the architecture allows",
+            "none": "",
+        }[p.bridge]
         return f"prune ({what}, scored on {p.samples} x {p.seq_len} tokens of {p.data}{bridge})"
 
     def output_part(self, config) -> str:
@@ -369,18 +526,36 @@ class PruneStage(Stage):
 
     def run(self, ctx: BuildContext, work_dir: Path) -> dict:
         c = ctx.config
-        r = prune(ctx.model, work_dir / "model", self.settings(ctx), load=c.model_options(),
-                  force=True, show_progress=ctx.show_progress)
-        if r.quality is not None and not r.quality["ok"] and c.heal is not None \
-                and not c.allow_degraded:
-            raise ShrinkError(f"{r.quality['message']}. The build stops before healing; "
-                              "pass --allow-degraded to heal it anyway, or choose another "
-                              "strategy (--strategy auto measures the candidates)")
-        return {"model": str(work_dir / "model"), "removed": r.removed, "reason": r.reason,
-                "bridge": r.bridge, "quality": r.quality,
-                "strategy": r.strategy, "num_layers": [r.num_layers_before, len(r.kept)],
-                "params": [r.params_before, r.params_after],
-                "scores": r.scores.to_dict() if r.scores is not None else None}
+        r = prune(
+            ctx.model,
+            work_dir / "model",
+            self.settings(ctx),
+            load=c.model_options(),
+            force=True,
+            show_progress=ctx.show_progress,
+        )
+        if (
+            r.quality is not None
+            and not r.quality["ok"]
+            and c.heal is not None
+            and not c.allow_degraded
+        ):
+            raise ShrinkError(
+                f"{r.quality['message']}. The build stops before healing; "
+                "pass --allow-degraded to heal it anyway, or choose another "
+                "strategy (--strategy auto measures the candidates)"
+            )
+        return {
+            "model": str(work_dir / "model"),
+            "removed": r.removed,
+            "reason": r.reason,
+            "bridge": r.bridge,
+            "quality": r.quality,
+            "strategy": r.strategy,
+            "num_layers": [r.num_layers_before, len(r.kept)],
+            "params": [r.params_before, r.params_after],
+            "scores": r.scores.to_dict() if r.scores is not None else None,
+        }
 
     def apply(self, ctx: BuildContext, result: dict) -> None:
         ctx.model = ctx.float_model = result["model"]
@@ -392,12 +567,17 @@ class PruneStage(Stage):
         from shrink.core.outputs import safetensors_bytes
         from shrink.report.buildreport import arithmetic, model_config
 
-        return {"removed_layers": result["removed"], "strategy": result["strategy"],
-                "reason": result["reason"], "num_layers": result["num_layers"],
-                "bridge": result.get("bridge"), "quality": result.get("quality"),
-                "params": result["params"],
-                "sizes_bytes": {"pruned": safetensors_bytes(Path(result["model"]))},
-                "arithmetic": arithmetic("pruned", model_config(result["model"]))}
+        return {
+            "removed_layers": result["removed"],
+            "strategy": result["strategy"],
+            "reason": result["reason"],
+            "num_layers": result["num_layers"],
+            "bridge": result.get("bridge"),
+            "quality": result.get("quality"),
+            "params": result["params"],
+            "sizes_bytes": {"pruned": safetensors_bytes(Path(result["model"]))},
+            "arithmetic": arithmetic("pruned", model_config(result["model"])),
+        }
 
     def absent_report(self, ctx: BuildContext) -> dict:
         """A build without pruning keeps every layer (the card still tells the counts)."""
@@ -406,7 +586,17 @@ class PruneStage(Stage):
         from shrink.core.models import check_weights_files
 
         L = ctx.count_source_layers()
-        n = (sum(prod(shape) for _, shape in check_weights_files(ctx.source.path).values())
-             if ctx.source.path is not None else None)
-        return {"removed_layers": [], "strategy": "none", "reason": "not pruned",
-                "num_layers": [L, L], "bridge": None, "quality": None, "params": [n, n]}
+        n = (
+            sum(prod(shape) for _, shape in check_weights_files(ctx.source.path).values())
+            if ctx.source.path is not None
+            else None
+        )
+        return {
+            "removed_layers": [],
+            "strategy": "none",
+            "reason": "not pruned",
+            "num_layers": [L, L],
+            "bridge": None,
+            "quality": None,
+            "params": [n, n],
+        }

@@ -8,14 +8,15 @@ GPTQModel does the work (calibration capture, Hessians, packing, saving); shrink
 before any heavy work, a group size that fits the model, the measured size and bits per weight,
 perplexity before/after, a reload in a fresh process, and the ``shrink.json`` record.
 """
+
 from __future__ import annotations
 
 import gc
 import math
 import os
 import shutil
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,22 @@ import torch
 from torch import nn
 
 from shrink.core.data import EVALUATION, token_blocks
-from shrink.core.quiet import stdout_to_stderr
-from shrink.runtime.gptq import cpu_workers, gptq_interrupts, logs_outside_cwd, require_gptq
 from shrink.core.errors import ShrinkError, first_line
-from shrink.core.models import (check_decoder_only, check_device, check_model_folder, check_seq_len, find_layers, from_pretrained_checked, load_config, read_shrink_json, resolve)
+from shrink.core.models import (
+    check_decoder_only,
+    check_device,
+    check_model_folder,
+    check_seq_len,
+    find_layers,
+    from_pretrained_checked,
+    load_config,
+    read_shrink_json,
+    resolve,
+)
 from shrink.core.outputs import check_output, safetensors_bytes
 from shrink.core.progress import stderr
+from shrink.core.quiet import stdout_to_stderr
+from shrink.runtime.gptq import cpu_workers, gptq_interrupts, logs_outside_cwd, require_gptq
 from shrink.stages.configs import EvaluateConfig, QuantizeConfig
 from shrink.stages.pipeline import Artifact, BuildContext, Stage
 from shrink.stages.runner import StageOutput, run_stage
@@ -87,8 +98,9 @@ def quantizable_linears(config, trust_remote_code: bool = False) -> dict[str, tu
     return out
 
 
-def choose_group_size(linears: dict[str, tuple[int, int]],
-                      requested: int | None) -> tuple[int, str | None]:
+def choose_group_size(
+    linears: dict[str, tuple[int, int]], requested: int | None
+) -> tuple[int, str | None]:
     """The group size to use, and a note when the default had to be lowered.
 
     A group of g input columns shares one scale and zero, so g must divide every quantized layer's
@@ -96,8 +108,10 @@ def choose_group_size(linears: dict[str, tuple[int, int]],
     would; the default (None -> 128) falls back to the largest power of two that fits, reported.
     """
     if requested is not None and requested != -1 and requested < 1:
-        raise ShrinkError(f"--group-size must be a positive number of columns or -1 (one group "
-                          f"per output channel), got {requested}")
+        raise ShrinkError(
+            f"--group-size must be a positive number of columns or -1 (one group "
+            f"per output channel), got {requested}"
+        )
     if requested == -1 or not linears:
         return (requested if requested is not None else DEFAULT_GROUP_SIZE), None
     widths = sorted({k for k, _ in linears.values()})
@@ -110,14 +124,18 @@ def choose_group_size(linears: dict[str, tuple[int, int]],
     if requested is None and fits:
         smaller = [x for x in fits if x < DEFAULT_GROUP_SIZE] or fits
         chosen = smaller[0]
-        return chosen, (f"group size {DEFAULT_GROUP_SIZE} does not divide the input width "
-                        f"{bad[0][1]} of {bad[0][0]} ({len(bad)} layers); used {chosen}, the "
-                        f"largest that divides every input width ({', '.join(map(str, widths))})")
+        return chosen, (
+            f"group size {DEFAULT_GROUP_SIZE} does not divide the input width "
+            f"{bad[0][1]} of {bad[0][0]} ({len(bad)} layers); used {chosen}, the "
+            f"largest that divides every input width ({', '.join(map(str, widths))})"
+        )
     name, k = bad[0]
     more = f" and {len(bad) - 1} other layers" if len(bad) > 1 else ""
-    raise ShrinkError(f"group size {g} does not divide the input width {k} of {name}{more}; "
-                      f"group sizes that fit every layer: {options} (or -1, one group per output "
-                      "channel)")
+    raise ShrinkError(
+        f"group size {g} does not divide the input width {k} of {name}{more}; "
+        f"group sizes that fit every layer: {options} (or -1, one group per output "
+        "channel)"
+    )
 
 
 def safetensors_tensors(folder: Path) -> dict[str, int]:
@@ -142,8 +160,9 @@ def bits_per_weight(folder: Path, linears: dict[str, tuple[int, int]]) -> tuple[
             continue
         count += 1
         total_weights += k * n
-        total_bytes += sum(tensors.get(f"{name}.{part}", 0)
-                           for part in ("qweight", "qzeros", "scales", "g_idx"))
+        total_bytes += sum(
+            tensors.get(f"{name}.{part}", 0) for part in ("qweight", "qzeros", "scales", "g_idx")
+        )
     if count == 0:
         raise ShrinkError(f"no GPTQ-packed Linear (.qweight) found in {folder}")
     return 8 * total_bytes / total_weights, count
@@ -152,17 +171,28 @@ def bits_per_weight(folder: Path, linears: dict[str, tuple[int, int]]) -> tuple[
 def _check_source(config, name: str) -> None:
     qc = getattr(config, "quantization_config", None)
     if qc:
-        method = (qc.get("quant_method") if isinstance(qc, dict)
-                  else getattr(qc, "quant_method", "?"))
-        raise ShrinkError(f"'{name}' is already quantized ({method}); quantize the unquantized "
-                          "(pruned or healed) model folder instead")
+        method = (
+            qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        )
+        raise ShrinkError(
+            f"'{name}' is already quantized ({method}); quantize the unquantized "
+            "(pruned or healed) model folder instead"
+        )
     check_decoder_only(config)
 
 
-def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, *,
-             evaluation: EvaluateConfig | None = None, device: str | None = None,
-             force: bool = False, verify: bool = True, show_progress: bool = True,
-             book=None) -> GptqResult:
+def quantize(
+    model_dir: str | Path,
+    output: str | Path,
+    config: QuantizeConfig,
+    *,
+    evaluation: EvaluateConfig | None = None,
+    device: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    show_progress: bool = True,
+    book=None,
+) -> GptqResult:
     """Quantize ``model_dir`` with GPTQ (GPTQModel) and write a standard GPTQ folder to ``output``.
 
     ``config.group_size`` None means 128, or the largest power of two dividing every quantized
@@ -189,19 +219,31 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.location)
     blocks = token_blocks(tokenizer, config.data, config.samples, config.seq_len, config.seed)
-    eval_blocks = (token_blocks(tokenizer, evaluation.data, evaluation.samples,
-                                evaluation.seq_len, evaluation.seed)
-                   if evaluation is not None else None)
+    eval_blocks = (
+        token_blocks(
+            tokenizer, evaluation.data, evaluation.samples, evaluation.seq_len, evaluation.seed
+        )
+        if evaluation is not None
+        else None
+    )
     if note and show_progress:
         stderr.print(f"note: {note}")
 
     ppl_before = None
     if eval_blocks is not None:
-        ppl_before = source_perplexity(str(model_dir), resolved.path, eval_blocks,
-                                       evaluation.name(), device, book, show_progress)
+        ppl_before = source_perplexity(
+            str(model_dir),
+            resolved.path,
+            eval_blocks,
+            evaluation.name(),
+            device,
+            book,
+            show_progress,
+        )
 
-    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)}
-                   for row in blocks.input_ids]
+    calibration = [
+        {"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in blocks.input_ids
+    ]
 
     def compute(tmp: Path) -> StageOutput:
         with cpu_workers(), stdout_to_stderr(), gptq_interrupts(output):
@@ -210,16 +252,23 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
             from gptqmodel import __version__ as gptqmodel_version
 
             try:
-                qconfig = GPTQConfig(bits=bits, group_size=g, desc_act=config.desc_act,
-                                     sym=config.sym, damp_percent=config.damp, device=device,
-                                     **offload_setting(resolved.path, device))
+                qconfig = GPTQConfig(
+                    bits=bits,
+                    group_size=g,
+                    desc_act=config.desc_act,
+                    sym=config.sym,
+                    damp_percent=config.damp,
+                    device=device,
+                    **offload_setting(resolved.path, device),
+                )
             except (ValueError, TypeError) as e:
                 raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
             try:
                 qmodel = GPTQModel.load(resolved.location, qconfig)
             except Exception as e:  # noqa: BLE001 - unsupported architectures: one line
-                raise ShrinkError(f"GPTQModel cannot load '{resolved.name}' for quantization: "
-                                  f"{first_line(e)}") from None
+                raise ShrinkError(
+                    f"GPTQModel cannot load '{resolved.name}' for quantization: {first_line(e)}"
+                ) from None
             t0 = time.perf_counter()
             with logs_outside_cwd(), layer_progress(qmodel, hf_config, show_progress):
                 qmodel.quantize(calibration, batch_size=config.batch_size)
@@ -232,42 +281,81 @@ def quantize(model_dir: str | Path, output: str | Path, config: QuantizeConfig, 
         size_before = safetensors_bytes(resolved.path) if resolved.path is not None else 0
         size_after = safetensors_bytes(tmp)
         record = {
-            "method": "gptq", "source": resolved.location,
-            "bits": bits, "group_size": g, "group_size_requested": config.group_size,
-            "group_size_note": note, "desc_act": config.desc_act, "sym": config.sym,
-            "damp": config.damp, "format": "gptq", "device": device,
-            "calibration": blocks.describe(), "quantize_seconds": round(seconds, 2),
-            "size_bytes_before": size_before, "size_bytes_after": size_after,
-            "bits_per_weight": round(bpw, 4), "quantized_linears": count,
-            "perplexity_before": ppl_before, "perplexity_after": None,  # set by the check
+            "method": "gptq",
+            "source": resolved.location,
+            "bits": bits,
+            "group_size": g,
+            "group_size_requested": config.group_size,
+            "group_size_note": note,
+            "desc_act": config.desc_act,
+            "sym": config.sym,
+            "damp": config.damp,
+            "format": "gptq",
+            "device": device,
+            "calibration": blocks.describe(),
+            "quantize_seconds": round(seconds, 2),
+            "size_bytes_before": size_before,
+            "size_bytes_after": size_after,
+            "bits_per_weight": round(bpw, 4),
+            "quantized_linears": count,
+            "perplexity_before": ppl_before,
+            "perplexity_after": None,  # set by the check
             "evaluation": eval_blocks.describe() if eval_blocks is not None else None,
             "tools": {"gptqmodel": gptqmodel_version, "optimum": _dist_version("optimum")},
         }
-        result = GptqResult(Path(output), bits, g, config.group_size, note, config.desc_act,
-                            config.sym, config.damp, device, blocks.describe(), seconds,
-                            size_before, size_after, bpw, count, ppl_before, None,
-                            record["evaluation"])
+        result = GptqResult(
+            Path(output),
+            bits,
+            g,
+            config.group_size,
+            note,
+            config.desc_act,
+            config.sym,
+            config.damp,
+            device,
+            blocks.describe(),
+            seconds,
+            size_before,
+            size_after,
+            bpw,
+            count,
+            ppl_before,
+            None,
+            record["evaluation"],
+        )
 
         def check_it(folder: Path) -> dict:
             from shrink.runtime import kinds
 
             v = kinds.verify(
-                folder, "gptq", eval_data=evaluation.data if evaluation is not None else None,
+                folder,
+                "gptq",
+                eval_data=evaluation.data if evaluation is not None else None,
                 samples=evaluation.samples if evaluation else 0,
                 seq_len=evaluation.seq_len if evaluation else 0,
-                seed=evaluation.seed if evaluation else 0, device=device)
+                seed=evaluation.seed if evaluation else 0,
+                device=device,
+            )
             result.perplexity_after = record["perplexity_after"] = v.get("perplexity")
             return v
 
         return StageOutput(result, record, check_it, {"source_model": str(model_dir)})
 
-    return run_stage("quantize", output, compute, source=resolved.path,
-                     settings=config.settings(), force=force, verify=verify,
-                     log=stderr.print if show_progress else None)
+    return run_stage(
+        "quantize",
+        output,
+        compute,
+        source=resolved.path,
+        settings=config.settings(),
+        force=force,
+        verify=verify,
+        log=stderr.print if show_progress else None,
+    )
 
 
-def source_perplexity(model: str, folder: Path | None, blocks, set_name: str, device: str,
-                      book, show_progress: bool) -> float:
+def source_perplexity(
+    model: str, folder: Path | None, blocks, set_name: str, device: str, book, show_progress: bool
+) -> float:
     """The source's perplexity on the evaluation set: from its shrink.json when the stage that
     wrote it measured what it saved on this very set (heal does), else from the build's book,
     else measured."""
@@ -276,12 +364,20 @@ def source_perplexity(model: str, folder: Path | None, blocks, set_name: str, de
 
     record = read_shrink_json(folder) or {}
     last = (record.get("stages") or [{}])[-1]
-    if (last.get("evaluation") or {}).get("set") == set_name and \
-            last.get("perplexity_after") is not None:
+    if (last.get("evaluation") or {}).get("set") == set_name and last.get(
+        "perplexity_after"
+    ) is not None:
         return float(last["perplexity_after"])
     loaded = load_model(model, device=device)
-    value = measure(book, loaded.model, blocks.input_ids, set_name, "quantize", "before",
-                    show_progress=show_progress).perplexity
+    value = measure(
+        book,
+        loaded.model,
+        blocks.input_ids,
+        set_name,
+        "quantize",
+        "before",
+        show_progress=show_progress,
+    ).perplexity
     del loaded
     gc.collect()
     return value
@@ -367,9 +463,17 @@ def _dist_version(name: str) -> str | None:
 
 # --- verification in a fresh process: the real consumer is transformers.from_pretrained ---
 
-def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, samples: int = 16,
-                    seq_len: int = 512, seed: int = 0, device: str | None = None,
-                    prompt: str = "The capital of France is", max_new_tokens: int = 8) -> dict:
+
+def verify_gptq_dir(
+    path: str | Path,
+    eval_data: str | None = EVALUATION,
+    samples: int = 16,
+    seq_len: int = 512,
+    seed: int = 0,
+    device: str | None = None,
+    prompt: str = "The capital of France is",
+    max_new_tokens: int = 8,
+) -> dict:
     """Load a GPTQ folder with ``AutoModelForCausalLM.from_pretrained`` (GPTQModel + optimum
     behind it); check finite logits and greedy generation; measure perplexity on ``eval_data``."""
     from transformers import AutoTokenizer
@@ -383,8 +487,11 @@ def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, sample
     model = from_pretrained_checked(path, device_map=device)
     load_seconds = time.perf_counter() - t0
     model.eval()
-    qlinear = type(model.get_submodule(next(iter(
-        n for n, m in model.named_modules() if hasattr(m, "qweight"))))).__name__
+    qlinear = type(
+        model.get_submodule(
+            next(iter(n for n, m in model.named_modules() if hasattr(m, "qweight")))
+        )
+    ).__name__
     enc = tok(prompt, return_tensors="pt").to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
@@ -393,21 +500,28 @@ def verify_gptq_dir(path: str | Path, eval_data: str | None = EVALUATION, sample
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         cached = model.generate(**enc, use_cache=True, **kw)
         uncached = model.generate(**enc, use_cache=False, **kw)
-    new = cached[0, enc["input_ids"].shape[1]:]
+    new = cached[0, enc["input_ids"].shape[1] :]
     result = {
         "loaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
-        "quant_linear": qlinear, "dtype": str(model.dtype).removeprefix("torch."),
-        "device": device, "load_seconds": round(load_seconds, 2),
-        "finite_logits": finite, "generated_tokens": int(new.numel()),
+        "quant_linear": qlinear,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": device,
+        "load_seconds": round(load_seconds, 2),
+        "finite_logits": finite,
+        "generated_tokens": int(new.numel()),
         # informative only: in 16-bit arithmetic an argmax may flip between the two paths
         "cache_matches_no_cache": bool(torch.equal(cached, uncached)),
-        "prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
+        "prompt": prompt,
+        "completion": tok.decode(new, skip_special_tokens=True),
     }
     if eval_data:
         blocks = token_blocks(tok, eval_data, samples, seq_len, seed)
         ppl = perplexity(model, blocks.input_ids, show_progress=False)
-        result.update(perplexity=ppl.perplexity, perplexity_seconds=round(ppl.seconds, 2),
-                      evaluation=blocks.describe())
+        result.update(
+            perplexity=ppl.perplexity,
+            perplexity_seconds=round(ppl.seconds, 2),
+            evaluation=blocks.describe(),
+        )
     result["ok"] = finite and new.numel() > 0 and math.isfinite(result.get("perplexity", 0.0))
     return result
 
@@ -424,8 +538,7 @@ class QuantizeStage(Stage):
 
     def describe(self, ctx: BuildContext) -> str:
         q = self.settings(ctx)
-        return (f"quantize (GPTQ {q.gptq}, {q.samples} x {q.seq_len} calibration tokens of "
-                f"{q.data})")
+        return f"quantize (GPTQ {q.gptq}, {q.samples} x {q.seq_len} calibration tokens of {q.data})"
 
     def output_part(self, config) -> str:
         return f"gptq{self.settings_of(config).bits()}"
@@ -436,11 +549,24 @@ class QuantizeStage(Stage):
     def run(self, ctx: BuildContext, work_dir: Path) -> dict:
         # no evaluation here: the evaluate stage measures the input and the output of this
         # stage on the same blocks; measuring here too would reload the float model for it
-        r = quantize(ctx.model, work_dir / "model", self.settings(ctx), evaluation=None,
-                     device=ctx.config.device, force=True, show_progress=ctx.show_progress)
-        return {"model": str(work_dir / "model"), "quantized": str(work_dir / "model"),
-                "bits": r.bits, "group_size": r.group_size, "group_size_note": r.group_size_note,
-                "bits_per_weight": r.bits_per_weight, "size_bytes": r.size_bytes_after}
+        r = quantize(
+            ctx.model,
+            work_dir / "model",
+            self.settings(ctx),
+            evaluation=None,
+            device=ctx.config.device,
+            force=True,
+            show_progress=ctx.show_progress,
+        )
+        return {
+            "model": str(work_dir / "model"),
+            "quantized": str(work_dir / "model"),
+            "bits": r.bits,
+            "group_size": r.group_size,
+            "group_size_note": r.group_size_note,
+            "bits_per_weight": r.bits_per_weight,
+            "size_bytes": r.size_bytes_after,
+        }
 
     def apply(self, ctx: BuildContext, result: dict) -> None:
         ctx.model = result["model"]  # exports that quantize themselves keep the float model

@@ -1,4 +1,5 @@
 """Build recipes: a YAML file (or a recipe shipped with shrink) as a validated BuildConfig."""
+
 from __future__ import annotations
 
 from importlib import resources
@@ -20,10 +21,14 @@ def load_recipe(path_or_name: str) -> tuple[BuildConfig, str]:
     if not p.exists() or p.is_dir():  # a FIFO or a device is read (and refused) below
         shipped = resources.files("shrink") / "recipes" / f"{path_or_name}.yaml"
         if not shipped.is_file():
-            names = sorted(f.name[:-5] for f in (resources.files("shrink") / "recipes").iterdir()
-                           if f.name.endswith(".yaml"))
-            raise ShrinkError(f"no recipe '{path_or_name}': give a YAML file or one of "
-                              f"{', '.join(names)}")
+            names = sorted(
+                f.name[:-5]
+                for f in (resources.files("shrink") / "recipes").iterdir()
+                if f.name.endswith(".yaml")
+            )
+            raise ShrinkError(
+                f"no recipe '{path_or_name}': give a YAML file or one of {', '.join(names)}"
+            )
         text = shipped.read_text()
     else:
         text = read_text_bounded(p, f"recipe {path_or_name}")
@@ -38,8 +43,7 @@ def recipe_config(data: dict, where: str = "recipe") -> BuildConfig:
     data = dict(data)
     extra = [k for k in stage_names() if k not in BuildConfig.model_fields and k in data]
     if extra:
-        data["registered"] = {**(data.get("registered") or {}),
-                              **{k: data.pop(k) for k in extra}}
+        data["registered"] = {**(data.get("registered") or {}), **{k: data.pop(k) for k in extra}}
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as e:

@@ -13,6 +13,7 @@ a check to run on the written folder in a fresh process. The runner owns the res
 6. rename the folder into place, atomically; on any failure or interrupt nothing is moved and the
    temporary folder is removed.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,8 +45,9 @@ class StageOutput:
 
 
 @contextmanager
-def claimed_output(output: str | Path, force: bool = False, source: Path | None = None, *,
-                   lock: bool = True) -> Iterator[Path]:
+def claimed_output(
+    output: str | Path, force: bool = False, source: Path | None = None, *, lock: bool = True
+) -> Iterator[Path]:
     """Step 1 taken before a stage's heavy work: refuse a bad output at once and hold its lock
     for the whole block (``lock=False``: check only, e.g. on the secondary processes of a
     distributed run). :func:`run_stage` inside the block re-enters the same lock."""
@@ -54,9 +56,17 @@ def claimed_output(output: str | Path, force: bool = False, source: Path | None 
         yield out
 
 
-def run_stage(name: str, output: str | Path, compute: Callable[[Path], StageOutput], *,
-              source: Path | None, settings: dict, force: bool = False, verify: bool = True,
-              log: Callable[[str], None] | None = None) -> Any:
+def run_stage(
+    name: str,
+    output: str | Path,
+    compute: Callable[[Path], StageOutput],
+    *,
+    source: Path | None,
+    settings: dict,
+    force: bool = False,
+    verify: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Any:
     """Run one stage into ``output`` (see the module docstring) and return its result."""
     check_output(output, force, source)
     previous = read_shrink_json(source) if source is not None and source.is_dir() else None
@@ -78,8 +88,11 @@ def run_stage(name: str, output: str | Path, compute: Callable[[Path], StageOutp
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         record = write_record(tmp, previous, entry, **out.top)
     result = out.result
-    for attr, value in (("output", Path(output)), ("verification", verification),
-                        ("record", record)):
+    for attr, value in (
+        ("output", Path(output)),
+        ("verification", verification),
+        ("record", record),
+    ):
         if hasattr(result, attr):
             setattr(result, attr, value)
     return result

@@ -20,6 +20,7 @@ The linear bridge (``stream_bridges``) is fitted the same way, one layer at a ti
 hidden-state streams (the dense model and the pruned, bridged one; see ``bridge.py``); the
 folded down-projections are then written in place of their originals by ``write_stream_prune``.
 """
+
 from shrink.streaming.bridge import StreamedBridges, stream_bridges
 from shrink.streaming.checkpoint import Checkpoint, TensorInfo, weights_bytes
 from shrink.streaming.memory import available_memory, decide_streaming
@@ -27,6 +28,19 @@ from shrink.streaming.prune import StreamPlan, plan_stream_prune, write_stream_p
 from shrink.streaming.score import score_model_streaming, stream_score
 from shrink.streaming.skeleton import build_skeleton, write_random_checkpoint
 
-__all__ = ["Checkpoint", "StreamPlan", "StreamedBridges", "TensorInfo", "available_memory", "build_skeleton",
-           "decide_streaming", "plan_stream_prune", "score_model_streaming", "stream_bridges", "stream_score",
-           "weights_bytes", "write_random_checkpoint", "write_stream_prune"]
+__all__ = [
+    "Checkpoint",
+    "StreamPlan",
+    "StreamedBridges",
+    "TensorInfo",
+    "available_memory",
+    "build_skeleton",
+    "decide_streaming",
+    "plan_stream_prune",
+    "score_model_streaming",
+    "stream_bridges",
+    "stream_score",
+    "weights_bytes",
+    "write_random_checkpoint",
+    "write_stream_prune",
+]

@@ -28,6 +28,7 @@ last run's layer b: the layers after it change no bridge.
 Cost over streamed scoring: a second activation store, layer k read and run twice more per run,
 and the kept layers between runs run twice (on both streams).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,9 +36,20 @@ from pathlib import Path
 
 import torch
 
-from shrink.core.bridge import (DEFAULT_RIDGE, BridgeRun, BridgeStats, capture_mlp,
-                                check_bridge_settings, check_bridgeable, check_mlp_output,
-                                contiguous_runs, down_proj, fit_run, fold, not_bridged_at_zero)
+from shrink.core.bridge import (
+    DEFAULT_RIDGE,
+    BridgeRun,
+    BridgeStats,
+    capture_mlp,
+    check_bridge_settings,
+    check_bridgeable,
+    check_mlp_output,
+    contiguous_runs,
+    down_proj,
+    fit_run,
+    fold,
+    not_bridged_at_zero,
+)
 from shrink.core.layers import check_remove
 from shrink.core.models import check_device, parse_dtype
 from shrink.core.progress import progress_bar, stderr
@@ -54,12 +66,22 @@ class StreamedBridges:
 
 
 @torch.no_grad()
-def stream_bridges(model_dir: str | Path, remove: list[int], input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, *, skip_first: int = 1,
-                   ridge: float = DEFAULT_RIDGE, method: str = "mlp", batch_size: int = 4,
-                   device: str | None = None, dtype=None, offload_dir: str | Path | None = None,
-                   show_progress: bool = True, trust_remote_code: bool = False
-                   ) -> StreamedBridges:
+def stream_bridges(
+    model_dir: str | Path,
+    remove: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    skip_first: int = 1,
+    ridge: float = DEFAULT_RIDGE,
+    method: str = "mlp",
+    batch_size: int = 4,
+    device: str | None = None,
+    dtype=None,
+    offload_dir: str | Path | None = None,
+    show_progress: bool = True,
+    trust_remote_code: bool = False,
+) -> StreamedBridges:
     """:func:`shrink.core.bridge.apply_bridges` on the checkpoint in ``model_dir`` without loading
     it (see the module docstring). Nothing is written: the result holds each bridged layer's
     folded ``mlp.down_proj`` tensors under their names in the source checkpoint, in the compute
@@ -78,8 +100,9 @@ def stream_bridges(model_dir: str | Path, remove: list[int], input_ids: torch.Te
     runs = contiguous_runs(remove)
     by_end = {run[-1]: run for run in runs if run[0] > 0}  # layer b -> its run
     waiting = {run[0] - 1 for run in by_end.values()}  # the kept layers k, bridged at layer b
-    results: dict[int, BridgeRun] = {run[0]: not_bridged_at_zero(run, method, ridge)
-                                     for run in runs if run[0] == 0}
+    results: dict[int, BridgeRun] = {
+        run[0]: not_bridged_at_zero(run, method, ridge) for run in runs if run[0] == 0
+    }
     tensors: dict[str, torch.Tensor] = {}
     settings = {"device": device, "dtype": str(torch_dtype)[6:]}
     if not by_end:  # only a run at layer 0: nothing to fit, no weights to read
@@ -92,9 +115,12 @@ def stream_bridges(model_dir: str | Path, remove: list[int], input_ids: torch.Te
     split = min(remove[0], min(waiting))  # the first layer where the two streams part
     if show_progress:
         nbytes = N * S * H * torch.empty((), dtype=torch_dtype).element_size()
-        stderr.print(f"streamed bridge: {len(by_end)} run(s), layers 0..{last}; two hidden-state "
-                     f"streams of {gb(nbytes)} each in "
-                     f"{'a memory-mapped file' if on_disk else 'CPU RAM'}", highlight=False)
+        stderr.print(
+            f"streamed bridge: {len(by_end)} run(s), layers 0..{last}; two hidden-state "
+            f"streams of {gb(nbytes)} each in "
+            f"{'a memory-mapped file' if on_disk else 'CPU RAM'}",
+            highlight=False,
+        )
     batches = [slice(s, min(s + batch_size, N)) for s in range(0, N, batch_size)]
     masks = [attention_mask[sl].to(device) for sl in batches]
     valids = [token_masks(mask, skip_first)[0].bool() for mask in masks]
@@ -105,8 +131,7 @@ def stream_bridges(model_dir: str | Path, remove: list[int], input_ids: torch.Te
         embed_into(sk, loader, input_ids, batches, masks, dense)
         for i in progress_bar(range(last + 1), "bridging layers", enabled=show_progress):
             if i == split:
-                pruned, pruned_file = activation_store((N, S, H), torch_dtype, offload_dir,
-                                                       on_disk)
+                pruned, pruned_file = activation_store((N, S, H), torch_dtype, offload_dir, on_disk)
                 pruned.copy_(dense)
             advance = pruned is not None and i not in remove and i not in waiting
             loader.load(sk.layers[i], f"{sk.prefix}.{i}.")
@@ -117,8 +142,9 @@ def stream_bridges(model_dir: str | Path, remove: list[int], input_ids: torch.Te
             loader.free(sk.layers[i])
             if i in by_end:
                 run = by_end[i]
-                result, folded = _bridge_run(sk, loader, run, dense, pruned, batches, masks,
-                                             valids, method, ridge, arch)
+                result, folded = _bridge_run(
+                    sk, loader, run, dense, pruned, batches, masks, valids, method, ridge, arch
+                )
                 results[run[0]] = result
                 tensors.update(folded)
     finally:
@@ -129,10 +155,19 @@ def stream_bridges(model_dir: str | Path, remove: list[int], input_ids: torch.Te
     return StreamedBridges([results[r[0]] for r in runs], tensors, settings)
 
 
-def _bridge_run(sk: Skeleton, loader: Loader, run: list[int], dense: torch.Tensor,
-                pruned: torch.Tensor, batches: list[slice], masks: list[torch.Tensor],
-                valids: list[torch.Tensor], method: str, ridge: float, arch: str
-                ) -> tuple[BridgeRun, dict[str, torch.Tensor]]:
+def _bridge_run(
+    sk: Skeleton,
+    loader: Loader,
+    run: list[int],
+    dense: torch.Tensor,
+    pruned: torch.Tensor,
+    batches: list[slice],
+    masks: list[torch.Tensor],
+    valids: list[torch.Tensor],
+    method: str,
+    ridge: float,
+    arch: str,
+) -> tuple[BridgeRun, dict[str, torch.Tensor]]:
     """Fit run a..b's bridge into kept layer k = a-1 (``dense`` holds z, ``pruned`` layer k's
     input), fold it, and advance ``pruned`` through the bridged layer k."""
     k = run[0] - 1
@@ -162,10 +197,22 @@ def _bridge_run(sk: Skeleton, loader: Loader, run: list[int], dense: torch.Tenso
     return result, folded
 
 
-def bridge_model_streaming(resolved, remove: list[int], data: str, samples: int, seq_len: int,
-                           seed: int, batch_size: int, skip_first: int, ridge: float, dtype,
-                           device, trust_remote_code: bool, show_progress: bool,
-                           offload_dir=None) -> StreamedBridges:
+def bridge_model_streaming(
+    resolved,
+    remove: list[int],
+    data: str,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int,
+    skip_first: int,
+    ridge: float,
+    dtype,
+    device,
+    trust_remote_code: bool,
+    show_progress: bool,
+    offload_dir=None,
+) -> StreamedBridges:
     """:func:`stream_bridges` on the same calibration blocks the in-memory prune stage uses."""
     from transformers import AutoTokenizer
 
@@ -173,9 +220,18 @@ def bridge_model_streaming(resolved, remove: list[int], data: str, samples: int,
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     blocks = token_blocks(tokenizer, data, samples, seq_len, seed)
-    fitted = stream_bridges(resolved.path, remove, blocks.input_ids, skip_first=skip_first,
-                            ridge=ridge, batch_size=batch_size, device=device, dtype=dtype,
-                            offload_dir=offload_dir, show_progress=show_progress,
-                            trust_remote_code=trust_remote_code)
+    fitted = stream_bridges(
+        resolved.path,
+        remove,
+        blocks.input_ids,
+        skip_first=skip_first,
+        ridge=ridge,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        offload_dir=offload_dir,
+        show_progress=show_progress,
+        trust_remote_code=trust_remote_code,
+    )
     fitted.settings["data"] = blocks.describe()
     return fitted

@@ -1,5 +1,6 @@
 """The checkpoint on disk: which safetensors file holds which tensor, where, and reading and
 writing tensors without loading the model."""
+
 from __future__ import annotations
 
 import json
@@ -7,20 +8,29 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
-from shrink.core.errors import ShrinkError
-from shrink.core.errors import first_line
+
+from shrink.core.errors import ShrinkError, first_line
 from shrink.core.models import check_decoder_only
 from shrink.core.safetensors import INDEX, parse_header, scan
 
-
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SINGLE = "model.safetensors"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-           "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
 COPY_CHUNK = 64 << 20
 
 
@@ -57,8 +67,10 @@ class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not (self.folder / INDEX).is_file() and not any(self.folder.glob("*.safetensors")):
-            raise ShrinkError(f"no safetensors weights in {self.folder} ({SINGLE} or {INDEX}): "
-                              "streaming reads safetensors checkpoints only")
+            raise ShrinkError(
+                f"no safetensors weights in {self.folder} ({SINGLE} or {INDEX}): "
+                "streaming reads safetensors checkpoints only"
+            )
         _, headers = scan(self.folder)  # shards agree with the index and with each other
         self.files = sorted(headers)
         self.tensors: dict[str, TensorInfo] = {}
@@ -67,8 +79,9 @@ class Checkpoint:
             self.metadata[path] = meta
             for key, info in header.items():
                 a, b = info["data_offsets"]
-                self.tensors[key] = TensorInfo(path, info["dtype"], list(info["shape"]),
-                                               start + a, start + b)
+                self.tensors[key] = TensorInfo(
+                    path, info["dtype"], list(info["shape"]), start + a, start + b
+                )
 
     @property
     def nbytes(self) -> int:
@@ -81,8 +94,9 @@ def weights_bytes(folder: str | Path, dtype: torch.dtype | None = None) -> int:
     if dtype is None:
         return ck.nbytes
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel * size if t.dtype.startswith(("F", "BF")) else t.nbytes
-               for t in ck.tensors.values())
+    return sum(
+        t.numel * size if t.dtype.startswith(("F", "BF")) else t.nbytes for t in ck.tensors.values()
+    )
 
 
 def readinto(f, info: TensorInfo, out: torch.Tensor) -> None:
@@ -112,8 +126,9 @@ def _layout(t: TensorInfo | torch.Tensor) -> tuple[str, list[int], int, int]:
     return dtype_code(t.dtype), list(t.shape), t.numel() * t.element_size(), t.element_size()
 
 
-def write_safetensors(out: Path, entries: list[tuple[str, TensorInfo | torch.Tensor]],
-                      metadata: dict) -> int:
+def write_safetensors(
+    out: Path, entries: list[tuple[str, TensorInfo | torch.Tensor]], metadata: dict
+) -> int:
     """Write a safetensors file whose tensors are byte ranges of other files, copied in 64 MiB
     chunks (the format: 8-byte header length, JSON header padded to 8, then the data), or
     tensors in memory (a modified tensor substituted for its original), written as they are."""
@@ -158,12 +173,13 @@ def load_folder_config(folder: Path, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - one line for the user
-        raise ShrinkError(f"cannot read the config of {folder}: "
-                          f"{first_line(e)}") from None
+        raise ShrinkError(f"cannot read the config of {folder}: {first_line(e)}") from None
     check_decoder_only(config)
     if config.model_type not in SUPPORTED:
-        raise ShrinkError(f"streaming does not support {config.model_type} yet (supported: "
-                          f"{', '.join(SUPPORTED)}); use --no-streaming")
+        raise ShrinkError(
+            f"streaming does not support {config.model_type} yet (supported: "
+            f"{', '.join(SUPPORTED)}); use --no-streaming"
+        )
     return config
 
 

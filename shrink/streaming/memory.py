@@ -1,5 +1,6 @@
 """Memory: how much the device has, whether a model fits, the streamed-scoring estimate, and where
 activations live."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
+
 from shrink.core.errors import ShrinkError
 from shrink.core.models import check_device, parse_dtype
 from shrink.core.progress import stderr
@@ -36,8 +39,16 @@ def available_memory(device: str) -> int:
         return 0
 
 
-def decide_streaming(resolved, device: str | None, dtype, streaming: bool | None, *,
-                     method: str, can_stream: bool = True, show_progress: bool = True) -> bool:
+def decide_streaming(
+    resolved,
+    device: str | None,
+    dtype,
+    streaming: bool | None,
+    *,
+    method: str,
+    can_stream: bool = True,
+    show_progress: bool = True,
+) -> bool:
     """Whether to stream: ``streaming`` if given, else when the weights do not fit in the
     device's available memory (with 20% headroom for activations). ``method`` names the metric
     or strategy asked for; ``can_stream`` is False for those that need the whole model."""
@@ -46,9 +57,11 @@ def decide_streaming(resolved, device: str | None, dtype, streaming: bool | None
     device = check_device(device)
     if resolved.path is None:
         if streaming:
-            raise ShrinkError(f"streaming reads a local folder; download {resolved.hub_id} first "
-                              f"(huggingface-cli download {resolved.hub_id} --local-dir DIR) and "
-                              "pass DIR")
+            raise ShrinkError(
+                f"streaming reads a local folder; download {resolved.hub_id} first "
+                f"(huggingface-cli download {resolved.hub_id} --local-dir DIR) and "
+                "pass DIR"
+            )
         return False
     torch_dtype = parse_dtype(dtype, device)
     try:
@@ -61,12 +74,17 @@ def decide_streaming(resolved, device: str | None, dtype, streaming: bool | None
     if streaming is None:
         streaming = need * 1.2 > free
         if streaming and show_progress:
-            stderr.print(f"the weights need {gb(need)} in {str(torch_dtype)[6:]} but {device} has "
-                         f"{gb(free)} available: streaming layer by layer (--no-streaming loads "
-                         "the whole model)", highlight=False)
+            stderr.print(
+                f"the weights need {gb(need)} in {str(torch_dtype)[6:]} but {device} has "
+                f"{gb(free)} available: streaming layer by layer (--no-streaming loads "
+                "the whole model)",
+                highlight=False,
+            )
     if streaming and not can_stream:
-        raise ShrinkError(f"'{method}' needs the whole model in memory and cannot stream; use "
-                          "bi, angular or relmag (or --no-streaming on a machine that fits it)")
+        raise ShrinkError(
+            f"'{method}' needs the whole model in memory and cannot stream; use "
+            "bi, angular or relmag (or --no-streaming on a machine that fits it)"
+        )
     if streaming:
         load_folder_config(resolved.path)  # an architecture streaming does not support: say so now
     return streaming
@@ -107,12 +125,14 @@ class StreamEstimate:
 
     def describe(self) -> str:
         where = "a memory-mapped file" if self.activations_on_disk else "CPU RAM"
-        return (f"streaming {self.layers} layers: device peak ~{gb(self.device_peak)} "
-                f"(one layer {gb(self.layer_bytes)} + one batch {gb(self.batch_bytes)}; "
-                f"embeddings {gb(self.embed_bytes)} first), "
-                f"activations {gb(self.activation_bytes)} "
-                f"in {where}, reads {gb(self.read_bytes)}; ~{self.flops / 1e12:.2f} TFLOP, "
-                f"estimated {self.seconds:.0f} s")
+        return (
+            f"streaming {self.layers} layers: device peak ~{gb(self.device_peak)} "
+            f"(one layer {gb(self.layer_bytes)} + one batch {gb(self.batch_bytes)}; "
+            f"embeddings {gb(self.embed_bytes)} first), "
+            f"activations {gb(self.activation_bytes)} "
+            f"in {where}, reads {gb(self.read_bytes)}; ~{self.flops / 1e12:.2f} TFLOP, "
+            f"estimated {self.seconds:.0f} s"
+        )
 
 
 def throughput(device: str, dtype: torch.dtype) -> float:
@@ -129,12 +149,22 @@ def throughput(device: str, dtype: torch.dtype) -> float:
         reps += 1
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def estimate(ck: Checkpoint, config, prefix: str, embed_prefix: str, samples: int, seq_len: int,
-             batch_size: int, dtype: torch.dtype, device: str, on_disk: bool,
-             read_rate: float = 1e9) -> StreamEstimate:
+def estimate(
+    ck: Checkpoint,
+    config,
+    prefix: str,
+    embed_prefix: str,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: str,
+    on_disk: bool,
+    read_rate: float = 1e9,
+) -> StreamEstimate:
     """Memory and time before any work: one layer + one batch on the device, all activations on
     the CPU; time = matmul FLOPs at a probed rate + bytes read at ``read_rate`` B/s."""
     text = config.get_text_config()
@@ -162,12 +192,14 @@ def estimate(ck: Checkpoint, config, prefix: str, embed_prefix: str, samples: in
     tokens = samples * seq_len
     flops = 2.0 * layer_params * tokens + 4.0 * L * H * seq_len * tokens
     seconds = flops / throughput(device, dtype) + read / read_rate
-    return StreamEstimate(L, max(per_layer), embed, samples * seq_len * H * size, batch, read,
-                          flops, seconds, on_disk)
+    return StreamEstimate(
+        L, max(per_layer), embed, samples * seq_len * H * size, batch, read, flops, seconds, on_disk
+    )
 
 
-def activation_store(shape: tuple[int, int, int], dtype: torch.dtype, offload_dir,
-                      on_disk: bool) -> tuple[torch.Tensor, Path | None]:
+def activation_store(
+    shape: tuple[int, int, int], dtype: torch.dtype, offload_dir, on_disk: bool
+) -> tuple[torch.Tensor, Path | None]:
     """All samples' hidden states: a CPU tensor, or (``on_disk``, see
     :func:`activations_on_disk`) a file-backed tensor in ``offload_dir`` or the temp folder."""
     numel = math.prod(shape)

@@ -9,6 +9,7 @@ embedding) replace their originals before any LoRA update. The output
 is written in shards of at most ``max_shard_bytes`` with an index, the config, the generation
 config and the tokenizer. Peak memory: one tensor and its LoRA factors, plus one 64 MiB copy
 buffer."""
+
 from __future__ import annotations
 
 import json
@@ -83,13 +84,19 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise ShrinkError(f"{path} is not a JSON object")
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
-        raise ShrinkError(f"the adapter in {adapter_dir} is {kind}; the streamed merge applies "
-                          "LoRA adapters only")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"),
-                       ("fan_in_fan_out", "fan_in_fan_out layers")):
+        raise ShrinkError(
+            f"the adapter in {adapter_dir} is {kind}; the streamed merge applies LoRA adapters only"
+        )
+    for flag, what in (
+        ("use_dora", "DoRA"),
+        ("lora_bias", "LoRA biases"),
+        ("fan_in_fan_out", "fan_in_fan_out layers"),
+    ):
         if cfg.get(flag):
-            raise ShrinkError(f"the adapter in {adapter_dir} uses {what}, which the streamed "
-                              "merge does not apply; merge it in memory")
+            raise ShrinkError(
+                f"the adapter in {adapter_dir} uses {what}, which the streamed "
+                "merge does not apply; merge it in memory"
+            )
     if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
         raise ShrinkError(f"{path} has no positive integer 'r'")
     return cfg
@@ -110,27 +117,33 @@ def lora_scale(cfg: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$"
-                       r"|^(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$"
+    r"|^(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)$"
+)
 
 
-def adapter_updates(adapter_dir: Path, base: Checkpoint) -> tuple[dict[str, Lora],
-                                                                  dict[str, TensorInfo]]:
+def adapter_updates(
+    adapter_dir: Path, base: Checkpoint
+) -> tuple[dict[str, Lora], dict[str, TensorInfo]]:
     """The adapter's updates keyed by base tensor name: LoRA pairs, and whole tensors
     (``modules_to_save``) that replace their originals. Every name and shape is checked against
     the base before anything is written."""
     cfg = read_adapter_config(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise ShrinkError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}: the streamed merge reads "
-                          "safetensors adapters only")
+        raise ShrinkError(
+            f"no {ADAPTER_WEIGHTS} in {adapter_dir}: the streamed merge reads "
+            "safetensors adapters only"
+        )
     header, _, start = read_header(adapter_dir / ADAPTER_WEIGHTS)
     pairs: dict[str, dict[str, TensorInfo]] = {}
     whole: dict[str, TensorInfo] = {}
     for key, h in header.items():
         a, b = h["data_offsets"]
-        info = TensorInfo(adapter_dir / ADAPTER_WEIGHTS, h["dtype"], list(h["shape"]),
-                          start + a, start + b)
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        info = TensorInfo(
+            adapter_dir / ADAPTER_WEIGHTS, h["dtype"], list(h["shape"]), start + a, start + b
+        )
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = _LORA_KEY.match(name)
         if m:
             module = m.group("module") or m.group("emodule")
@@ -138,8 +151,10 @@ def adapter_updates(adapter_dir: Path, base: Checkpoint) -> tuple[dict[str, Lora
             pairs.setdefault(module, {})[kind] = info
             pairs[module]["embedding"] = m.group("ekind") is not None
         elif ".lora_" in name:
-            raise ShrinkError(f"adapter tensor '{key}' is not a LoRA A/B matrix the streamed "
-                              "merge knows; merge it in memory")
+            raise ShrinkError(
+                f"adapter tensor '{key}' is not a LoRA A/B matrix the streamed "
+                "merge knows; merge it in memory"
+            )
         else:  # a whole tensor (modules_to_save, or a saved embedding's base layer)
             whole[name.replace(".base_layer.", ".")] = info
     updates: dict[str, Lora] = {}
@@ -150,21 +165,27 @@ def adapter_updates(adapter_dir: Path, base: Checkpoint) -> tuple[dict[str, Lora
         target = f"{module}.weight"
         w = base.tensors.get(target)
         if w is None:
-            raise ShrinkError(f"the adapter changes '{target}', which is not in the base "
-                              f"checkpoint {base.folder} (a tied or renamed weight?)")
+            raise ShrinkError(
+                f"the adapter changes '{target}', which is not in the base "
+                f"checkpoint {base.folder} (a tied or renamed weight?)"
+            )
         rank = a.shape[0]
         out_shape = [b.shape[0], a.shape[1]]
         if emb:
             out_shape = out_shape[::-1]
         if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != rank or w.shape != out_shape:
-            raise ShrinkError(f"the adapter's factors for '{module}' (A {a.shape}, B {b.shape}) "
-                              f"do not fit the base tensor's shape {w.shape}")
+            raise ShrinkError(
+                f"the adapter's factors for '{module}' (A {a.shape}, B {b.shape}) "
+                f"do not fit the base tensor's shape {w.shape}"
+            )
         updates[target] = Lora(a, b, lora_scale(cfg, module, rank), emb)
     for name, info in whole.items():
         w = base.tensors.get(name)
         if w is None or w.shape != info.shape:
-            raise ShrinkError(f"the adapter saves '{name}' whole, but the base checkpoint has "
-                              f"{'no such tensor' if w is None else f'shape {w.shape}'}")
+            raise ShrinkError(
+                f"the adapter saves '{name}' whole, but the base checkpoint has "
+                f"{'no such tensor' if w is None else f'shape {w.shape}'}"
+            )
     return updates, whole
 
 
@@ -196,8 +217,11 @@ def write_shard(path: Path, entries: list[Entry], metadata: dict, handles: dict)
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": e.dtype, "shape": e.info.shape,
-                          "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": e.dtype,
+            "shape": e.info.shape,
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -254,9 +278,15 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: torch.dtype | None) -
     copy_tokenizer(base_dir, out_dir, trust_remote_code=False)
 
 
-def merge_adapter_streamed(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
-                           dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
-                           log: Callable[[str], None] | None = None) -> dict:
+def merge_adapter_streamed(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 << 30,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Write ``base_dir`` with the LoRA adapter of ``adapter_dir`` merged into ``out_dir`` (see
     the module docstring). ``dtype`` casts every floating tensor (default: each keeps its
     checkpoint dtype, as the in-memory merge saves in the source dtype). Returns a summary."""
@@ -274,8 +304,10 @@ def merge_adapter_streamed(base_dir: str | Path, adapter_dir: str | Path, out_di
     shards = plan_shards(entries, max_shard_bytes)
     if log:
         merged_bytes = sum(e.nbytes for e in entries if e.lora is not None)
-        log(f"streamed merge: {len(updates)} LoRA tensor(s) ({merged_bytes / 1e9:.2f} GB) into "
-            f"{len(shards)} shard(s); peak memory one tensor")
+        log(
+            f"streamed merge: {len(updates)} LoRA tensor(s) ({merged_bytes / 1e9:.2f} GB) into "
+            f"{len(shards)} shard(s); peak memory one tensor"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(shards)
     weight_map: dict[str, str] = {}
@@ -292,10 +324,18 @@ def merge_adapter_streamed(base_dir: str | Path, adapter_dir: str | Path, out_di
         for h in handles.values():
             h.close()
     if n > 1:
-        (out_dir / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-            indent=2) + "\n")
+        (out_dir / INDEX).write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2,
+            )
+            + "\n"
+        )
     _copy_side_files(base_dir, out_dir, dtype)
-    return {"merged_tensors": sorted(updates), "replaced_tensors": sorted(whole),
-            "shards": n, "bytes_written": total,
-            "peak_tensor_bytes": max((e.nbytes for e in entries), default=0)}
+    return {
+        "merged_tensors": sorted(updates),
+        "replaced_tensors": sorted(whole),
+        "shards": n,
+        "bytes_written": total,
+        "peak_tensor_bytes": max((e.nbytes for e in entries), default=0),
+    }

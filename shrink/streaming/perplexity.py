@@ -11,6 +11,7 @@ positions, so the logits never exist for more than one chunk.
 it; ``replace`` substitutes tensors (by checkpoint name, e.g. the linear bridge's folded
 ``down_proj``) after their layer is loaded. Peak memory: one layer (or the embeddings, or the
 head) plus the hidden states of every block (in RAM, or a memory-mapped file when large)."""
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ def _check_blocks(blocks, attention_mask):
     if attention_mask is None:
         attention_mask = torch.ones_like(ids)
     if attention_mask.shape != ids.shape:
-        raise ShrinkError(f"attention mask of shape {list(attention_mask.shape)} does not match "
-                          f"the blocks' {list(ids.shape)}")
+        raise ShrinkError(
+            f"attention mask of shape {list(attention_mask.shape)} does not match "
+            f"the blocks' {list(ids.shape)}"
+        )
     return ids.long(), attention_mask.long()
 
 
@@ -58,10 +61,12 @@ def _substitute(sk: Skeleton, i: int, replace: dict[str, torch.Tensor]) -> None:
     prefix = f"{sk.prefix}.{i}."
     for name, value in replace.items():
         if name.startswith(prefix):
-            param = sk.layers[i].get_parameter(name[len(prefix):])
+            param = sk.layers[i].get_parameter(name[len(prefix) :])
             if param.shape != value.shape:
-                raise ShrinkError(f"cannot substitute '{name}': shape {list(value.shape)}, the "
-                                  f"model's is {list(param.shape)}")
+                raise ShrinkError(
+                    f"cannot substitute '{name}': shape {list(value.shape)}, the "
+                    f"model's is {list(param.shape)}"
+                )
             param.data.copy_(value.to(param.dtype))
 
 
@@ -70,8 +75,10 @@ def load_head(sk: Skeleton, loader: Loader) -> tuple[torch.nn.Module, torch.nn.M
     norm = getattr(sk.base, "norm", None)
     head = sk.model.get_output_embeddings()
     if norm is None or head is None:
-        raise ShrinkError(f"{type(sk.model).__name__} has no final norm or output head that the "
-                          "streamed perplexity knows; use --no-streaming")
+        raise ShrinkError(
+            f"{type(sk.model).__name__} has no final norm or output head that the "
+            "streamed perplexity knows; use --no-streaming"
+        )
     loader.load(norm, module_name(sk.model, norm) + ".", reuse=False)
     head_prefix = module_name(sk.model, head) + "."
     if head_prefix + "weight" in sk.ck.tensors:
@@ -82,8 +89,9 @@ def load_head(sk: Skeleton, loader: Loader) -> tuple[torch.nn.Module, torch.nn.M
     return norm, head
 
 
-def _head_nll(sk: Skeleton, norm, head, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-              chunk: int) -> tuple[float, int]:
+def _head_nll(
+    sk: Skeleton, norm, head, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, chunk: int
+) -> tuple[float, int]:
     """Summed next-token NLL and predicted-token count of one batch, ``chunk`` positions at a
     time: logits = head(norm(h)) (soft-capped where the model caps them), as the CausalLM does."""
     cap = getattr(sk.config.get_text_config(), "final_logit_softcapping", None)
@@ -95,19 +103,29 @@ def _head_nll(sk: Skeleton, norm, head, x: torch.Tensor, ids: torch.Tensor, mask
         if cap:
             logits = torch.tanh(logits / cap) * cap
         t = targets[:, s:e]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1),
-                                 ignore_index=-100, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((t != -100).sum())
     return total, count
 
 
 @torch.no_grad()
-def stream_perplexity(model_dir: str | Path, blocks, *, attention_mask: torch.Tensor | None = None,
-                      remove=(), replace: dict[str, torch.Tensor] | None = None,
-                      device: str = "cpu", dtype=torch.float32, batch_size: int = 4,
-                      chunk: int | None = None, offload_dir: str | Path | None = None,
-                      show_progress: bool = False, trust_remote_code: bool = False
-                      ) -> PerplexityResult:
+def stream_perplexity(
+    model_dir: str | Path,
+    blocks,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    remove=(),
+    replace: dict[str, torch.Tensor] | None = None,
+    device: str = "cpu",
+    dtype=torch.float32,
+    batch_size: int = 4,
+    chunk: int | None = None,
+    offload_dir: str | Path | None = None,
+    show_progress: bool = False,
+    trust_remote_code: bool = False,
+) -> PerplexityResult:
     """Token-weighted perplexity of the checkpoint in ``model_dir`` (without layers ``remove``,
     with tensors ``replace``) over ``blocks`` (a (samples, seq_len) tensor or TokenBlocks), one
     layer in memory at a time; equal to the in-memory perplexity to float rounding. The head
@@ -146,8 +164,7 @@ def stream_perplexity(model_dir: str | Path, blocks, *, attention_mask: torch.Te
             loader.free(sk.layers[i])
         norm, head = load_head(sk, loader)
         for sl, mask in zip(batches, masks):
-            nll, n = _head_nll(sk, norm, head, acts[sl].to(device), ids[sl].to(device), mask,
-                               chunk)
+            nll, n = _head_nll(sk, norm, head, acts[sl].to(device), ids[sl].to(device), mask, chunk)
             total_nll += nll
             tokens += n
     finally:
@@ -161,6 +178,8 @@ def stream_perplexity(model_dir: str | Path, blocks, *, attention_mask: torch.Te
         raise ShrinkError(f"perplexity is not finite ({mean}): the model produces NaN/inf logits")
     ppl = math.exp(mean) if mean < 709 else math.inf
     if not math.isfinite(ppl):
-        raise ShrinkError(f"perplexity is not finite (mean NLL {mean:.1f} nats per token): the "
-                          "model's predictions are far from the text")
+        raise ShrinkError(
+            f"perplexity is not finite (mean NLL {mean:.1f} nats per token): the "
+            "model's predictions are far from the text"
+        )
     return PerplexityResult(ppl, mean, tokens, time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Streamed pruning: copy the kept tensors byte for byte, renumbered, with a rewritten config;
 tensors the caller modified (the linear bridge's folded down-projections) are written in place of
 their originals."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,16 @@ from torch import nn
 from shrink.core.errors import ShrinkError
 from shrink.core.models import find_layers
 from shrink.core.progress import progress_bar, stderr
-from shrink.streaming.checkpoint import (COPY_CHUNK, DTYPES, INDEX, SINGLE, Checkpoint, TensorInfo,
-                                        load_folder_config, write_safetensors)
+from shrink.streaming.checkpoint import (
+    COPY_CHUNK,
+    DTYPES,
+    INDEX,
+    SINGLE,
+    Checkpoint,
+    TensorInfo,
+    load_folder_config,
+    write_safetensors,
+)
 from shrink.streaming.memory import available_memory, gb
 from shrink.streaming.skeleton import build_skeleton, copy_tokenizer, module_name, tied_keys
 
@@ -46,8 +55,9 @@ class StreamPlan:
         return sum(t.nbytes for _, e in self.shards for _, t in e)
 
 
-def plan_stream_prune(model_dir: str | Path, remove: list[int],
-                      trust_remote_code: bool = False) -> StreamPlan:
+def plan_stream_prune(
+    model_dir: str | Path, remove: list[int], trust_remote_code: bool = False
+) -> StreamPlan:
     """Check that ``model_dir`` without layers ``remove`` makes a complete checkpoint for the
     pruned config (every tensor it expects, with its shape) before anything is written."""
     from shrink.core.layers import check_remove, swap_layers
@@ -95,10 +105,13 @@ def plan_stream_prune(model_dir: str | Path, remove: list[int],
     missing = sorted(set(expected) - set(written) - tied_keys(skeleton))
     wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])
     if missing or wrong:
-        raise ShrinkError(f"the pruned checkpoint would not match its config "
-                          f"(missing {missing[:3]}, wrong shapes {wrong[:3]}); use --no-streaming")
-    return StreamPlan(folder, skeleton, remove, keep, L, shards, params_before, params_after,
-                      ck.metadata, names)
+        raise ShrinkError(
+            f"the pruned checkpoint would not match its config "
+            f"(missing {missing[:3]}, wrong shapes {wrong[:3]}); use --no-streaming"
+        )
+    return StreamPlan(
+        folder, skeleton, remove, keep, L, shards, params_before, params_after, ck.metadata, names
+    )
 
 
 def substitutions(plan: StreamPlan, replace: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,42 +123,60 @@ def substitutions(plan: StreamPlan, replace: dict[str, torch.Tensor]) -> dict[st
     for src, value in replace.items():
         new = plan.names.get(src)
         if new is None:
-            raise ShrinkError(f"cannot substitute tensor '{src}': it is not among the tensors "
-                              "the pruned checkpoint keeps")
+            raise ShrinkError(
+                f"cannot substitute tensor '{src}': it is not among the tensors "
+                "the pruned checkpoint keeps"
+            )
         info = infos[new]
         if list(value.shape) != info.shape:
-            raise ShrinkError(f"cannot substitute tensor '{src}': shape {list(value.shape)}, "
-                              f"the checkpoint's is {info.shape}")
+            raise ShrinkError(
+                f"cannot substitute tensor '{src}': shape {list(value.shape)}, "
+                f"the checkpoint's is {info.shape}"
+            )
         out[new] = value.detach().to("cpu", DTYPES[info.dtype])
     return out
 
 
-def write_stream_prune(plan: StreamPlan, out: Path, *,
-                       replace: dict[str, torch.Tensor] | None = None,
-                       trust_remote_code: bool = False, show_progress: bool = True) -> dict:
+def write_stream_prune(
+    plan: StreamPlan,
+    out: Path,
+    *,
+    replace: dict[str, torch.Tensor] | None = None,
+    trust_remote_code: bool = False,
+    show_progress: bool = True,
+) -> dict:
     """Copy the planned tensors byte for byte into ``out`` (64 MiB at a time), with the pruned
     config, a new index, the tokenizer and the generation config. ``replace`` maps source tensor
     names to new values written instead of the originals (see :func:`substitutions`); they are
     the only tensors held in memory. Returns what was written."""
     subs = substitutions(plan, replace or {})
     if show_progress:
-        stderr.print(f"streamed prune: copy {gb(plan.copy_bytes)} in {len(plan.shards)} shard(s), "
-                     f"peak memory one {COPY_CHUNK >> 20} MiB buffer", highlight=False)
+        stderr.print(
+            f"streamed prune: copy {gb(plan.copy_bytes)} in {len(plan.shards)} shard(s), "
+            f"peak memory one {COPY_CHUNK >> 20} MiB buffer",
+            highlight=False,
+        )
     weight_map: dict[str, str] = {}
     total = 0
     n = len(plan.shards)
-    for k, (path, entries) in enumerate(progress_bar(plan.shards, "copying shards",
-                                                     enabled=show_progress)):
+    for k, (path, entries) in enumerate(
+        progress_bar(plan.shards, "copying shards", enabled=show_progress)
+    ):
         name = SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         meta = dict(plan.metadata.get(path) or {}) or {"format": "pt"}
-        total += write_safetensors(out / name, [(new, subs.get(new, t)) for new, t in entries],
-                                   meta)
+        total += write_safetensors(
+            out / name, [(new, subs.get(new, t)) for new, t in entries], meta
+        )
         for new, _ in entries:
             weight_map[new] = name
     if n > 1:
-        (out / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": total},
-             "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        (out / INDEX).write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2,
+            )
+            + "\n"
+        )
     cfg = plan.skeleton.config
     cfg.architectures = [type(plan.skeleton).__name__]
     cfg.save_pretrained(out)
@@ -166,7 +197,11 @@ def verify_streamed(tmp: Path, params_after: int) -> dict:
         from shrink.runtime.verify import verify_in_subprocess
 
         return verify_in_subprocess(tmp)
-    return {"ok": True, "reload": "skipped", "structure_ok": True,
-            "reason": f"the pruned model ({gb(params_after * 4)} in float32) does not fit in "
-                      "this machine's RAM for the fresh-process reload; every tensor and shape "
-                      "was checked against the pruned config"}
+    return {
+        "ok": True,
+        "reload": "skipped",
+        "structure_ok": True,
+        "reason": f"the pruned model ({gb(params_after * 4)} in float32) does not fit in "
+        "this machine's RAM for the fresh-process reload; every tensor and shape "
+        "was checked against the pruned config",
+    }

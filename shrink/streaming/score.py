@@ -1,11 +1,14 @@
 """Streamed scoring: one decoder layer at a time, the same statistics as the in-memory scorer."""
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
+
 from shrink.core.errors import ShrinkError
 from shrink.core.models import check_device, find_layers, parse_dtype
 from shrink.core.progress import progress_bar, stderr
@@ -30,6 +33,7 @@ def layer_inputs(base: nn.Module, layers: nn.ModuleList, target: int, **forward_
                 captured["args"], captured["kwargs"] = args, kwargs
                 raise _Stop
             return args[0] if args else kwargs["hidden_states"]
+
         return forward
 
     for j, layer in enumerate(layers):
@@ -42,8 +46,10 @@ def layer_inputs(base: nn.Module, layers: nn.ModuleList, target: int, **forward_
         for layer in layers:
             layer.__dict__.pop("forward", None)
     if "args" not in captured:
-        raise ShrinkError(f"the forward pass of {type(base).__name__} never reached layer "
-                          f"{target}; use --no-streaming")  # pragma: no cover
+        raise ShrinkError(
+            f"the forward pass of {type(base).__name__} never reached layer "
+            f"{target}; use --no-streaming"
+        )  # pragma: no cover
     return captured["args"], captured["kwargs"]
 
 
@@ -62,8 +68,9 @@ class Skeleton:
     embed_prefix: str
 
 
-def open_skeleton(folder: Path, torch_dtype: torch.dtype, device: str,
-                  trust_remote_code: bool = False) -> Skeleton:
+def open_skeleton(
+    folder: Path, torch_dtype: torch.dtype, device: str, trust_remote_code: bool = False
+) -> Skeleton:
     """The skeleton of ``folder`` with its small real buffers (rotary frequencies, embed scale)
     moved next to the compute."""
     config = load_folder_config(folder, trust_remote_code)
@@ -75,18 +82,33 @@ def open_skeleton(folder: Path, torch_dtype: torch.dtype, device: str,
         if not buf.is_meta:
             owner, _, a = name.rpartition(".")
             model.get_submodule(owner)._buffers[a] = buf.to(device)
-    return Skeleton(config, ck, model, base, layers, module_name(model, layers), embed,
-                    module_name(model, embed) + ".")
+    return Skeleton(
+        config,
+        ck,
+        model,
+        base,
+        layers,
+        module_name(model, layers),
+        embed,
+        module_name(model, embed) + ".",
+    )
 
 
-def embed_into(sk: Skeleton, loader: Loader, input_ids: torch.Tensor, batches: list[slice],
-               masks: list[torch.Tensor], acts: torch.Tensor) -> None:
+def embed_into(
+    sk: Skeleton,
+    loader: Loader,
+    input_ids: torch.Tensor,
+    batches: list[slice],
+    masks: list[torch.Tensor],
+    acts: torch.Tensor,
+) -> None:
     """Load the input embeddings alone and write every sample's layer-0 input into ``acts``."""
     device = loader.device
     loader.load(sk.embed, sk.embed_prefix, reuse=False)
     for sl, mask in zip(batches, masks):
-        args, _ = layer_inputs(sk.base, sk.layers, 0, input_ids=input_ids[sl].to(device),
-                               attention_mask=mask)
+        args, _ = layer_inputs(
+            sk.base, sk.layers, 0, input_ids=input_ids[sl].to(device), attention_mask=mask
+        )
         acts[sl].copy_(args[0])
     loader.free(sk.embed)
 
@@ -101,12 +123,21 @@ def layer_forward(sk: Skeleton, i: int, x: torch.Tensor, mask: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, batch_size: int = 4,
-                 skip_first: int = 1, device: str | None = None, dtype=None,
-                 offload_dir: str | Path | None = None, show_progress: bool = True, *,
-                 model_name: str = "", settings: dict | None = None,
-                 trust_remote_code: bool = False):
+def stream_score(
+    model_dir: str | Path,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 4,
+    skip_first: int = 1,
+    device: str | None = None,
+    dtype=None,
+    offload_dir: str | Path | None = None,
+    show_progress: bool = True,
+    *,
+    model_name: str = "",
+    settings: dict | None = None,
+    trust_remote_code: bool = False,
+):
     """Layer scores of the model in ``model_dir`` without ever holding more than one decoder
     layer: the same :class:`shrink.core.scores.LayerScores` (BI, relmag, angular distances) as
     :func:`shrink.core.scores.score_layers` on the loaded model, to float rounding."""
@@ -121,8 +152,9 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     N, S = input_ids.shape
     H = sk.config.get_text_config().hidden_size
     on_disk = activations_on_disk((N, S, H), torch_dtype, offload_dir)
-    est = estimate(sk.ck, sk.config, sk.prefix, sk.embed_prefix, N, S, batch_size, torch_dtype,
-                   device, on_disk)
+    est = estimate(
+        sk.ck, sk.config, sk.prefix, sk.embed_prefix, N, S, batch_size, torch_dtype, device, on_disk
+    )
     if show_progress:
         stderr.print(est.describe(), highlight=False)
     t_start = time.perf_counter()
@@ -154,8 +186,9 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
             loader.free(layer)
             if i == 0 and show_progress and L > 1:
                 per = time.perf_counter() - t_start
-                stderr.print(f"first layer took {per:.1f} s: about {per * L:.0f} s in all",
-                             highlight=False)
+                stderr.print(
+                    f"first layer took {per:.1f} s: about {per * L:.0f} s in all", highlight=False
+                )
     finally:
         del acts
         if acts_file is not None:
@@ -163,17 +196,39 @@ def stream_score(model_dir: str | Path, input_ids: torch.Tensor,
     for b, sl in enumerate(batches):
         acc.add_samples(last[sl], valids[b])
     seconds = time.perf_counter() - t_start
-    return acc.result(model_name or str(model_dir), {
-        "skip_first": skip_first, "batch_size": batch_size, **(settings or {}),
-        "streaming": {"device": device, "dtype": str(torch_dtype)[6:],
-                      "activations_on_disk": on_disk, "estimate": est.describe(),
-                      "seconds": round(seconds, 2),
-                      "tokens_per_second": round(N * S / seconds, 1)}})
+    return acc.result(
+        model_name or str(model_dir),
+        {
+            "skip_first": skip_first,
+            "batch_size": batch_size,
+            **(settings or {}),
+            "streaming": {
+                "device": device,
+                "dtype": str(torch_dtype)[6:],
+                "activations_on_disk": on_disk,
+                "estimate": est.describe(),
+                "seconds": round(seconds, 2),
+                "tokens_per_second": round(N * S / seconds, 1),
+            },
+        },
+    )
 
 
-def score_model_streaming(model: str, resolved, data: str, samples: int, seq_len: int, seed: int,
-                          batch_size: int, skip_first: int, dtype, device,
-                          trust_remote_code: bool, show_progress: bool, offload_dir=None):
+def score_model_streaming(
+    model: str,
+    resolved,
+    data: str,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int,
+    skip_first: int,
+    dtype,
+    device,
+    trust_remote_code: bool,
+    show_progress: bool,
+    offload_dir=None,
+):
     """:func:`shrink.core.scores.score_model` for a model that does not fit: tokenizer + stream."""
     from transformers import AutoTokenizer
 
@@ -181,8 +236,16 @@ def score_model_streaming(model: str, resolved, data: str, samples: int, seq_len
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     blocks = token_blocks(tokenizer, data, samples, seq_len, seed)
-    return stream_score(resolved.path, blocks.input_ids, batch_size=batch_size,
-                        skip_first=skip_first, device=device, dtype=dtype,
-                        offload_dir=offload_dir, show_progress=show_progress, model_name=model,
-                        settings={"data": blocks.describe(), "location": resolved.location},
-                        trust_remote_code=trust_remote_code)
+    return stream_score(
+        resolved.path,
+        blocks.input_ids,
+        batch_size=batch_size,
+        skip_first=skip_first,
+        device=device,
+        dtype=dtype,
+        offload_dir=offload_dir,
+        show_progress=show_progress,
+        model_name=model,
+        settings={"data": blocks.describe(), "location": resolved.location},
+        trust_remote_code=trust_remote_code,
+    )

@@ -1,15 +1,17 @@
 """The weightless model skeleton and loading one module's weights into it from the checkpoint."""
+
 from __future__ import annotations
 
-from pathlib import Path
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
-from shrink.core.quiet import third_party_quiet
+
 from shrink.core.errors import ShrinkError
-from shrink.streaming.checkpoint import Checkpoint, DTYPES, INDEX, SINGLE, readinto
+from shrink.core.quiet import third_party_quiet
+from shrink.streaming.checkpoint import DTYPES, INDEX, SINGLE, Checkpoint, readinto
 from shrink.streaming.memory import trim_memory
 
 
@@ -33,8 +35,10 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
             module._buffers["embed_scale"] = torch.tensor(module.scalar_embed_scale)
         metas = [k for k, b in module.named_buffers(recurse=False) if b.is_meta]
         if metas and metas[0] in module._non_persistent_buffers_set:
-            raise ShrinkError(f"streaming cannot rebuild the buffer {name}.{metas[0]} of "
-                              f"{type(module).__name__}; use --no-streaming")
+            raise ShrinkError(
+                f"streaming cannot rebuild the buffer {name}.{metas[0]} of "
+                f"{type(module).__name__}; use --no-streaming"
+            )
     model.eval()
     return model
 
@@ -70,18 +74,23 @@ class Loader:
         slots = list(self._slots(module))
         missing = [prefix + n for n, *_ in slots if prefix + n not in self.ck.tensors]
         if missing:
-            raise ShrinkError(f"tensor '{missing[0]}' is not in the checkpoint {self.ck.folder}: "
-                              "its names do not follow the transformers layout; use --no-streaming")
+            raise ShrinkError(
+                f"tensor '{missing[0]}' is not in the checkpoint {self.ck.folder}: "
+                "its names do not follow the transformers layout; use --no-streaming"
+            )
         total = 0
         handles: dict[Path, object] = {}
         try:
             place = {n: self.ck.tensors[prefix + n] for n, *_ in slots}
             for name, owner, attr, meta in sorted(
-                    slots, key=lambda s: (str(place[s[0]].file), place[s[0]].start)):
+                slots, key=lambda s: (str(place[s[0]].file), place[s[0]].start)
+            ):
                 info = place[name]
                 if list(meta.shape) != info.shape:
-                    raise ShrinkError(f"tensor '{prefix + name}' has shape {info.shape} in the "
-                                      f"checkpoint but {list(meta.shape)} in the config")
+                    raise ShrinkError(
+                        f"tensor '{prefix + name}' has shape {info.shape} in the "
+                        f"checkpoint but {list(meta.shape)} in the config"
+                    )
                 dst = self.pool.get(name) if reuse else None
                 if dst is None or dst.shape != meta.shape or dst.dtype != meta.dtype:
                     dst = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
@@ -92,14 +101,15 @@ class Loader:
                     f = handles[info.file] = open(info.file, "rb", buffering=0)
                 src_dtype = DTYPES.get(info.dtype)
                 if src_dtype is None:
-                    raise ShrinkError(f"unsupported safetensors dtype {info.dtype} in "
-                                      f"{info.file.name}")
+                    raise ShrinkError(
+                        f"unsupported safetensors dtype {info.dtype} in {info.file.name}"
+                    )
                 if src_dtype == dst.dtype and dst.device.type == "cpu":
                     readinto(f, info, dst.view(-1).view(torch.uint8))
                 else:
                     if self.staging.numel() < info.nbytes:
                         self.staging = torch.empty(info.nbytes, dtype=torch.uint8)
-                    buf = self.staging[:info.nbytes]
+                    buf = self.staging[: info.nbytes]
                     readinto(f, info, buf)
                     dst.copy_(buf.view(src_dtype).view(info.shape))
                 if attr in owner._parameters:
@@ -114,7 +124,8 @@ class Loader:
             if not b.is_meta and b.device != self.device:
                 owner, _, attr = n.rpartition(".")
                 (module.get_submodule(owner) if owner else module)._buffers[attr] = b.to(
-                    self.device)
+                    self.device
+                )
         return total
 
     @staticmethod
@@ -146,9 +157,14 @@ def copy_tokenizer(src: Path, dst: Path, trust_remote_code: bool) -> None:
     tok.save_pretrained(dst)
 
 
-def write_random_checkpoint(config, folder: str | Path, max_shard_bytes: int = 500 << 20,
-                            dtype: torch.dtype = torch.float32, seed: int = 0,
-                            std: float = 0.02) -> Path:
+def write_random_checkpoint(
+    config,
+    folder: str | Path,
+    max_shard_bytes: int = 500 << 20,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    std: float = 0.02,
+) -> Path:
     """Save a random-weight checkpoint of ``config`` without ever holding the whole model:
     tensors are made one at a time and written one shard at a time (norm weights 1, others
     N(0, std)). Layers may split across shards. Returns the folder."""
@@ -190,16 +206,24 @@ def write_random_checkpoint(config, folder: str | Path, max_shard_bytes: int = 5
         size += nbytes
     flush(True)
     n = len(files)
-    final_names = {str(i): (SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-                   for i in range(n)}
+    final_names = {
+        str(i): (SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+        for i in range(n)
+    }
     for i, name in enumerate(files):
         os.replace(folder / name, folder / final_names[str(i)])
     if n > 1:
         total = sum((folder / f).stat().st_size for f in final_names.values())
-        (folder / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": total},
-             "weight_map": {k: final_names[v] for k, v in sorted(weight_map.items())}},
-            indent=2) + "\n")
+        (folder / INDEX).write_text(
+            json.dumps(
+                {
+                    "metadata": {"total_size": total},
+                    "weight_map": {k: final_names[v] for k, v in sorted(weight_map.items())},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     cfg = skeleton.config
     cfg.architectures = [type(skeleton).__name__]
     cfg.save_pretrained(folder)

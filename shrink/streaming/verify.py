@@ -13,6 +13,7 @@ than RAM this does the same checks a piece at a time:
    token through it; a wrong ``layer_idx`` or a broken cache makes them differ.
 
 Peak memory: the embeddings, the head and the chosen layers in float32."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,7 @@ def nonfinite_tensors(ck) -> list[str]:
     bad = []
     handles: dict = {}
     try:
-        for name, info in sorted(ck.tensors.items(), key=lambda kv: (str(kv[1].file),
-                                                                     kv[1].start)):
+        for name, info in sorted(ck.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
             dtype = DTYPES.get(info.dtype)
             if dtype is None or not dtype.is_floating_point or info.nbytes == 0:
                 continue
@@ -81,7 +81,7 @@ def _cache_check(folder: Path, layers: list[int], ids: torch.Tensor) -> float:
         out = model(input_ids=ids[:, :first], use_cache=True)
         steps, past = [out.logits.float()], out.past_key_values
         for t in range(first, n):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
             steps.append(out.logits.float())
             past = out.past_key_values
     diff = (torch.cat(steps, dim=1) - full).abs().max()
@@ -98,13 +98,16 @@ def _prompt_ids(folder: Path, vocab: int) -> torch.Tensor:
     check_tokenizer(tok, folder)
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     if int(ids.max()) >= vocab:
-        raise ShrinkError(f"the tokenizer in {folder} gives token id {int(ids.max())} but the "
-                          f"model's vocabulary has {vocab} entries")
+        raise ShrinkError(
+            f"the tokenizer in {folder} gives token id {int(ids.max())} but the "
+            f"model's vocabulary has {vocab} entries"
+        )
     return ids
 
 
-def verify_streamed(model_dir: str | Path, *, layers: list[int] | None = None,
-                    tolerance: float = 1e-4) -> dict:
+def verify_streamed(
+    model_dir: str | Path, *, layers: list[int] | None = None, tolerance: float = 1e-4
+) -> dict:
     """Check the model in ``model_dir`` piece by piece (see the module docstring); raise
     ShrinkError naming what is wrong, or return the record of what was checked."""
     from shrink.streaming.perplexity import stream_perplexity
@@ -114,8 +117,10 @@ def verify_streamed(model_dir: str | Path, *, layers: list[int] | None = None,
     ck = check_complete(folder, config)
     bad = nonfinite_tensors(ck)
     if bad:
-        raise ShrinkError(f"verification of {folder} failed: {len(bad)} tensor(s) hold NaN or "
-                          f"inf values ({', '.join(bad[:3])})")
+        raise ShrinkError(
+            f"verification of {folder} failed: {len(bad)} tensor(s) hold NaN or "
+            f"inf values ({', '.join(bad[:3])})"
+        )
     text = config.get_text_config()
     L = text.num_hidden_layers
     ids = _prompt_ids(folder, text.vocab_size)
@@ -127,14 +132,23 @@ def verify_streamed(model_dir: str | Path, *, layers: list[int] | None = None,
         raise ShrinkError(f"the cache check's layers must be among 0..{L - 1}, got {layers}")
     diff = _cache_check(folder, layers, ids)
     same = diff <= tolerance
-    record = {"reload": "streamed", "num_layers": L,
-              "parameters": sum(t.numel for t in ck.tensors.values()),
-              "tensors_checked": len(ck.tensors), "finite_tensors": True,
-              "prompt": PROMPT, "prompt_perplexity": ppl.perplexity,
-              "cache_layers": layers, "cache_relative_logit_diff": diff,
-              "cache_matches_no_cache": same, "ok": same}
+    record = {
+        "reload": "streamed",
+        "num_layers": L,
+        "parameters": sum(t.numel for t in ck.tensors.values()),
+        "tensors_checked": len(ck.tensors),
+        "finite_tensors": True,
+        "prompt": PROMPT,
+        "prompt_perplexity": ppl.perplexity,
+        "cache_layers": layers,
+        "cache_relative_logit_diff": diff,
+        "cache_matches_no_cache": same,
+        "ok": same,
+    }
     if not same:
-        raise ShrinkError(f"verification of {folder} failed: logits through the KV cache differ "
-                          f"from logits without it by {diff:.2e} of the largest (layers {layers}): "
-                          "a wrong layer_idx or a broken cache")
+        raise ShrinkError(
+            f"verification of {folder} failed: logits through the KV cache differ "
+            f"from logits without it by {diff:.2e} of the largest (layers {layers}): "
+            "a wrong layer_idx or a broken cache"
+        )
     return record

@@ -1,4 +1,5 @@
 """Claims check: every claim gets a verdict; the FLOPs claims are wrong by ~4.6x."""
+
 import json
 
 from click.testing import CliRunner
@@ -45,7 +46,9 @@ def test_gromov_flops_claims_are_wrong_by_4_6x():
     checks = check_claims()
     dense = by_claim(checks, ["3e10"])
     # exact matmul FLOPs of Llama-2-70B: 2 * (80 * 855,638,016 + 8192 * 32000) = 1.374e11
-    assert dense.exact == 2 * (80 * (2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672) + 8192 * 32000)
+    assert dense.exact == 2 * (
+        80 * (2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672) + 8192 * 32000
+    )
     assert dense.verdict == "wrong"
     assert "low by 4.6x" in dense.note
     pruned = by_claim(checks, ["1.5e10"])

@@ -1,4 +1,5 @@
 """Analytic estimates: hand-computed tiny config, papers.md reference table, bad inputs, CLI."""
+
 import json
 
 import pytest
@@ -124,8 +125,13 @@ def test_smollm2_135m():
 
 
 def test_known_model_sizes():
-    expected = {"llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6, "mistral-7b": 7.24,
-                "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.7}
+    expected = {
+        "llama-3.1-8b": 8.03,
+        "llama-3.1-70b": 70.6,
+        "mistral-7b": 7.24,
+        "qwen2.5-7b": 7.62,
+        "qwen2.5-72b": 72.7,
+    }
     for alias, billions in expected.items():
         assert sig3(count_params(load_config(alias)).total / 1e9) == sig3(billions), alias
 
@@ -234,8 +240,11 @@ def test_config_from_folder_file_and_text_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     assert load_config(str(tmp_path)) == TINY
     assert load_config(str(tmp_path / "config.json")) == TINY
-    multimodal = {"model_type": "some_vlm", "tie_word_embeddings": True,
-                  "text_config": {k: v for k, v in TINY.items() if k != "tie_word_embeddings"}}
+    multimodal = {
+        "model_type": "some_vlm",
+        "tie_word_embeddings": True,
+        "text_config": {k: v for k, v in TINY.items() if k != "tie_word_embeddings"},
+    }
     (tmp_path / "mm.json").write_text(json.dumps(multimodal))
     text = load_config(str(tmp_path / "mm.json"))
     assert text["hidden_size"] == 8 and text["tie_word_embeddings"] is True

@@ -1,25 +1,46 @@
 """The frontier's arithmetic and the budget's choice, on hand-made points."""
+
 import math
 
 import pytest
 
-from shrink.analysis.frontier import (Point, choose, dominates, front, mark_front, parse_size,
-                                      parse_speed, speed_floor)
+from shrink.analysis.frontier import (
+    Point,
+    choose,
+    dominates,
+    front,
+    mark_front,
+    parse_size,
+    parse_speed,
+    speed_floor,
+)
 from shrink.core.errors import ShrinkError
 
 
 def pt(label, mb, p, t, tps=None, drop=0, healed=False, fmt="q4_0"):
     fam = ("pruned-healed" if healed else "pruned") if drop else "dense"
-    return Point(label=label, family=fam, drop=drop, healed=healed, format=fmt,
-                 bytes=int(mb * 1e6), ppl={"P": p, "T": t}, decode_tps=tps)
+    return Point(
+        label=label,
+        family=fam,
+        drop=drop,
+        healed=healed,
+        format=fmt,
+        bytes=int(mb * 1e6),
+        ppl={"P": p, "T": t},
+        decode_tps=tps,
+    )
 
 
 def hand_made():
-    return [pt("dense q8_0", 145, 45.0, 18.9, 60), pt("dense q4_k_m", 105, 46.2, 19.5, 80),
-            pt("dense iq4_nl", 92, 47.9, 20.4, 95), pt("dense q2_k", 88, 50.0, 21.8, 90),
-            pt("drop 3 healed iq4_nl", 84, 49.0, 21.0, 105, drop=3, healed=True),
-            pt("drop 3 iq4_nl", 84, 55.0, 25.0, 105, drop=3),
-            pt("drop 9 healed q2_k", 66, 70.0, 30.0, 130, drop=9, healed=True)]
+    return [
+        pt("dense q8_0", 145, 45.0, 18.9, 60),
+        pt("dense q4_k_m", 105, 46.2, 19.5, 80),
+        pt("dense iq4_nl", 92, 47.9, 20.4, 95),
+        pt("dense q2_k", 88, 50.0, 21.8, 90),
+        pt("drop 3 healed iq4_nl", 84, 49.0, 21.0, 105, drop=3, healed=True),
+        pt("drop 3 iq4_nl", 84, 55.0, 25.0, 105, drop=3),
+        pt("drop 9 healed q2_k", 66, 70.0, 30.0, 130, drop=9, healed=True),
+    ]
 
 
 def test_dominance_needs_every_domain():
@@ -39,14 +60,24 @@ def test_front_marks_each_dominated_point_with_a_dominator():
     assert by["drop 3 iq4_nl"].dominated_by["bytes"] == "drop 3 healed iq4_nl"
     # dense q2_k (88 MB, 50.0/21.8) is worse on both domains than the smaller healed file
     assert by["dense q2_k"].dominated_by["bytes"] == "drop 3 healed iq4_nl"
-    assert [p.label for p in front(points)] == ["drop 9 healed q2_k", "drop 3 healed iq4_nl",
-                                                "dense iq4_nl", "dense q4_k_m", "dense q8_0"]
+    assert [p.label for p in front(points)] == [
+        "drop 9 healed q2_k",
+        "drop 3 healed iq4_nl",
+        "dense iq4_nl",
+        "dense q4_k_m",
+        "dense q8_0",
+    ]
 
 
-@pytest.mark.parametrize("budget, expected", [(80e6, "drop 9 healed q2_k"),
-                                              (90e6, "drop 3 healed iq4_nl"),
-                                              (95e6, "dense iq4_nl"),
-                                              (200e6, "dense q8_0")])
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (80e6, "drop 9 healed q2_k"),
+        (90e6, "drop 3 healed iq4_nl"),
+        (95e6, "dense iq4_nl"),
+        (200e6, "dense q8_0"),
+    ],
+)
 def test_choose_under_a_size_budget_lands_within_it_and_on_the_front(budget, expected):
     points = hand_made()
     choice = choose(points, max_bytes=int(budget), budget=f"{budget / 1e6:.0f} MB")
@@ -85,8 +116,16 @@ def test_quality_is_the_geometric_mean():
     assert pt("nan", 1, math.nan, 9.0).quality() == math.inf
 
 
-@pytest.mark.parametrize("text, n", [("80MB", 80_000_000), ("1.5GB", 1_500_000_000),
-                                     ("100MiB", 100 * 2**20), ("5000", 5000), ("2 gb", 2e9)])
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("80MB", 80_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("100MiB", 100 * 2**20),
+        ("5000", 5000),
+        ("2 gb", 2e9),
+    ],
+)
 def test_parse_size(text, n):
     assert parse_size(text) == n
 

@@ -1,4 +1,5 @@
 """The build's memory plan: where each stage runs and whether it fits, before any work."""
+
 from __future__ import annotations
 
 import pytest
@@ -59,10 +60,16 @@ def test_too_small_ram_is_refused_naming_stage_and_shortfall():
 
 
 def test_qlora_without_gpu_and_a_card_too_small():
-    no_gpu = plan_build("llama-2-13b", gpu_bytes=0, ram_bytes=64 * GIB, drop=10,
-                        settings=PlanSettings(heal_method="qlora"))
-    assert no_gpu.refusal == ("stage heal cannot fit: QLoRA needs a CUDA GPU (bitsandbytes); "
-                              "none was given")
+    no_gpu = plan_build(
+        "llama-2-13b",
+        gpu_bytes=0,
+        ram_bytes=64 * GIB,
+        drop=10,
+        settings=PlanSettings(heal_method="qlora"),
+    )
+    assert no_gpu.refusal == (
+        "stage heal cannot fit: QLoRA needs a CUDA GPU (bitsandbytes); none was given"
+    )
     small = plan_for_estimate("llama-2-70b", 40, "12GB", "64GB")
     assert small.refusal.startswith("stage heal cannot fit: needs ")
     assert "even with QLoRA" in small.refusal
@@ -85,14 +92,24 @@ def test_settings_are_the_stages_defaults():
         return cfg.model_fields[name].default
 
     assert (st.score_samples, st.score_seq_len, st.batch_size) == (
-        default(ScoreConfig, "samples"), default(ScoreConfig, "seq_len"),
-        default(ScoreConfig, "batch_size"))
-    assert (st.gptq_samples, st.gptq_seq_len) == (default(QuantizeConfig, "samples"),
-                                                  default(QuantizeConfig, "seq_len"))
-    assert (st.eval_samples, st.eval_seq_len) == (default(EvaluateConfig, "samples"),
-                                                  default(EvaluateConfig, "seq_len"))
+        default(ScoreConfig, "samples"),
+        default(ScoreConfig, "seq_len"),
+        default(ScoreConfig, "batch_size"),
+    )
+    assert (st.gptq_samples, st.gptq_seq_len) == (
+        default(QuantizeConfig, "samples"),
+        default(QuantizeConfig, "seq_len"),
+    )
+    assert (st.eval_samples, st.eval_seq_len) == (
+        default(EvaluateConfig, "samples"),
+        default(EvaluateConfig, "seq_len"),
+    )
     assert (st.heal_rank, st.heal_batch, st.heal_seq_len, st.heal_targets) == (
-        DEFAULTS["rank"], DEFAULTS["batch_size"], DEFAULTS["seq_len"], DEFAULTS["targets"])
+        DEFAULTS["rank"],
+        DEFAULTS["batch_size"],
+        DEFAULTS["seq_len"],
+        DEFAULTS["targets"],
+    )
 
 
 def test_logit_chunk_is_the_streamed_perplexity_one():
@@ -119,10 +136,12 @@ def test_estimate_prints_the_plan_and_refuses_what_cannot_fit():
 
     from shrink.cli import main
 
-    ok = CliRunner().invoke(main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB",
-                                   "--ram", "64GB"])
+    ok = CliRunner().invoke(
+        main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB", "--ram", "64GB"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "heal" in ok.output and "qlora" in ok.output and "every stage fits" in ok.output
-    bad = CliRunner().invoke(main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB",
-                                    "--ram", "8GB"])
+    bad = CliRunner().invoke(
+        main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB", "--ram", "8GB"]
+    )
     assert bad.exit_code == 2 and "refused: stage quantize cannot fit" in bad.output

@@ -1,5 +1,6 @@
 """The shape of the CLI: one short module per command, the defaults a build applies in its help,
 the same model forms for every command, and bench's one table in two renderings."""
+
 from __future__ import annotations
 
 import importlib
@@ -25,10 +26,14 @@ def _help(*args: str) -> str:
 def _default(help_text: str, option: str) -> str:
     """The ``[default: ...]`` shown for ``option``: its line and the wrapped lines after it."""
     lines = help_text.splitlines()
-    start = next(i for i, line in enumerate(lines)
-                 if re.match(r"\s+(-\w, )?" + re.escape(option) + r"[ /=]", line))
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")),
-               len(lines))
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if re.match(r"\s+(-\w, )?" + re.escape(option) + r"[ /=]", line)
+    )
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")), len(lines)
+    )
     m = re.search(r"\[default: ([^\]]+)\]", " ".join(lines[start:end]))
     assert m, f"no default shown for {option}"
     return m.group(1).replace(" ", "")
@@ -77,8 +82,9 @@ def test_export_resolves_an_alias_like_every_command(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr(export_stage, "export", fake_export)
-    result = CliRunner().invoke(main, ["export", "smollm2-135m", "--onnx", "int4", "-o",
-                                       str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["export", "smollm2-135m", "--onnx", "int4", "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     assert Path(seen["model_dir"]) == embedded
 
@@ -106,13 +112,33 @@ def test_bench_table_and_markdown_share_their_cells():
     from shrink.report.tables import bench_markdown, bench_table
     from shrink.stages.bench import ArtifactResult, BenchReport
 
-    median = {"ttft_s": 0.0123, "decode_tokens_per_s": 45.67, "prefill_tokens_per_s": 890.0,
-              "peak_rss_bytes": 300 * 2**20, "perplexity": 12.5, "roofline_fraction": 0.42}
-    r = ArtifactResult("out/pruned", "out/pruned", "hf", 270_000_000, 24, 2.5e8, 1e8,
-                       median=median, ratios={"decode_tokens_per_s": 1.25, "size_bytes": 0.8,
-                                              "flops_per_token": 0.8})
-    settings = {"device": "cpu", "prompt_len": 128, "gen_len": 64, "batch": 1, "repeats": 3,
-                "ppl_samples": 4}
+    median = {
+        "ttft_s": 0.0123,
+        "decode_tokens_per_s": 45.67,
+        "prefill_tokens_per_s": 890.0,
+        "peak_rss_bytes": 300 * 2**20,
+        "perplexity": 12.5,
+        "roofline_fraction": 0.42,
+    }
+    r = ArtifactResult(
+        "out/pruned",
+        "out/pruned",
+        "hf",
+        270_000_000,
+        24,
+        2.5e8,
+        1e8,
+        median=median,
+        ratios={"decode_tokens_per_s": 1.25, "size_bytes": 0.8, "flops_per_token": 0.8},
+    )
+    settings = {
+        "device": "cpu",
+        "prompt_len": 128,
+        "gen_len": 64,
+        "batch": 1,
+        "repeats": 3,
+        "ppl_samples": 4,
+    }
     report = BenchReport(settings, "out/pruned", [r], {})
     console = Console(record=True, width=300)
     console.print(bench_table(report, settings))

@@ -1,4 +1,5 @@
 """The automatic strategy (shrink.stages.auto) and the quality guard (shrink.core.guard)."""
+
 from __future__ import annotations
 
 import math
@@ -6,20 +7,19 @@ import math
 import pytest
 import torch
 
+from shrink.core.errors import ShrinkError
+from shrink.core.guard import guard_blocks, quality_ratio
+from shrink.core.layers import without_layers
+from shrink.core.perplexity import perplexity
+from shrink.core.scores import LayerScores
 from shrink.stages.auto import choose_auto, heldout_blocks
 from shrink.stages.strategies import choose_layers
-from shrink.core.guard import guard_blocks, quality_ratio
-from shrink.core.errors import ShrinkError
-from shrink.core.perplexity import perplexity
-from shrink.core.layers import without_layers
-from shrink.core.scores import LayerScores
 
 
 def _model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"),
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
 
 
 def _scores(L=6):
@@ -47,9 +47,15 @@ def test_auto_picks_the_lowest_measured_perplexity(tiny_model_dir, bridge):
     model = _model(tiny_model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     held, calib = _ids(4, 5), _ids(8, 6)
-    result = choose_auto(model, 2, held, _propose(model, _scores()),
-                         candidates=("bi", "angular", "relmag"), bridge=bridge,
-                         calib_input_ids=calib)
+    result = choose_auto(
+        model,
+        2,
+        held,
+        _propose(model, _scores()),
+        candidates=("bi", "angular", "relmag"),
+        bridge=bridge,
+        calib_input_ids=calib,
+    )
     assert [c.layers for c in result.candidates] == [[1, 4], [3, 4], [2, 3]]
     best = min(result.candidates, key=lambda c: c.perplexity)
     assert (result.layers, result.perplexity) == (best.layers, best.perplexity)
@@ -60,16 +66,16 @@ def test_auto_picks_the_lowest_measured_perplexity(tiny_model_dir, bridge):
                 ppl = perplexity(model, held, show_progress=False).perplexity
             assert math.isclose(ppl, c.perplexity, rel_tol=1e-6)
     else:
-        assert all(c.bridge and c.bridge[0]["folded_into"] is not None
-                   for c in result.candidates)
+        assert all(c.bridge and c.bridge[0]["folded_into"] is not None for c in result.candidates)
 
 
 def test_auto_merges_identical_sets_and_skips_iterative_without_calibration(tiny_model_dir):
     scores = _scores()
     scores.relmag = scores.bi
     model = _model(tiny_model_dir)
-    result = choose_auto(model, 2, _ids(2, 5), _propose(model, scores),
-                         candidates=("bi", "relmag", "iterative"))
+    result = choose_auto(
+        model, 2, _ids(2, 5), _propose(model, scores), candidates=("bi", "relmag", "iterative")
+    )
     assert result.candidates[0].strategy == "bi=relmag"
     assert result.candidates[-1].strategy == "iterative"
     assert result.candidates[-1].note.startswith("skipped")
@@ -86,9 +92,10 @@ def test_heldout_blocks_share_no_token_with_calibration(embedded_dir):
     cal = token_blocks(tok, "austen:calibration", 32, 256, 0)
     held = heldout_blocks(tok, 8, 256)
     assert held.input_ids.shape == (8, 256)
-    cal_windows = {tuple(r[i:i + 16].tolist()) for r in cal.input_ids for i in range(0, 240, 16)}
-    assert not any(tuple(r[i:i + 16].tolist()) in cal_windows
-                   for r in held.input_ids for i in range(240))
+    cal_windows = {tuple(r[i : i + 16].tolist()) for r in cal.input_ids for i in range(0, 240, 16)}
+    assert not any(
+        tuple(r[i : i + 16].tolist()) in cal_windows for r in held.input_ids for i in range(240)
+    )
 
 
 def test_guard_ok_on_the_source_itself(tiny_model_dir):

@@ -1,6 +1,7 @@
 """The linear bridge (shrink.core.bridge): its fold against an independent computation, its least
 squares against torch.linalg.lstsq on independently captured activations, exact recovery of a
 synthetic linear run, reload in plain transformers in a fresh process, and ONNX conversion."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from shrink.core.bridge import (apply_bridges, bridge_and_prune, bridged_without,
-                                check_bridgeable, contiguous_runs)
+from shrink.core.bridge import (
+    apply_bridges,
+    bridge_and_prune,
+    bridged_without,
+    check_bridgeable,
+    contiguous_runs,
+)
 from shrink.core.errors import ShrinkError
 
 D = 64  # hidden size of the tiny models (tests/conftest.py)
@@ -47,10 +53,12 @@ def _capture(model, k, ids):
     and every layer's output, through hooks on the unmodified model."""
     got: dict = {}
     layer = model.model.layers[k]
-    hs = [layer.post_attention_layernorm.register_forward_pre_hook(
-              lambda m, a: got.__setitem__("y", a[0].detach().clone())),
-          layer.mlp.register_forward_hook(
-              lambda m, a, o: got.__setitem__("M", o.detach().clone()))]
+    hs = [
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a: got.__setitem__("y", a[0].detach().clone())
+        ),
+        layer.mlp.register_forward_hook(lambda m, a, o: got.__setitem__("M", o.detach().clone())),
+    ]
     outs = []
     for lay in model.model.layers:
         hs.append(lay.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone())))
@@ -104,7 +112,8 @@ def test_fold_equals_layer_then_T(bias):
     # layer 4's ORIGINAL down_proj put back, then apply T by hand
     reference = copy.deepcopy(model)
     reference.model.layers[2].mlp.down_proj.load_state_dict(
-        original.model.layers[4].mlp.down_proj.state_dict())
+        original.model.layers[4].mlp.down_proj.state_dict()
+    )
     y, M, _ = _capture(reference, 2, test_ids)
     expected = _apply_T(y, M, results[1].transform)
     assert (_layer_out(model, 2, test_ids) - expected).abs().max() < 1e-5
@@ -121,11 +130,15 @@ def test_least_squares_matches_lstsq():
     # capture with the mask, the way the bridge sees it
     got: dict = {}
     layer = model.model.layers[1]
-    hs = [layer.post_attention_layernorm.register_forward_pre_hook(
-              lambda m, a: got.__setitem__("y", a[0].double())),
-          layer.mlp.register_forward_hook(lambda m, a, o: got.__setitem__("M", o.double())),
-          model.model.layers[3].register_forward_hook(
-              lambda m, a, o: got.__setitem__("z", o.double()))]
+    hs = [
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a: got.__setitem__("y", a[0].double())
+        ),
+        layer.mlp.register_forward_hook(lambda m, a, o: got.__setitem__("M", o.double())),
+        model.model.layers[3].register_forward_hook(
+            lambda m, a, o: got.__setitem__("z", o.double())
+        ),
+    ]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     for h in hs:
@@ -163,7 +176,7 @@ def test_recovers_a_linear_run():
     computes the same logits as the model with the run."""
     model = _tiny()
     g = torch.Generator().manual_seed(3)
-    W = torch.eye(D) + 0.3 * torch.randn(D, D, generator=g) / D ** 0.5
+    W = torch.eye(D) + 0.3 * torch.randn(D, D, generator=g) / D**0.5
     model.model.layers[2] = _LinearRun(model.model.layers[1].mlp, W)
     ids = _ids(samples=12)
     with torch.no_grad():
@@ -231,12 +244,24 @@ def test_reloads_in_plain_transformers(bridged_folder, tmp_path):
     """(b) A fresh process loads the folder with AutoModelForCausalLM alone; logits match."""
     folder, ids, logits = bridged_folder
     torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
-            "m = A.from_pretrained(sys.argv[1], dtype=torch.float32).eval(); "
-            "ids = torch.load(sys.argv[2]); "
-            "torch.save(m(input_ids=ids, use_cache=False).logits.detach(), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as A; "
+        "m = A.from_pretrained(sys.argv[1], dtype=torch.float32).eval(); "
+        "ids = torch.load(sys.argv[2]); "
+        "torch.save(m(input_ids=ids, use_cache=False).logits.detach(), sys.argv[3])"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(folder),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     reloaded = torch.load(tmp_path / "logits.pt")
     assert reloaded.shape == logits.shape
     assert (reloaded - logits).abs().max() < 1e-5

@@ -1,4 +1,5 @@
 """Text sources and token blocks."""
+
 from __future__ import annotations
 
 import json

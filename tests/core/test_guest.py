@@ -1,5 +1,6 @@
 """shrink is a guest in its user's program: importing it and calling it leaves transformers'
 logging level, Python's warning filters, logger levels and the environment as they were."""
+
 from __future__ import annotations
 
 import logging
@@ -66,6 +67,5 @@ def test_every_public_name_resolves():
 
     import shrink
 
-    missing = [n for n in shrink.__all__
-               if not hasattr(importlib.import_module(shrink._API[n]), n)]
+    missing = [n for n in shrink.__all__ if not hasattr(importlib.import_module(shrink._API[n]), n)]
     assert missing == []

@@ -1,6 +1,7 @@
 """Removing layers in memory leaves a valid checkpoint: reloaded == in memory, kept weights bitwise
 equal, per-layer config sliced, generation with the KV cache works, for every architecture; and
 the temporary removal (without_layers) restores the model exactly."""
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ def test_prune_reload_equal_and_generate(tiny_model_dir, tmp_path, arch):
         names = [k for k in original if k.startswith(prefix_old)]
         assert names
         for k in names:
-            assert torch.equal(saved[prefix_new + k[len(prefix_old):]], original[k])
+            assert torch.equal(saved[prefix_new + k[len(prefix_old) :]], original[k])
     assert not any(k.startswith("model.layers.4.") for k in saved)
     # independent check: a model built with 4 layers from the renumbered original weights
     small_cfg = AutoConfig.from_pretrained(tmp_path)

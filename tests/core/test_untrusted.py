@@ -2,6 +2,7 @@
 lying safetensors headers, absurd numbers, symlinked outputs, unusable caches, text sources
 that are not text, damaged GGUF / ONNX artifacts, and SIGTERM. Each case ends with one
 ShrinkError line (exit 2 on the CLI) before any heavy work."""
+
 from __future__ import annotations
 
 import json
@@ -52,10 +53,19 @@ def _tiny_llama():
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
-                         max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=2)
+    cfg = tf.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=49152,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return AutoModelForCausalLM.from_config(cfg)
 
 
@@ -133,13 +143,16 @@ def test_an_anchor_in_an_otherwise_valid_recipe_is_refused(tmp_path):
         load_recipe(str(f))
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("a: " + "[" * 40 + "]" * 40, "nested deeper than 20"),
-    ("prune:\n  drop: 1\n  drop: 2\n", "prune: key 'drop' appears twice"),
-    ("? [a, b]\n: 1\n", "a key must be a plain name"),
-    ("prune:\n  data: !!binary aGVsbG8=\n", "prune.data: a bytes value"),
-    ("heal:\n  seed: 2020-01-01\n", "heal.seed: a date value"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("a: " + "[" * 40 + "]" * 40, "nested deeper than 20"),
+        ("prune:\n  drop: 1\n  drop: 2\n", "prune: key 'drop' appears twice"),
+        ("? [a, b]\n: 1\n", "a key must be a plain name"),
+        ("prune:\n  data: !!binary aGVsbG8=\n", "prune.data: a bytes value"),
+        ("heal:\n  seed: 2020-01-01\n", "heal.seed: a date value"),
+    ],
+)
 def test_hostile_recipe_shapes_are_one_line(tmp_path, text, needle):
     from shrink.stages.recipes import load_recipe
 
@@ -200,8 +213,11 @@ def test_a_tensor_in_two_shards_is_refused_by_the_checkpoint_reader(sharded_dir)
     shard_map(sharded_dir)  # the clean folder passes
     name, home, other = _duplicate_tensor(sharded_dir)
     for call in (lambda: shard_map(sharded_dir), lambda: Checkpoint(sharded_dir)):
-        with pytest.raises(ShrinkError, match=rf"{name} is in two shards.*"
-                                              rf"({home} and {other}|{other} and {home})"):
+        with pytest.raises(
+            ShrinkError,
+            match=rf"{name} is in two shards.*"
+            rf"({home} and {other}|{other} and {home})",
+        ):
             call()
 
 
@@ -214,11 +230,14 @@ def test_a_tensor_in_two_shards_is_refused_by_the_in_memory_loader(sharded_dir):
             call()
 
 
-@pytest.mark.parametrize("args", [
-    ["prune", "--layers", "1", "--streaming"],
-    ["prune", "--layers", "1", "--streaming", "--bridge", "linear"],
-    ["score", "--streaming"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prune", "--layers", "1", "--streaming"],
+        ["prune", "--layers", "1", "--streaming", "--bridge", "linear"],
+        ["score", "--streaming"],
+    ],
+)
 def test_a_tensor_in_two_shards_is_refused_by_streamed_commands(sharded_dir, tmp_path, args):
     name, _, _ = _duplicate_tensor(sharded_dir)
     extra = ["-o", str(tmp_path / "out"), "--no-verify"] if args[0] == "prune" else []
@@ -245,8 +264,9 @@ def test_an_index_that_names_the_wrong_shard_is_refused(sharded_dir):
     data = json.loads(f.read_text())
     name = "model.layers.1.mlp.down_proj.weight"
     home = data["weight_map"][name]
-    data["weight_map"][name] = next(s for s in sorted(set(data["weight_map"].values()))
-                                    if s != home)
+    data["weight_map"][name] = next(
+        s for s in sorted(set(data["weight_map"].values())) if s != home
+    )
     f.write_text(json.dumps(data))
     for call in (lambda: shard_map(sharded_dir), lambda: Checkpoint(sharded_dir)):
         with pytest.raises(ShrinkError, match=f"lists tensor {name} in .*but {home} holds it"):
@@ -271,12 +291,15 @@ def _write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-@pytest.mark.parametrize("entry, needle", [
-    ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}, "needs 16"),
-    ({"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}, "dtype 'F4'"),
-    ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, "invalid shape"),
-    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, "invalid data_offsets"),
-])
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}, "needs 16"),
+        ({"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}, "dtype 'F4'"),
+        ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, "invalid shape"),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, "invalid data_offsets"),
+    ],
+)
 def test_a_header_that_lies_about_its_tensor_is_refused_by_every_reader(tmp_path, entry, needle):
     from shrink.core.safetensors import read_header
     from shrink.streaming.checkpoint import Checkpoint
@@ -292,9 +315,14 @@ def test_overlapping_tensors_are_refused(tmp_path):
     from shrink.core.safetensors import read_header
 
     f = tmp_path / "model.safetensors"
-    _write_raw_safetensors(f, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                           bytes(12))
+    _write_raw_safetensors(
+        f,
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        bytes(12),
+    )
     with pytest.raises(ShrinkError, match="overlap"):
         read_header(f)
 
@@ -302,16 +330,19 @@ def test_overlapping_tensors_are_refused(tmp_path):
 # ---------------------------------------------------------------------------- 3. numbers
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["prune", "--layers", "1", "--ridge", "inf"], "ridge"),
-    (["prune", "--layers", "1", "--guard", "inf"], "guard"),
-    (["score", "--seq-len", "10000000"], "seq_len"),
-    (["score", "--seed", "-1"], "seed"),
-    (["heal", "--lr", "inf", "--steps", "1"], "lr"),
-    (["heal", "--steps", "1000000000000"], "steps"),
-    (["export", "--gguf", "f32", "--threads", "100000"], "threads"),
-    (["eval", "--samples", "100000000"], "samples"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["prune", "--layers", "1", "--ridge", "inf"], "ridge"),
+        (["prune", "--layers", "1", "--guard", "inf"], "guard"),
+        (["score", "--seq-len", "10000000"], "seq_len"),
+        (["score", "--seed", "-1"], "seed"),
+        (["heal", "--lr", "inf", "--steps", "1"], "lr"),
+        (["heal", "--steps", "1000000000000"], "steps"),
+        (["export", "--gguf", "f32", "--threads", "100000"], "threads"),
+        (["eval", "--samples", "100000000"], "samples"),
+    ],
+)
 def test_absurd_numbers_are_refused_up_front(tiny_src, tmp_path, args, needle):
     out = ["-o", str(tmp_path / "out")] if args[0] in ("prune", "heal", "export") else []
     r = _cli(args[0], str(tiny_src), *args[1:], *out)
@@ -319,8 +350,9 @@ def test_absurd_numbers_are_refused_up_front(tiny_src, tmp_path, args, needle):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--seed", "-1"),
-                                           ("--max-new-tokens", "10000000")])
+@pytest.mark.parametrize(
+    "option, value", [("--temperature", "nan"), ("--seed", "-1"), ("--max-new-tokens", "10000000")]
+)
 def test_generate_refuses_nan_and_absurd_numbers(tiny_src, option, value):
     r = _cli("generate", str(tiny_src), "--prompt", "hi", option, value)
     assert r.exit_code == 2 and option in r.output, r.output
@@ -368,8 +400,17 @@ def test_json_to_a_folder_or_a_device_is_refused_before_work(tiny_src, tmp_path,
     target = tmp_path if dest == "folder" else Path(dest)
     if not target.exists():
         pytest.skip(f"{dest} does not exist here")
-    r = _cli("prune", str(tiny_src), "--layers", "1", "-o", str(tmp_path / "out"),
-             "--no-verify", "--json", str(target))
+    r = _cli(
+        "prune",
+        str(tiny_src),
+        "--layers",
+        "1",
+        "-o",
+        str(tmp_path / "out"),
+        "--no-verify",
+        "--json",
+        str(target),
+    )
     _one_line_error(r, str(target))
     assert not (tmp_path / "out").exists()
 
@@ -380,8 +421,11 @@ def test_an_unusable_cache_folder_is_one_line(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     monkeypatch.setenv("SHRINK_CACHE", str(blocker / "cache"))
-    monkeypatch.setattr(models, "hf_folder_from_gguf",
-                        lambda *a, **k: pytest.fail("converted into an unusable cache"))
+    monkeypatch.setattr(
+        models,
+        "hf_folder_from_gguf",
+        lambda *a, **k: pytest.fail("converted into an unusable cache"),
+    )
     with pytest.raises(ShrinkError, match="SHRINK_CACHE"):
         models.ensure_embedded()
 
@@ -394,11 +438,13 @@ def test_a_half_written_cached_conversion_is_redone(tmp_path, monkeypatch, embed
     half.mkdir(parents=True)
     shutil.copy(embedded_dir / "config.json", half / "config.json")
     (half / "model.safetensors").write_bytes(
-        (embedded_dir / "model.safetensors").read_bytes()[:4096])
+        (embedded_dir / "model.safetensors").read_bytes()[:4096]
+    )
     monkeypatch.setenv("SHRINK_CACHE", str(cache))
     calls = []
-    monkeypatch.setattr(models, "hf_folder_from_gguf",
-                        lambda gguf, target, **k: calls.append(target) or target)
+    monkeypatch.setattr(
+        models, "hf_folder_from_gguf", lambda gguf, target, **k: calls.append(target) or target
+    )
     assert models.ensure_embedded() == half and calls == [half]
     # a completion marker whose sizes do not match the files is not trusted either
     (half / models.CACHE_COMPLETE).write_text(json.dumps({"files": {"model.safetensors": 1}}))
@@ -420,8 +466,9 @@ def test_a_binary_text_file_is_refused(tmp_path):
         load_texts(str(f))
 
 
-@pytest.mark.parametrize("name, body", [("empty.txt", b""), ("blank.txt", b"\n \n\t\n"),
-                                        ("empty.jsonl", b"\n\n")])
+@pytest.mark.parametrize(
+    "name, body", [("empty.txt", b""), ("blank.txt", b"\n \n\t\n"), ("empty.jsonl", b"\n\n")]
+)
 def test_an_empty_text_source_is_refused(tmp_path, name, body):
     from shrink.core.data import load_texts
 
@@ -459,8 +506,11 @@ def test_jsonl_lines_without_the_field_or_too_deep_are_one_line(tmp_path):
 
     f = tmp_path / "rows.jsonl"
     f.write_text('{"content": "a", "id": 1}\n')
-    with pytest.raises(ShrinkError, match=r"line 1 has no string field 'text' \(its fields: "
-                                          r"content, id\)"):
+    with pytest.raises(
+        ShrinkError,
+        match=r"line 1 has no string field 'text' \(its fields: "
+        r"content, id\)",
+    ):
         load_texts(str(f))
     f.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ShrinkError, match="line 1 is not valid JSON"):
@@ -488,23 +538,29 @@ def _artifact(folder: Path, files: dict[str, bytes], embedded_dir: Path) -> Path
     return folder
 
 
-@pytest.mark.parametrize("damage, needle", [("half", "truncated"), ("version", "version 9"),
-                                            ("short", "too short")])
+@pytest.mark.parametrize(
+    "damage, needle", [("half", "truncated"), ("version", "version 9"), ("short", "too short")]
+)
 def test_a_damaged_gguf_is_one_line_before_llama_cpp(tmp_path, embedded_dir, damage, needle):
     pytest.importorskip("llama_cpp")
     data = _embedded_gguf().read_bytes()
-    data = {"half": data[: len(data) // 2],
-            "version": b"GGUF" + (9).to_bytes(4, "little") + data[8:1 << 16],
-            "short": data[:10]}[damage]
+    data = {
+        "half": data[: len(data) // 2],
+        "version": b"GGUF" + (9).to_bytes(4, "little") + data[8 : 1 << 16],
+        "short": data[:10],
+    }[damage]
     folder = _artifact(tmp_path / "g", {"m.gguf": data}, embedded_dir)
     r = _cli("generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2")
     _one_line_error(r, "m.gguf", needle)
 
 
-@pytest.mark.parametrize("files, needle", [
-    ({"model.onnx": b""}, "model.onnx is empty"),
-    ({"model.onnx": b"\x08\x07garbage" * 64}, "not a valid ONNX model"),
-])
+@pytest.mark.parametrize(
+    "files, needle",
+    [
+        ({"model.onnx": b""}, "model.onnx is empty"),
+        ({"model.onnx": b"\x08\x07garbage" * 64}, "not a valid ONNX model"),
+    ],
+)
 def test_a_damaged_onnx_folder_is_one_line(tmp_path, embedded_dir, files, needle):
     pytest.importorskip("onnx")
     folder = _artifact(tmp_path / "o", files, embedded_dir)
@@ -514,20 +570,29 @@ def test_a_damaged_onnx_folder_is_one_line(tmp_path, embedded_dir, files, needle
 
 def test_an_onnx_folder_without_its_tokenizer_or_external_data_is_one_line(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     from shrink.runtime.onnx import check_onnx_folder
 
     folder = tmp_path / "o"
     folder.mkdir()
     w = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
-    onnx.save(helper.make_model(graph), str(folder / "model.onnx"), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w],
+    )
+    onnx.save(
+        helper.make_model(graph),
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     with pytest.raises(ShrinkError, match="no tokenizer"):
         check_onnx_folder(folder)
     (folder / "tokenizer.json").write_text("{}")
@@ -545,20 +610,38 @@ def test_an_onnx_folder_without_its_tokenizer_or_external_data_is_one_line(tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_write_keeps_the_previous_output_and_leaves_nothing(tiny_src,
-                                                                             tmp_path):
+def test_sigterm_during_a_write_keeps_the_previous_output_and_leaves_nothing(tiny_src, tmp_path):
     """A prune replacing an earlier output is sent SIGTERM while its temporary folder exists
     (during the fresh-process check): the earlier output stays, and neither the temporary
     folder nor the lock remains."""
     out = tmp_path / "out"
-    first = _cli("prune", str(tiny_src), "--layers", "1", "--seq-len", "32", "-o", str(out),
-                 "--no-verify")
+    first = _cli(
+        "prune", str(tiny_src), "--layers", "1", "--seq-len", "32", "-o", str(out), "--no-verify"
+    )
     assert first.exit_code == 0, first.output
     marker = (out / ".shrink-output").read_text()
     env = {**os.environ, "SHRINK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shrink", "prune", str(tiny_src), "--layers",
-                             "2", "--seq-len", "32", "-o", str(out), "--force"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shrink",
+            "prune",
+            str(tiny_src),
+            "--layers",
+            "2",
+            "--seq-len",
+            "32",
+            "-o",
+            str(out),
+            "--force",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 50
     partial = None
     while time.time() < deadline and proc.poll() is None and partial is None:

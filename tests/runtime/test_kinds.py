@@ -1,6 +1,7 @@
 """The artifact-kind registry: every kind detected on a tiny artifact of its own, one clear line
 when nothing matches, and a toy kind registered through the registry alone is scored, measured,
 described, run and verified by the code that serves the real kinds."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def test_detect_each_kind(tiny_model_dir, tmp_path):
     assert kinds.detect(hf).name == "hf"
     gptq = tmp_path / "gptq"
     gptq.mkdir()
-    (gptq / "config.json").write_text(json.dumps(
-        {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}}))
+    (gptq / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}})
+    )
     assert kinds.detect(gptq).name == "gptq"
     assert kinds.describe(gptq)["precision"] == "4-bit GPTQ, group size 32"
     onnx = tmp_path / "onnx"
@@ -98,8 +100,10 @@ class ToyKind(Kind):
 
         ppl = json.loads((Path(model) / "toy.json").read_text())["perplexity"]
         tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        return [PerplexityResult(ppl, 0.0, b.num_tokens, 0.0, data=b.describe())
-                for b in make_blocks(tok)]
+        return [
+            PerplexityResult(ppl, 0.0, b.num_tokens, 0.0, data=b.describe())
+            for b in make_blocks(tok)
+        ]
 
     def generate(self, path, prompt, max_new_tokens, temperature, top_p, seed, stream):
         text = prompt[::-1][:max_new_tokens]
@@ -108,8 +112,14 @@ class ToyKind(Kind):
         return text
 
     def measure(self, path, m):
-        return {"ttft_s": 0.5, "decode_s": 1.0, "cpu_s": 1.5, "threads": m.threads,
-                "peak_rss_bytes": 1, "gen_len": m.gen_len}
+        return {
+            "ttft_s": 0.5,
+            "decode_s": 1.0,
+            "cpu_s": 1.5,
+            "threads": m.threads,
+            "peak_rss_bytes": 1,
+            "gen_len": m.gen_len,
+        }
 
     def verify(self, path, **kw):
         self.verified.append(kw)
@@ -119,8 +129,14 @@ class ToyKind(Kind):
         return {**super().describe(path), "format": "toy", "precision": "1-bit"}
 
     def card(self, report):
-        return Card(tags=["shrink", "toy"], library="toylib", format="Toy", row="toy",
-                    made=", made into a toy", usage=["toy.load('.')"])
+        return Card(
+            tags=["shrink", "toy"],
+            library="toylib",
+            format="Toy",
+            row="toy",
+            made=", made into a toy",
+            usage=["toy.load('.')"],
+        )
 
 
 @pytest.fixture
@@ -159,25 +175,37 @@ def test_toy_kind_is_benchmarked_described_and_run(toy):
     assert run["wall_s"] >= 0 and "rss_before_load_bytes" in run
     assert B.weight_file_bytes(folder, name) == 123
     total = sum(f.stat().st_size for f in folder.iterdir())
-    assert kinds.describe(folder) == {"kind": "toy", "format": "toy", "bytes": total,
-                                      "weight_bytes": 123, "precision": "1-bit"}
+    assert kinds.describe(folder) == {
+        "kind": "toy",
+        "format": "toy",
+        "bytes": total,
+        "weight_bytes": 123,
+        "precision": "1-bit",
+    }
     pieces: list[str] = []
     assert generate(folder, "abc", max_new_tokens=2, stream=pieces.append) == "cb"
     assert pieces == ["cb"]
     with pytest.raises(ShrinkError, match="run on gptq, hf artifacts, not toy"):
         run_tasks(folder, ["x"])
-    assert kinds.verify(folder, source="s")["source"] == "s" and kind.verified == [
-        {"source": "s"}]
+    assert kinds.verify(folder, source="s")["source"] == "s" and kind.verified == [{"source": "s"}]
 
 
 def test_toy_kind_gets_its_card(toy):
     from shrink.report.modelcard import artifact_card, model_card
 
-    report = {"base_model": None, "source_model": "/m/tiny", "shrink_version": "0",
-              "num_layers": [6, 4], "params": [100, 80], "removed_layers": [1, 2],
-              "strategy": "bi", "reason": "lowest", "sizes_bytes": {},
-              "perplexity": {"dense": {"perplexity": 10.0}, "toy": {"perplexity": 42.0}},
-              "export": {"toy": {"file": "x"}}}
+    report = {
+        "base_model": None,
+        "source_model": "/m/tiny",
+        "shrink_version": "0",
+        "num_layers": [6, 4],
+        "params": [100, 80],
+        "removed_layers": [1, 2],
+        "strategy": "bi",
+        "reason": "lowest",
+        "sizes_bytes": {},
+        "perplexity": {"dense": {"perplexity": 10.0}, "toy": {"perplexity": 42.0}},
+        "export": {"toy": {"file": "x"}},
+    }
     card = artifact_card(report, "toy")
     assert "library_name: toylib" in card and "- toy" in card and "(Toy)" in card
     assert "made into a toy." in card and "42.00 (dense: 10.00)" in card
@@ -188,10 +216,17 @@ def test_toy_kind_gets_its_card(toy):
 def test_builtin_cards_follow_the_report():
     from shrink.report.modelcard import artifact_card
 
-    report = {"base_model": None, "source_model": "/m/tiny", "shrink_version": "0",
-              "num_layers": [6, 4], "removed_layers": [1, 2], "strategy": "bi",
-              "quantize": {"bits": 4}, "perplexity": {},
-              "export": {"onnx": {}, "gguf": {"type": "q4_k_m", "file": "t.gguf"}}}
+    report = {
+        "base_model": None,
+        "source_model": "/m/tiny",
+        "shrink_version": "0",
+        "num_layers": [6, 4],
+        "removed_layers": [1, 2],
+        "strategy": "bi",
+        "quantize": {"bits": 4},
+        "perplexity": {},
+        "export": {"onnx": {}, "gguf": {"type": "q4_k_m", "file": "t.gguf"}},
+    }
     gptq, onnx, gguf = (artifact_card(report, a) for a in ("model", "onnx", "gguf"))
     assert "- 4-bit" in gptq and "(GPTQ checkpoint)" in gptq and ", GPTQ 4-bit." in gptq
     assert "library_name: onnxruntime" in onnx and ", GPTQ 4-bit." in onnx
@@ -209,8 +244,17 @@ def test_verify_dispatches_to_the_kind_in_a_fresh_process(tiny_model_dir):
 def test_gguf_result_is_typed_and_reads_like_its_record(tmp_path):
     from shrink.stages.export.gguf import GgufResult
 
-    r = GgufResult(tmp_path, tmp_path / "m.gguf", "m.gguf", "f16", 10, 4, "llama",
-                   {"ok": True}, {"notes": ["n"], "type": "f16"})
+    r = GgufResult(
+        tmp_path,
+        tmp_path / "m.gguf",
+        "m.gguf",
+        "f16",
+        10,
+        4,
+        "llama",
+        {"ok": True},
+        {"notes": ["n"], "type": "f16"},
+    )
     assert r.type == "f16" and r["block_count"] == 4 and r["notes"] == ["n"]
     assert r.get("verification") == {"ok": True} and r.get("missing", 1) == 1
     assert json.loads(json.dumps(r.to_dict()))["path"] == str(tmp_path / "m.gguf")
@@ -219,20 +263,32 @@ def test_gguf_result_is_typed_and_reads_like_its_record(tmp_path):
 # --------------------------------------------------------------------------- no kind strings
 
 
-KIND_TEST = re.compile(r"""kind\s*[!=]=\s*["']|[!=]=\s*["'](hf|gptq|onnx|gguf)["']"""
-                       r"""|in\s*\(\s*["'](onnx|gguf)["']""")
+KIND_TEST = re.compile(
+    r"""kind\s*[!=]=\s*["']|[!=]=\s*["'](hf|gptq|onnx|gguf)["']"""
+    r"""|in\s*\(\s*["'](onnx|gguf)["']"""
+)
 # the files that asked the kind by name before the registry existed
-ASKED_BY_NAME = ("stages/evaluate.py", "stages/bench.py", "runtime/generate.py",
-                 "runtime/lmeval.py", "report/modelcard.py", "stages/export/__init__.py")
+ASKED_BY_NAME = (
+    "stages/evaluate.py",
+    "stages/bench.py",
+    "runtime/generate.py",
+    "runtime/lmeval.py",
+    "report/modelcard.py",
+    "stages/export/__init__.py",
+)
 
 
 def test_nothing_outside_runtime_compares_kind_names():
     """No artifact kind is compared by name outside shrink/runtime, and the files that used to
     branch on a kind's name do not compare kind names in any spelling."""
     by_name = re.compile(r"""kind\s*[!=]=\s*["'](hf|gptq|onnx|gguf)["']""")
-    hits = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
-            if "runtime" not in p.relative_to(PACKAGE).parts
-            for i, line in enumerate(p.read_text().splitlines(), 1) if by_name.search(line)]
+    hits = [
+        f"{p.relative_to(PACKAGE)}:{i}"
+        for p in PACKAGE.rglob("*.py")
+        if "runtime" not in p.relative_to(PACKAGE).parts
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if by_name.search(line)
+    ]
     assert hits == []
     for rel in ASKED_BY_NAME:
         lines = (PACKAGE / rel).read_text().splitlines()

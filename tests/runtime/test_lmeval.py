@@ -1,5 +1,6 @@
 """lm-evaluation-harness tasks through `shrink bench --tasks`, offline, with a local custom task;
 the accuracy equals an independent log-likelihood computation."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from shrink.core.errors import ShrinkError
 DOCS = [
     {"question": "The capital of France is", "choices": ["Paris", "London", "Rome"], "answer": 0},
     {"question": "Two plus two is", "choices": ["three", "four"], "answer": 1},
-    {"question": "Emma Woodhouse lived at", "choices": ["Hartfield", "Pemberley", "Kellynch"],
-     "answer": 0},
+    {
+        "question": "Emma Woodhouse lived at",
+        "choices": ["Hartfield", "Pemberley", "Kellynch"],
+        "answer": 0,
+    },
     {"question": "The sky is", "choices": ["green", "blue"], "answer": 1},
     {"question": "Mr. Darcy's estate is", "choices": ["Donwell", "Pemberley"], "answer": 1},
 ]
@@ -55,7 +59,7 @@ def _independent_accuracy(model_dir) -> float:
         for choice in doc["choices"]:
             context = tok(doc["question"], add_special_tokens=False)["input_ids"]
             whole = tok(doc["question"] + " " + choice, add_special_tokens=False)["input_ids"]
-            cont = whole[len(context):]
+            cont = whole[len(context) :]
             ids = torch.tensor([whole])
             with torch.no_grad():
                 logp = model(ids).logits[0].log_softmax(-1)
@@ -77,10 +81,28 @@ def test_bench_tasks_cli_and_errors(tiny_model_dir, task_dir, tmp_path):
     pytest.importorskip("lm_eval")
     from shrink.runtime.lmeval import run_tasks
 
-    r = CliRunner().invoke(main, ["bench", str(tiny_model_dir("qwen2")), "--repeats", "1",
-                                  "--gen-len", "2", "--prompt-len", "8", "--ppl-samples", "0",
-                                  "--tasks", "shrink_tiny_mc", "--tasks-path", str(task_dir),
-                                  "--json", "-"], catch_exceptions=False)
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_model_dir("qwen2")),
+            "--repeats",
+            "1",
+            "--gen-len",
+            "2",
+            "--prompt-len",
+            "8",
+            "--ppl-samples",
+            "0",
+            "--tasks",
+            "shrink_tiny_mc",
+            "--tasks-path",
+            str(task_dir),
+            "--json",
+            "-",
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     tasks = json.loads(r.stdout)["result"]["results"][0]["median"]["tasks"]
     assert 0.0 <= tasks["shrink_tiny_mc"]["acc"] <= 1.0
@@ -100,8 +122,12 @@ def test_bench_checks_tasks_before_timing(tiny_model_dir, task_dir, monkeypatch)
 
     monkeypatch.setattr(B, "_run_worker", no_runs)
     with pytest.raises(ShrinkError, match="unknown lm-eval task"):
-        B.bench([str(tiny_model_dir("llama"))], tasks=["no_such_task_xyz"], tasks_path=task_dir,
-                show_progress=False)
+        B.bench(
+            [str(tiny_model_dir("llama"))],
+            tasks=["no_such_task_xyz"],
+            tasks_path=task_dir,
+            show_progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -109,6 +135,8 @@ def test_custom_task_on_embedded_model(embedded_dir, task_dir):
     pytest.importorskip("lm_eval")
     from shrink.runtime.lmeval import run_tasks
 
-    acc = run_tasks("smollm2-135m", ["shrink_tiny_mc"], tasks_path=task_dir)["shrink_tiny_mc"]["acc"]
+    acc = run_tasks("smollm2-135m", ["shrink_tiny_mc"], tasks_path=task_dir)["shrink_tiny_mc"][
+        "acc"
+    ]
     assert acc == pytest.approx(_independent_accuracy(embedded_dir))
     assert acc >= 0.6  # the real model knows most of these

@@ -1,5 +1,6 @@
 """--strategy auto without waste: the dense states shared by the candidates (shrink.core.dense
 DenseStates) give bit for bit the numbers of computing every candidate from scratch."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -7,8 +8,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from shrink.core.bridge import (apply_bridges, bridge_dense_layers, bridged_without,
-                                first_changed_layer)
+from shrink.core.bridge import (
+    apply_bridges,
+    bridge_dense_layers,
+    bridged_without,
+    first_changed_layer,
+)
 from shrink.core.dense import DenseStates
 from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
@@ -20,8 +25,9 @@ def _tiny(layers=8, seed=0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers),
-                                             dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", layers), dtype=torch.float32
+    ).eval()
     with torch.no_grad():  # make the MLPs matter, so that the bridges have work to do
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.mul_(20)
@@ -83,11 +89,21 @@ def test_replayed_prefix_gives_the_same_logits_and_unknown_batches_run_in_full()
 def test_auto_chooses_and_measures_as_before(bridge):
     model, calib, held = _tiny(), _ids(10), _ids(6, seed=3)
     proposals = {"bi": [3, 4], "angular": [2, 3], "relmag": [5, 6], "iterative": [3, 4]}
-    res = choose_auto(model, 2, held, lambda name: (proposals[name], name),
-                      candidates=("bi", "angular", "relmag", "iterative"), bridge=bridge,
-                      calib_input_ids=calib, batch_size=4)
-    before = {name: _from_scratch(model, layers, calib, held, bridge)
-              for name, layers in proposals.items() if name != "iterative"}
+    res = choose_auto(
+        model,
+        2,
+        held,
+        lambda name: (proposals[name], name),
+        candidates=("bi", "angular", "relmag", "iterative"),
+        bridge=bridge,
+        calib_input_ids=calib,
+        batch_size=4,
+    )
+    before = {
+        name: _from_scratch(model, layers, calib, held, bridge)
+        for name, layers in proposals.items()
+        if name != "iterative"
+    }
     got = {c.strategy.split("=")[0]: c.perplexity for c in res.candidates}
     assert got == {name: ppl for name, (ppl, _) in before.items()}
     best = min(before, key=lambda n: before[n][0])

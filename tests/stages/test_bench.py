@@ -1,5 +1,6 @@
 """shrink bench: artifact kinds, report structure and ratios, the drop sweep. No timing is
 asserted (these machines are noisy); only structure and deterministic numbers."""
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,16 @@ def test_artifact_kinds(tiny_model_dir, tmp_path):
 def test_bench_two_artifacts(tiny_model_dir, tmp_path):
     dense = tiny_model_dir("llama")
     pruned = tmp_path / "pruned"
-    shrink.prune(str(dense), pruned, PruneConfig(layers=[1, 2]), verify=False,
-                 show_progress=False)
-    report = B.bench([str(dense), str(pruned)], prompt_len=8, gen_len=4, repeats=2,
-                     ppl_samples=1, ppl_seq_len=16, show_progress=False)
+    shrink.prune(str(dense), pruned, PruneConfig(layers=[1, 2]), verify=False, show_progress=False)
+    report = B.bench(
+        [str(dense), str(pruned)],
+        prompt_len=8,
+        gen_len=4,
+        repeats=2,
+        ppl_samples=1,
+        ppl_seq_len=16,
+        show_progress=False,
+    )
     base, cand = report.results
     assert base.ratios["decode_tokens_per_s"] == 1.0 and len(base.runs) == 2
     assert base.layers == 6 and cand.layers == 4
@@ -57,21 +64,46 @@ def test_bench_two_artifacts(tiny_model_dir, tmp_path):
 
 
 def test_sweep_drop(tiny_model_dir):
-    points = B.sweep_drop(str(tiny_model_dir("llama")), [0, 2], prompt_len=8, gen_len=4,
-                          repeats=1, ppl_samples=1, ppl_seq_len=16, calib_samples=2,
-                          calib_seq_len=16, show_progress=False)
+    points = B.sweep_drop(
+        str(tiny_model_dir("llama")),
+        [0, 2],
+        prompt_len=8,
+        gen_len=4,
+        repeats=1,
+        ppl_samples=1,
+        ppl_seq_len=16,
+        calib_samples=2,
+        calib_seq_len=16,
+        show_progress=False,
+    )
     assert [p.drop for p in points] == [0, 2] and points[0].removed == []
     assert len(points[1].removed) == 2
-    full = shrink.evaluate(str(tiny_model_dir("llama")), EvaluateConfig(samples=1, seq_len=16),
-                           show_progress=False)
+    full = shrink.evaluate(
+        str(tiny_model_dir("llama")), EvaluateConfig(samples=1, seq_len=16), show_progress=False
+    )
     assert points[0].perplexity == pytest.approx(full.perplexity, rel=1e-5)
     assert points[1].flops_per_token < points[0].flops_per_token
 
 
 def test_bench_cli(tiny_model_dir, tmp_path):
     run = CliRunner().invoke
-    r = run(main, ["bench", str(tiny_model_dir("qwen2")), "--repeats", "1", "--gen-len", "3",
-                   "--prompt-len", "8", "--ppl-samples", "0", "--json", "-"])
+    r = run(
+        main,
+        [
+            "bench",
+            str(tiny_model_dir("qwen2")),
+            "--repeats",
+            "1",
+            "--gen-len",
+            "3",
+            "--prompt-len",
+            "8",
+            "--ppl-samples",
+            "0",
+            "--json",
+            "-",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["result"]["results"][0]["kind"] == "hf"
     r = run(main, ["bench", str(tmp_path)])
@@ -86,8 +118,15 @@ def test_bench_threads_and_roofline(tiny_model_dir):
     """--threads: one result per artifact and count, the runtime told that count, the machine's
     bandwidth measured per count, and decode given as a fraction of that roofline."""
     dense = str(tiny_model_dir("llama"))
-    report = B.bench([dense], prompt_len=8, gen_len=4, repeats=1, ppl_samples=0,
-                     threads=[1, 2], show_progress=False)
+    report = B.bench(
+        [dense],
+        prompt_len=8,
+        gen_len=4,
+        repeats=1,
+        ppl_samples=0,
+        threads=[1, 2],
+        show_progress=False,
+    )
     assert [r.threads for r in report.results] == [1, 2]
     assert [run["threads"] for r in report.results for run in r.runs] == [1, 2]
     assert set(report.bandwidth) == {"1", "2"}
@@ -97,7 +136,8 @@ def test_bench_threads_and_roofline(tiny_model_dir):
         assert r.weight_file_bytes == (tiny_model_dir("llama") / "model.safetensors").stat().st_size
         assert r.median["roofline_tokens_per_s"] == pytest.approx(bw / r.weight_file_bytes)
         assert r.median["roofline_fraction"] == pytest.approx(
-            r.median["decode_tokens_per_s"] / r.median["roofline_tokens_per_s"])
+            r.median["decode_tokens_per_s"] / r.median["roofline_tokens_per_s"]
+        )
         assert r.median["cores_busy"] > 0
     assert "| 2 |" in bench_markdown(report) and "GB/s" in bench_markdown(report)
 

@@ -1,4 +1,5 @@
 """What a build publishes: self-contained artifact folders that decode like their source."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,36 @@ from shrink.cli import main
 def test_artifacts_are_self_contained_and_keep_the_generation_settings(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
     out = tmp_path / "b"
-    res = CliRunner().invoke(main, [
-        "build", str(src), "--drop", "2", "--no-heal", "--prune-samples", "2",
-        "--prune-seq-len", "32", "--gptq", "8bit", "--group-size", "32",
-        "--quantize-samples", "4", "--quantize-seq-len", "32", "--onnx", "int4",
-        "--eval-samples", "1", "--eval-seq-len", "32", "-o", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(src),
+            "--drop",
+            "2",
+            "--no-heal",
+            "--prune-samples",
+            "2",
+            "--prune-seq-len",
+            "32",
+            "--gptq",
+            "8bit",
+            "--group-size",
+            "32",
+            "--quantize-samples",
+            "4",
+            "--quantize-seq-len",
+            "32",
+            "--onnx",
+            "int4",
+            "--eval-samples",
+            "1",
+            "--eval-seq-len",
+            "32",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     source_gen = json.loads((src / "generation_config.json").read_text())
     # GPTQModel turns sampling on when it saves; the artifact must decode like its source
@@ -46,11 +72,30 @@ def test_build_stops_before_healing_a_degraded_model(embedded_dir, tmp_path):
     but by a thinner margin.)"""
 
     pytest.importorskip("peft")
-    res = CliRunner().invoke(main, [
-        "build", str(embedded_dir), "--drop", "6", "--strategy", "last", "--prune-samples", "2",
-        "--bridge", "none", "--steps", "1", "--eval-samples", "1", "-o", str(tmp_path / "b")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(embedded_dir),
+            "--drop",
+            "6",
+            "--strategy",
+            "last",
+            "--prune-samples",
+            "2",
+            "--bridge",
+            "none",
+            "--steps",
+            "1",
+            "--eval-samples",
+            "1",
+            "-o",
+            str(tmp_path / "b"),
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "QUALITY GUARD" in res.output and "--allow-degraded" in res.output
-    record = json.loads((tmp_path / "b" / "stages" / "01-prune" / "model" / "shrink.json")
-                        .read_text())["stages"][-1]
+    record = json.loads(
+        (tmp_path / "b" / "stages" / "01-prune" / "model" / "shrink.json").read_text()
+    )["stages"][-1]
     assert record["quality"]["ok"] is False and record["quality"]["ratio"] > 100

@@ -1,6 +1,7 @@
 """ONNX export (onnxruntime-genai model builder, torch.onnx.export fallback) and `shrink generate`
 on every artifact kind. Each export is checked against PyTorch in a fresh process by the stage
 itself; these tests also reload the written folders through the CLI."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,8 @@ pytest.importorskip("onnxruntime_genai")
 
 from shrink.cli import main  # noqa: E402
 from shrink.core.errors import ShrinkError  # noqa: E402
-from shrink.runtime.kinds import artifact_kind  # noqa: E402
 from shrink.runtime.generate import generate  # noqa: E402
+from shrink.runtime.kinds import artifact_kind  # noqa: E402
 from shrink.stages.configs import ExportConfig  # noqa: E402
 from shrink.stages.export.onnx import export_onnx  # noqa: E402
 
@@ -93,8 +94,12 @@ def test_int4_lm_head_is_8bit_unless_asked(tiny_model_dir, llama_fp32, llama_int
     assert len(eight) == 1 and "lm_head" in eight[0], bits
     # at least 4 per layer (the builder fuses q/k/v) and the embedding
     assert sum(b == 4 for b in bits.values()) >= 6 * 4 + 1
-    small = export_onnx(tiny_model_dir("llama"), tmp_path / "int4-head",
-                        ExportConfig(onnx="int4", lm_head="int4"), verify=False)
+    small = export_onnx(
+        tiny_model_dir("llama"),
+        tmp_path / "int4-head",
+        ExportConfig(onnx="int4", lm_head="int4"),
+        verify=False,
+    )
     assert set(_matmul_bits(tmp_path / "int4-head").values()) == {4}
     assert small.model_bytes < result.model_bytes and small.lm_head == "int4"
     # a 4-bit head shares the embedding's 4-bit matrix (tied): about 1/8 of the fp32 bytes
@@ -105,8 +110,13 @@ def _block_sizes(folder: Path) -> set[int]:
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    return {a.i for n in model.graph.node if n.op_type == "MatMulNBits"
-            for a in n.attribute if a.name == "block_size"}
+    return {
+        a.i
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "block_size"
+    }
 
 
 def test_int4_block_size(tiny_model_dir, llama_int4, tmp_path):
@@ -114,12 +124,35 @@ def test_int4_block_size(tiny_model_dir, llama_int4, tmp_path):
     is one line naming the setting."""
     assert _block_sizes(llama_int4[0]) == {32}
     out = tmp_path / "b16"
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o", str(out),
-                                    "--onnx", "int4", "--block-size", "16", "--no-verify"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tiny_model_dir("llama")),
+            "-o",
+            str(out),
+            "--onnx",
+            "int4",
+            "--block-size",
+            "16",
+            "--no-verify",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert _block_sizes(out) == {16} and _stage(out)["block_size"] == 16
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o",
-                                    str(tmp_path / "bad"), "--onnx", "int4", "--block-size", "48"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tiny_model_dir("llama")),
+            "-o",
+            str(tmp_path / "bad"),
+            "--onnx",
+            "int4",
+            "--block-size",
+            "48",
+        ],
+    )
     assert res.exit_code == 2 and "block_size" in res.output and "48" in res.output
 
 
@@ -129,8 +162,13 @@ def test_pruned_model_exports(tiny_model_dir, tmp_path):
     from shrink.stages.prune import prune
 
     pruned = tmp_path / "pruned"
-    prune(str(tiny_model_dir("llama")), pruned, PruneConfig(layers=[2, 3]), verify=False,
-          show_progress=False)
+    prune(
+        str(tiny_model_dir("llama")),
+        pruned,
+        PruneConfig(layers=[2, 3]),
+        verify=False,
+        show_progress=False,
+    )
     out = tmp_path / "onnx"
     result = export_onnx(pruned, out, ExportConfig(onnx="fp32"))
     assert result.verification["greedy_equal_to_torch"]
@@ -177,8 +215,11 @@ def test_gemma3_exports_with_kv_cache(tiny_model_dir, tmp_path):
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
     layer_types = json.loads((src / "config.json").read_text())["layer_types"]
     assert decoder["sliding_window"]["window_size"] == 16
-    assert decoder["sliding_window"]["layers"] == [i for i, t in enumerate(layer_types)
-                                                   if t == "sliding_attention"] == [0, 1, 3, 4]
+    assert (
+        decoder["sliding_window"]["layers"]
+        == [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+        == [0, 1, 3, 4]
+    )
     v = result.verification
     assert v["ok"] and v["greedy_equal_to_torch"] and v["greedy_tokens_matching"] == 3 * 32
     assert v["first_step_logits_max_abs_diff"] < 1e-4
@@ -187,15 +228,40 @@ def test_gemma3_exports_with_kv_cache(tiny_model_dir, tmp_path):
     # a generator shorter than the window: onnxruntime-genai refuses one whose max_length is
     # below the sliding window, so the runner sizes it up and stops by count
     assert generate(out, "Hello", max_new_tokens=4) == generate(src, "Hello", max_new_tokens=4)
-    res = CliRunner().invoke(main, ["bench", str(out), "--prompt-len", "4", "--gen-len", "4",
-                                    "--repeats", "1", "--ppl-samples", "0"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(out),
+            "--prompt-len",
+            "4",
+            "--gen-len",
+            "4",
+            "--repeats",
+            "1",
+            "--ppl-samples",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
 
 
 def test_gemma3_int4_export_has_kv_cache(tiny_model_dir, tmp_path):
     out = tmp_path / "gemma3-int4"
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("gemma3")), "-o", str(out),
-                                    "--onnx", "int4", "--no-fallback", "--json", "-"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tiny_model_dir("gemma3")),
+            "-o",
+            str(out),
+            "--onnx",
+            "int4",
+            "--no-fallback",
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)["result"]["onnx"]
     assert data["kv_cache"] and data["method"] == "onnxruntime-genai builder"
@@ -205,18 +271,27 @@ def test_gemma3_int4_export_has_kv_cache(tiny_model_dir, tmp_path):
     assert sorted(_matmul_bits(out).values()).count(8) == 1  # the LM head
 
 
-def test_pruned_gemma3_with_scaled_rope_exports(tiny_config, embedded_dir, tokenizer_files,
-                                                tmp_path):
+def test_pruned_gemma3_with_scaled_rope_exports(
+    tiny_config, embedded_dir, tokenizer_files, tmp_path
+):
     """A pruned Gemma 3 whose layer_types were sliced (no longer the every-third-layer
     pattern), with Gemma 3 4B's linear rope scaling on the full layers only and a width whose
     embedding scale sqrt(80) the builder would round: fp32 equals PyTorch."""
     from shrink.stages.configs import PruneConfig
     from shrink.stages.prune import prune
 
-    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
-    src = _gemma3_variant(tiny_config, embedded_dir, tokenizer_files, tmp_path / "src",
-                          hidden_size=80, rope_parameters=rope)
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
+    src = _gemma3_variant(
+        tiny_config,
+        embedded_dir,
+        tokenizer_files,
+        tmp_path / "src",
+        hidden_size=80,
+        rope_parameters=rope,
+    )
     pruned = tmp_path / "pruned"
     prune(str(src), pruned, PruneConfig(layers=[1, 2]), verify=False, show_progress=False)
     layer_types = json.loads((pruned / "config.json").read_text())["layer_types"]
@@ -236,16 +311,23 @@ def test_legacy_gemma3_rope():
 
     from shrink.stages.export.genai_builder import legacy_gemma3_rope
 
-    config = SimpleNamespace(rope_parameters={
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    config = SimpleNamespace(
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
+    )
     legacy_gemma3_rope(config)
     assert config.rope_parameters == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
     assert config.rope_local_base_freq == 1e4
     legacy_gemma3_rope(config)  # already flat: unchanged
     assert config.rope_parameters["rope_theta"] == 1e6
-    bad = SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "default"},
-                                           "sliding_attention": {"rope_type": "yarn"}})
+    bad = SimpleNamespace(
+        rope_parameters={
+            "full_attention": {"rope_type": "default"},
+            "sliding_attention": {"rope_type": "yarn"},
+        }
+    )
     with pytest.raises(ValueError, match="yarn"):
         legacy_gemma3_rope(bad)
 
@@ -254,8 +336,14 @@ def _builder_fails(monkeypatch):
     """Make the model builder fail, as it does for an architecture it cannot build."""
     from shrink.stages.export import onnx as onnx_export
 
-    monkeypatch.setattr(onnx_export, "_run_builder", lambda *a, **k: (
-        False, "NotImplementedError: The FooForCausalLM model is not currently supported."))
+    monkeypatch.setattr(
+        onnx_export,
+        "_run_builder",
+        lambda *a, **k: (
+            False,
+            "NotImplementedError: The FooForCausalLM model is not currently supported.",
+        ),
+    )
 
 
 def test_fallback_without_kv_cache(tiny_model_dir, tmp_path, monkeypatch):
@@ -274,9 +362,19 @@ def test_fallback_without_kv_cache(tiny_model_dir, tmp_path, monkeypatch):
     assert sorted(_matmul_bits(out).values()).count(8) == 1  # the LM head, behind the soft-cap
     text = generate(out, "Hello", max_new_tokens=4)
     assert isinstance(text, str)
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("gemma3")), "-o",
-                                    str(tmp_path / "x"), "--onnx", "fp32", "--no-fallback",
-                                    "--no-verify"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tiny_model_dir("gemma3")),
+            "-o",
+            str(tmp_path / "x"),
+            "--onnx",
+            "fp32",
+            "--no-fallback",
+            "--no-verify",
+        ],
+    )
     assert res.exit_code == 2 and "builder failed" in res.output
     assert not (tmp_path / "x").exists()
 
@@ -291,14 +389,18 @@ def test_fallback_fp32_parity(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_cli_export_json(tiny_model_dir, tmp_path):
     out = tmp_path / "cli"
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o", str(out),
-                                    "--onnx", "int4", "--json", "-"])
+    res = CliRunner().invoke(
+        main,
+        ["export", str(tiny_model_dir("llama")), "-o", str(out), "--onnx", "int4", "--json", "-"],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)["result"]["onnx"]
     assert data["kv_cache"] and data["verification"]["ok"]
     # refuses to overwrite without --force
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o", str(out),
-                                    "--onnx", "int4", "--no-verify"])
+    res = CliRunner().invoke(
+        main,
+        ["export", str(tiny_model_dir("llama")), "-o", str(out), "--onnx", "int4", "--no-verify"],
+    )
     assert res.exit_code == 2 and "--force" in res.output
 
 
@@ -306,8 +408,9 @@ def test_cli_export_json(tiny_model_dir, tmp_path):
 def test_cli_generate_greedy_equal(kind, tiny_model_dir, llama_fp32):
     hf = tiny_model_dir("llama")
     path = hf if kind == "hf" else llama_fp32[0]
-    res = CliRunner().invoke(main, ["generate", str(path), "--prompt", "Once upon a time",
-                                    "--max-new-tokens", "12"])
+    res = CliRunner().invoke(
+        main, ["generate", str(path), "--prompt", "Once upon a time", "--max-new-tokens", "12"]
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout.strip()
     # the same greedy continuation from both artifacts
@@ -328,21 +431,27 @@ def test_generate_streams_pieces(llama_fp32):
     assert "".join(pieces) == text and len(pieces) >= 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["int3"], "Invalid value for '--onnx': 'int3' is not one of 'int4', 'fp16', 'fp32'"),
-    (["int4", "--target", "tpu"], "Invalid value for '--target': 'tpu' is not one of 'cpu', "
-                                  "'cuda'"),
-    (["fp16"], "onnx fp16 needs target cuda"),
-    (["int4", "--target", "cuda"], "CUDAExecutionProvider"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["int3"], "Invalid value for '--onnx': 'int3' is not one of 'int4', 'fp16', 'fp32'"),
+        (
+            ["int4", "--target", "tpu"],
+            "Invalid value for '--target': 'tpu' is not one of 'cpu', 'cuda'",
+        ),
+        (["fp16"], "onnx fp16 needs target cuda"),
+        (["int4", "--target", "cuda"], "CUDAExecutionProvider"),
+    ],
+)
 def test_bad_options(args, message, tiny_model_dir, tmp_path):
     import onnxruntime as ort
 
     if "cuda" in args and "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA onnxruntime")
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["export", str(tiny_model_dir("llama")), "-o", str(out),
-                                    "--onnx", *args])
+    res = CliRunner().invoke(
+        main, ["export", str(tiny_model_dir("llama")), "-o", str(out), "--onnx", *args]
+    )
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     lines = res.output.strip().splitlines()
@@ -358,8 +467,7 @@ def test_bad_inputs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for src, message in ((empty, "not a model folder"), (tmp_path / "nope", "no such model")):
-        res = runner.invoke(main, ["export", str(src), "-o", str(tmp_path / "o"), "--onnx",
-                                   "int4"])
+        res = runner.invoke(main, ["export", str(src), "-o", str(tmp_path / "o"), "--onnx", "int4"])
         assert res.exit_code == 2 and message in res.output, res.output
     res = runner.invoke(main, ["export", str(empty), "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--onnx" in res.output
@@ -389,16 +497,20 @@ def test_generate_names_the_missing_runtime(module, monkeypatch):
     from shrink.runtime.onnx import import_onnx_runtime
 
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
-    with pytest.raises(ShrinkError, match=rf"needs {module.replace('_', '-')} .*"
-                                          r"pip install -e '\.\[onnx\]'"):
+    with pytest.raises(
+        ShrinkError,
+        match=rf"needs {module.replace('_', '-')} .*"
+        r"pip install -e '\.\[onnx\]'",
+    ):
         import_onnx_runtime(module)
 
 
 def test_mixed_cpu_gpu_install_is_detected(monkeypatch):
     from shrink.stages.export import onnx as onnx_export
 
-    monkeypatch.setattr(onnx_export, "_installed", lambda dist: dist in ("onnxruntime",
-                                                                          "onnxruntime-gpu"))
+    monkeypatch.setattr(
+        onnx_export, "_installed", lambda dist: dist in ("onnxruntime", "onnxruntime-gpu")
+    )
     with pytest.raises(ShrinkError, match="share one package folder"):
         onnx_export.check_runtime("cpu")
 
@@ -419,17 +531,24 @@ def test_gptq_folder_without_extra(monkeypatch, tiny_model_dir, tmp_path):
         generate(folder, "x", max_new_tokens=2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None
-                    or importlib.util.find_spec("optimum") is None,
-                    reason="needs gptqmodel + optimum (shrink-llm[gptq])")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+    reason="needs gptqmodel + optimum (shrink-llm[gptq])",
+)
 def test_gptq_checkpoint_exports(tiny_model_dir, tmp_path):
     """A GPTQ checkpoint written by `shrink quantize` goes through the builder as int4."""
     from shrink.stages.configs import QuantizeConfig
     from shrink.stages.quantize import quantize
 
     q = tmp_path / "gptq"
-    quantize(str(tiny_model_dir("llama")), q, QuantizeConfig(gptq="4bit", samples=8, seq_len=64),
-             evaluation=None, verify=False, show_progress=False)
+    quantize(
+        str(tiny_model_dir("llama")),
+        q,
+        QuantizeConfig(gptq="4bit", samples=8, seq_len=64),
+        evaluation=None,
+        verify=False,
+        show_progress=False,
+    )
     result = export_onnx(q, tmp_path / "onnx", ExportConfig(onnx="int4"))
     assert result.kv_cache and result.verification["ok"]
     assert _stage(tmp_path / "onnx")["source_quantization"] == "gptq"

@@ -1,5 +1,6 @@
 """shrink frontier: the run's own logic, the budget rewrite of a build, and (slow) a whole tiny
 frontier measured through the real commands in fresh processes."""
+
 import json
 
 import pytest
@@ -7,22 +8,35 @@ import pytest
 from shrink.analysis.frontier import Point
 from shrink.core.errors import ShrinkError
 from shrink.stages.configs import BuildConfig
-from shrink.stages.frontier import (FrontierConfig, _flags, budget_config, layer_drops,
-                                    load_frontier)
+from shrink.stages.frontier import FrontierConfig, _flags, budget_config, layer_drops, load_frontier
 
 
 def pt(label, mb, p, t, drop=0, healed=False, fmt="iq4_nl", imatrix=True, tps=None):
-    fam = ("pruned-healed" if healed else "pruned") if drop else \
-        ("dense-healed" if healed else "dense")
-    return Point(label=label, family=fam, drop=drop, healed=healed, format=fmt, imatrix=imatrix,
-                 bytes=int(mb * 1e6), ppl={"P": p, "T": t}, decode_tps=tps)
+    fam = (
+        ("pruned-healed" if healed else "pruned")
+        if drop
+        else ("dense-healed" if healed else "dense")
+    )
+    return Point(
+        label=label,
+        family=fam,
+        drop=drop,
+        healed=healed,
+        format=fmt,
+        imatrix=imatrix,
+        bytes=int(mb * 1e6),
+        ppl={"P": p, "T": t},
+        decode_tps=tps,
+    )
 
 
-POINTS = [pt("dense f16", 270, 44.9, 18.7, fmt="f16", tps=40),
-          pt("dense iq4_nl", 92, 47.9, 20.4, tps=90),
-          pt("dense q2_k plain", 88, 58.8, 26.2, fmt="q2_k", imatrix=False, tps=92),
-          pt("drop 3 healed q2_k", 80, 52.0, 22.5, drop=3, healed=True, fmt="q2_k", tps=100),
-          pt("drop 3 q2_k", 80, 60.0, 27.0, drop=3, fmt="q2_k", tps=100)]
+POINTS = [
+    pt("dense f16", 270, 44.9, 18.7, fmt="f16", tps=40),
+    pt("dense iq4_nl", 92, 47.9, 20.4, tps=90),
+    pt("dense q2_k plain", 88, 58.8, 26.2, fmt="q2_k", imatrix=False, tps=92),
+    pt("drop 3 healed q2_k", 80, 52.0, 22.5, drop=3, healed=True, fmt="q2_k", tps=100),
+    pt("drop 3 q2_k", 80, 60.0, 27.0, drop=3, fmt="q2_k", tps=100),
+]
 
 
 def test_layer_drops():
@@ -33,10 +47,16 @@ def test_layer_drops():
 
 
 def test_flags_are_the_cli_names():
-    assert _flags({"drop": 6, "seq_len": 256, "bridge": "auto", "imatrix": False,
-                   "layers": None, "threads": [1, 2]}) == \
-        ["--drop", "6", "--seq-len", "256", "--bridge", "auto", "--no-imatrix",
-         "--threads", "1,2"]
+    assert _flags(
+        {
+            "drop": 6,
+            "seq_len": 256,
+            "bridge": "auto",
+            "imatrix": False,
+            "layers": None,
+            "threads": [1, 2],
+        }
+    ) == ["--drop", "6", "--seq-len", "256", "--bridge", "auto", "--no-imatrix", "--threads", "1,2"]
 
 
 def test_config_refuses_bad_depths_and_splits_lists():
@@ -53,7 +73,9 @@ def test_budget_rewrites_the_build_to_the_chosen_point():
     assert config.prune.drop == 3 and config.heal is not None
     assert config.export.gguf == "q2_k" and config.export.imatrix
     assert config.quantize is None
-    assert {p.label for p, _ in choice.rejected} == {p.label for p in POINTS} - {choice.chosen.label}
+    assert {p.label for p, _ in choice.rejected} == {p.label for p in POINTS} - {
+        choice.chosen.label
+    }
     # a budget a dense file meets best: no pruning, no healing
     config, choice = budget_config(base, POINTS, target_size="95MB")
     assert choice.chosen.label == "dense iq4_nl"
@@ -85,12 +107,23 @@ def test_a_tiny_frontier_end_to_end(tiny_model_dir, tmp_path):
     from shrink.stages.frontier import frontier
 
     model = tiny_model_dir("llama", layers=4)
-    config = FrontierConfig(dense_types=["f16", "q8_0"], plain_types=["q8_0"], depths=[1],
-                            pruned_types=["q8_0"], repeats=1)
+    config = FrontierConfig(
+        dense_types=["f16", "q8_0"],
+        plain_types=["q8_0"],
+        depths=[1],
+        pruned_types=["q8_0"],
+        repeats=1,
+    )
     result = frontier(str(model), tmp_path / "f", config)
     labels = [p["label"] for p in result["points"]]
-    assert labels == ["dense f16", "dense q8_0", "dense q8_0 plain", "dense healed q8_0",
-                      "drop 1 q8_0", "drop 1 healed q8_0"]
+    assert labels == [
+        "dense f16",
+        "dense q8_0",
+        "dense q8_0 plain",
+        "dense healed q8_0",
+        "drop 1 q8_0",
+        "drop 1 healed q8_0",
+    ]
     for p in result["points"]:
         assert p["bytes"] > 0 and len(p["ppl"]) == 2 and p["decode_tps"] > 0
     pruned = next(p for p in result["points"] if p["label"] == "drop 1 q8_0")

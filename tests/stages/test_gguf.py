@@ -4,6 +4,7 @@ Pruned tiny models are written as GGUF, loaded by llama.cpp in a separate proces
 with transformers computing on the in-memory pruned model (an independent computation).
 Needs llama-cpp-python (the 'gguf' extra); skipped without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,11 @@ from shrink.stages.export.gguf import export_gguf, write_gguf  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # longer than the tiny Gemma 3's sliding window (16), so the per-layer pattern matters
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
-        "fortune, must be in want of a wife. However little known the feelings or views of such "
-        "a man may be on his first entering a neighbourhood")
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good "
+    "fortune, must be in want of a wife. However little known the feelings or views of such "
+    "a man may be on his first entering a neighbourhood"
+)
 
 
 def _pruned(tiny_model_dir, tmp_path: Path, arch: str, remove: list[int]):
@@ -46,21 +49,23 @@ def _pruned(tiny_model_dir, tmp_path: Path, arch: str, remove: list[int]):
     return model, out
 
 
-def _llama_cpp_in_fresh_process(gguf_file: Path, ids: list[int], tmp_path: Path,
-                                max_new_tokens: int = 8) -> dict:
+def _llama_cpp_in_fresh_process(
+    gguf_file: Path, ids: list[int], tmp_path: Path, max_new_tokens: int = 8
+) -> dict:
     """Load the GGUF in a new Python process; return its block count, logits and greedy ids."""
     script = textwrap.dedent(f"""
         import json, sys, numpy as np
         from shrink.runtime.gguf import GgufRunner
         ids = {ids!r}
         with GgufRunner({str(gguf_file)!r}, n_ctx=256, n_threads=2) as r:
-            np.save({str(tmp_path / 'logits.npy')!r}, r.logits(ids))
+            np.save({str(tmp_path / "logits.npy")!r}, r.logits(ids))
             out = {{"n_layer": r.n_layer, "greedy": r.generate_ids(ids[:12], {max_new_tokens}),
                     "n_vocab": r.llm.n_vocab()}}
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["logits"] = np.load(tmp_path / "logits.npy")
@@ -74,8 +79,9 @@ def test_pruned_f32_matches_transformers(tiny_model_dir, tmp_path, arch, remove)
 
     model, folder = _pruned(tiny_model_dir, tmp_path, arch, remove)
     kept = 6 - len(remove)
-    info = export_gguf(folder, tmp_path / "g", "f32", threads=2, samples=1, seq_len=64,
-                       max_new_tokens=8)
+    info = export_gguf(
+        folder, tmp_path / "g", "f32", threads=2, samples=1, seq_len=64, max_new_tokens=8
+    )
     out = Path(info["path"])
     assert out.is_file() and not list(tmp_path.glob(".g.partial-*"))
     assert info["block_count"] == kept
@@ -103,8 +109,13 @@ def test_pruned_f32_matches_transformers(tiny_model_dir, tmp_path, arch, remove)
     assert got["n_layer"] == kept
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
-        ref_greedy = model.generate(torch.tensor([ids[:12]]), max_new_tokens=8, do_sample=False,
-                                    pad_token_id=2, eos_token_id=None)[0, 12:].tolist()
+        ref_greedy = model.generate(
+            torch.tensor([ids[:12]]),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=2,
+            eos_token_id=None,
+        )[0, 12:].tolist()
     assert got["logits"].shape == ref.shape
     diff = np.abs(got["logits"] - ref).max()
     assert diff < 2e-3 * max(1.0, np.abs(ref).max())
@@ -160,8 +171,9 @@ def test_wrong_sliding_pattern_would_be_caught(tiny_model_dir, tmp_path):
 def test_quantized_types_load_and_generate(tiny_model_dir, tmp_path, gguf_type):
     _, folder = _pruned(tiny_model_dir, tmp_path, "llama", [2])
     out_dir = tmp_path / "out"
-    info = export_gguf(folder, out_dir, gguf_type, threads=2, samples=1, seq_len=64,
-                       max_new_tokens=4)
+    info = export_gguf(
+        folder, out_dir, gguf_type, threads=2, samples=1, seq_len=64, max_new_tokens=4
+    )
     files = sorted(out_dir.glob("*.gguf"))
     assert [f.name for f in files] == [f"llama-pruned-{gguf_type.upper()}.gguf"]
     v = info["verification"]
@@ -193,8 +205,9 @@ def test_refuses_gptq_and_bad_input(tiny_model_dir, tmp_path):
         export_gguf(bad, tmp_path / "a", "f16")
 
     cfg = json.loads((folder / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps(
-        {**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (bad / "config.json").write_text(
+        json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    )
     with pytest.raises(ShrinkError, match="gptq checkpoint: GGUF is built from the float model"):
         export_gguf(bad, tmp_path / "a", "q4_k_m")
 
@@ -241,15 +254,18 @@ def test_embedded_weights_match_the_original_gguf(embedded_dir):
     tensors = {t.name: t for t in reader.tensors}
     src = stage._open_source(embedded_dir)
     plans = {p.name: p for p in stage._plan_tensors(gguf, src, "f32")}
-    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.3.ffn_down.weight",
-                 "blk.29.attn_norm.weight"):
+    for name in (
+        "blk.0.attn_q.weight",
+        "blk.0.attn_k.weight",
+        "blk.3.ffn_down.weight",
+        "blk.29.attn_norm.weight",
+    ):
         t = tensors[name]
         want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(plans[name].shape)
         got = stage._tensor_data(gguf, src, plans[name])
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4, err_msg=name)
     assert "output.weight" not in plans  # tied embeddings
-    assert set(plans) - {"output_norm.weight", "token_embd.weight"} <= {
-        n for n in tensors}
+    assert set(plans) - {"output_norm.weight", "token_embd.weight"} <= {n for n in tensors}
 
 
 @pytest.mark.slow
@@ -295,18 +311,23 @@ def test_cli_export_gguf_then_eval_and_generate_read_it(tiny_model_dir, tmp_path
     src = tiny_model_dir("llama")
     out = tmp_path / "g"
     runner = CliRunner()
-    res = runner.invoke(main, ["export", str(src), "-o", str(out), "--gguf", "q8_0",
-                               "--threads", "2", "--json", "-"])
+    res = runner.invoke(
+        main,
+        ["export", str(src), "-o", str(out), "--gguf", "q8_0", "--threads", "2", "--json", "-"],
+    )
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)["result"]["gguf"]
     assert Path(result["path"]).is_file() and (out / "tokenizer.json").is_file()
-    res = runner.invoke(main, ["eval", str(out), "--samples", "1", "--seq-len", "32", "--json",
-                               "-"])
+    res = runner.invoke(
+        main, ["eval", str(out), "--samples", "1", "--seq-len", "32", "--json", "-"]
+    )
     assert res.exit_code == 0, res.output
     ppl = json.loads(res.stdout)["result"]["perplexity"]
     assert np.isfinite(ppl) and ppl > 1
-    res = runner.invoke(main, ["generate", str(out), "--prompt", "The capital of France is",
-                               "--max-new-tokens", "4"])
+    res = runner.invoke(
+        main,
+        ["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4"],
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["export", str(src), "-o", str(tmp_path / "x"), "--gguf", "q9"])
     assert res.exit_code == 2 and "gguf: 'q9' is not a GGUF type" in res.output
@@ -315,23 +336,43 @@ def test_cli_export_gguf_then_eval_and_generate_read_it(tiny_model_dir, tmp_path
 def _sentencepiece_bpe_tokenizer(folder: Path, vocab_size: int = 1200) -> None:
     """A small SentencePiece-style BPE tokenizer.json like Gemma 3's (byte fallback, '▁' for
     spaces, no space prefix, BOS first), trained here on Austen so that nothing is downloaded."""
-    from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                            trainers)
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tk.normalizer = normalizers.Replace(" ", "▁")
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
-        ("<bos>", 1)])
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    tk.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     specials = ["<unk>", "<bos>", "<eos>"] + [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
     tk.train_from_iterator(shrink.load_texts("austen:calibration")[:1], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                            unk_token="<unk>", pad_token="<eos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<eos>",
+    ).save_pretrained(folder)
 
 
 def test_sentencepiece_tokenizer_matches_in_llama_cpp(tiny_model_dir, tmp_path):
@@ -351,8 +392,7 @@ def test_sentencepiece_tokenizer_matches_in_llama_cpp(tiny_model_dir, tmp_path):
     path = tmp_path / "spm.gguf"
     assert write_gguf(folder, path, "f32")["tokenizer"].startswith("llama")
     tok = AutoTokenizer.from_pretrained(folder)
-    texts = [p for p in shrink.load_texts("austen:evaluation")[0].split("\n\n")
-             if p.strip()][:200]
+    texts = [p for p in shrink.load_texts("austen:evaluation")[0].split("\n\n") if p.strip()][:200]
     with GgufRunner(path, n_ctx=256, n_threads=2) as runner:
         differ = [t for t in texts if runner.encode(t) != list(tok(t)["input_ids"])]
     assert not differ, f"{len(differ)} of {len(texts)} paragraphs differ, e.g. {differ[0]!r}"

@@ -2,6 +2,7 @@
 the per-file tensor-type report of the GGUF export, and the dense-through-the-same-type point
 (shrink.stages.export.gguf_point). Needs llama-cpp-python (the 'gguf' extra); skipped without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,19 @@ def _tiny_llama(tied: bool, hidden: int = 64, layers: int = 2):
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=layers, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=tied,
-                            max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                            pad_token_id=2)
+    config = tf.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=tied,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return tf.LlamaForCausalLM(config).eval()
 
 
@@ -47,8 +56,11 @@ def test_imatrix_is_the_mean_squared_input_per_column():
     ids = torch.randint(0, 49152, (3, 20), generator=torch.Generator().manual_seed(1))
     got = compute_imatrix(model, ids, batch_size=2)  # two batches: the mean spans both
 
-    keys = {f"blk.{i}.{n}.weight" for i in range(2) for n in
-            ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    keys = {
+        f"blk.{i}.{n}.weight"
+        for i in range(2)
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    }
     assert set(got) == keys | {"output.weight"}  # an untied LM head is quantized too
     assert got["blk.0.ffn_down.weight"].shape == (128,)
     assert all(v.dtype == np.float32 for v in got.values())
@@ -100,14 +112,16 @@ def _load_in_fresh_process(files: list) -> list[dict]:
                              "greedy": r.generate_ids(ids, 4)}})
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_q2_k_with_and_without_imatrix_load_in_llama_cpp(tmp_path, monkeypatch, embedded_dir,
-                                                         tokenizer_files):
+def test_q2_k_with_and_without_imatrix_load_in_llama_cpp(
+    tmp_path, monkeypatch, embedded_dir, tokenizer_files
+):
     from gguf import GGUFReader
 
     from shrink.runtime.gguf_quant import tensor_type_counts
@@ -173,8 +187,7 @@ def test_dense_point_is_cached_and_measured_on_each_set(tmp_path, monkeypatch, t
 
     import shrink
 
-    blocks = shrink.token_blocks(AutoTokenizer.from_pretrained(folder), "tech:evaluation", 1,
-                                 64, 0)
+    blocks = shrink.token_blocks(AutoTokenizer.from_pretrained(folder), "tech:evaluation", 1, 64, 0)
     with GgufRunner(p["file"], n_ctx=64, n_threads=2) as r:
         ref = r.perplexity(blocks.input_ids)["perplexity"]
     assert p["perplexity"]["tech:evaluation"] == pytest.approx(ref, rel=1e-6)

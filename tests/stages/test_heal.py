@@ -1,4 +1,5 @@
 """shrink heal: LoRA, QLoRA, distillation, merge, resume, 2 processes, bad input (tiny models)."""
+
 from __future__ import annotations
 
 import json
@@ -62,13 +63,39 @@ def _stage(out: Path) -> dict:
 def test_lora_cli_end_to_end(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
     out = tmp_path / "healed"
-    res = CliRunner().invoke(main, [
-        "heal", str(src), "-o", str(out), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
-        *EVAL_ARGS, "--rank", "4", "--targets", "all", "--lr", "1e-3",
-        "--json", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "heal",
+            str(src),
+            "-o",
+            str(out),
+            "--steps",
+            "4",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            *EVAL_ARGS,
+            "--rank",
+            "4",
+            "--targets",
+            "all",
+            "--lr",
+            "1e-3",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-                 "loss.png", "shrink.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "loss.png",
+        "shrink.json",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "adapter").exists()
     assert not work_dir_for(out).exists()  # checkpoints removed after success
@@ -80,8 +107,15 @@ def test_lora_cli_end_to_end(tiny_model_dir, tmp_path):
     assert st["resolved"]["method"] == "lora" and st["resolved"]["rank"] == 4
     assert st["resolved"]["alpha"] == 4  # alpha defaults to rank
     assert st["evaluation"]["set"] == EVAL.name() and st["evaluation"]["samples"] == 2
-    assert set(st["resolved"]["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                     "gate_proj", "up_proj", "down_proj"}
+    assert set(st["resolved"]["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert st["perplexity_before"] > 0 and st["perplexity_after"] > 0
     # the second domain, on blocks of the same size, measured before and after too
     second = st["second_domain"]
@@ -114,8 +148,13 @@ def test_merge_matches_peft_and_reload(tiny_model_dir, tmp_path):
     assert (peft_logits - base).abs().max() > 1e-3  # the adapter really changed the model
     assert torch.allclose(merged_disk, peft_logits, atol=1e-5, rtol=0)
     # in-memory merge == merged checkpoint reloaded from disk
-    m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
-                                  out / "adapter").merge_and_unload().eval()
+    m = (
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), out / "adapter"
+        )
+        .merge_and_unload()
+        .eval()
+    )
     with torch.no_grad():
         mem = m(input_ids=ids).logits
     assert torch.allclose(mem, merged_disk, atol=1e-6, rtol=0)
@@ -135,8 +174,15 @@ def test_distillation(tiny_model_dir, tmp_path):
     student = tiny_model_dir("llama", 2)
     teacher = tiny_model_dir("llama")
     out = tmp_path / "kd"
-    r = _heal(str(student), out, teacher=str(teacher), kd_alpha=0.8, kd_temperature=2.0,
-              verify=False, **FAST)
+    r = _heal(
+        str(student),
+        out,
+        teacher=str(teacher),
+        kd_alpha=0.8,
+        kd_temperature=2.0,
+        verify=False,
+        **FAST,
+    )
     assert r.settings["teacher"] == str(teacher) and r.settings["kd_alpha"] == 0.8
     assert all("kd_loss" in x and "lm_loss" in x for x in r.losses)
     for x in r.losses:  # logged loss is the mix (one micro-batch per step)
@@ -184,13 +230,22 @@ def test_gromov_family():
 
     from shrink.stages.heal.presets import gromov_family, preset_values
 
-    l7 = LlamaConfig(hidden_size=4096, intermediate_size=11008, vocab_size=32000,
-                     num_hidden_layers=23)  # pruned: the widths identify it
+    l7 = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, vocab_size=32000, num_hidden_layers=23
+    )  # pruned: the widths identify it
     assert gromov_family(l7, [])["rank"] == 2
-    assert gromov_family(LlamaConfig(hidden_size=8192, intermediate_size=28672, vocab_size=32000),
-                         [])["rank"] == 8
-    assert gromov_family(MistralConfig(hidden_size=4096, intermediate_size=14336,
-                                       vocab_size=32000), [])["rank"] == 4
+    assert (
+        gromov_family(LlamaConfig(hidden_size=8192, intermediate_size=28672, vocab_size=32000), [])[
+            "rank"
+        ]
+        == 8
+    )
+    assert (
+        gromov_family(
+            MistralConfig(hidden_size=4096, intermediate_size=14336, vocab_size=32000), []
+        )["rank"]
+        == 4
+    )
     assert gromov_family(LlamaConfig(), ["meta-llama/Llama-2-7b-hf"])["family"] == "llama-2-7b"
     v = preset_values("gromov", LlamaConfig(hidden_size=64, max_position_embeddings=1024), [], 2)
     assert v["rank"] == 64 and v["lr"] == 3e-4 and v["steps"] == 5000
@@ -211,14 +266,20 @@ def test_qlora_gradients_match_dequantized_reference(tiny_model_dir):
 
     src = tiny_model_dir("llama", 2)
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
-    lcfg = LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0,
-                      target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    lcfg = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+    )
 
     def quantized():
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_compute_dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(src, quantization_config=q, device_map="cpu",
-                                                    dtype=torch.float32)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            src, quantization_config=q, device_map="cpu", dtype=torch.float32
+        )
 
     def trap(model):
         model.eval()
@@ -232,8 +293,11 @@ def test_qlora_gradients_match_dequantized_reference(tiny_model_dir):
                 torch.nn.init.normal_(p, std=0.1)  # B != 0, so every LoRA weight gets a gradient
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
-        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in model.named_parameters() if p.requires_grad}
+        return {
+            n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
 
     def reference(qmodel):
         # never call state_dict() on the 4-bit model here: it unpacks the weights as a side effect
@@ -302,8 +366,7 @@ def test_resume_after_interruption(tiny_model_dir, tmp_path):
     # same result as an uninterrupted run
     full = tmp_path / "full"
     r2 = _heal(str(src), full, save_adapter=True, **kw)
-    assert [x["loss"] for x in r2.losses] == pytest.approx([x["loss"] for x in r.losses],
-                                                           rel=1e-4)
+    assert [x["loss"] for x in r2.losses] == pytest.approx([x["loss"] for x in r.losses], rel=1e-4)
     from safetensors.torch import load_file
 
     a = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -324,14 +387,47 @@ def test_two_processes_accelerate_launch(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     # `accelerate launch --cpu` starts one process unless MPI is set up; --multi_gpu starts the
     # processes through torchrun, and with --device cpu they train with gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "shrink.cli", "heal", str(src),
-           "-o", str(out), "--steps", "2", "--seq-len", "32", "--batch-size", "2",
-           *EVAL_ARGS, "--device", "cpu", "--no-verify", "--json",
-           str(tmp_path / "r.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHRINK_NO_PROGRESS": "1",
-           "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "shrink.cli",
+        "heal",
+        str(src),
+        "-o",
+        str(out),
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        *EVAL_ARGS,
+        "--device",
+        "cpu",
+        "--no-verify",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SHRINK_NO_PROGRESS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     st = _stage(out)
@@ -352,30 +448,41 @@ def _bad(args, tmp_path, out):
 def test_bad_inputs(tiny_model_dir, tmp_path, monkeypatch):
     src = str(tiny_model_dir("llama", 2))
     out = tmp_path / "o"
-    assert "steps: Input should be greater than or equal to 1 (got 0)" in \
-        _bad([src, "--steps", "0"], tmp_path, out)
-    assert "rank: Input should be greater than or equal to 1 (got 0)" in \
-        _bad([src, "--rank", "0"], tmp_path, out)
+    assert "steps: Input should be greater than or equal to 1 (got 0)" in _bad(
+        [src, "--steps", "0"], tmp_path, out
+    )
+    assert "rank: Input should be greater than or equal to 1 (got 0)" in _bad(
+        [src, "--rank", "0"], tmp_path, out
+    )
     msg = _bad([src, "--targets", "gate_proj,fc1"], tmp_path, out)
     assert "fc1" in msg and "q_proj" in msg and "down_proj" in msg  # lists the Linear names
     msg = _bad([src, "--seq-len", "4096"], tmp_path, out)
     assert "max_position_embeddings = 1024" in msg
     small = tmp_path / "small.txt"
     small.write_text("It is a truth universally acknowledged. " * 20)
-    assert "too little healing text" in _bad([src, "--data", str(small), "--seq-len", "64"],
-                                             tmp_path, out)
+    assert "too little healing text" in _bad(
+        [src, "--data", str(small), "--seq-len", "64"], tmp_path, out
+    )
     assert "needs a teacher" in _bad([src, "--kd-alpha", "0.5"], tmp_path, out)
     # teacher with a different vocabulary
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     other = tmp_path / "other"
-    AutoModelForCausalLM.from_config(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=1000)).save_pretrained(other)
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=1000,
+        )
+    ).save_pretrained(other)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (other / f).write_bytes((Path(src) / f).read_bytes())
-    assert "different tokenizer or vocabulary" in _bad([src, "--teacher", str(other)], tmp_path,
-                                                       out)
+    assert "different tokenizer or vocabulary" in _bad(
+        [src, "--teacher", str(other)], tmp_path, out
+    )
     # qlora without bitsandbytes names the extra
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     assert "bitsandbytes" in _bad([src, "--method", "qlora"], tmp_path, out)

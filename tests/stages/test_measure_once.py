@@ -1,5 +1,6 @@
 """A build measures each model on each block set once: the perplexity book's ledger has no
 duplicate, and evaluate reuses what heal measured of the same weights."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,19 @@ import json
 import pytest
 
 from shrink.stages.build import build
-from shrink.stages.configs import (BUILD_HEAL, BuildConfig, EvaluateConfig, HealConfig,
-                                   PruneConfig)
+from shrink.stages.configs import BUILD_HEAL, BuildConfig, EvaluateConfig, HealConfig, PruneConfig
 
 
 @pytest.mark.slow
 def test_a_build_measures_nothing_twice(tiny_model_dir, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "out"
-    c = BuildConfig(model=str(tiny_model_dir("llama")),
-                    prune=PruneConfig(drop=2, samples=2, seq_len=32),
-                    heal=HealConfig(steps=2, batch_size=2, seq_len=32, rank=4),
-                    evaluate=EvaluateConfig(samples=1, seq_len=64))
+    c = BuildConfig(
+        model=str(tiny_model_dir("llama")),
+        prune=PruneConfig(drop=2, samples=2, seq_len=32),
+        heal=HealConfig(steps=2, batch_size=2, seq_len=32, rank=4),
+        evaluate=EvaluateConfig(samples=1, seq_len=64),
+    )
     build(c, output=out, show_progress=False)
     report = json.loads((out / "report.json").read_text())
     book = report["perplexity_book"]

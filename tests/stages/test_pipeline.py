@@ -1,6 +1,7 @@
 """The build is a loop over registered stages: a stage added through the registry alone (this
 module's ToyStage plus one register_stage call) runs inside a real build, and shows in the plan,
 the default output name, report.json and the resume markers."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ from shrink.stages.pipeline import (
 )
 from shrink.stages.recipes import recipe_config
 
-FAST_PRUNE = {"drop": 1, "strategy": "last", "bridge": "none", "samples": 2, "seq_len": 32,
-              "guard": 0}
+FAST_PRUNE = {
+    "drop": 1,
+    "strategy": "last",
+    "bridge": "none",
+    "samples": 2,
+    "seq_len": 32,
+    "guard": 0,
+}
 FAST_EVAL = EvaluateConfig(samples=1, seq_len=32, second=None)
 
 
@@ -71,8 +78,15 @@ def toy():
 
 
 def _config(src: Path, **more) -> BuildConfig:
-    return recipe_config({"model": str(src), "prune": FAST_PRUNE, "heal": None,
-                          "evaluate": FAST_EVAL.settings(), **more})
+    return recipe_config(
+        {
+            "model": str(src),
+            "prune": FAST_PRUNE,
+            "heal": None,
+            "evaluate": FAST_EVAL.settings(),
+            **more,
+        }
+    )
 
 
 def test_toy_stage_runs_in_a_build(toy, tiny_model_dir, tmp_path):
@@ -99,10 +113,14 @@ def test_toy_stage_runs_in_a_build(toy, tiny_model_dir, tmp_path):
     # resume: every marker matches; a changed toy setting reruns the toy and what follows
     r = build(c, output=out, resume=True, keep_stages=True, show_progress=False)
     assert all(s.skipped for s in r.stages) and ToyStage.runs == 1
-    r = build(_config(src, toy={"note": "bye"}), output=out, resume=True, keep_stages=True,
-              show_progress=False)
-    assert {s.name: s.skipped for s in r.stages} == {"prune": True, "toy": False,
-                                                     "evaluate": False}
+    r = build(
+        _config(src, toy={"note": "bye"}),
+        output=out,
+        resume=True,
+        keep_stages=True,
+        show_progress=False,
+    )
+    assert {s.name: s.skipped for s in r.stages} == {"prune": True, "toy": False, "evaluate": False}
     assert (out / "toy" / "note.txt").read_text().startswith("bye after")
 
 
@@ -128,8 +146,10 @@ def test_stages_come_from_the_registry_in_order():
     assert stage_names()[:5] == ["prune", "heal", "quantize", "export", "evaluate"]
     c = BuildConfig(prune=PruneConfig(drop=2))
     assert [s.name for s in build_stages(c)] == ["prune", "heal", "evaluate"]
-    assert [s.name for s in build_stages(c.model_copy(update={"prune": None}))] == \
-        ["heal", "evaluate"]
+    assert [s.name for s in build_stages(c.model_copy(update={"prune": None}))] == [
+        "heal",
+        "evaluate",
+    ]
 
 
 def test_build_py_branches_on_no_stage_or_kind_name():
@@ -139,8 +159,9 @@ def test_build_py_branches_on_no_stage_or_kind_name():
 
 def test_build_without_prune(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama", layers=3)
-    c = recipe_config({"model": str(src), "prune": None, "heal": None,
-                       "evaluate": FAST_EVAL.settings()})
+    c = recipe_config(
+        {"model": str(src), "prune": None, "heal": None, "evaluate": FAST_EVAL.settings()}
+    )
     assert default_output(c) == src.name
     out = tmp_path / "o"
     r = build(c, output=out, show_progress=False)
@@ -148,5 +169,6 @@ def test_build_without_prune(tiny_model_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["num_layers"] == [3, 3] and report["removed_layers"] == []
     assert set(report["perplexity"]) == {"dense"} and report["params"][0] > 0
-    assert (out / "model" / "config.json").is_file() and "0 of 3 layers" in \
-        (out / "README.md").read_text()
+    assert (out / "model" / "config.json").is_file() and "0 of 3 layers" in (
+        out / "README.md"
+    ).read_text()

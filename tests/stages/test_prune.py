@@ -1,5 +1,6 @@
 """The prune stage: strategies choose the layers, the command writes a recorded, verified folder,
 bad inputs are one line, and an existing folder is replaced only when that is safe."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,22 @@ def _ids():
 
 
 def test_choose_layers():
-    scores = shrink.LayerScores(model="m", num_layers=6, bi=[.9, .2, .1, .3, .4, .8],
-                                relmag=[.9, .5, .4, .1, .2, .8], tokens=1, samples=1,
-                                angular=[[.5, .2, .1, .3, .2, .4], [.5, .3, .2, .1, .4],
-                                         [.6, .5, .4, .6], [.7, .6, .8], [.9, .9], [1.0]])
+    scores = shrink.LayerScores(
+        model="m",
+        num_layers=6,
+        bi=[0.9, 0.2, 0.1, 0.3, 0.4, 0.8],
+        relmag=[0.9, 0.5, 0.4, 0.1, 0.2, 0.8],
+        tokens=1,
+        samples=1,
+        angular=[
+            [0.5, 0.2, 0.1, 0.3, 0.2, 0.4],
+            [0.5, 0.3, 0.2, 0.1, 0.4],
+            [0.6, 0.5, 0.4, 0.6],
+            [0.7, 0.6, 0.8],
+            [0.9, 0.9],
+            [1.0],
+        ],
+    )
     assert choose_layers("bi", 2, 6, scores)[0] == [1, 2]
     assert choose_layers("relmag", 2, 6, scores)[0] == [3, 4]
     assert choose_layers("angular", 2, 6, scores)[0] == [3, 4]
@@ -65,16 +78,34 @@ def _run(args):
 def test_cli_prune_writes_record_and_chains(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
     out = tmp_path / "p1"
-    r = _run(["prune", str(src), "--drop", "2", "--strategy", "bi", "-o", str(out),
-              "--samples", "4", "--seq-len", "32", "--json", str(tmp_path / "r.json")])
+    r = _run(
+        [
+            "prune",
+            str(src),
+            "--drop",
+            "2",
+            "--strategy",
+            "bi",
+            "-o",
+            str(out),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((out / "shrink.json").read_text())
     stage = record["stages"][0]
     assert stage["stage"] == "prune" and len(stage["removed_layers"]) == 2
     assert stage["verification"]["ok"] and stage["scores"]["num_layers"] == 6
     assert stage["calibration"]["samples"] == 4
-    assert json.loads((tmp_path / "r.json").read_text())["result"]["removed_layers"] == \
-        stage["removed_layers"]
+    assert (
+        json.loads((tmp_path / "r.json").read_text())["result"]["removed_layers"]
+        == stage["removed_layers"]
+    )
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
     # prune the pruned model: original numbering is kept across stages
     out2 = tmp_path / "missing-parent" / "p2"
@@ -90,16 +121,36 @@ def test_cli_prune_writes_record_and_chains(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("strategy", ["angular", "iterative", "last", "random", "relmag"])
 def test_cli_prune_strategies(tiny_model_dir, tmp_path, strategy):
     out = tmp_path / strategy
-    r = _run(["prune", str(tiny_model_dir("qwen2")), "--drop", "2", "--strategy", strategy,
-              "-o", str(out), "--samples", "2", "--seq-len", "16", "--no-verify"])
+    r = _run(
+        [
+            "prune",
+            str(tiny_model_dir("qwen2")),
+            "--drop",
+            "2",
+            "--strategy",
+            strategy,
+            "-o",
+            str(out),
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--no-verify",
+        ]
+    )
     assert r.exit_code == 0, r.output
     stage = json.loads((out / "shrink.json").read_text())["stages"][0]
     assert stage["strategy"] == strategy and len(stage["removed_layers"]) == 2
 
 
 def _bad(args, cwd, expect, env=None):
-    proc = subprocess.run([sys.executable, "-m", "shrink.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shrink.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -112,18 +163,29 @@ def test_bad_inputs(tiny_model_dir, tmp_path):
 
     src = str(tiny_model_dir("llama"))
     out = tmp_path / "out"
-    _bad(["prune", src, "--drop", "0", "-o", str(out)], tmp_path,
-         "drop: Input should be greater than or equal to 1 (got 0)")
+    _bad(
+        ["prune", src, "--drop", "0", "-o", str(out)],
+        tmp_path,
+        "drop: Input should be greater than or equal to 1 (got 0)",
+    )
     _bad(["prune", src, "--drop", "6", "-o", str(out)], tmp_path, "between 1 and 5")
     _bad(["prune", src, "--layers", "1,9", "-o", str(out)], tmp_path, "out of range")
     _bad(["prune", src, "--layers", "1,1", "-o", str(out)], tmp_path, "more than once")
     _bad(["prune", src, "--layers", "0-5", "-o", str(out)], tmp_path, "at least one must stay")
-    _bad(["prune", str(tmp_path / "missing"), "--drop", "1", "-o", str(out)], tmp_path,
-         "no such model folder")
+    _bad(
+        ["prune", str(tmp_path / "missing"), "--drop", "1", "-o", str(out)],
+        tmp_path,
+        "no such model folder",
+    )
     _bad(["prune", "not-an-alias", "--drop", "1", "-o", str(out)], tmp_path, "known alias")
     bert = tmp_path / "bert"
-    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               architectures=["BertForMaskedLM"]).save_pretrained(bert)
+    BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["BertForMaskedLM"],
+    ).save_pretrained(bert)
     _bad(["prune", str(bert), "--drop", "1", "-o", str(out)], tmp_path, "BertForMaskedLM")
     _bad(["score", str(tmp_path)], tmp_path, "not a model folder")
     _bad(["eval", src, "--data", str(tmp_path / "nope.txt")], tmp_path, "no such text source")
@@ -157,13 +219,16 @@ def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):
     (work / "notes.txt").write_text("precious")
     (work / "config.json").write_text("{}")  # looks like a model folder, but it is the cwd
     for target in (work, tmp_path, "."):
-        _bad(["prune", src, "--drop", "1", "-o", str(target), "--force"], work,
-             "current or home")
+        _bad(["prune", src, "--drop", "1", "-o", str(target), "--force"], work, "current or home")
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.json").write_text("{}")
-    _bad(["prune", src, "--drop", "1", "-o", "~", "--force"], tmp_path, "current or home",
-         env={**os.environ, "HOME": str(home)})
+    _bad(
+        ["prune", src, "--drop", "1", "-o", "~", "--force"],
+        tmp_path,
+        "current or home",
+        env={**os.environ, "HOME": str(home)},
+    )
     assert (home / "config.json").exists()
     other = tmp_path / "other"
     other.mkdir()
@@ -174,8 +239,11 @@ def test_force_never_replaces_other_work(tiny_model_dir, tmp_path):
     _bad(["prune", src, "--drop", "1", "-o", str(other), "--force"], tmp_path, "git checkout")
     (other / ".git").rmdir()
     (other / "config.json").unlink()
-    _bad(["build", src, "--drop", "1", "--no-heal", "-o", str(other), "--force"], tmp_path,
-         "model folder")
+    _bad(
+        ["build", src, "--drop", "1", "--no-heal", "-o", str(other), "--force"],
+        tmp_path,
+        "model folder",
+    )
     assert (work / "notes.txt").read_text() == "precious" and (work / "config.json").exists()
     assert (other / "data.csv").read_text() == "1,2"
 
@@ -196,20 +264,55 @@ def test_bridge_and_auto_through_the_prune_command(tiny_model_dir, tmp_path):
     """--bridge linear folds one map per removed run into the layer before it (the output is
     reloaded and checked in a fresh process); --strategy auto records every candidate."""
     src = str(tiny_model_dir("llama"))
-    r = _run(["prune", src, "--layers", "2,3,5", "--bridge", "linear", "--samples", "4",
-              "--seq-len", "32", "-o", str(tmp_path / "b"), "--json", "-"])
+    r = _run(
+        [
+            "prune",
+            src,
+            "--layers",
+            "2,3,5",
+            "--bridge",
+            "linear",
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "-o",
+            str(tmp_path / "b"),
+            "--json",
+            "-",
+        ]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)["result"]
     assert [b["layers"] for b in out["bridge"]] == [[2, 3], [5]]
     assert [b["folded_into"] for b in out["bridge"]] == [1, 4]
     assert out["verification"]["ok"] and out["quality"]["ratio"] > 0
-    r = _run(["prune", src, "--drop", "2", "--strategy", "auto", "--samples", "4",
-              "--seq-len", "32", "-o", str(tmp_path / "a"), "--no-verify", "--json", "-"])
+    r = _run(
+        [
+            "prune",
+            src,
+            "--drop",
+            "2",
+            "--strategy",
+            "auto",
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "-o",
+            str(tmp_path / "a"),
+            "--no-verify",
+            "--json",
+            "-",
+        ]
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "a" / "shrink.json").read_text())["stages"][-1]
     auto = record["calibration"]["auto"]
-    best = min((c for c in auto["candidates"] if c["perplexity"] is not None),
-               key=lambda c: c["perplexity"])
+    best = min(
+        (c for c in auto["candidates"] if c["perplexity"] is not None),
+        key=lambda c: c["perplexity"],
+    )
     assert record["removed_layers"] == best["layers"] == auto["layers"]
 
 
@@ -218,8 +321,17 @@ def test_bridge_auto_bridges_where_the_architecture_allows(tiny_model_dir, tmp_p
     Gemma 3 (its MLP output is normalised, so no linear map folds exactly) instead of failing,
     while --bridge linear on Gemma 3 is still refused."""
     common = ["--layers", "2,3", "--samples", "2", "--seq-len", "16", "--no-verify"]
-    r = _run(["prune", str(tiny_model_dir("llama")), *common, "--bridge", "auto",
-              "-o", str(tmp_path / "llama")])
+    r = _run(
+        [
+            "prune",
+            str(tiny_model_dir("llama")),
+            *common,
+            "--bridge",
+            "auto",
+            "-o",
+            str(tmp_path / "llama"),
+        ]
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "llama" / "shrink.json").read_text())["stages"][-1]
     assert record["settings"]["bridge"] == "auto"  # as asked

@@ -1,5 +1,6 @@
 """GPTQ through GPTQModel: the output is a standard GPTQ folder that transformers reloads in a fresh
 process and generates with; bad input fails in one line and writes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,15 @@ def _run(args):
 
 # --- no weights needed ---
 
+
 def test_parse_bits():
-    assert [QuantizeConfig(gptq=x).bits() for x in ("4bit", "4", 8, "3bit", "2-bit")] == \
-        [4, 4, 8, 3, 2]
+    assert [QuantizeConfig(gptq=x).bits() for x in ("4bit", "4", 8, "3bit", "2-bit")] == [
+        4,
+        4,
+        8,
+        3,
+        2,
+    ]
     for bad in ("5bit", "16", "four", "1bit"):
         with pytest.raises(ShrinkError, match=f"gptq: '{bad}' is not a GPTQ bit width"):
             make(QuantizeConfig, {"gptq": bad})
@@ -41,14 +48,19 @@ def test_parse_bits():
 
 def test_group_size_fits_smollm2_widths():
     # SmolLM2-135M: q/k/v/o/gate/up take 576 inputs, down_proj 1536; 128 does not divide 576
-    linears = {"model.layers.0.self_attn.q_proj": (576, 576),
-               "model.layers.0.mlp.down_proj": (1536, 576)}
+    linears = {
+        "model.layers.0.self_attn.q_proj": (576, 576),
+        "model.layers.0.mlp.down_proj": (1536, 576),
+    }
     g, note = choose_group_size(linears, None)
     assert g == 64 and "128 does not divide the input width 576" in note
     assert choose_group_size(linears, 32) == (32, None)
     assert choose_group_size(linears, -1) == (-1, None)
-    with pytest.raises(ShrinkError, match=r"group size 128 does not divide the input width 576 of "
-                                          r"model\.layers\.0\.self_attn\.q_proj.*64, 32, 16"):
+    with pytest.raises(
+        ShrinkError,
+        match=r"group size 128 does not divide the input width 576 of "
+        r"model\.layers\.0\.self_attn\.q_proj.*64, 32, 16",
+    ):
         choose_group_size(linears, 128)
     big = {"a": (4096, 4096), "b": (11008, 4096)}
     assert choose_group_size(big, None) == (128, None)
@@ -64,8 +76,9 @@ def test_bad_bits_writes_nothing(tiny_model_dir, tmp_path):
 
 def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
     real = gptq_runtime.find_spec
-    monkeypatch.setattr(gptq_runtime, "find_spec",
-                        lambda name: None if name == "gptqmodel" else real(name))
+    monkeypatch.setattr(
+        gptq_runtime, "find_spec", lambda name: None if name == "gptqmodel" else real(name)
+    )
     out = tmp_path / "q"
     r = _run(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--gptq", "4bit"])
     assert r.exit_code == 2
@@ -96,14 +109,34 @@ def test_output_exists(tiny_model_dir, tmp_path, needs_gptq):
 
 # --- real quantization of a tiny model ---
 
+
 @pytest.fixture(scope="module")
 def tiny_gptq(tiny_model_dir, tmp_path_factory):
     if not HAS_GPTQ:
         pytest.skip("gptqmodel / optimum not installed")
     out = tmp_path_factory.mktemp("gptq") / "tiny-q4"
-    r = _run(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--gptq", "4bit",
-              "--group-size", "32", "--samples", "8", "--seq-len", "64", "--eval-samples", "2",
-              "--eval-seq-len", "64", "--json", "-"])
+    r = _run(
+        [
+            "quantize",
+            str(tiny_model_dir("llama")),
+            "-o",
+            str(out),
+            "--gptq",
+            "4bit",
+            "--group-size",
+            "32",
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "--eval-samples",
+            "2",
+            "--eval-seq-len",
+            "64",
+            "--json",
+            "-",
+        ]
+    )
     assert r.exit_code == 0, r.output
     return out, json.loads(r.stdout)["result"]
 
@@ -119,15 +152,31 @@ def test_tiny_quantize_record_and_layout(tiny_gptq):
     assert result["perplexity_before"] > 0 and result["perplexity_after"] > 0
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == \
-        ("gptq", 4, 32, False, True)
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == (
+        "gptq",
+        4,
+        32,
+        False,
+        True,
+    )
     assert (out / "tokenizer.json").is_file() and list(out.glob("*.safetensors"))
     assert not list(out.parent.glob(".tiny-q4.partial-*"))
     record = json.loads((out / "shrink.json").read_text())
     stage = record["stages"][-1]
     assert stage["stage"] == "quantize" and stage["method"] == "gptq"
-    for key in ("bits", "group_size", "desc_act", "sym", "damp", "calibration", "size_bytes_after",
-                "bits_per_weight", "perplexity_before", "perplexity_after", "verification"):
+    for key in (
+        "bits",
+        "group_size",
+        "desc_act",
+        "sym",
+        "damp",
+        "calibration",
+        "size_bytes_after",
+        "bits_per_weight",
+        "perplexity_before",
+        "perplexity_after",
+        "verification",
+    ):
         assert stage[key] is not None, key
     assert stage["verification"]["finite_logits"] and stage["verification"]["generated_tokens"] > 0
 
@@ -149,11 +198,12 @@ def test_tiny_reload_in_fresh_transformers_process(tiny_gptq):
         "print('RESULT', json.dumps({'finite': bool(torch.isfinite(logits).all()),\n"
         "       'new': int(gen.shape[1] - enc['input_ids'].shape[1]), 'qlinears': len(q)}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     assert result == {"finite": True, "new": 5, "qlinears": 42}
 
 
@@ -170,11 +220,20 @@ def test_pruned_gemma3_then_quantize(tiny_model_dir, tmp_path, needs_gptq):
     from shrink.stages.prune import prune
 
     pruned = tmp_path / "pruned"
-    prune(str(tiny_model_dir("gemma3")), pruned, PruneConfig(layers=[1, 4]), verify=False,
-          show_progress=False)
-    r = quantize(str(pruned), tmp_path / "q",
-                 QuantizeConfig(gptq="8bit", group_size=32, samples=4, seq_len=64),
-                 evaluation=EvaluateConfig(samples=1, seq_len=64), show_progress=False)
+    prune(
+        str(tiny_model_dir("gemma3")),
+        pruned,
+        PruneConfig(layers=[1, 4]),
+        verify=False,
+        show_progress=False,
+    )
+    r = quantize(
+        str(pruned),
+        tmp_path / "q",
+        QuantizeConfig(gptq="8bit", group_size=32, samples=4, seq_len=64),
+        evaluation=EvaluateConfig(samples=1, seq_len=64),
+        show_progress=False,
+    )
     assert r.quantized_linears == 4 * 7 and r.verification["ok"]
     record = json.loads((tmp_path / "q" / "shrink.json").read_text())
     assert [st["stage"] for st in record["stages"]] == ["prune", "quantize"]
@@ -184,13 +243,18 @@ def test_pruned_gemma3_then_quantize(tiny_model_dir, tmp_path, needs_gptq):
 
 # --- the embedded SmolLM2-135M ---
 
+
 @pytest.mark.slow
 def test_smollm2_4bit_perplexity(embedded_dir, tmp_path, needs_gptq):
     """Default group size falls back to 64 (128 does not divide 576); 4-bit perplexity stays
     within 1.5x of fp32 after a fresh-process reload in transformers."""
-    result = quantize(str(embedded_dir), tmp_path / "q4",
-                      QuantizeConfig(gptq="4bit", samples=16, seq_len=256),
-                      evaluation=EvaluateConfig(samples=4, seq_len=256), show_progress=False)
+    result = quantize(
+        str(embedded_dir),
+        tmp_path / "q4",
+        QuantizeConfig(gptq="4bit", samples=16, seq_len=256),
+        evaluation=EvaluateConfig(samples=4, seq_len=256),
+        show_progress=False,
+    )
     assert result.group_size == 64 and "128 does not divide" in result.group_size_note
     assert result.quantized_linears == 30 * 7
     assert 4.2 < result.bits_per_weight < 4.6

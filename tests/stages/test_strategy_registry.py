@@ -1,4 +1,5 @@
 """A strategy added through the registry alone reaches `shrink prune` and `shrink build`."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,45 @@ def toy_strategy():
 def test_toy_strategy_runs_through_prune_and_build(toy_strategy, tiny_model_dir, tmp_path):
     src = str(tiny_model_dir("llama"))
     runner = CliRunner()
-    res = runner.invoke(main, ["prune", src, "--drop", "2", "--strategy", toy_strategy, "-o",
-                               str(tmp_path / "p"), "--no-verify", "--json", "-"])
+    res = runner.invoke(
+        main,
+        [
+            "prune",
+            src,
+            "--drop",
+            "2",
+            "--strategy",
+            toy_strategy,
+            "-o",
+            str(tmp_path / "p"),
+            "--no-verify",
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)["result"]
     assert out["removed_layers"] == [2, 3] and out["strategy"] == toy_strategy
-    res = runner.invoke(main, ["build", src, "--drop", "2", "--strategy", toy_strategy,
-                               "--no-heal", "--eval-samples", "1", "--eval-seq-len", "16",
-                               "-o", str(tmp_path / "b"), "--json", "-"])
+    res = runner.invoke(
+        main,
+        [
+            "build",
+            src,
+            "--drop",
+            "2",
+            "--strategy",
+            toy_strategy,
+            "--no-heal",
+            "--eval-samples",
+            "1",
+            "--eval-seq-len",
+            "16",
+            "-o",
+            str(tmp_path / "b"),
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)["result"]
     assert report["removed_layers"] == [2, 3] and report["strategy"] == toy_strategy
@@ -39,8 +71,19 @@ def test_toy_strategy_runs_through_prune_and_build(toy_strategy, tiny_model_dir,
 
 
 def test_unknown_strategy_is_one_clear_line(tiny_model_dir, tmp_path):
-    res = CliRunner().invoke(main, ["prune", str(tiny_model_dir("llama")), "--drop", "2",
-                                    "--strategy", "nope", "-o", str(tmp_path / "p")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            str(tiny_model_dir("llama")),
+            "--drop",
+            "2",
+            "--strategy",
+            "nope",
+            "-o",
+            str(tmp_path / "p"),
+        ],
+    )
     assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
 
 
@@ -50,8 +93,19 @@ def test_a_strategy_returning_bad_layers_is_refused(tiny_model_dir, tmp_path):
         return [0, 0], "broken"
 
     try:
-        res = CliRunner().invoke(main, ["prune", str(tiny_model_dir("llama")), "--drop", "2",
-                                        "--strategy", "toy-bad", "-o", str(tmp_path / "p")])
+        res = CliRunner().invoke(
+            main,
+            [
+                "prune",
+                str(tiny_model_dir("llama")),
+                "--drop",
+                "2",
+                "--strategy",
+                "toy-bad",
+                "-o",
+                str(tmp_path / "p"),
+            ],
+        )
         assert res.exit_code == 2 and "not 2 distinct layers" in res.output
         assert not (tmp_path / "p").exists()
     finally:

@@ -1,5 +1,6 @@
 """Helpers shared by the streaming tests: a model saved in small shards, padded inputs, and a
 checkpoint read back tensor by tensor."""
+
 from __future__ import annotations
 
 import shutil

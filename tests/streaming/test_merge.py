@@ -1,4 +1,5 @@
 """The streamed LoRA merge equals peft's merge_and_unload, tensor by tensor, on a sharded base."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def make_adapter(base: Path, folder: Path, **lora) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    pmodel = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8,
-                                                 "target_modules": TARGETS, **lora}))
+    pmodel = get_peft_model(
+        model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora})
+    )
     with torch.no_grad():
         for name, p in pmodel.named_parameters():
             if "lora_B" in name or "lora_embedding" in name:  # embeddings start with A = 0
@@ -64,8 +66,13 @@ def test_streamed_merge_equals_peft(sharded_llama, tmp_path):
 
     ref = make_adapter(sharded_llama, tmp_path / "adapter")
     lines: list[str] = []
-    info = merge_adapter_streamed(sharded_llama, tmp_path / "adapter", tmp_path / "out",
-                                  max_shard_bytes=300_000, log=lines.append)
+    info = merge_adapter_streamed(
+        sharded_llama,
+        tmp_path / "adapter",
+        tmp_path / "out",
+        max_shard_bytes=300_000,
+        log=lines.append,
+    )
     # 6 layers x 7 targets changed, every other tensor identical
     assert len(info["merged_tensors"]) == 42
     assert check_equal(tmp_path / "out", ref, sharded_llama) == 42
@@ -84,9 +91,14 @@ def test_rslora_patterns_and_embedding(sharded_llama, tmp_path):
     """rsLoRA scaling, per-module rank and alpha overrides, and a LoRA on the (tied) embedding."""
     from shrink.streaming.merge import merge_adapter_streamed
 
-    ref = make_adapter(sharded_llama, tmp_path / "adapter", use_rslora=True,
-                       target_modules=["q_proj", "down_proj", "embed_tokens"],
-                       rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 32})
+    ref = make_adapter(
+        sharded_llama,
+        tmp_path / "adapter",
+        use_rslora=True,
+        target_modules=["q_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"q_proj": 32},
+    )
     info = merge_adapter_streamed(sharded_llama, tmp_path / "adapter", tmp_path / "out")
     assert "model.embed_tokens.weight" in info["merged_tensors"]
     assert check_equal(tmp_path / "out", ref, sharded_llama) == 13
@@ -99,8 +111,9 @@ def test_merged_model_loads_and_casts(sharded_llama, tmp_path):
     from shrink.streaming.merge import merge_adapter_streamed
 
     make_adapter(sharded_llama, tmp_path / "adapter")
-    merge_adapter_streamed(sharded_llama, tmp_path / "adapter", tmp_path / "out",
-                           dtype=torch.bfloat16)
+    merge_adapter_streamed(
+        sharded_llama, tmp_path / "adapter", tmp_path / "out", dtype=torch.bfloat16
+    )
     assert {t.dtype for t in state(tmp_path / "out").values()} == {torch.bfloat16}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.dtype == torch.bfloat16
@@ -123,9 +136,13 @@ def test_bad_adapters_are_refused(sharded_llama, tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     from safetensors.torch import save_file
 
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4)},
-              str(other / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4),
+        },
+        str(other / "adapter_model.safetensors"),
+    )
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ShrinkError, match="do not fit"):
         merge_adapter_streamed(sharded_llama, other, tmp_path / "out")
@@ -144,8 +161,13 @@ def test_heal_merge_streams_when_the_base_does_not_fit(sharded_llama, tmp_path, 
     make_adapter(sharded_llama, tmp_path / "work" / "adapter")
     ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = AutoConfig.from_pretrained(sharded_llama)
-    kw = dict(device="cpu", on_cuda=False, eval_ids=ids, show_progress=False,
-              load_kw={"use_safetensors": True})
+    kw = dict(
+        device="cpu",
+        on_cuda=False,
+        eval_ids=ids,
+        show_progress=False,
+        load_kw={"use_safetensors": True},
+    )
     ref = heal_merge.merge(str(sharded_llama), tmp_path / "work" / "adapter", "lora", cfg, **kw)
     monkeypatch.setattr(heal_merge, "needs_streamed_merge", lambda *a: True)
     got = heal_merge.merge(str(sharded_llama), tmp_path / "work" / "adapter", "lora", cfg, **kw)

@@ -1,5 +1,6 @@
 """The linear bridge streamed layer by layer (shrink.streaming.bridge) equals the in-memory one:
 the same T per run, the same folded tensors, the same written checkpoint and logits."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,6 @@ def bridge_dir(tmp_path_factory, embedded_dir, tokenizer_files):
     return make
 
 
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_stream_bridges_equal_apply_bridges(bridge_dir, bias):
     """Same T for each run (the second run is fitted on the model with the first bridged), same
@@ -65,8 +64,7 @@ def test_stream_bridges_equal_apply_bridges(bridge_dir, bias):
     ids, mask = padded_inputs(6)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     want, _ = apply_bridges(model, REMOVE, ids, mask, skip_first=2, batch_size=4)
-    got = stream_bridges(folder, REMOVE, ids, mask, skip_first=2, batch_size=4,
-                         show_progress=False)
+    got = stream_bridges(folder, REMOVE, ids, mask, skip_first=2, batch_size=4, show_progress=False)
     assert [r.layers for r in got.runs] == [[1, 2], [4]]
     assert [r.folded_into for r in got.runs] == [0, 3]
     for w, g in zip(want, got.runs):
@@ -74,8 +72,11 @@ def test_stream_bridges_equal_apply_bridges(bridge_dir, bias):
         assert torch.allclose(g.transform, w.transform, atol=1e-6, rtol=1e-5)
         for key in ("fit_error", "identity_error", "run_fit_error"):
             assert getattr(g, key) == pytest.approx(getattr(w, key), rel=1e-5)
-    names = {f"model.layers.{k}.mlp.down_proj.{p}" for k in (0, 3)
-             for p in (("weight", "bias") if bias else ("weight",))}
+    names = {
+        f"model.layers.{k}.mlp.down_proj.{p}"
+        for k in (0, 3)
+        for p in (("weight", "bias") if bias else ("weight",))
+    }
     assert set(got.tensors) == names
     sd = model.state_dict()
     assert all(torch.allclose(got.tensors[n], sd[n], atol=1e-6) for n in names)
@@ -90,12 +91,20 @@ def test_streamed_prune_with_bridge_equals_in_memory(bridge_dir, tmp_path):
     from shrink.stages.prune import prune
 
     folder = str(bridge_dir(False))
-    mem = prune(folder, tmp_path / "mem", PruneConfig(layers=REMOVE, bridge="linear",
-                                                      streaming=False, **CALIB),
-                verify=False, show_progress=False)
-    streamed = prune(folder, tmp_path / "stream", PruneConfig(layers=REMOVE, bridge="linear",
-                                                              streaming=True, **CALIB),
-                     verify=False, show_progress=False)
+    mem = prune(
+        folder,
+        tmp_path / "mem",
+        PruneConfig(layers=REMOVE, bridge="linear", streaming=False, **CALIB),
+        verify=False,
+        show_progress=False,
+    )
+    streamed = prune(
+        folder,
+        tmp_path / "stream",
+        PruneConfig(layers=REMOVE, bridge="linear", streaming=True, **CALIB),
+        verify=False,
+        show_progress=False,
+    )
     assert streamed.streamed and not mem.streamed
     a, b = state(tmp_path / "mem"), state(tmp_path / "stream")
     assert sorted(a) == sorted(b)
@@ -105,15 +114,19 @@ def test_streamed_prune_with_bridge_equals_in_memory(bridge_dir, tmp_path):
     for new, old in ((0, 0), (1, 3)):  # the bridged layers changed; everything else is a copy
         key = f"model.layers.{new}.mlp.down_proj.weight"
         assert not torch.allclose(b[key], original[f"model.layers.{old}.mlp.down_proj.weight"])
-    assert torch.equal(b["model.layers.2.mlp.down_proj.weight"],
-                       original["model.layers.5.mlp.down_proj.weight"])
+    assert torch.equal(
+        b["model.layers.2.mlp.down_proj.weight"], original["model.layers.5.mlp.down_proj.weight"]
+    )
     for m, s in zip(mem.bridge, streamed.bridge):
-        assert {k: v for k, v in m.items() if "error" not in k} == \
-               {k: v for k, v in s.items() if "error" not in k}
+        assert {k: v for k, v in m.items() if "error" not in k} == {
+            k: v for k, v in s.items() if "error" not in k
+        }
         assert s["fit_error"] == pytest.approx(m["fit_error"], rel=1e-5)
     record = json.loads((tmp_path / "stream" / "shrink.json").read_text())["stages"][-1]
     assert record["streaming"]["replaced_tensors"] == [
-        "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
 
 
 def test_cli_streamed_bridge_reloads_with_in_memory_logits(bridge_dir, tmp_path):
@@ -124,8 +137,22 @@ def test_cli_streamed_bridge_reloads_with_in_memory_logits(bridge_dir, tmp_path)
     from shrink.cli import main
 
     folder = str(bridge_dir(False))
-    common = ["prune", folder, "--layers", "1,2,4", "--bridge", "linear", "--samples", "4",
-              "--seq-len", "32", "--guard", "0", "--json", "-"]
+    common = [
+        "prune",
+        folder,
+        "--layers",
+        "1,2,4",
+        "--bridge",
+        "linear",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--guard",
+        "0",
+        "--json",
+        "-",
+    ]
     runner = CliRunner()
     r = runner.invoke(main, common + ["--streaming", "-o", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
@@ -134,8 +161,10 @@ def test_cli_streamed_bridge_reloads_with_in_memory_logits(bridge_dir, tmp_path)
     assert [b["folded_into"] for b in out["bridge"]] == [0, 3]
     record = json.loads((tmp_path / "s" / "shrink.json").read_text())["stages"][-1]
     assert record["bridge"] == out["bridge"]
-    assert [b["target"] for b in record["bridge"]] == ["layers.0.mlp.down_proj",
-                                                      "layers.3.mlp.down_proj"]
+    assert [b["target"] for b in record["bridge"]] == [
+        "layers.0.mlp.down_proj",
+        "layers.3.mlp.down_proj",
+    ]
     r = runner.invoke(main, common + ["--no-streaming", "--no-verify", "-o", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     ids = padded_inputs(6)[0][:2]
@@ -154,23 +183,40 @@ def test_streamed_run_at_layer_zero_is_not_bridged(bridge_dir, tmp_path):
     from shrink.stages.prune import prune
 
     folder = str(bridge_dir(False))
-    res = prune(folder, tmp_path / "a", PruneConfig(layers=[0, 1, 4], bridge="linear",
-                                                    streaming=True, **CALIB),
-                verify=False, show_progress=False)
+    res = prune(
+        folder,
+        tmp_path / "a",
+        PruneConfig(layers=[0, 1, 4], bridge="linear", streaming=True, **CALIB),
+        verify=False,
+        show_progress=False,
+    )
     assert [(b["layers"], b["folded_into"]) for b in res.bridge] == [([0, 1], None), ([4], 3)]
     assert "layer 0" in res.bridge[0]["note"] and res.bridge[0]["target"] is None
-    mem = prune(folder, tmp_path / "m", PruneConfig(layers=[0, 1, 4], bridge="linear",
-                                                    streaming=False, **CALIB),
-                verify=False, show_progress=False)
+    mem = prune(
+        folder,
+        tmp_path / "m",
+        PruneConfig(layers=[0, 1, 4], bridge="linear", streaming=False, **CALIB),
+        verify=False,
+        show_progress=False,
+    )
     assert [b["note"] for b in mem.bridge] == [b["note"] for b in res.bridge]
     a, b = state(tmp_path / "a"), state(tmp_path / "m")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
-    only = prune(folder, tmp_path / "b", PruneConfig(layers=[0, 1], bridge="linear",
-                                                     streaming=True, **CALIB),
-                 verify=False, show_progress=False)
+    only = prune(
+        folder,
+        tmp_path / "b",
+        PruneConfig(layers=[0, 1], bridge="linear", streaming=True, **CALIB),
+        verify=False,
+        show_progress=False,
+    )
     assert [b["folded_into"] for b in only.bridge] == [None]
-    plain = prune(folder, tmp_path / "c", PruneConfig(layers=[0, 1], streaming=True),
-                  verify=False, show_progress=False)
+    plain = prune(
+        folder,
+        tmp_path / "c",
+        PruneConfig(layers=[0, 1], streaming=True),
+        verify=False,
+        show_progress=False,
+    )
     assert plain.bridge is None
     a, b = state(tmp_path / "b"), state(tmp_path / "c")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -186,13 +232,17 @@ def test_substitution_and_architecture_refusals(bridge_dir, tiny_model_dir, tmp_
     plan = plan_stream_prune(bridge_dir(False), REMOVE)
     w = torch.zeros(64, 128)
     assert list(substitutions(plan, {"model.layers.3.mlp.down_proj.weight": w})) == [
-        "model.layers.1.mlp.down_proj.weight"]
+        "model.layers.1.mlp.down_proj.weight"
+    ]
     with pytest.raises(ShrinkError, match="not among the tensors"):
         substitutions(plan, {"model.layers.2.mlp.down_proj.weight": w})
     with pytest.raises(ShrinkError, match="shape"):
         substitutions(plan, {"model.layers.3.mlp.down_proj.weight": w.T})
     with pytest.raises(ShrinkError, match="post_feedforward_layernorm"):
-        prune(str(tiny_model_dir("gemma3")), tmp_path / "g",
-              PruneConfig(layers=[1], bridge="linear", streaming=True, **CALIB),
-              show_progress=False)
+        prune(
+            str(tiny_model_dir("gemma3")),
+            tmp_path / "g",
+            PruneConfig(layers=[1], bridge="linear", streaming=True, **CALIB),
+            show_progress=False,
+        )
     assert not (tmp_path / "g").exists()

@@ -1,4 +1,5 @@
 """Streamed (layer-by-layer) perplexity equals the in-memory perplexity, pruned and bridged too."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,7 @@ def test_removed_layers_and_replaced_tensor(tiny_model_dir):
     name = "model.layers.1.mlp.down_proj.weight"
     value = torch.randn(64, 128, generator=g) * 0.05
     ref = in_memory(folder, ids, mask, keep=[0, 1, 4, 5], replace={name: value})
-    got = stream_perplexity(folder, ids, attention_mask=mask, remove=[2, 3],
-                            replace={name: value})
+    got = stream_perplexity(folder, ids, attention_mask=mask, remove=[2, 3], replace={name: value})
     assert rel(got.perplexity, ref.perplexity) < 1e-4
     full = stream_perplexity(folder, ids, attention_mask=mask)
     assert rel(full.perplexity, got.perplexity) > 1e-3  # the removal really changed the model
@@ -64,8 +64,10 @@ def test_embedded_smollm2(embedded_dir):
     from shrink.streaming.perplexity import stream_perplexity
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
-    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and "
-            "the river Seine runs through it. ") * 12
+    text = (
+        "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and "
+        "the river Seine runs through it. "
+    ) * 12
     ids = torch.tensor(tok(text)["input_ids"][:128]).view(2, 64)
     ref = in_memory(embedded_dir, ids)
     got = stream_perplexity(embedded_dir, ids, batch_size=1)

@@ -1,4 +1,5 @@
 """Streamed (layer-by-layer) scoring and pruning equal the in-memory path, and stay under a cap."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,6 @@ def sharded_dir(tmp_path_factory, tiny_model_dir, tokenizer_files):
     return make
 
 
-
-
 def test_layers_really_split_across_shards(sharded_dir):
     index = json.loads((sharded_dir("llama") / "model.safetensors.index.json").read_text())
     files = {f for k, f in index["weight_map"].items() if k.startswith("model.layers.2.")}
@@ -54,8 +53,9 @@ def test_stream_score_equals_in_memory(arch, sharded_dir):
     ids, mask = padded_inputs(5)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ref = score_layers(model, ids, mask, batch_size=2, skip_first=1, show_progress=False)
-    got = stream_score(folder, ids, mask, batch_size=2, skip_first=1, device="cpu",
-                       show_progress=False)
+    got = stream_score(
+        folder, ids, mask, batch_size=2, skip_first=1, device="cpu", show_progress=False
+    )
     assert (got.num_layers, got.tokens, got.samples) == (ref.num_layers, ref.tokens, ref.samples)
     for a, b in [(got.bi, ref.bi), (got.relmag, ref.relmag)]:
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
@@ -69,8 +69,9 @@ def test_offloaded_activations_equal_and_cleaned(sharded_dir, tmp_path):
     folder = sharded_dir("qwen3")
     ids, mask = padded_inputs(5)
     ram = stream_score(folder, ids, mask, batch_size=3, show_progress=False)
-    disk = stream_score(folder, ids, mask, batch_size=3, offload_dir=tmp_path / "acts",
-                        show_progress=False)
+    disk = stream_score(
+        folder, ids, mask, batch_size=3, offload_dir=tmp_path / "acts", show_progress=False
+    )
     assert disk.bi == ram.bi and disk.angular == ram.angular
     assert disk.settings["streaming"]["activations_on_disk"]
     assert list((tmp_path / "acts").iterdir()) == []
@@ -96,10 +97,20 @@ def test_stream_prune_equals_in_memory(arch, sharded_dir, tmp_path):
 
     folder = str(sharded_dir(arch))
     remove = [1, 3]
-    mem = prune(folder, tmp_path / "mem", PruneConfig(layers=remove, streaming=False),
-                verify=False, show_progress=False)
-    streamed = prune(folder, tmp_path / "stream", PruneConfig(layers=remove, streaming=True),
-                     verify=arch in ("llama", "gemma3"), show_progress=False)
+    mem = prune(
+        folder,
+        tmp_path / "mem",
+        PruneConfig(layers=remove, streaming=False),
+        verify=False,
+        show_progress=False,
+    )
+    streamed = prune(
+        folder,
+        tmp_path / "stream",
+        PruneConfig(layers=remove, streaming=True),
+        verify=arch in ("llama", "gemma3"),
+        show_progress=False,
+    )
     a, b = state(tmp_path / "mem"), state(tmp_path / "stream")
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
@@ -108,11 +119,21 @@ def test_stream_prune_equals_in_memory(arch, sharded_dir, tmp_path):
     cb = json.loads((tmp_path / "stream" / "config.json").read_text())
     assert ca == cb, sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
     assert (mem.params_before, mem.params_after, mem.kept) == (
-        streamed.params_before, streamed.params_after, streamed.kept)
+        streamed.params_before,
+        streamed.params_after,
+        streamed.kept,
+    )
     sa = json.loads((tmp_path / "mem" / "shrink.json").read_text())["stages"][-1]
     sb = json.loads((tmp_path / "stream" / "shrink.json").read_text())["stages"][-1]
-    for key in ("removed_layers", "kept_layers", "removed_original_layers",
-                "kept_original_layers", "num_layers_after", "params_after", "strategy"):
+    for key in (
+        "removed_layers",
+        "kept_layers",
+        "removed_original_layers",
+        "kept_original_layers",
+        "num_layers_after",
+        "params_after",
+        "strategy",
+    ):
         assert sa[key] == sb[key], key
     if arch in ("llama", "gemma3"):
         assert streamed.verification["ok"] and streamed.verification["num_layers"] == 4
@@ -126,25 +147,41 @@ def test_stream_prune_by_score_and_rebase(sharded_dir, tmp_path):
 
     folder = str(sharded_dir("qwen3"))
     kw = dict(drop=2, strategy="bi", samples=3, seq_len=32)
-    mem = prune(folder, tmp_path / "mem", PruneConfig(streaming=False, **kw), verify=False,
-                show_progress=False)
-    got = prune(folder, tmp_path / "s1", PruneConfig(streaming=True, **kw), verify=False,
-                show_progress=False)
+    mem = prune(
+        folder,
+        tmp_path / "mem",
+        PruneConfig(streaming=False, **kw),
+        verify=False,
+        show_progress=False,
+    )
+    got = prune(
+        folder,
+        tmp_path / "s1",
+        PruneConfig(streaming=True, **kw),
+        verify=False,
+        show_progress=False,
+    )
     assert got.removed == mem.removed and got.scores is not None
     cfg = json.loads((tmp_path / "s1" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 and cfg["max_window_layers"] == 3 - sum(
-        1 for i in got.removed if i < 3)
-    again = prune(str(tmp_path / "s1"), tmp_path / "s2", PruneConfig(layers=[0], streaming=True),
-                  verify=False, show_progress=False)
+        1 for i in got.removed if i < 3
+    )
+    again = prune(
+        str(tmp_path / "s1"),
+        tmp_path / "s2",
+        PruneConfig(layers=[0], streaming=True),
+        verify=False,
+        show_progress=False,
+    )
     assert again.removed_original == [got.kept[0]]
     stages = json.loads((tmp_path / "s2" / "shrink.json").read_text())["stages"]
     assert [s["stage"] for s in stages] == ["prune", "prune"]
 
 
 def test_streaming_refusals(sharded_dir, tmp_path):
+    from shrink.core.models import resolve
     from shrink.stages.prune import prune
     from shrink.stages.score import score
-    from shrink.core.models import resolve
     from shrink.streaming import decide_streaming, plan_stream_prune
 
     folder = str(sharded_dir("llama"))
@@ -178,13 +215,27 @@ def test_cli_streaming(sharded_dir, tmp_path):
 
     folder = str(sharded_dir("mistral"))
     runner = CliRunner()
-    r = runner.invoke(main, ["score", folder, "--streaming", "--samples", "2", "--seq-len", "16",
-                             "--json", "-"])
+    r = runner.invoke(
+        main, ["score", folder, "--streaming", "--samples", "2", "--seq-len", "16", "--json", "-"]
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)["result"]
     assert data["num_layers"] == 6 and "streaming" in data["settings"]
-    r = runner.invoke(main, ["prune", folder, "--layers", "2,5", "--streaming", "--no-verify",
-                             "-o", str(tmp_path / "out"), "--json", "-"])
+    r = runner.invoke(
+        main,
+        [
+            "prune",
+            folder,
+            "--layers",
+            "2,5",
+            "--streaming",
+            "--no-verify",
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+            "-",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["result"]["num_layers"] == [6, 4]
     r = runner.invoke(main, ["score", folder, "--streaming", "--metric", "ppl"])
@@ -227,9 +278,15 @@ def test_memory_capped_scoring(tmp_path):
 
     from shrink.streaming import Checkpoint, write_random_checkpoint
 
-    config = tf.LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10,
-                            num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
-                            tie_word_embeddings=False)
+    config = tf.LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=10,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8192,
+        tie_word_embeddings=False,
+    )
     folder = write_random_checkpoint(config, tmp_path / "big", max_shard_bytes=150 << 20)
     weights = Checkpoint(folder).nbytes
     budget = 300 << 20
@@ -237,8 +294,13 @@ def test_memory_capped_scoring(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHRINK_NO_PROGRESS": "1"}
 
     def run(mode):
-        p = subprocess.run([sys.executable, "-c", CAPPED, mode, str(folder), str(budget)],
-                           capture_output=True, text=True, env=env, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-c", CAPPED, mode, str(folder), str(budget)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert p.returncode == 0 or "stream" != mode, p.stderr[-2000:]
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         return json.loads(lines[-1]) if lines else {"ok": False, "error": p.stderr[-300:]}
@@ -257,8 +319,12 @@ def test_stream_prune_too_big_to_reload(sharded_dir, tmp_path, monkeypatch):
     from shrink.stages.prune import prune
 
     monkeypatch.setattr(streamed_prune, "fits_for_verify", lambda params: False)
-    res = prune(str(sharded_dir("llama")), tmp_path / "o", PruneConfig(layers=[0], streaming=True),
-                show_progress=False)
+    res = prune(
+        str(sharded_dir("llama")),
+        tmp_path / "o",
+        PruneConfig(layers=[0], streaming=True),
+        show_progress=False,
+    )
     assert res.streamed
     assert res.verification["reload"] == "skipped" and res.verification["structure_ok"]
     stage = json.loads((tmp_path / "o" / "shrink.json").read_text())["stages"][-1]

@@ -1,4 +1,5 @@
 """The streamed verification passes a good model and catches NaN tensors and wrong shapes."""
+
 from __future__ import annotations
 
 import shutil

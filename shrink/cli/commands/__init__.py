@@ -1,13 +1,26 @@
 """One module per command. Each defines ``command`` (a click command); adding a command is a
 module here and its name in ``NAMES``."""
+
 from __future__ import annotations
 
 import importlib
 
 import click
 
-NAMES = ("bench", "build", "claims", "estimate", "eval", "export", "frontier", "generate", "heal",
-         "prune", "quantize", "score")
+NAMES = (
+    "bench",
+    "build",
+    "claims",
+    "estimate",
+    "eval",
+    "export",
+    "frontier",
+    "generate",
+    "heal",
+    "prune",
+    "quantize",
+    "score",
+)
 
 
 def register(group: click.Group) -> None:

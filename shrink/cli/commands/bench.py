@@ -1,4 +1,5 @@
 """``shrink bench``: measured latency, throughput, memory and perplexity."""
+
 from __future__ import annotations
 
 import os
@@ -14,22 +15,33 @@ from shrink.stages.configs import BenchConfig
 
 @click.command("bench")
 @click.argument("artifacts", nargs=-1)
-@click.option("--baseline", default=None, help="Artifact the others are compared with "
-              "(default: the first).")
-@click.option("--sweep-drop", default=None, metavar="N,N,...",
-              help="Prune MODEL by BI at each setting (in memory) and plot perplexity and speed "
-                   "against layers removed.")
+@click.option(
+    "--baseline", default=None, help="Artifact the others are compared with (default: the first)."
+)
+@click.option(
+    "--sweep-drop",
+    default=None,
+    metavar="N,N,...",
+    help="Prune MODEL by BI at each setting (in memory) and plot perplexity and speed "
+    "against layers removed.",
+)
 @config_options(BenchConfig)
 @json_option("Write results (- for stdout).")
 @click.option("--markdown", "md_out", default=None, metavar="FILE", help="Write a markdown table.")
-@click.option("--plot", default=None, metavar="FILE.png", help="Throughput/memory bars, or the "
-              "sweep curve.")
-@click.option("--tasks", default=None, metavar="T1,T2",
-              help="lm-evaluation-harness tasks on HF/GPTQ artifacts (the eval extra).")
+@click.option(
+    "--plot", default=None, metavar="FILE.png", help="Throughput/memory bars, or the sweep curve."
+)
+@click.option(
+    "--tasks",
+    default=None,
+    metavar="T1,T2",
+    help="lm-evaluation-harness tasks on HF/GPTQ artifacts (the eval extra).",
+)
 @click.option("--tasks-path", default=None, metavar="DIR", help="Folder of custom task YAMLs.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Documents per task.")
-def command(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, tasks_path, limit,
-            **kwargs):
+def command(
+    artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, tasks_path, limit, **kwargs
+):
     """Measure ARTIFACTS (HF, GPTQ, ONNX or GGUF folders): time to first token, decode tokens/s,
     peak memory, size on disk, perplexity and FLOPs per token, as ratios to a baseline, each run
     in a fresh process, interleaved. With --threads 1,2 every artifact runs at each count and
@@ -47,13 +59,24 @@ def command(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, task
     if not artifacts:
         raise ShrinkError("give one or more artifact folders (or --sweep-drop)")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    report = bench(list(artifacts), baseline=baseline, device=config.device,
-                   prompt_len=config.prompt_len, gen_len=config.gen_len, batch=config.batch,
-                   repeats=config.repeats, ppl_samples=config.ppl_samples, tasks=task_list,
-                   tasks_path=tasks_path, limit=limit, threads=config.threads)
+    report = bench(
+        list(artifacts),
+        baseline=baseline,
+        device=config.device,
+        prompt_len=config.prompt_len,
+        gen_len=config.gen_len,
+        batch=config.batch,
+        repeats=config.repeats,
+        ppl_samples=config.ppl_samples,
+        tasks=task_list,
+        tasks_path=tasks_path,
+        limit=limit,
+        threads=config.threads,
+    )
     if json_out:
-        write_json({**report.to_dict(), "load_average": list(os.getloadavg())}, json_out,
-                   config.settings())
+        write_json(
+            {**report.to_dict(), "load_average": list(os.getloadavg())}, json_out, config.settings()
+        )
     if json_out != "-":
         console.print(bench_table(report, config.settings()))
         for r in report.results:
@@ -70,8 +93,13 @@ def command(artifacts, baseline, sweep_drop, json_out, md_out, plot, tasks, task
         wrote(plot)
 
 
-def sweep(artifacts: tuple[str, ...], sweep_drop: str, config: BenchConfig,
-          json_out: str | None, plot: str | None) -> None:
+def sweep(
+    artifacts: tuple[str, ...],
+    sweep_drop: str,
+    config: BenchConfig,
+    json_out: str | None,
+    plot: str | None,
+) -> None:
     """``--sweep-drop``: one model pruned in memory at each number of layers removed."""
     from dataclasses import asdict
 
@@ -85,9 +113,15 @@ def sweep(artifacts: tuple[str, ...], sweep_drop: str, config: BenchConfig,
         drops = sorted({int(x) for x in sweep_drop.split(",") if x.strip()})
     except ValueError:
         raise ShrinkError(f"--sweep-drop: '{sweep_drop}' is not a list of integers") from None
-    points = run_sweep(model, drops, device=config.device, prompt_len=config.prompt_len,
-                       gen_len=min(config.gen_len, 32), repeats=config.repeats,
-                       ppl_samples=max(config.ppl_samples, 1))
+    points = run_sweep(
+        model,
+        drops,
+        device=config.device,
+        prompt_len=config.prompt_len,
+        gen_len=min(config.gen_len, 32),
+        repeats=config.repeats,
+        ppl_samples=max(config.ppl_samples, 1),
+    )
     if json_out != "-":
         console.print(sweep_table(points, model))
     if json_out:

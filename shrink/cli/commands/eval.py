@@ -1,4 +1,5 @@
 """``shrink eval``: perplexity on held-out text."""
+
 from __future__ import annotations
 
 import click

@@ -1,4 +1,5 @@
 """``shrink export``: ONNX (onnxruntime-genai) and GGUF (llama.cpp) artifacts."""
+
 from __future__ import annotations
 
 import click
@@ -30,11 +31,20 @@ def command(model_dir, output, force, no_verify, json_out, **kwargs):
     config = build_config(ExportConfig, kwargs)
     check_writable(json_out)
     quiet = json_out == "-"
-    results = export(model_folder(model_dir), output, config, force=force, verify=not no_verify,
-                     log=None if quiet else (lambda line: err.print(line, highlight=False)))
+    results = export(
+        model_folder(model_dir),
+        output,
+        config,
+        force=force,
+        verify=not no_verify,
+        log=None if quiet else (lambda line: err.print(line, highlight=False)),
+    )
     if json_out:
-        write_json({k: r if isinstance(r, dict) else r.to_dict() for k, r in results.items()},
-                   json_out, config.settings())
+        write_json(
+            {k: r if isinstance(r, dict) else r.to_dict() for k, r in results.items()},
+            json_out,
+            config.settings(),
+        )
     if not quiet:
         for line in export_lines(results):
             console.print(line)

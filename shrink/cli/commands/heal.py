@@ -1,4 +1,5 @@
 """``shrink heal``: LoRA / QLoRA / distillation fine-tune, merged into a standard checkpoint."""
+
 from __future__ import annotations
 
 import click
@@ -22,8 +23,9 @@ from shrink.stages.configs import HealConfig
 @click.argument("model_dir")
 @config_options(HealConfig)
 @eval_options
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an "
-              "interrupted run.")
+@click.option(
+    "--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run."
+)
 @output_options
 @model_options
 def command(model_dir, output, force, no_verify, json_out, resume, **kwargs):
@@ -38,8 +40,16 @@ def command(model_dir, output, force, no_verify, json_out, resume, **kwargs):
     evaluation = eval_config(kwargs)
     load = load_options(kwargs)
     check_writable(json_out)
-    result = run_heal(model_dir, output, config, evaluation=evaluation, load=load, resume=resume,
-                      force=force, verify=not no_verify)
+    result = run_heal(
+        model_dir,
+        output,
+        config,
+        evaluation=evaluation,
+        load=load,
+        resume=resume,
+        force=force,
+        verify=not no_verify,
+    )
     if result.output is None:  # not the main process of a multi-process run
         return
     if json_out:

@@ -1,4 +1,5 @@
 """``shrink prune``: remove decoder layers."""
+
 from __future__ import annotations
 
 import click

@@ -1,4 +1,5 @@
 """``shrink quantize``: GPTQ through GPTQModel (the ``gptq`` extra)."""
+
 from __future__ import annotations
 
 import click
@@ -32,8 +33,15 @@ def command(model_dir, output, force, no_verify, json_out, no_eval, device, **kw
     config = build_config(QuantizeConfig, kwargs)
     evaluation = eval_config(kwargs)
     check_writable(json_out)
-    result = run_quantize(model_dir, output, config, evaluation=None if no_eval else evaluation,
-                          device=device, force=force, verify=not no_verify)
+    result = run_quantize(
+        model_dir,
+        output,
+        config,
+        evaluation=None if no_eval else evaluation,
+        device=device,
+        force=force,
+        verify=not no_verify,
+    )
     if json_out:
         write_json(result.to_dict(), json_out, config.settings())
     if json_out != "-":

@@ -1,4 +1,5 @@
 """``shrink score``: per-layer scores of a model."""
+
 from __future__ import annotations
 
 import click
@@ -21,11 +22,16 @@ from shrink.stages.configs import ScoreConfig
 @click.command("score")
 @click.argument("model", default="smollm2-135m")
 @config_options(ScoreConfig)
-@click.option("--drop", type=int, default=None,
-              help="Mark the layers this many removals would take (by --metric).")
+@click.option(
+    "--drop",
+    type=int,
+    default=None,
+    help="Mark the layers this many removals would take (by --metric).",
+)
 @json_option("Write all scores (- for stdout).")
-@click.option("--plot", default=None, metavar="FILE.png",
-              help="BI bar chart and angular-distance heatmap.")
+@click.option(
+    "--plot", default=None, metavar="FILE.png", help="BI bar chart and angular-distance heatmap."
+)
 @model_options
 def command(model, drop, json_out, plot, **kwargs):
     """Score every decoder layer of MODEL (Block Influence, angular distance, relative magnitude,
@@ -49,8 +55,9 @@ def command(model, drop, json_out, plot, **kwargs):
             for line in best_blocks(scores, drop):
                 console.print(line)
     if json_out:
-        write_json({**scores.to_dict(), "drop": drop, "chosen": chosen}, json_out,
-                   config.settings())
+        write_json(
+            {**scores.to_dict(), "drop": drop, "chosen": chosen}, json_out, config.settings()
+        )
     if plot:
         from shrink.report.plots import plot_scores
 

@@ -10,6 +10,7 @@ registry instead of naming formats::
 A new kind is one module with a :class:`Kind` subclass and one :func:`register_kind` call.
 Kinds are tried in registration order; the first whose ``detect`` says yes wins.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,19 @@ from shrink.runtime.kinds.gptq import GptqKind
 from shrink.runtime.kinds.hf import HfKind, quant_method
 from shrink.runtime.kinds.onnx import OnnxKind
 
-__all__ = ["Card", "Kind", "Measure", "all_kinds", "artifact_kind", "describe", "detect",
-           "for_model", "get", "register_kind", "verify"]
+__all__ = [
+    "Card",
+    "Kind",
+    "Measure",
+    "all_kinds",
+    "artifact_kind",
+    "describe",
+    "detect",
+    "for_model",
+    "get",
+    "register_kind",
+    "verify",
+]
 
 _KINDS: dict[str, Kind] = {}
 
@@ -50,8 +62,7 @@ def get(name: str) -> Kind:
     try:
         return _KINDS[name]
     except KeyError:
-        raise ShrinkError(f"unknown artifact kind '{name}' (known: {', '.join(_KINDS)})"
-                          ) from None
+        raise ShrinkError(f"unknown artifact kind '{name}' (known: {', '.join(_KINDS)})") from None
 
 
 def detect(path: str | Path) -> Kind:
@@ -61,14 +72,19 @@ def detect(path: str | Path) -> Kind:
         if p.exists() and kind.detect(p):
             return kind
     if not p.exists():
-        raise ShrinkError(f"'{path}' is not a folder; give a model folder written by shrink "
-                          f"({_names()})")
+        raise ShrinkError(
+            f"'{path}' is not a folder; give a model folder written by shrink ({_names()})"
+        )
     method = quant_method(p) if p.is_dir() else ""
     if method:
-        raise ShrinkError(f"'{path}' is quantized with '{method}', which shrink does not run; "
-                          f"shrink runs {_names()} artifacts")
-    raise ShrinkError(f"'{path}' is not a model folder of any kind shrink runs ({_names()}: "
-                      "no config.json, genai_config.json, .onnx or .gguf file in it)")
+        raise ShrinkError(
+            f"'{path}' is quantized with '{method}', which shrink does not run; "
+            f"shrink runs {_names()} artifacts"
+        )
+    raise ShrinkError(
+        f"'{path}' is not a model folder of any kind shrink runs ({_names()}: "
+        "no config.json, genai_config.json, .onnx or .gguf file in it)"
+    )
 
 
 def _names() -> str:

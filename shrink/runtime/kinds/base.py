@@ -1,5 +1,6 @@
 """What an artifact kind is: the one object that knows how to recognise, run, measure, verify and
 describe one format of model (see :mod:`shrink.runtime.kinds`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -59,14 +60,29 @@ class Kind:
         """The artifact loaded in its runtime, ready to run."""
         self._cannot("be loaded")
 
-    def perplexity(self, model: str | Path, make_blocks, *, load=None, batch_size: int = 4,
-                   show_progress: bool = True) -> list:
+    def perplexity(
+        self,
+        model: str | Path,
+        make_blocks,
+        *,
+        load=None,
+        batch_size: int = 4,
+        show_progress: bool = True,
+    ) -> list:
         """Perplexity on each of ``make_blocks(tokenizer)``'s token blocks, with this kind's
         tokenizer; a list of PerplexityResult whose ``data`` describes its blocks."""
         self._cannot("measure perplexity")
 
-    def generate(self, path: Path, prompt: str, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stream: Stream | None) -> str:
+    def generate(
+        self,
+        path: Path,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stream: Stream | None,
+    ) -> str:
         """The continuation of ``prompt``, each new piece of text passed to ``stream``."""
         self._cannot("generate")
 
@@ -81,8 +97,13 @@ class Kind:
 
     def describe(self, path: Path) -> dict:
         """Format, bytes (all files), weight bytes (what a decoded token reads) and precision."""
-        return {"kind": self.name, "format": self.name, "bytes": _bytes(path),
-                "weight_bytes": weight_bytes(path), "precision": None}
+        return {
+            "kind": self.name,
+            "format": self.name,
+            "bytes": _bytes(path),
+            "weight_bytes": weight_bytes(path),
+            "precision": None,
+        }
 
     def card(self, report: dict) -> Card:
         """How the model card of a build presents this kind's artifact."""
@@ -105,5 +126,6 @@ def weight_bytes(path: Path) -> int:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*")
-               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return sum(
+        f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)
+    )

@@ -1,5 +1,6 @@
 """GGUF files (llama.cpp, through llama-cpp-python): a ``.gguf`` file or a folder holding one,
 as ``shrink export --gguf`` writes it (with the HF tokenizer beside the file)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,9 @@ class GgufKind(Kind):
 
         return GgufRunner(_file(Path(path)), **runner)
 
-    def perplexity(self, model, make_blocks, *, load=None, batch_size: int = 4,
-                   show_progress: bool = True) -> list:
+    def perplexity(
+        self, model, make_blocks, *, load=None, batch_size: int = 4, show_progress: bool = True
+    ) -> list:
         from transformers import AutoTokenizer
 
         from shrink.core.models import check_tokenizer_files
@@ -52,16 +54,28 @@ class GgufKind(Kind):
         with self.load(file, n_ctx=n_ctx) as runner:
             for blocks in all_blocks:
                 r = runner.perplexity(blocks.input_ids, show_progress=show_progress)
-                results.append(PerplexityResult(r["perplexity"], r["nll"], r["tokens"],
-                                                r["seconds"], data=blocks.describe()))
+                results.append(
+                    PerplexityResult(
+                        r["perplexity"], r["nll"], r["tokens"], r["seconds"], data=blocks.describe()
+                    )
+                )
         return results
 
-    def generate(self, path: Path, prompt: str, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stream: Stream | None) -> str:
+    def generate(
+        self,
+        path: Path,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stream: Stream | None,
+    ) -> str:
         with self.load(path) as runner:
             ids = runner.encode(prompt)
-            new = runner.generate_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                                      seed=seed or 0)
+            new = runner.generate_ids(
+                ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed or 0
+            )
             text = runner.decode(new)
         if stream is not None:
             stream(text)
@@ -78,23 +92,33 @@ class GgufKind(Kind):
         check_tokenizer_files(file.parent)  # the prompt is built with the HF tokenizer
         tok = AutoTokenizer.from_pretrained(file.parent)
         ids = M.prompt_ids(tok, m.prompt_len, 1)[0].tolist()
-        with self.load(file, n_ctx=max(1024, m.prompt_len + m.gen_len, m.ppl_seq_len),
-                       n_threads=m.threads, logits_all=False) as runner:
+        with self.load(
+            file,
+            n_ctx=max(1024, m.prompt_len + m.gen_len, m.ppl_seq_len),
+            n_threads=m.threads,
+            logits_all=False,
+        ) as runner:
             for _ in range(m.warmup):
                 runner.time_greedy(ids, min(m.gen_len, 4))
             M.reset_peak_rss()
             cpu0 = M.cpu_seconds()
             ttft, decode = runner.time_greedy(ids, m.gen_len)
-            result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": M.cpu_seconds() - cpu0,
-                      "threads": runner.n_threads, "peak_rss_bytes": M.vm_bytes("VmHWM")}
+            result = {
+                "ttft_s": ttft,
+                "decode_s": decode,
+                "cpu_s": M.cpu_seconds() - cpu0,
+                "threads": runner.n_threads,
+                "peak_rss_bytes": M.vm_bytes("VmHWM"),
+            }
         if m.ppl_samples:
             blocks = M.eval_blocks(tok, m.ppl_samples, m.ppl_seq_len)
             with self.load(file, n_ctx=max(1024, m.ppl_seq_len)) as runner:
                 result["perplexity"] = runner.perplexity(blocks.input_ids)["perplexity"]
         return result
 
-    def verify(self, path: Path, source: str | Path | None = None, gguf_type: str | None = None,
-               **kw) -> dict:
+    def verify(
+        self, path: Path, source: str | Path | None = None, gguf_type: str | None = None, **kw
+    ) -> dict:
         """Load in llama.cpp in a fresh process and compare with the HF ``source``: metadata,
         tokenizer, greedy tokens, logits, perplexity
         (:func:`shrink.runtime.gguf.verify_in_subprocess`; ``kw``: its threads, samples,
@@ -112,35 +136,53 @@ class GgufKind(Kind):
 
     def describe(self, path: Path) -> dict:
         file = _file(Path(path))
-        return {"kind": self.name, "format": "GGUF", "bytes": file.stat().st_size,
-                "weight_bytes": file.stat().st_size, "file": file.name,
-                "precision": _export_record(file.parent).get("type")}
+        return {
+            "kind": self.name,
+            "format": "GGUF",
+            "bytes": file.stat().st_size,
+            "weight_bytes": file.stat().st_size,
+            "file": file.name,
+            "precision": _export_record(file.parent).get("type"),
+        }
 
     def card(self, report: dict) -> Card:
         gtype = report["export"]["gguf"]["type"]
         file = report["export"]["gguf"]["file"]
         fmt = f"GGUF {gtype.upper()}"
-        return Card(tags=["shrink", "pruned", "gguf", "llama.cpp", gtype], library="gguf",
-                    format=fmt, row="gguf",
-                    made=f", quantized to {fmt} by llama.cpp from the full-precision model",
-                    usage=["```bash", f"llama-cli -m {file} -p \"The capital of France is\" -n 32",
-                           f"# Ollama: a Modelfile with the line  FROM ./{file}", "```", "",
-                           "```python",
-                           "from llama_cpp import Llama  # pip install llama-cpp-python",
-                           f'llm = Llama("{file}")',
-                           'print(llm("The capital of France is", max_tokens=32)["choices"][0]'
-                           '["text"])', "```"])
+        return Card(
+            tags=["shrink", "pruned", "gguf", "llama.cpp", gtype],
+            library="gguf",
+            format=fmt,
+            row="gguf",
+            made=f", quantized to {fmt} by llama.cpp from the full-precision model",
+            usage=[
+                "```bash",
+                f'llama-cli -m {file} -p "The capital of France is" -n 32',
+                f"# Ollama: a Modelfile with the line  FROM ./{file}",
+                "```",
+                "",
+                "```python",
+                "from llama_cpp import Llama  # pip install llama-cpp-python",
+                f'llm = Llama("{file}")',
+                'print(llm("The capital of France is", max_tokens=32)["choices"][0]["text"])',
+                "```",
+            ],
+        )
 
     def export_note(self, e: dict) -> str:
         from shrink.runtime.gguf_quant import types_line
 
-        note = (f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
-                "loads in llama.cpp, Ollama and LM Studio).")
+        note = (
+            f"GGUF: `gguf/{e['file']}` ({e['type']}, {e.get('block_count')} blocks; "
+            "loads in llama.cpp, Ollama and LM Studio)."
+        )
         if e.get("tensor_types"):  # with a k-quant: what fell back to which type
             note += f" Tensor types: {types_line(e['tensor_types'])}."
         if e.get("imatrix"):
-            note += (f" Importance matrix from {e['imatrix']['tokens']} tokens of "
-                     f"{e['imatrix']['data']}.")
+            note += (
+                f" Importance matrix from {e['imatrix']['tokens']} tokens of "
+                f"{e['imatrix']['data']}."
+            )
         if e.get("comparison"):  # the dense model through the same type, same evaluation
             c = e["comparison"]
             note += f" Perplexity on {' | '.join(c['sets'])}: {c['line']}."

@@ -1,5 +1,6 @@
 """GPTQ checkpoints: Hugging Face folders whose config has a GPTQ ``quantization_config``, run
 by transformers with GPTQModel and optimum behind it."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,17 @@ class GptqKind(HfKind):
     def measure_kwargs(self, device: str) -> dict:
         return {"device_map": device}
 
-    def verify(self, path: Path, eval_data: str | None = "", samples: int = 16,
-               seq_len: int = 512, seed: int = 0, device: str | None = None,
-               timeout: float = 3600, **kw) -> dict:
+    def verify(
+        self,
+        path: Path,
+        eval_data: str | None = "",
+        samples: int = 16,
+        seq_len: int = 512,
+        seed: int = 0,
+        device: str | None = None,
+        timeout: float = 3600,
+        **kw,
+    ) -> dict:
         """Load with ``AutoModelForCausalLM.from_pretrained`` in a fresh process: finite logits,
         greedy generation, perplexity on ``eval_data`` (default: shrink's evaluation text; None:
         no perplexity) (``shrink.stages.quantize.verify_gptq_dir``)."""
@@ -40,25 +49,44 @@ class GptqKind(HfKind):
             from shrink.core.data import EVALUATION
 
             eval_data = EVALUATION
-        result = run_worker("shrink.stages.quantize:verify_gptq_dir", timeout=timeout,
-                            path=str(path), eval_data=eval_data, samples=samples,
-                            seq_len=seq_len, seed=seed, device=device)
+        result = run_worker(
+            "shrink.stages.quantize:verify_gptq_dir",
+            timeout=timeout,
+            path=str(path),
+            eval_data=eval_data,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            device=device,
+        )
         if not result["ok"]:
-            raise ShrinkError(f"verification of the GPTQ checkpoint {path} failed: "
-                              f"{json.dumps(result)}")
+            raise ShrinkError(
+                f"verification of the GPTQ checkpoint {path} failed: {json.dumps(result)}"
+            )
         return result
 
     def describe(self, path: Path) -> dict:
         q = (read_config(path) or {}).get("quantization_config") or {}
-        return {**super().describe(path), "format": "GPTQ",
-                "precision": f"{q.get('bits', '?')}-bit GPTQ, group size "
-                             f"{q.get('group_size', '?')}"}
+        return {
+            **super().describe(path),
+            "format": "GPTQ",
+            "precision": f"{q.get('bits', '?')}-bit GPTQ, group size {q.get('group_size', '?')}",
+        }
 
     def card(self, report: dict) -> Card:
         bits = report["quantize"]["bits"]
         hf = super().card(report)
-        return Card(tags=["shrink", "pruned", "gptq", f"{bits}-bit"], library="transformers",
-                    format="GPTQ checkpoint", row="quantized", made=f", GPTQ {bits}-bit",
-                    usage=["A GPTQ checkpoint: transformers loads it when GPTQModel and optimum "
-                           "are installed (`pip install gptqmodel optimum`); vLLM serves it as "
-                           "is.", ""] + hf.usage)
+        return Card(
+            tags=["shrink", "pruned", "gptq", f"{bits}-bit"],
+            library="transformers",
+            format="GPTQ checkpoint",
+            row="quantized",
+            made=f", GPTQ {bits}-bit",
+            usage=[
+                "A GPTQ checkpoint: transformers loads it when GPTQModel and optimum "
+                "are installed (`pip install gptqmodel optimum`); vLLM serves it as "
+                "is.",
+                "",
+            ]
+            + hf.usage,
+        )

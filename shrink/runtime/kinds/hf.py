@@ -1,4 +1,5 @@
 """Hugging Face folders (safetensors, run by transformers)."""
+
 from __future__ import annotations
 
 import json
@@ -63,29 +64,39 @@ class HfKind(Kind):
         tok = AutoTokenizer.from_pretrained(path)
         check_tokenizer(tok, path)
         try:
-            model = from_pretrained_checked(path, auto_class=AutoModelForCausalLM,
-                                            **self.load_kwargs(device))
+            model = from_pretrained_checked(
+                path, auto_class=AutoModelForCausalLM, **self.load_kwargs(device)
+            )
         except ImportError as e:
-            raise ShrinkError(f"cannot load {path} with transformers: {first_line(e)}"
-                              ) from None
+            raise ShrinkError(f"cannot load {path} with transformers: {first_line(e)}") from None
         return model.eval(), tok
 
-    def perplexity(self, model, make_blocks, *, load=None, batch_size: int = 4,
-                   show_progress: bool = True) -> list:
+    def perplexity(
+        self, model, make_blocks, *, load=None, batch_size: int = 4, show_progress: bool = True
+    ) -> list:
         from shrink.core.models import load_model
         from shrink.core.perplexity import perplexity
 
         loaded = load_model(str(model), **(load.load_kwargs() if load is not None else {}))
         results = []
         for blocks in make_blocks(loaded.tokenizer):
-            r = perplexity(loaded.model, blocks.input_ids, batch_size=batch_size,
-                           show_progress=show_progress)
+            r = perplexity(
+                loaded.model, blocks.input_ids, batch_size=batch_size, show_progress=show_progress
+            )
             r.data = blocks.describe()
             results.append(r)
         return results
 
-    def generate(self, path: Path, prompt: str, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stream: Stream | None) -> str:
+    def generate(
+        self,
+        path: Path,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stream: Stream | None,
+    ) -> str:
         import torch
         from transformers import TextStreamer
 
@@ -100,17 +111,19 @@ class HfKind(Kind):
             torch.manual_seed(seed)
         enc = tok(prompt, return_tensors="pt").to(model.device)
         sample = temperature > 0
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample,
-                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
-                          else tok.eos_token_id,
-                          streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True))
+        gen_kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True),
+        )
         if sample:
             gen_kwargs.update(temperature=float(temperature), top_p=float(top_p))
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         with torch.no_grad():
             out = model.generate(**enc, **gen_kwargs)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def measure_kwargs(self, device: str) -> dict:
         """from_pretrained's extra keywords for a benchmark run."""
@@ -135,11 +148,13 @@ class HfKind(Kind):
         check_tokenizer(tok, path)
         dtype = torch.float32 if m.device == "cpu" else torch.float16
         try:
-            model = from_pretrained_checked(path, dtype=dtype, auto_class=AutoModelForCausalLM,
-                                            **self.measure_kwargs(m.device))
+            model = from_pretrained_checked(
+                path, dtype=dtype, auto_class=AutoModelForCausalLM, **self.measure_kwargs(m.device)
+            )
         except ImportError as e:
-            raise ShrinkError(f"cannot load GPTQ artifact {path}: {e}; {install_hint('gptq')}"
-                              ) from None
+            raise ShrinkError(
+                f"cannot load GPTQ artifact {path}: {e}; {install_hint('gptq')}"
+            ) from None
         model.to(m.device).eval()
         if m.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -150,14 +165,20 @@ class HfKind(Kind):
             M.reset_peak_rss()
         cpu0 = M.cpu_seconds()
         ttft, decode = M.time_hf(model, ids, m.gen_len, m.device)
-        result = {"ttft_s": ttft, "decode_s": decode, "cpu_s": M.cpu_seconds() - cpu0,
-                  "threads": torch.get_num_threads(), "peak_rss_bytes": M.vm_bytes("VmHWM")}
+        result = {
+            "ttft_s": ttft,
+            "decode_s": decode,
+            "cpu_s": M.cpu_seconds() - cpu0,
+            "threads": torch.get_num_threads(),
+            "peak_rss_bytes": M.vm_bytes("VmHWM"),
+        }
         if m.device.startswith("cuda"):
             result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         if m.ppl_samples:
             blocks = M.eval_blocks(tok, m.ppl_samples, m.ppl_seq_len)
-            result["perplexity"] = perplexity(model, blocks.input_ids,
-                                              show_progress=False).perplexity
+            result["perplexity"] = perplexity(
+                model, blocks.input_ids, show_progress=False
+            ).perplexity
         return result
 
     def verify(self, path: Path, timeout: float = 1800, **kw) -> dict:
@@ -170,15 +191,23 @@ class HfKind(Kind):
     def describe(self, path: Path) -> dict:
         cfg = read_config(path) or {}
         text = cfg.get("text_config") or cfg
-        return {**super().describe(path), "format": "safetensors",
-                "precision": text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype")}
+        return {
+            **super().describe(path),
+            "format": "safetensors",
+            "precision": text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype"),
+        }
 
     def card(self, report: dict) -> Card:
-        return Card(tags=["shrink", "pruned"], library="transformers",
-                    format="Hugging Face checkpoint (safetensors)",
-                    row="healed" if report.get("heal") else "pruned",
-                    usage=["```python",
-                           "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                           'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-                           'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-                           "```"])
+        return Card(
+            tags=["shrink", "pruned"],
+            library="transformers",
+            format="Hugging Face checkpoint (safetensors)",
+            row="healed" if report.get("heal") else "pruned",
+            usage=[
+                "```python",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+                "```",
+            ],
+        )

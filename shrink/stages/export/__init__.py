@@ -2,6 +2,7 @@
 lives in :mod:`shrink.stages.export.onnx`, ``gguf`` (llama.cpp, Ollama, LM Studio) in
 :mod:`shrink.stages.export.gguf`. One format writes its artifact at the output; several write
 one sub-folder each (``OUT/onnx``, ``OUT/gguf``)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,16 +22,31 @@ def _gguf(model_dir, dest: Path, config: ExportConfig, force: bool, verify: bool
     from shrink.stages.export.gguf import export_gguf
     from shrink.stages.export.imatrix import ImatrixSpec
 
-    return export_gguf(model_dir, dest, config.gguf, force=force, verify=verify,
-                       threads=config.threads, log=log, imatrix=ImatrixSpec.from_config(config))
+    return export_gguf(
+        model_dir,
+        dest,
+        config.gguf,
+        force=force,
+        verify=verify,
+        threads=config.threads,
+        log=log,
+        imatrix=ImatrixSpec.from_config(config),
+    )
 
 
 # every format's exporter, by the name config.formats() gives it (the artifact kind it writes)
 EXPORTERS = {"onnx": _onnx, "gguf": _gguf}
 
 
-def export(model_dir: str | Path, output: str | Path, config: ExportConfig, *,
-           force: bool = False, verify: bool = True, log=None) -> dict[str, object]:
+def export(
+    model_dir: str | Path,
+    output: str | Path,
+    config: ExportConfig,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    log=None,
+) -> dict[str, object]:
     """Write every format ``config`` asks for; returns {format: result}."""
     formats = config.formats()
     if not formats:
@@ -55,8 +71,9 @@ class ExportStage(Stage):
 
     def describe(self, ctx: BuildContext) -> list[str]:
         e = self.settings(ctx)
-        return ([f"export ONNX ({e.onnx}, LM head {e.lm_head}, {e.target})"] if e.onnx else []) \
-            + ([f"export GGUF ({e.gguf}, for llama.cpp)"] if e.gguf else [])
+        return ([f"export ONNX ({e.onnx}, LM head {e.lm_head}, {e.target})"] if e.onnx else []) + (
+            [f"export GGUF ({e.gguf}, for llama.cpp)"] if e.gguf else []
+        )
 
     def output_part(self, config) -> str | None:
         e = self.settings_of(config)
@@ -81,10 +98,14 @@ class ExportStage(Stage):
             ctx.add(Artifact(fmt, Path(row["path"]), fmt, publish=fmt))
 
     def report(self, ctx: BuildContext, result: dict) -> dict:
-        return {"export": {fmt: {k: v for k, v in row.items()
-                                 if k not in ("verification", "path")}
-                           for fmt, row in result.items()} or None,
-                "sizes_bytes": {fmt: row["size_bytes"] for fmt, row in result.items()}}
+        return {
+            "export": {
+                fmt: {k: v for k, v in row.items() if k not in ("verification", "path")}
+                for fmt, row in result.items()
+            }
+            or None,
+            "sizes_bytes": {fmt: row["size_bytes"] for fmt, row in result.items()},
+        }
 
     def absent_report(self, ctx: BuildContext) -> dict:
         return {"export": None}
@@ -96,9 +117,15 @@ def _export_onnx(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
     # full-precision model
     src = ctx.model if config.onnx == "int4" else ctx.float_model
     r = export_onnx(src, dest, config, force=True, log=_log(ctx))
-    return {"path": str(dest), "kv_cache": r.kv_cache, "method": r.method,
-            "precision": r.precision, "lm_head": r.lm_head, "size_bytes": r.folder_bytes,
-            "verification": r.verification}
+    return {
+        "path": str(dest),
+        "kv_cache": r.kv_cache,
+        "method": r.method,
+        "precision": r.precision,
+        "lm_head": r.lm_head,
+        "size_bytes": r.folder_bytes,
+        "verification": r.verification,
+    }
 
 
 def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
@@ -114,15 +141,40 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
     # over quantization alone (a local source only: a hub id has no folder to quantize)
     dense = getattr(ctx.source, "path", None)
     imatrix = ImatrixSpec.from_config(config)
-    g = export_gguf(ctx.float_model, dest, config.gguf, force=True, threads=config.threads,
-                    log=_log(ctx), name=name, imatrix=imatrix)
-    comparison = compare_with_dense(
-        g.path, ctx.float_model, config.gguf, DenseComparison(Path(dense), ctx.config.evaluate),
-        imatrix=imatrix, threads=config.threads, log=_log(ctx)) if pruned and dense else None
-    return {"path": str(dest), "type": g.type, "file": g.file, "size_bytes": g.bytes,
-            "block_count": g.block_count, "verification": g.verification,
-            "tensor_types": g.tensor_types, "imatrix": g.get("imatrix"),
-            "comparison": comparison}
+    g = export_gguf(
+        ctx.float_model,
+        dest,
+        config.gguf,
+        force=True,
+        threads=config.threads,
+        log=_log(ctx),
+        name=name,
+        imatrix=imatrix,
+    )
+    comparison = (
+        compare_with_dense(
+            g.path,
+            ctx.float_model,
+            config.gguf,
+            DenseComparison(Path(dense), ctx.config.evaluate),
+            imatrix=imatrix,
+            threads=config.threads,
+            log=_log(ctx),
+        )
+        if pruned and dense
+        else None
+    )
+    return {
+        "path": str(dest),
+        "type": g.type,
+        "file": g.file,
+        "size_bytes": g.bytes,
+        "block_count": g.block_count,
+        "verification": g.verification,
+        "tensor_types": g.tensor_types,
+        "imatrix": g.get("imatrix"),
+        "comparison": comparison,
+    }
 
 
 def _log(ctx: BuildContext):

@@ -23,6 +23,7 @@ pruned model (whose ``layer_types`` shrink slices to the kept layers) builds as 
 The builder's classes are patched, not copied: a builder release that reads the new form itself
 still gets a flat ``rope_parameters`` and builds the same model.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,10 @@ def legacy_gemma3_rope(config) -> None:
         return
     full, local = dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
     if local.get("rope_type", "default") != "default":
-        raise ValueError(f"Gemma 3 with a '{local['rope_type']}' rope on its sliding layers is "
-                         "not supported by the onnxruntime-genai builder")
+        raise ValueError(
+            f"Gemma 3 with a '{local['rope_type']}' rope on its sliding layers is "
+            "not supported by the onnxruntime-genai builder"
+        )
     config.rope_parameters = full
     config.rope_local_base_freq = local.get("rope_theta", full.get("rope_theta", 10000.0))
 
@@ -51,6 +54,7 @@ def legacy_gemma3_rope(config) -> None:
 def patch_gemma3() -> None:
     """Patch the builder's Gemma3Model (see the module docstring)."""
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
+
     # the builder imports its classes as the top-level package ``builders``, not through
     # onnxruntime_genai.models: patch those classes
     from builders.base import Model
@@ -75,16 +79,27 @@ def patch_gemma3() -> None:
 
     def multi_cache(self):
         # the builder's own method, except that the local cache drops the global rope's scaling
-        self.cos_cache_global_name, self.sin_cache_global_name = ("cos_cache_global",
-                                                                  "sin_cache_global")
-        Model.make_rotary_embedding_caches(self, cos_cache_name=self.cos_cache_global_name,
-                                           sin_cache_name=self.sin_cache_global_name)
-        self.rope_attrs.update(create_caches=True, theta=self.rope_local_theta,
-                               rescale_factors=1, mscale=1, position_scale=1)
+        self.cos_cache_global_name, self.sin_cache_global_name = (
+            "cos_cache_global",
+            "sin_cache_global",
+        )
+        Model.make_rotary_embedding_caches(
+            self,
+            cos_cache_name=self.cos_cache_global_name,
+            sin_cache_name=self.sin_cache_global_name,
+        )
+        self.rope_attrs.update(
+            create_caches=True,
+            theta=self.rope_local_theta,
+            rescale_factors=1,
+            mscale=1,
+            position_scale=1,
+        )
         self.rope_attrs.pop("rescale_inv_freq", None)
         self.cos_cache_local_name, self.sin_cache_local_name = "cos_cache_local", "sin_cache_local"
-        Model.make_rotary_embedding_caches(self, cos_cache_name=self.cos_cache_local_name,
-                                           sin_cache_name=self.sin_cache_local_name)
+        Model.make_rotary_embedding_caches(
+            self, cos_cache_name=self.cos_cache_local_name, sin_cache_name=self.sin_cache_local_name
+        )
 
     Gemma3Model.make_config_init = config_init
     Gemma3Model.__init__ = gemma3_init

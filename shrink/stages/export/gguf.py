@@ -24,6 +24,7 @@ integers and re-quantizing them to a GGUF type compounds two rounding errors (GP
 llama.cpp's grid, which do not line up), so the result is worse than a GGUF quantized once from
 the float model, which shrink always has (the folder before ``quantize``).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,16 @@ from shrink.stages.export.gguf_types import (  # noqa: F401 (the exporter's name
 # types
 # ------------------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 # types whose greedy tokens must equal PyTorch's on the fixed prompts
 EXACT_TYPES = ("f32", "f16")
 GGUF_EXTRA = install_hint("gguf")
@@ -65,11 +73,12 @@ GGUF_EXTRA = install_hint("gguf")
 # this name; its converter identifies a tokenizer by the sha256 of the token ids of one check
 # text (the hashes below are the ones in llama.cpp's convert_hf_to_gguf.py, get_vocab_base_pre).
 _CHECK_TEXT = (
-    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis '
-    'concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 '
-    '?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? '
-    'I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some '
-    'tea? We\'Ve a\'lL')
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
+    "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 "
+    "?我想在apple工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? "
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some "
+    "tea? We'Ve a'lL"
+)
 _BPE_PRE = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
@@ -120,6 +129,7 @@ def _import_gguf():
 # reading the HF folder
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Source:
     folder: Path
@@ -127,7 +137,9 @@ class _Source:
     hf_arch: str
     arch_name: str  # gguf.MODEL_ARCH member name
     permute_qk: bool
-    tensors: dict[str, tuple[Path, list[int], str]] = field(default_factory=dict)  # name -> (file, shape, dtype)
+    tensors: dict[str, tuple[Path, list[int], str]] = field(
+        default_factory=dict
+    )  # name -> (file, shape, dtype)
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -153,12 +165,15 @@ def _open_source(model_dir: str | Path) -> _Source:
         raise ShrinkError(
             f"{cfg_file} describes a {method} checkpoint: GGUF is built from the float model "
             "(the folder before 'quantize'), since re-quantizing dequantized GPTQ weights "
-            "compounds two rounding errors")
+            "compounds two rounding errors"
+        )
     archs = config.get("architectures") or []
     hf_arch = next((a for a in archs if a in _ARCHS), None)
     if hf_arch is None:
-        raise ShrinkError(f"{cfg_file}: architecture {archs or config.get('model_type')} has no "
-                          f"GGUF export in shrink (supported: {', '.join(_ARCHS)})")
+        raise ShrinkError(
+            f"{cfg_file}: architecture {archs or config.get('model_type')} has no "
+            f"GGUF export in shrink (supported: {', '.join(_ARCHS)})"
+        )
     arch_name, permute = _ARCHS[hf_arch]
     src = _Source(folder, config, hf_arch, arch_name, permute)
     from shrink.core.safetensors import scan
@@ -197,6 +212,7 @@ def _weights_dtype(src: _Source) -> str:
 # metadata
 # ------------------------------------------------------------------------------------------------
 
+
 def _rope(config: dict, kind: str = "full_attention") -> dict:
     rp = config.get("rope_parameters") or {}
     if kind in rp and isinstance(rp[kind], dict):
@@ -220,8 +236,10 @@ def layer_types(config: dict) -> list[str] | None:
     if lt is None:
         return None
     if len(lt) != n:
-        raise ShrinkError(f"config.json has {len(lt)} layer_types for {n} layers: the per-layer "
-                          "list was not sliced to the kept layers")
+        raise ShrinkError(
+            f"config.json has {len(lt)} layer_types for {n} layers: the per-layer "
+            "list was not sliced to the kept layers"
+        )
     return list(lt)
 
 
@@ -266,13 +284,16 @@ def _write_metadata(w, gguf, src: _Source, ftype: int, notes: list[str]) -> None
         w.add_rope_scaling_factor(float(rope["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     elif rtype not in ("default", "llama3"):
-        raise ShrinkError(f"{src.folder / 'config.json'}: RoPE type '{rtype}' has no GGUF "
-                          "export in shrink")
+        raise ShrinkError(
+            f"{src.folder / 'config.json'}: RoPE type '{rtype}' has no GGUF export in shrink"
+        )
 
     if src.arch_name == "GEMMA3":
         if c.get("attn_logit_softcapping"):
-            raise ShrinkError(f"{src.folder / 'config.json'}: attn_logit_softcapping is not "
-                              "supported by llama.cpp's gemma3")
+            raise ShrinkError(
+                f"{src.folder / 'config.json'}: attn_logit_softcapping is not "
+                "supported by llama.cpp's gemma3"
+            )
         if c.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
         window = c.get("sliding_window")
@@ -290,14 +311,19 @@ def _write_metadata(w, gguf, src: _Source, ftype: int, notes: list[str]) -> None
         if src.arch_name == "LLAMA":
             w.add_vocab_size(c["vocab_size"])
         window = c.get("sliding_window")
-        uses_window = window and (any(sliding) if sliding is not None else
-                                  src.hf_arch == "MistralForCausalLM" or c.get("use_sliding_window"))
+        uses_window = window and (
+            any(sliding)
+            if sliding is not None
+            else src.hf_arch == "MistralForCausalLM" or c.get("use_sliding_window")
+        )
         if uses_window and window < n_ctx:
             # llama.cpp's llama/qwen2/qwen3 have no sliding-window attention: declare the window
             # as the context length, within which both compute the same thing.
-            notes.append(f"llama.cpp's {src.arch_name.lower()} has no sliding-window attention: "
-                         f"context_length set to the window ({window} tokens), within which "
-                         "outputs equal the HF model's")
+            notes.append(
+                f"llama.cpp's {src.arch_name.lower()} has no sliding-window attention: "
+                f"context_length set to the window ({window} tokens), within which "
+                "outputs equal the HF model's"
+            )
             n_ctx = int(window)
         w.add_context_length(n_ctx)
 
@@ -337,8 +363,10 @@ def _bpe_pre(tokenizer, tok_file: Path) -> str:
     chkhsh = sha256(str(tokenizer.encode(_CHECK_TEXT)).encode()).hexdigest()
     pre = _BPE_PRE.get(chkhsh) or _pre_from_rules(tokenizer)
     if pre is None:
-        raise ShrinkError(f"{tok_file}: this BPE pre-tokenizer (hash {chkhsh[:16]}...) is not one "
-                          "shrink knows for GGUF (llama.cpp picks its splitting rules by name)")
+        raise ShrinkError(
+            f"{tok_file}: this BPE pre-tokenizer (hash {chkhsh[:16]}...) is not one "
+            "shrink knows for GGUF (llama.cpp picks its splitting rules by name)"
+        )
     return pre
 
 
@@ -366,8 +394,10 @@ def _write_vocab(w, gguf, src: _Source) -> dict:
     tok_file = folder / "tokenizer.json"
     n_vocab = src.config["vocab_size"]
     if not tok_file.is_file():
-        raise ShrinkError(f"{tok_file} is missing: GGUF embeds the tokenizer, and shrink reads it "
-                          "from tokenizer.json")
+        raise ShrinkError(
+            f"{tok_file} is missing: GGUF embeds the tokenizer, and shrink reads it "
+            "from tokenizer.json"
+        )
     try:
         tj = json.loads(tok_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -378,12 +408,18 @@ def _write_vocab(w, gguf, src: _Source) -> dict:
         try:
             vocab = gguf.LlamaHfVocab(folder)
         except (FileNotFoundError, TypeError, AssertionError) as e:
-            raise ShrinkError(f"{tok_file}: unsupported SentencePiece-style tokenizer ({e})") from None
+            raise ShrinkError(
+                f"{tok_file}: unsupported SentencePiece-style tokenizer ({e})"
+            ) from None
         ranks = _merge_ranks(model)
         # added tokens match whole before BPE in HF; llama.cpp does that for CONTROL and
         # USER_DEFINED tokens only (LlamaHfVocab marks just the tokenizer's named specials)
-        added = {t["content"]: (gguf.TokenType.CONTROL if t.get("special") else
-                                gguf.TokenType.USER_DEFINED) for t in tj.get("added_tokens", [])}
+        added = {
+            t["content"]: (
+                gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+            )
+            for t in tj.get("added_tokens", [])
+        }
         tokens, scores, toktypes = [], [], []
         for text, score, toktype in vocab.all_tokens():
             if toktype == gguf.TokenType.NORMAL:
@@ -410,16 +446,20 @@ def _write_vocab(w, gguf, src: _Source) -> dict:
         special.add_to_gguf(w, quiet=True)
         return {"tokenizer": "llama (SentencePiece BPE)", "tokens": len(tokens)}
     if model.get("type") != "BPE":
-        raise ShrinkError(f"{tok_file}: tokenizer model '{model.get('type')}' has no GGUF export "
-                          "in shrink (BPE tokenizers only)")
+        raise ShrinkError(
+            f"{tok_file}: tokenizer model '{model.get('type')}' has no GGUF export "
+            "in shrink (BPE tokenizers only)"
+        )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pre = _bpe_pre(tokenizer, tok_file)
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(reverse) >= n_vocab:
-        raise ShrinkError(f"{tok_file} has token ids up to {max(reverse)} but config.json says "
-                          f"vocab_size {n_vocab}")
+        raise ShrinkError(
+            f"{tok_file} has token ids up to {max(reverse)} but config.json says "
+            f"vocab_size {n_vocab}"
+        )
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
     tokens, toktypes = [], []
@@ -450,10 +490,14 @@ def _write_vocab(w, gguf, src: _Source) -> dict:
 # tensors
 # ------------------------------------------------------------------------------------------------
 
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half RoPE layout -> llama.cpp's interleaved pairs, per head (rows of q/k)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _llama3_rope_factors(c: dict) -> np.ndarray:
@@ -503,12 +547,16 @@ def _plan_tensors(gguf, src: _Source, out_type: str) -> list[_Plan]:
         if hf_name.startswith("model.layers."):
             bid = int(hf_name.split(".")[2])
             if bid >= n_layer:
-                raise ShrinkError(f"{src.tensors[hf_name][0]}: tensor {hf_name} is beyond the "
-                                  f"{n_layer} layers of config.json")
+                raise ShrinkError(
+                    f"{src.tensors[hf_name][0]}: tensor {hf_name} is beyond the "
+                    f"{n_layer} layers of config.json"
+                )
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ShrinkError(f"{src.tensors[hf_name][0]}: tensor {hf_name} has no GGUF name for "
-                              f"{src.arch_name.lower()}")
+            raise ShrinkError(
+                f"{src.tensors[hf_name][0]}: tensor {hf_name} has no GGUF name for "
+                f"{src.arch_name.lower()}"
+            )
         shape = list(shape)
         if src.arch_name == "GEMMA3" and hf_name.endswith("embed_tokens.weight"):
             shape[0] = min(shape[0], c["vocab_size"])
@@ -520,12 +568,17 @@ def _plan_tensors(gguf, src: _Source, out_type: str) -> list[_Plan]:
         plans.append(_Plan(hf_name, name, shape, qtype))
     missing = {f"blk.{i}.attn_q.weight" for i in range(n_layer)} - {p.name for p in plans}
     if missing:
-        raise ShrinkError(f"'{src.folder}': weights of {len(missing)} of the {n_layer} layers in "
-                          "config.json are missing from the safetensors files")
+        raise ShrinkError(
+            f"'{src.folder}': weights of {len(missing)} of the {n_layer} layers in "
+            "config.json are missing from the safetensors files"
+        )
     if _rope(c).get("rope_type", "").lower() == "llama3":
         dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        plans.append(_Plan(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                           [dim // 2], Q.F32))
+        plans.append(
+            _Plan(
+                None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", [dim // 2], Q.F32
+            )
+        )
     return plans
 
 
@@ -535,8 +588,9 @@ def _tensor_data(gguf, src: _Source, plan: _Plan) -> np.ndarray:
         return _llama3_rope_factors(c)
     data = _load_tensor(src, plan.hf_name)
     name = plan.hf_name
-    if src.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight",
-                                         "k_proj.bias")):
+    if src.permute_qk and name.endswith(
+        ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
+    ):
         n_head = c["num_attention_heads"]
         if ".k_proj." in name:
             n_head = c.get("num_key_value_heads") or n_head
@@ -568,13 +622,19 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16") -
     """
     out_type = check_type(out_type)
     if out_type not in DIRECT_TYPES:
-        raise ShrinkError(f"write_gguf writes {', '.join(DIRECT_TYPES)}; {out_type} is made by "
-                          "llama.cpp's quantizer (export_gguf does both)")
+        raise ShrinkError(
+            f"write_gguf writes {', '.join(DIRECT_TYPES)}; {out_type} is made by "
+            "llama.cpp's quantizer (export_gguf does both)"
+        )
     gguf = _import_gguf()
     src = _open_source(model_dir)
     arch = getattr(gguf.MODEL_ARCH, src.arch_name)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[out_type]
     notes: list[str] = []
     path = Path(path)
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
@@ -591,8 +651,9 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16") -
                 w.add_tensor_info(p.name, p.shape, np.dtype(dt), nbytes)
             else:
                 bshape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
-                w.add_tensor_info(p.name, bshape, np.dtype(np.uint8), int(np.prod(bshape)),
-                                  raw_dtype=p.qtype)
+                w.add_tensor_info(
+                    p.name, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=p.qtype
+                )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -600,14 +661,20 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16") -
             w.write_tensor_data(_tensor_data(gguf, src, p))
     finally:
         w.close()
-    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "hf_architecture": src.hf_arch,
-            "block_count": src.config["num_hidden_layers"], "type": out_type, "notes": notes,
-            **vocab}
+    return {
+        "architecture": gguf.MODEL_ARCH_NAMES[arch],
+        "hf_architecture": src.hf_arch,
+        "block_count": src.config["num_hidden_layers"],
+        "type": out_type,
+        "notes": notes,
+        **vocab,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GgufResult:
@@ -628,10 +695,18 @@ class GgufResult:
     tensor_types: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**self.details, "output": str(self.output), "path": str(self.path),
-                "file": self.file, "type": self.type, "bytes": self.bytes,
-                "block_count": self.block_count, "architecture": self.architecture,
-                "verification": self.verification, "tensor_types": self.tensor_types}
+        return {
+            **self.details,
+            "output": str(self.output),
+            "path": str(self.path),
+            "file": self.file,
+            "type": self.type,
+            "bytes": self.bytes,
+            "block_count": self.block_count,
+            "architecture": self.architecture,
+            "verification": self.verification,
+            "tensor_types": self.tensor_types,
+        }
 
     def __getitem__(self, key: str):
         return self.to_dict()[key]
@@ -644,11 +719,23 @@ def gguf_file_name(model_dir: Path, gguf_type: str) -> str:
     return f"{model_dir.resolve().name}-{gguf_type.upper()}.gguf"
 
 
-def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_k_m", *,
-                force: bool = False, verify: bool = True, threads: int | None = None,
-                samples: int = 4, seq_len: int = 256, data: str | None = None,
-                max_new_tokens: int = 16, timeout: float = 3600, log=None,
-                name: str | None = None, imatrix=None) -> GgufResult:
+def export_gguf(
+    model_dir: str | Path,
+    output: str | Path,
+    gguf_type: str = "q4_k_m",
+    *,
+    force: bool = False,
+    verify: bool = True,
+    threads: int | None = None,
+    samples: int = 4,
+    seq_len: int = 256,
+    data: str | None = None,
+    max_new_tokens: int = 16,
+    timeout: float = 3600,
+    log=None,
+    name: str | None = None,
+    imatrix=None,
+) -> GgufResult:
     """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
 
     ``output`` is a folder: it gets ``<model>-<TYPE>.gguf``, the source's license files and a
@@ -672,8 +759,10 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
     model_dir = Path(model_dir).expanduser()
     out = Path(output).expanduser()
     if out.suffix.lower() == ".gguf":
-        raise ShrinkError(f"output '{output}' names a file: give a folder (it gets "
-                          f"{gguf_file_name(model_dir, gguf_type)}, its license and shrink.json)")
+        raise ShrinkError(
+            f"output '{output}' names a file: give a folder (it gets "
+            f"{gguf_file_name(model_dir, gguf_type)}, its license and shrink.json)"
+        )
     src = _open_source(model_dir)  # fail early on bad input, before any writing
     del src
     check_output(out, force, model_dir)
@@ -690,8 +779,10 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
 
         t0 = time.perf_counter()
         file = tmp / name
-        say(f"writing GGUF {gguf_type} with the gguf package"
-            + ("" if gguf_type in DIRECT_TYPES else ", quantized by llama.cpp"))
+        say(
+            f"writing GGUF {gguf_type} with the gguf package"
+            + ("" if gguf_type in DIRECT_TYPES else ", quantized by llama.cpp")
+        )
         if gguf_type in DIRECT_TYPES:
             info = write_gguf(model_dir, file, gguf_type)
         else:
@@ -706,33 +797,64 @@ def export_gguf(model_dir: str | Path, output: str | Path, gguf_type: str = "q4_
 
                 imat["imatrix"], info["imatrix"] = imatrix_file(model_dir, spec, log=say)
                 imat.update(imatrix_dataset=spec.data, imatrix_chunks=spec.samples)
-            quantize_in_subprocess(base, file, gguf_type, threads=threads, timeout=timeout,
-                                   **imat)
+            quantize_in_subprocess(base, file, gguf_type, threads=threads, timeout=timeout, **imat)
             base.unlink()
             info["type"] = gguf_type
             info["quantized_from"] = base_type
         for f in TOKENIZER_FILES:  # the HF tokenizer too: shrink eval/generate/bench use it
             if (model_dir / f).is_file():
                 shutil.copy2(model_dir / f, tmp / f)
-        info.update(format="gguf", source=str(model_dir.resolve()), file=name,
-                    seconds_write=round(time.perf_counter() - t0, 2),
-                    bytes=file.stat().st_size, tensor_types=tensor_type_counts(file))
+        info.update(
+            format="gguf",
+            source=str(model_dir.resolve()),
+            file=name,
+            seconds_write=round(time.perf_counter() - t0, 2),
+            bytes=file.stat().st_size,
+            tensor_types=tensor_type_counts(file),
+        )
 
         def check_it(folder: Path) -> dict:
             from shrink.runtime import kinds
 
             info["verification"] = kinds.verify(
-                folder / name, "gguf", source=model_dir, gguf_type=gguf_type, threads=threads,
-                samples=samples, seq_len=seq_len, data=data, max_new_tokens=max_new_tokens,
-                timeout=timeout)
+                folder / name,
+                "gguf",
+                source=model_dir,
+                gguf_type=gguf_type,
+                threads=threads,
+                samples=samples,
+                seq_len=seq_len,
+                data=data,
+                max_new_tokens=max_new_tokens,
+                timeout=timeout,
+            )
             return info["verification"]
 
         return StageOutput(info, dict(info), check_it, {"source_model": str(model_dir)})
 
-    info = run_stage("export", out, compute, source=model_dir,
-                     settings={"gguf": gguf_type, "threads": threads,
-                               "imatrix": spec.settings() if spec else None}, force=force,
-                     verify=verify, log=say)
-    return GgufResult(out, out / name, name, info["type"], info["bytes"],
-                      info.get("block_count"), info.get("architecture"),
-                      info.get("verification") or {}, info, info.get("tensor_types") or {})
+    info = run_stage(
+        "export",
+        out,
+        compute,
+        source=model_dir,
+        settings={
+            "gguf": gguf_type,
+            "threads": threads,
+            "imatrix": spec.settings() if spec else None,
+        },
+        force=force,
+        verify=verify,
+        log=say,
+    )
+    return GgufResult(
+        out,
+        out / name,
+        name,
+        info["type"],
+        info["bytes"],
+        info.get("block_count"),
+        info.get("architecture"),
+        info.get("verification") or {},
+        info,
+        info.get("tensor_types") or {},
+    )

@@ -10,6 +10,7 @@ that compares against it.
 and the same importance matrix, on the same evaluation sets: what pruning bought over
 quantization alone ("dense q4_k_m: 105.5 MB, 47.58; this model: 91.0 MB, 52.28").
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,16 +33,24 @@ class DenseComparison:
 def evaluation_sets(evaluation: EvaluateConfig) -> list[dict]:
     """The evaluation's text sets (the primary one, then the second domain if any)."""
     sources = [evaluation.data] + ([evaluation.second] if evaluation.second else [])
-    return [{"data": d, "samples": evaluation.samples, "seq_len": evaluation.seq_len,
-             "seed": evaluation.seed} for d in sources]
+    return [
+        {
+            "data": d,
+            "samples": evaluation.samples,
+            "seq_len": evaluation.seq_len,
+            "seed": evaluation.seed,
+        }
+        for d in sources
+    ]
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def cached_gguf(model_dir: str | Path, gguf_type: str, *, imatrix=None, threads: int | None = None,
-                log=None) -> Path:
+def cached_gguf(
+    model_dir: str | Path, gguf_type: str, *, imatrix=None, threads: int | None = None, log=None
+) -> Path:
     """``model_dir`` through ``gguf_type`` as a file in shrink's cache, written once (by the
     export stage, unverified: measuring it loads it in llama.cpp)."""
     from shrink.core.models import cache_dir
@@ -56,14 +65,29 @@ def cached_gguf(model_dir: str | Path, gguf_type: str, *, imatrix=None, threads:
     if not file.is_file():
         if log:
             log(f"writing {model_dir.name} as GGUF {gguf_type} into the cache ({folder})")
-        export_gguf(model_dir, folder, gguf_type, force=True, verify=False, threads=threads,
-                    imatrix=spec if spec else False, log=log)
+        export_gguf(
+            model_dir,
+            folder,
+            gguf_type,
+            force=True,
+            verify=False,
+            threads=threads,
+            imatrix=spec if spec else False,
+            log=log,
+        )
     return file
 
 
-def gguf_point(model_dir: str | Path, gguf_type: str, *, imatrix=None,
-               evaluation: EvaluateConfig | None = None, threads: int | None = None,
-               gguf_file: str | Path | None = None, log=None) -> dict:
+def gguf_point(
+    model_dir: str | Path,
+    gguf_type: str,
+    *,
+    imatrix=None,
+    evaluation: EvaluateConfig | None = None,
+    threads: int | None = None,
+    gguf_file: str | Path | None = None,
+    log=None,
+) -> dict:
     """``model_dir`` through ``gguf_type``: {bytes, perplexity: {text set: value}, tensor_types,
     imatrix settings, file}. ``gguf_file``: measure this file (already written from
     ``model_dir``) instead of the cached one. ``imatrix``: as for ``export_gguf``."""
@@ -74,8 +98,13 @@ def gguf_point(model_dir: str | Path, gguf_type: str, *, imatrix=None,
     spec = imatrix_spec(gguf_type, imatrix)
     sets = evaluation_sets(evaluation)
     cached = gguf_file is None
-    file = Path(gguf_file) if gguf_file else cached_gguf(
-        model_dir, gguf_type, imatrix=spec if spec else False, threads=threads, log=log)
+    file = (
+        Path(gguf_file)
+        if gguf_file
+        else cached_gguf(
+            model_dir, gguf_type, imatrix=spec if spec else False, threads=threads, log=log
+        )
+    )
     memo = file.parent / f"measured-{_key(sets)}.json"
     if cached and memo.is_file():
         m = json.loads(memo.read_text())
@@ -85,15 +114,22 @@ def gguf_point(model_dir: str | Path, gguf_type: str, *, imatrix=None,
         m = measure_in_subprocess(file, model_dir, sets, threads=threads)
         if cached:
             memo.write_text(json.dumps(m))
-    return {"model": str(model_dir), "type": gguf_type,
-            "imatrix": spec.settings() if spec else None, "file": str(file),
-            "bytes": m["bytes"], "perplexity": m["perplexity"],
-            "tensor_types": m["tensor_types"], "evaluation": sets}
+    return {
+        "model": str(model_dir),
+        "type": gguf_type,
+        "imatrix": spec.settings() if spec else None,
+        "file": str(file),
+        "bytes": m["bytes"],
+        "perplexity": m["perplexity"],
+        "tensor_types": m["tensor_types"],
+        "evaluation": sets,
+    }
 
 
 def comparison_line(gguf_type: str, dense: dict, this: dict) -> str:
     """``dense q4_k_m: 105.5 MB, 47.58 / 22.03; this model: 91.0 MB, 52.28 / 23.88``
     (perplexity on each evaluation set, in order)."""
+
     def part(p: dict) -> str:
         ppl = " / ".join(f"{v:.2f}" for v in p["perplexity"].values())
         return f"{p['bytes'] / 1e6:.1f} MB, {ppl}"
@@ -101,15 +137,39 @@ def comparison_line(gguf_type: str, dense: dict, this: dict) -> str:
     return f"dense {gguf_type}: {part(dense)}; this model: {part(this)}"
 
 
-def compare_with_dense(file: str | Path, model_dir: str | Path, gguf_type: str,
-                       compare: DenseComparison, *, imatrix=None, threads: int | None = None,
-                       log=None) -> dict:
+def compare_with_dense(
+    file: str | Path,
+    model_dir: str | Path,
+    gguf_type: str,
+    compare: DenseComparison,
+    *,
+    imatrix=None,
+    threads: int | None = None,
+    log=None,
+) -> dict:
     """``file`` (written from ``model_dir``) and the dense model through the same type and
     importance matrix settings, on the same evaluation sets: {dense, this, line}."""
     imatrix = imatrix if imatrix else False
-    this = gguf_point(model_dir, gguf_type, imatrix=imatrix, evaluation=compare.evaluation,
-                      threads=threads, gguf_file=file, log=log)
-    dense = gguf_point(compare.dense_dir, gguf_type, imatrix=imatrix,
-                       evaluation=compare.evaluation, threads=threads, log=log)
-    return {"dense": dense, "this": this, "line": comparison_line(gguf_type, dense, this),
-            "sets": [s["data"] for s in evaluation_sets(compare.evaluation)]}
+    this = gguf_point(
+        model_dir,
+        gguf_type,
+        imatrix=imatrix,
+        evaluation=compare.evaluation,
+        threads=threads,
+        gguf_file=file,
+        log=log,
+    )
+    dense = gguf_point(
+        compare.dense_dir,
+        gguf_type,
+        imatrix=imatrix,
+        evaluation=compare.evaluation,
+        threads=threads,
+        log=log,
+    )
+    return {
+        "dense": dense,
+        "this": this,
+        "line": comparison_line(gguf_type, dense, this),
+        "sets": [s["data"] for s in evaluation_sets(compare.evaluation)],
+    }

@@ -15,6 +15,7 @@ How it reaches llama.cpp: the C API takes the importance matrix as an array of
 ctypes, so :func:`shrink.runtime.gguf.quantize` passes the arrays directly: no imatrix file is
 written and no ``llama-quantize`` binary is needed (llama-cpp-python ships none).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,8 +74,11 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     tmap = gguf.get_tensor_name_map(arch, len(layers))
     layer_ids = {id(m) for layer in layers for m in layer.modules()}
     head = model.get_output_embeddings()
-    tied = (getattr(model.config, "tie_word_embeddings", False) or head is None
-            or head.weight is model.get_input_embeddings().weight)
+    tied = (
+        getattr(model.config, "tie_word_embeddings", False)
+        or head is None
+        or head.weight is model.get_input_embeddings().weight
+    )
     names = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -88,8 +92,9 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def compute_imatrix(model: nn.Module, input_ids_blocks, *, batch_size: int = 4,
-                    log=None) -> dict[str, np.ndarray]:
+def compute_imatrix(
+    model: nn.Module, input_ids_blocks, *, batch_size: int = 4, log=None
+) -> dict[str, np.ndarray]:
     """Mean over every token of ``input_ids_blocks`` of the squared input of each quantized
     Linear, per input column: {GGUF tensor name: float32 array of the matrix's input width}."""
     names = gguf_names(model)
@@ -103,6 +108,7 @@ def compute_imatrix(model: nn.Module, input_ids_blocks, *, batch_size: int = 4,
             x = x.reshape(-1, x.shape[-1]).float()
             sums[name] += x.square().sum(0, dtype=torch.float64).cpu()
             counts[name] += x.shape[0]
+
         return hook
 
     handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
@@ -114,14 +120,16 @@ def compute_imatrix(model: nn.Module, input_ids_blocks, *, batch_size: int = 4,
     try:
         with torch.no_grad():
             for i in range(0, len(ids), batch_size):
-                model(ids[i:i + batch_size].to(device), use_cache=False)
+                model(ids[i : i + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     if log:
-        log(f"importance matrix: {len(names)} matrices over {ids.numel()} tokens in "
-            f"{time.perf_counter() - t0:.1f} s")
+        log(
+            f"importance matrix: {len(names)} matrices over {ids.numel()} tokens in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     return {names[n]: (sums[n] / max(counts[n], 1)).numpy().astype(np.float32) for n in names}
 
 
@@ -137,15 +145,19 @@ def weights_hash(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def imatrix_file(model_dir: str | Path, spec: ImatrixSpec, *, log=None,
-                 cache: str | Path | None = None) -> tuple[Path, dict]:
+def imatrix_file(
+    model_dir: str | Path, spec: ImatrixSpec, *, log=None, cache: str | Path | None = None
+) -> tuple[Path, dict]:
     """The importance matrix of the HF folder ``model_dir`` on ``spec``'s text, as an ``.npz``
     file in shrink's cache (keyed by a hash of the weights and the settings; computed once).
     Returns (file, record: key, settings, tokens, matrices, whether it came from the cache)."""
     from shrink.core.models import cache_dir
 
-    key = hashlib.sha256(json.dumps({"weights": weights_hash(model_dir), "v": _VERSION,
-                                     **spec.settings()}, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            {"weights": weights_hash(model_dir), "v": _VERSION, **spec.settings()}, sort_keys=True
+        ).encode()
+    ).hexdigest()
     folder = Path(cache) if cache is not None else cache_dir() / "imatrix"
     file = folder / f"{key[:32]}.npz"
     meta_file = file.with_suffix(".json")
@@ -162,8 +174,7 @@ def imatrix_file(model_dir: str | Path, spec: ImatrixSpec, *, log=None,
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     data = compute_imatrix(model, blocks.input_ids, log=log)
     del model
-    meta = {"key": key[:32], **spec.settings(), "tokens": blocks.num_tokens,
-            "matrices": len(data)}
+    meta = {"key": key[:32], **spec.settings(), "tokens": blocks.num_tokens, "matrices": len(data)}
     save_imatrix(file, data)
     meta_file.write_text(json.dumps(meta))
     return file, {**meta, "cached": False}

@@ -16,6 +16,7 @@ quantizer. shrink says so in its output and in ``shrink.json`` (``kv_cache: fals
 
 Every export is verified in a fresh process against PyTorch before it is moved into place.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -28,24 +29,25 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shrink.core.quiet import third_party_quiet
-from shrink.stages.configs import ExportConfig
-from shrink.stages.runner import StageOutput, run_stage
 from shrink.core.errors import ShrinkError
+from shrink.core.outputs import check_output, folder_bytes
+from shrink.core.quiet import third_party_quiet
 from shrink.runtime.artifacts import is_onnx_folder
 from shrink.runtime.onnx import ONNX_EXTRA, ONNX_GPU_EXTRA
-from shrink.core.outputs import (check_output, folder_bytes)
+from shrink.stages.configs import ExportConfig
+from shrink.stages.runner import StageOutput, run_stage
 
 PRECISIONS = ("int4", "fp16", "fp32")
 LM_HEADS = ("int8", "int4")  # the LM head's bits in an int4 export
 TARGETS = ("cpu", "cuda")
-PROMPTS = ("The capital of France is", "Once upon a time, in a small village,",
-           "def fibonacci(n):")
+PROMPTS = ("The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):")
 NEW_TOKENS = 32
 FP32_LOGIT_TOL = 1e-3  # max abs difference of first-step logits, fp32 export vs PyTorch
-NO_KV_NOTE = ("no KV cache: this ONNX model is the forward pass only (torch.onnx.export), so every "
-              "new token re-runs the whole sequence; onnxruntime-genai cannot load it, shrink "
-              "generate runs it with plain onnxruntime")
+NO_KV_NOTE = (
+    "no KV cache: this ONNX model is the forward pass only (torch.onnx.export), so every "
+    "new token re-runs the whole sequence; onnxruntime-genai cannot load it, shrink "
+    "generate runs it with plain onnxruntime"
+)
 
 
 @dataclass
@@ -64,16 +66,25 @@ class OnnxResult:
     record: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"output": str(self.output), "precision": self.precision, "target": self.target,
-                "method": self.method, "kv_cache": self.kv_cache, "model_bytes": self.model_bytes,
-                "folder_bytes": self.folder_bytes, "source_bytes": self.source_bytes,
-                "lm_head": self.lm_head, "builder_error": self.builder_error,
-                "verification": self.verification}
+        return {
+            "output": str(self.output),
+            "precision": self.precision,
+            "target": self.target,
+            "method": self.method,
+            "kv_cache": self.kv_cache,
+            "model_bytes": self.model_bytes,
+            "folder_bytes": self.folder_bytes,
+            "source_bytes": self.source_bytes,
+            "lm_head": self.lm_head,
+            "builder_error": self.builder_error,
+            "verification": self.verification,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
 # Environment checks
 # ----------------------------------------------------------------------------------------------
+
 
 def _installed(dist: str) -> bool:
     try:
@@ -86,27 +97,34 @@ def _installed(dist: str) -> bool:
 def check_runtime(target: str = "cpu") -> dict:
     """Fail with one line when the ONNX stack is missing, mixed (CPU and GPU builds of
     onnxruntime share one package folder) or cannot serve ``target``. Returns versions."""
-    for cpu, gpu in (("onnxruntime", "onnxruntime-gpu"),
-                     ("onnxruntime-genai", "onnxruntime-genai-cuda")):
+    for cpu, gpu in (
+        ("onnxruntime", "onnxruntime-gpu"),
+        ("onnxruntime-genai", "onnxruntime-genai-cuda"),
+    ):
         if _installed(cpu) and _installed(gpu):
             raise ShrinkError(
                 f"both {cpu} and {gpu} are installed; they share one package folder and break "
                 f"each other: run 'pip uninstall -y {cpu} {gpu}', then {ONNX_EXTRA} or "
-                f"{ONNX_GPU_EXTRA} (one of them)")
+                f"{ONNX_GPU_EXTRA} (one of them)"
+            )
     versions = {}
     for module in ("onnx", "onnxruntime", "onnxruntime_genai"):
         try:
             mod = __import__(module)
         except ImportError as e:
-            raise ShrinkError(f"ONNX export needs {module.replace('_', '-')} ({e}): run "
-                              f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} for --target cuda)") from None
+            raise ShrinkError(
+                f"ONNX export needs {module.replace('_', '-')} ({e}): run "
+                f"{ONNX_EXTRA} (or {ONNX_GPU_EXTRA} for --target cuda)"
+            ) from None
         versions[module] = getattr(mod, "__version__", "?")
     import onnxruntime as ort
 
     if target == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ShrinkError("--target cuda needs onnxruntime with CUDA (CUDAExecutionProvider is "
-                          f"not available here): run {ONNX_GPU_EXTRA} on a machine with an "
-                          "NVIDIA GPU, or use --target cpu")
+        raise ShrinkError(
+            "--target cuda needs onnxruntime with CUDA (CUDAExecutionProvider is "
+            f"not available here): run {ONNX_GPU_EXTRA} on a machine with an "
+            "NVIDIA GPU, or use --target cpu"
+        )
     return versions
 
 
@@ -117,8 +135,9 @@ def _source_folder(model_dir: str | Path) -> Path:
         return ensure_embedded()
     p = Path(model_dir).expanduser()
     if not p.exists():
-        raise ShrinkError(f"no such model folder '{model_dir}' (ONNX export needs a local "
-                          "Hugging Face folder)")
+        raise ShrinkError(
+            f"no such model folder '{model_dir}' (ONNX export needs a local Hugging Face folder)"
+        )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ShrinkError(f"'{model_dir}' is not a model folder (no config.json in it)")
     if is_onnx_folder(p):
@@ -138,8 +157,10 @@ def _last_error_line(text: str) -> str:
 # Export paths
 # ----------------------------------------------------------------------------------------------
 
-def builder_options(precision: str, lm_head: str | None, tied: bool,
-                    block_size: int | None = None) -> list[str]:
+
+def builder_options(
+    precision: str, lm_head: str | None, tied: bool, block_size: int | None = None
+) -> list[str]:
     """The model builder's ``--extra_options`` for an export (``block_size``: int4 weight
     blocks; None for a GPTQ source, whose groups the builder keeps)."""
     options = ["hf_token=false"]
@@ -154,19 +175,45 @@ def builder_options(precision: str, lm_head: str | None, tied: bool,
     return options
 
 
-def _run_builder(src: Path, out: Path, precision: str, target: str, options: list[str],
-                 layers: int | None = None, show_progress: bool = False) -> tuple[bool, str]:
+def _run_builder(
+    src: Path,
+    out: Path,
+    precision: str,
+    target: str,
+    options: list[str],
+    layers: int | None = None,
+    show_progress: bool = False,
+) -> tuple[bool, str]:
     """Run the onnxruntime-genai model builder in a child process. Returns (ok, error line)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     with tempfile.TemporaryDirectory(prefix="shrink-onnx-cache-") as cache:
         # the builder's command line, run through shrink's wrapper (genai_builder), which
         # first patches what the builder reads wrongly under transformers 5 (Gemma 3's rope)
-        cmd = [sys.executable, "-m", "shrink.stages.export.genai_builder", "-i", str(src),
-               "-o", str(out), "-p", precision, "-e", target, "-c", cache,
-               "--extra_options", *options]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env) as proc:
+        cmd = [
+            sys.executable,
+            "-m",
+            "shrink.stages.export.genai_builder",
+            "-i",
+            str(src),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            target,
+            "-c",
+            cache,
+            "--extra_options",
+            *options,
+        ]
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        ) as proc:
             lines = _builder_lines(proc.stdout, layers, show_progress)
     if proc.returncode != 0:
         return False, _last_error_line("\n".join(lines))
@@ -236,8 +283,14 @@ def _head_matmul(model) -> str | None:
     return None
 
 
-def _torch_export(src: Path, out: Path, precision: str, target: str,
-                  lm_head: str | None = None, block_size: int = 32) -> str | None:
+def _torch_export(
+    src: Path,
+    out: Path,
+    precision: str,
+    target: str,
+    lm_head: str | None = None,
+    block_size: int = 32,
+) -> str | None:
     """Forward pass only (input_ids, attention_mask -> logits), then int4 weights if asked.
     Returns the LM head's precision in an int4 export (int4 when no head MatMul is found)."""
     import torch
@@ -247,8 +300,10 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
 
     config = AutoConfig.from_pretrained(src)
     if getattr(config, "quantization_config", None):
-        raise ShrinkError("the ONNX fallback (torch.onnx.export) cannot export a quantized "
-                          "checkpoint; export the unquantized folder with --precision int4")
+        raise ShrinkError(
+            "the ONNX fallback (torch.onnx.export) cannot export a quantized "
+            "checkpoint; export the unquantized folder with --precision int4"
+        )
     loaded = load_model(str(src), dtype="float32", device="cpu")
     model = loaded.model
     if precision == "fp16":
@@ -260,8 +315,9 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
             self.m = m
 
         def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).logits
+            return self.m(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
 
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) % config.get_text_config().vocab_size
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -270,17 +326,21 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
     raw.mkdir(exist_ok=True)
     import contextlib
     import io
-
     import warnings
 
     with contextlib.redirect_stdout(io.StringIO()), third_party_quiet():
         # the exporter prints progress and deprecation notes
-        torch.onnx.export(Forward(model).eval(), (ids, torch.ones_like(ids)),
-                          str(raw / "model.onnx"), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], opset_version=21, dynamo=True,
-                          external_data=True,
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                          "attention_mask": {0: batch, 1: seq}})
+        torch.onnx.export(
+            Forward(model).eval(),
+            (ids, torch.ones_like(ids)),
+            str(raw / "model.onnx"),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            opset_version=21,
+            dynamo=True,
+            external_data=True,
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        )
     if precision == "int4":
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -290,11 +350,17 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
         head = _head_matmul(proto) if lm_head == "int8" else None
         passes = [(4, [head] if head else None, None)] + ([(8, None, [head])] if head else [])
         for bits, exclude, include in passes:  # 4-bit body, then the 8-bit LM head
-            q = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4 if target == "cpu" else None,
-                                     nodes_to_exclude=exclude, nodes_to_include=include,
-                                     op_types_to_quantize=("MatMul", "Gather"),
-                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+            q = MatMulNBitsQuantizer(
+                proto,
+                bits=bits,
+                block_size=block_size,
+                is_symmetric=True,
+                accuracy_level=4 if target == "cpu" else None,
+                nodes_to_exclude=exclude,
+                nodes_to_include=include,
+                op_types_to_quantize=("MatMul", "Gather"),
+                quant_axes=(("MatMul", 0), ("Gather", 1)),
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # all-zero rows (padding embeddings) divide by 0
                 q.process()
@@ -317,9 +383,17 @@ def _torch_export(src: Path, out: Path, precision: str, target: str,
 # Verification (runs in a fresh process: python -m shrink.stages.export.onnx ONNX_DIR SOURCE PREC)
 # ----------------------------------------------------------------------------------------------
 
-def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
-                target: str = "cpu", eval_samples: int = 4, eval_seq_len: int = 128,
-                prompts: tuple[str, ...] = PROMPTS, new_tokens: int = NEW_TOKENS) -> dict:
+
+def verify_onnx(
+    onnx_dir: str | Path,
+    source_dir: str | Path,
+    precision: str,
+    target: str = "cpu",
+    eval_samples: int = 4,
+    eval_seq_len: int = 128,
+    prompts: tuple[str, ...] = PROMPTS,
+    new_tokens: int = NEW_TOKENS,
+) -> dict:
     """Compare the ONNX model with the PyTorch source: greedy tokens on ``prompts``, first-step
     logits, teacher-forced top-1 agreement and perplexity on held-out text."""
     import math
@@ -332,7 +406,6 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
     from shrink.core.data import EVALUATION, token_blocks
     from shrink.runtime.onnx import onnx_runner
 
-
     runner = onnx_runner(onnx_dir, target)
     tok = AutoTokenizer.from_pretrained(source_dir)
     ref = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
@@ -343,11 +416,18 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]
         with torch.no_grad():
-            out = ref.generate(torch.tensor([ids]), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=eos,
-                               temperature=None, top_p=None, top_k=None)
+            out = ref.generate(
+                torch.tensor([ids]),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=eos,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             first = ref(torch.tensor([ids])).logits[0, -1].float().numpy()
-        torch_new = out[0, len(ids):].tolist()
+        torch_new = out[0, len(ids) :].tolist()
         onnx_new = runner.generate_ids(ids, new_tokens, min_new_tokens=new_tokens)
         onnx_first = runner.logits(ids)[-1]
         first_diff = max(first_diff, float(np.abs(onnx_first - first).max()))
@@ -356,9 +436,15 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
             if a != b:
                 break
             same += 1
-        greedy.append({"prompt": prompt, "equal": torch_new == onnx_new,
-                       "matching_prefix": same, "tokens": len(torch_new),
-                       "onnx_text": tok.decode(onnx_new, skip_special_tokens=True)})
+        greedy.append(
+            {
+                "prompt": prompt,
+                "equal": torch_new == onnx_new,
+                "matching_prefix": same,
+                "tokens": len(torch_new),
+                "onnx_text": tok.decode(onnx_new, skip_special_tokens=True),
+            }
+        )
 
     blocks = token_blocks(tok, EVALUATION, eval_samples, eval_seq_len, seed=0)
     nll_t = nll_o = 0.0
@@ -380,7 +466,8 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
     result = {
         "runtime": "onnxruntime-genai" if runner.kv_cache else "onnxruntime (no KV cache)",
         "precision": precision,
-        "prompts": len(prompts), "new_tokens": new_tokens,
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
         "greedy_equal_to_torch": all_equal,
         "greedy_tokens_matching": sum(g["matching_prefix"] for g in greedy),
         "greedy_tokens_total": sum(g["tokens"] for g in greedy),
@@ -388,7 +475,8 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
         "first_step_logits_max_abs_diff": first_diff,
         "eval_data": blocks.describe(),
         "top1_agreement": agree / count,
-        "perplexity_torch": ppl_t, "perplexity_onnx": ppl_o,
+        "perplexity_torch": ppl_t,
+        "perplexity_onnx": ppl_o,
         "finite_logits": finite,
     }
     if precision == "fp32":
@@ -403,8 +491,16 @@ def verify_onnx(onnx_dir: str | Path, source_dir: str | Path, precision: str,
 # The stage
 # ----------------------------------------------------------------------------------------------
 
-def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig, *,
-                force: bool = False, verify: bool = True, log=None) -> OnnxResult:
+
+def export_onnx(
+    model_dir: str | Path,
+    output: str | Path,
+    config: ExportConfig,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    log=None,
+) -> OnnxResult:
     """Export a local decoder-LLM folder (HF or GPTQ) to an ONNX folder at ``output``.
 
     ``config.lm_head`` ("int8" or "int4") sets the LM head's bits in an int4 export. ``log`` (a
@@ -423,22 +519,31 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     quant_method = qc.get("quant_method")
     if quant_method and quant_method != "gptq":
-        raise ShrinkError(f"cannot export a '{quant_method}' checkpoint to ONNX; give the "
-                          "unquantized folder or a GPTQ one")
+        raise ShrinkError(
+            f"cannot export a '{quant_method}' checkpoint to ONNX; give the "
+            "unquantized folder or a GPTQ one"
+        )
     if quant_method == "gptq" and precision != "int4":
         raise ShrinkError("a GPTQ checkpoint keeps its 4-bit weights in ONNX: use --onnx int4")
     versions = check_runtime(target)
 
     def compute(tmp: Path) -> StageOutput:
         nonlocal head
-        say(f"building ONNX ({precision}{f', {head} LM head' if head else ''}, {target}) with "
-            "the onnxruntime-genai model builder")
+        say(
+            f"building ONNX ({precision}{f', {head} LM head' if head else ''}, {target}) with "
+            "the onnxruntime-genai model builder"
+        )
         tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", False))
         block = None if quant_method else config.block_size
-        ok, builder_error = _run_builder(src, tmp, precision, target,
-                                         builder_options(precision, head, tied, block),
-                                         getattr(hf_config.get_text_config(),
-                                                 "num_hidden_layers", None), log is not None)
+        ok, builder_error = _run_builder(
+            src,
+            tmp,
+            precision,
+            target,
+            builder_options(precision, head, tied, block),
+            getattr(hf_config.get_text_config(), "num_hidden_layers", None),
+            log is not None,
+        )
         if ok:
             method, kv_cache = "onnxruntime-genai builder", True
         else:
@@ -446,29 +551,45 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
                 raise ShrinkError(f"the onnxruntime-genai model builder failed: {builder_error}")
             for f in list(tmp.iterdir()):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
-            say(f"the model builder cannot build this model ({builder_error}); falling back to "
-                "torch.onnx.export")
+            say(
+                f"the model builder cannot build this model ({builder_error}); falling back to "
+                "torch.onnx.export"
+            )
             say(f"warning: {NO_KV_NOTE}")
             head = _torch_export(src, tmp, precision, target, head, config.block_size)
             method, kv_cache = "torch.onnx.export", False
         _keep_generation_config(src, tmp)
         model_bytes = folder_bytes(tmp, (".onnx", ".onnx.data", ".data"))
         record = {
-            "format": "onnx", "source": str(src),
-            "precision": precision, "lm_head": head, "target": target, "method": method,
+            "format": "onnx",
+            "source": str(src),
+            "precision": precision,
+            "lm_head": head,
+            "target": target,
+            "method": method,
             "block_size": (block or "GPTQ groups") if precision == "int4" else None,
             "kv_cache": kv_cache,
             "runtime": "onnxruntime-genai" if kv_cache else "onnxruntime",
             "note": None if kv_cache else NO_KV_NOTE,
             "builder_error": builder_error or None,
             "source_quantization": quant_method,
-            "model_bytes": model_bytes, "source_bytes": folder_bytes(src),
+            "model_bytes": model_bytes,
+            "source_bytes": folder_bytes(src),
             "files": sorted(f.name for f in tmp.iterdir()),
             "onnx_versions": versions,
         }
-        result = OnnxResult(Path(output), precision, target, method, kv_cache, model_bytes,
-                            folder_bytes(tmp), record["source_bytes"], head,
-                            builder_error or None)
+        result = OnnxResult(
+            Path(output),
+            precision,
+            target,
+            method,
+            kv_cache,
+            model_bytes,
+            folder_bytes(tmp),
+            record["source_bytes"],
+            head,
+            builder_error or None,
+        )
 
         def check_it(folder: Path) -> dict:
             from shrink.runtime import kinds
@@ -477,8 +598,16 @@ def export_onnx(model_dir: str | Path, output: str | Path, config: ExportConfig,
 
         return StageOutput(result, record, check_it, {"source_model": str(model_dir)})
 
-    return run_stage("export", output, compute, source=src, settings=config.settings(),
-                     force=force, verify=verify, log=say)
+    return run_stage(
+        "export",
+        output,
+        compute,
+        source=src,
+        settings=config.settings(),
+        force=force,
+        verify=verify,
+        log=say,
+    )
 
 
 def _keep_generation_config(src: Path, out: Path) -> None:

@@ -1,4 +1,5 @@
 """QLoRA on CPU: the bitsandbytes gradient trap (see stack.md) and the guard against it."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -40,8 +41,14 @@ def _keep_training_flag(module, args):
 
 
 def is_4bit_packed(model: nn.Module) -> bool:
-    return any(getattr(getattr(getattr(m, "weight", None), "quant_state", None),
-                       "packing_format_for_cpu", False) for m in model.modules())
+    return any(
+        getattr(
+            getattr(getattr(m, "weight", None), "quant_state", None),
+            "packing_format_for_cpu",
+            False,
+        )
+        for m in model.modules()
+    )
 
 
 def guard_callback():

@@ -1,5 +1,6 @@
 """Merging a trained adapter into a full-precision copy of the base (never into 4-bit weights),
 and measuring the model before and after on the evaluation blocks."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shrink.core.models import from_pretrained_checked
 from shrink.core.measures import PerplexityBook, weights_key
 from shrink.core.measures import measure as measure_once
+from shrink.core.models import from_pretrained_checked
 from shrink.core.perplexity import PerplexityResult
 from shrink.core.progress import stderr
 
@@ -29,8 +30,11 @@ def source_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float16,
-                                                           torch.bfloat16):
+    if not isinstance(dtype, torch.dtype) or dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    ):
         dtype = torch.float32
     return dtype
 
@@ -65,9 +69,16 @@ def needs_streamed_merge(location: str, device: str, dtype: torch.dtype) -> bool
     return need * 1.3 > available_memory(device)
 
 
-def merge_streamed(location: str, trained: Path, hf_config, *, device: str,
-                   eval_ids: torch.Tensor, second_ids: torch.Tensor | None,
-                   show_progress: bool) -> Merged:
+def merge_streamed(
+    location: str,
+    trained: Path,
+    hf_config,
+    *,
+    device: str,
+    eval_ids: torch.Tensor,
+    second_ids: torch.Tensor | None,
+    show_progress: bool,
+) -> Merged:
     """The adapter merged tensor by tensor into a folder next to it
     (:func:`shrink.streaming.merge.merge_adapter_streamed`), with perplexity before and after
     measured one layer at a time; nothing is loaded whole."""
@@ -75,31 +86,54 @@ def merge_streamed(location: str, trained: Path, hf_config, *, device: str,
     from shrink.streaming.perplexity import stream_perplexity
 
     def measure(folder) -> PerplexityResult:
-        result = stream_perplexity(folder, eval_ids, device=device, dtype=None,
-                                   show_progress=show_progress)
+        result = stream_perplexity(
+            folder, eval_ids, device=device, dtype=None, show_progress=show_progress
+        )
         if second_ids is not None:
-            result.second = stream_perplexity(folder, second_ids, device=device, dtype=None,
-                                              show_progress=show_progress)
+            result.second = stream_perplexity(
+                folder, second_ids, device=device, dtype=None, show_progress=show_progress
+            )
         return result
 
     out = Path(trained).parent / "merged"
     shutil.rmtree(out, ignore_errors=True)
     before = measure(location)
-    info = merge_adapter_streamed(location, trained, out,
-                                  log=stderr.print if show_progress else None)
+    info = merge_adapter_streamed(
+        location, trained, out, log=stderr.print if show_progress else None
+    )
     after = measure(out)
-    check = {"max_abs_logit_diff": None, "tokens": 0, "streamed": True,
-             "merged_tensors": len(info["merged_tensors"]),
-             "note": "streamed merge: W + scale * B @ A per tensor, equal to peft's "
-                     "merge_and_unload to float rounding"}
-    return Merged(StreamedModel(out, source_dtype(hf_config), hf_config), before, after, check,
-                  source_dtype(hf_config))
+    check = {
+        "max_abs_logit_diff": None,
+        "tokens": 0,
+        "streamed": True,
+        "merged_tensors": len(info["merged_tensors"]),
+        "note": "streamed merge: W + scale * B @ A per tensor, equal to peft's "
+        "merge_and_unload to float rounding",
+    }
+    return Merged(
+        StreamedModel(out, source_dtype(hf_config), hf_config),
+        before,
+        after,
+        check,
+        source_dtype(hf_config),
+    )
 
 
-def merge(location: str, trained: Path, method: str, hf_config, *, device: str, on_cuda: bool,
-          eval_ids: torch.Tensor, load_kw: dict, show_progress: bool,
-          second_ids: torch.Tensor | None = None, book: PerplexityBook | None = None,
-          set_names: tuple[str, str | None] = ("evaluation", "second")) -> Merged:
+def merge(
+    location: str,
+    trained: Path,
+    method: str,
+    hf_config,
+    *,
+    device: str,
+    on_cuda: bool,
+    eval_ids: torch.Tensor,
+    load_kw: dict,
+    show_progress: bool,
+    second_ids: torch.Tensor | None = None,
+    book: PerplexityBook | None = None,
+    set_names: tuple[str, str | None] = ("evaluation", "second"),
+) -> Merged:
     """Reload the base in 16/32 bits, apply the adapter and merge it (``merge_and_unload``); for
     ``last-layers`` the trained model itself is loaded. Perplexity before (the base) and after
     is measured on ``eval_ids`` (and on ``second_ids``, a second domain, into ``.second``), and
@@ -108,18 +142,34 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
 
     def measure(model: nn.Module, what: str) -> PerplexityResult:
         key = weights_key(model) if book is not None else None
-        result = measure_once(book, model, eval_ids, set_names[0], "heal", what, key=key,
-                              show_progress=show_progress)
+        result = measure_once(
+            book, model, eval_ids, set_names[0], "heal", what, key=key, show_progress=show_progress
+        )
         if second_ids is not None:
-            result.second = measure_once(book, model, second_ids, set_names[1], "heal", what,
-                                         key=key, show_progress=show_progress)
+            result.second = measure_once(
+                book,
+                model,
+                second_ids,
+                set_names[1],
+                "heal",
+                what,
+                key=key,
+                show_progress=show_progress,
+            )
         return result
 
     src_dtype = source_dtype(hf_config)
     merge_dtype = torch.float32 if not on_cuda else src_dtype
     if method != "last-layers" and needs_streamed_merge(location, device, merge_dtype):
-        return merge_streamed(location, trained, hf_config, device=device, eval_ids=eval_ids,
-                              second_ids=second_ids, show_progress=show_progress)
+        return merge_streamed(
+            location,
+            trained,
+            hf_config,
+            device=device,
+            eval_ids=eval_ids,
+            second_ids=second_ids,
+            show_progress=show_progress,
+        )
     base = from_pretrained_checked(location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
     before = measure(base, "before")
@@ -133,8 +183,10 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
         from peft import PeftModel
 
         if show_progress:
-            stderr.print(f"merging the adapter into a {str(merge_dtype).split('.')[-1]} copy of "
-                         "the base model")
+            stderr.print(
+                f"merging the adapter into a {str(merge_dtype).split('.')[-1]} copy of "
+                "the base model"
+            )
         pmodel = PeftModel.from_pretrained(base, str(trained)).eval()
         with torch.no_grad():
             peft_logits = pmodel(input_ids=probe, use_cache=False).logits.float()
@@ -142,8 +194,10 @@ def merge(location: str, trained: Path, method: str, hf_config, *, device: str, 
         merged.eval()
         with torch.no_grad():
             merged_logits = merged(input_ids=probe, use_cache=False).logits.float()
-        check = {"max_abs_logit_diff": float((peft_logits - merged_logits).abs().max()),
-                 "tokens": int(probe.numel())}
+        check = {
+            "max_abs_logit_diff": float((peft_logits - merged_logits).abs().max()),
+            "tokens": int(probe.numel()),
+        }
     if src_dtype != merge_dtype:  # measure the weights that are saved
         merged.to(src_dtype).to(merge_dtype)
     after = measure(merged, "after")

@@ -1,4 +1,5 @@
 """Healing settings: the defaults, Gromov et al.'s preset, and which Linear modules to adapt."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -8,8 +9,19 @@ from shrink.core.models import find_layers, text_config
 from shrink.stages.configs import HealConfig
 
 # Values used when neither the user nor a preset sets one.
-DEFAULTS = dict(method="lora", rank=8, dropout=0.05, targets="mlp", steps=100, lr=1e-3,
-                batch_size=4, grad_accum=1, seq_len=512, kd_alpha=0.5, last_layers=2)
+DEFAULTS = dict(
+    method="lora",
+    rank=8,
+    dropout=0.05,
+    targets="mlp",
+    steps=100,
+    lr=1e-3,
+    batch_size=4,
+    grad_accum=1,
+    seq_len=512,
+    kd_alpha=0.5,
+    last_layers=2,
+)
 
 _ATTN_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
@@ -20,8 +32,12 @@ def gromov_family(config, names: list[str]) -> dict:
     (shrink.json / config) or, failing that, its shapes (a pruned model keeps its widths)."""
     text = " ".join(n for n in names if n).lower().replace("_", "-")
     tc = text_config(config)
-    shape = (config.model_type, getattr(tc, "hidden_size", None),
-             getattr(tc, "intermediate_size", None), getattr(tc, "vocab_size", None))
+    shape = (
+        config.model_type,
+        getattr(tc, "hidden_size", None),
+        getattr(tc, "intermediate_size", None),
+        getattr(tc, "vocab_size", None),
+    )
     if "llama-2-70b" in text or shape == ("llama", 8192, 28672, 32000):
         return {"family": "llama-2-70b", "rank": 8, "lr": 3e-5}
     if "llama-2-7b" in text or shape == ("llama", 4096, 11008, 32000):
@@ -43,9 +59,19 @@ def preset_values(preset: str, config, names: list[str], world_size: int) -> dic
     ctx = getattr(tc, "max_position_embeddings", None)
     if isinstance(ctx, int):
         seq_len = min(seq_len, ctx)
-    return {"method": "qlora", "targets": "mlp", "dropout": 0.05, "rank": fam["rank"],
-            "lr": fam["lr"], "warmup": 100, "steps": 5000, "seq_len": seq_len,
-            "batch_size": max(1, 16 // world_size), "grad_accum": 1, "family": fam["family"]}
+    return {
+        "method": "qlora",
+        "targets": "mlp",
+        "dropout": 0.05,
+        "rank": fam["rank"],
+        "lr": fam["lr"],
+        "warmup": 100,
+        "steps": 5000,
+        "seq_len": seq_len,
+        "batch_size": max(1, 16 // world_size),
+        "grad_accum": 1,
+        "family": fam["family"],
+    }
 
 
 def resolve_settings(c: HealConfig, hf_config, names: list[str], world_size: int) -> dict:
@@ -53,25 +79,43 @@ def resolve_settings(c: HealConfig, hf_config, names: list[str], world_size: int
     the model (context length)."""
     preset = preset_values(c.preset, hf_config, names, world_size) if c.preset else {}
     s: dict = {}
-    for k in ("method", "rank", "dropout", "targets", "steps", "lr", "warmup", "batch_size",
-              "grad_accum", "seq_len", "last_layers"):
+    for k in (
+        "method",
+        "rank",
+        "dropout",
+        "targets",
+        "steps",
+        "lr",
+        "warmup",
+        "batch_size",
+        "grad_accum",
+        "seq_len",
+        "last_layers",
+    ):
         v = getattr(c, k)
         s[k] = v if v is not None else preset.get(k, DEFAULTS.get(k))
     if s["warmup"] is None:
         s["warmup"] = min(100, s["steps"] // 10)
     s["alpha"] = c.alpha if c.alpha is not None else s["rank"]
-    s["kd_alpha"] = (c.kd_alpha if c.kd_alpha is not None else DEFAULTS["kd_alpha"]) \
-        if c.teacher else None
+    s["kd_alpha"] = (
+        (c.kd_alpha if c.kd_alpha is not None else DEFAULTS["kd_alpha"]) if c.teacher else None
+    )
     s["family"] = preset.get("family")
     ctx = getattr(text_config(hf_config), "max_position_embeddings", None)
     if isinstance(ctx, int) and s["seq_len"] > ctx:
-        raise ShrinkError(f"--seq-len {s['seq_len']} is beyond the model's context "
-                          f"(max_position_embeddings = {ctx})")
+        raise ShrinkError(
+            f"--seq-len {s['seq_len']} is beyond the model's context "
+            f"(max_position_embeddings = {ctx})"
+        )
     num_layers = getattr(text_config(hf_config), "num_hidden_layers", None)
-    if s["method"] == "last-layers" and isinstance(num_layers, int) and \
-            s["last_layers"] > num_layers:
-        raise ShrinkError(f"--last-layers {s['last_layers']}: the model has only {num_layers} "
-                          "layers")
+    if (
+        s["method"] == "last-layers"
+        and isinstance(num_layers, int)
+        and s["last_layers"] > num_layers
+    ):
+        raise ShrinkError(
+            f"--last-layers {s['last_layers']}: the model has only {num_layers} layers"
+        )
     return s
 
 
@@ -93,8 +137,9 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
         raise ShrinkError("the model has no nn.Linear modules in its decoder layers to adapt")
 
     def in_group(full_names: list[str], words: tuple[str, ...]) -> bool:
-        return any(any(w in part.lower() for part in n.split(".")[:-1] for w in words)
-                   for n in full_names)
+        return any(
+            any(w in part.lower() for part in n.split(".")[:-1] for w in words) for n in full_names
+        )
 
     if targets == "all":
         chosen = sorted(names)
@@ -106,10 +151,14 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
         chosen = [t.strip() for t in targets.split(",") if t.strip()]
         unknown = [t for t in chosen if t not in names]
         if unknown or not chosen:
-            raise ShrinkError(f"--targets: unknown module name(s) {', '.join(unknown) or '(none)'}; "
-                              f"the model's Linear modules are: {', '.join(sorted(names))} "
-                              "(or use mlp, attn, all)")
+            raise ShrinkError(
+                f"--targets: unknown module name(s) {', '.join(unknown) or '(none)'}; "
+                f"the model's Linear modules are: {', '.join(sorted(names))} "
+                "(or use mlp, attn, all)"
+            )
     if not chosen:
-        raise ShrinkError(f"--targets {targets}: no Linear module of that kind in this model; "
-                          f"its Linear modules are: {', '.join(sorted(names))}")
+        raise ShrinkError(
+            f"--targets {targets}: no Linear module of that kind in this model; "
+            f"its Linear modules are: {', '.join(sorted(names))}"
+        )
     return chosen

@@ -1,5 +1,6 @@
 """Training for healing: the Trainer with an optional teacher, the work folder that makes a heal
 resumable, and the model to train (LoRA / QLoRA adapters, or the last layers in full precision)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": row, "labels": row}
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL(teacher || student) of next-token distributions at temperature T, times T^2, averaged
     over token positions (Hinton et al.)."""
     t = temperature
@@ -63,8 +68,12 @@ def trainer_class():
             self._parts: dict[str, list[float]] = {"lm_loss": [], "kd_loss": []}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"],
-                            attention_mask=inputs.get("attention_mask"), use_cache=False)
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                labels=inputs["labels"],
+                attention_mask=inputs.get("attention_mask"),
+                use_cache=False,
+            )
             lm = outputs.loss
             loss = lm
             if self.teacher is not None:
@@ -72,10 +81,12 @@ def trainer_class():
                 if next(self.teacher.parameters()).device != ids.device:
                     self.teacher.to(ids.device)
                 with torch.no_grad():
-                    t_logits = self.teacher(input_ids=ids, attention_mask=inputs.get(
-                        "attention_mask"), use_cache=False).logits
-                kd = kd_loss(outputs.logits, t_logits, self.temperature,
-                             inputs.get("attention_mask"))
+                    t_logits = self.teacher(
+                        input_ids=ids, attention_mask=inputs.get("attention_mask"), use_cache=False
+                    ).logits
+                kd = kd_loss(
+                    outputs.logits, t_logits, self.temperature, inputs.get("attention_mask")
+                )
                 loss = self.kd_alpha * kd + (1 - self.kd_alpha) * lm
                 self._parts["kd_loss"].append(kd.detach().item())
             self._parts["lm_loss"].append(lm.detach().item())
@@ -105,17 +116,29 @@ def progress_callback():
         def on_train_begin(self, args, state, control, **kw):
             if not state.is_world_process_zero or os.environ.get("SHRINK_NO_PROGRESS"):
                 return
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             from shrink.core.progress import stderr
 
-            self.bar = Progress(TextColumn("[bold]heal[/] {task.fields[info]}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=stderr)
+            self.bar = Progress(
+                TextColumn("[bold]heal[/] {task.fields[info]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+            )
             self.bar.start()
-            self.task = self.bar.add_task("heal", total=state.max_steps,
-                                          completed=state.global_step, info="")
+            self.task = self.bar.add_task(
+                "heal", total=state.max_steps, completed=state.global_step, info=""
+            )
 
         def on_step_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -153,8 +176,11 @@ def checkpoint_problem(folder: str | Path) -> str | None:
         json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return "no complete trainer_state.json"
-    weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors")
-               if (folder / n).is_file()]
+    weights = [
+        folder / n
+        for n in ("adapter_model.safetensors", "model.safetensors")
+        if (folder / n).is_file()
+    ]
     if not weights:
         return "no adapter_model.safetensors"
     try:
@@ -188,8 +214,9 @@ def settings_diff(saved: dict, now: dict) -> list[str]:
     return [k for k in now if k in saved and saved[k] != now[k]]
 
 
-def prepare_work(work: Path, settings: dict, *, resume: bool, force: bool, state,
-                 show_progress: bool) -> str | None:
+def prepare_work(
+    work: Path, settings: dict, *, resume: bool, force: bool, state, show_progress: bool
+) -> str | None:
     """Make the work folder ready and return the checkpoint to resume from (None: step 0).
     Checkpoints of an interrupted run are kept unless ``force``; ``resume`` requires the same
     settings as the run that wrote them."""
@@ -201,21 +228,26 @@ def prepare_work(work: Path, settings: dict, *, resume: bool, force: bool, state
             saved = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
             diff = settings_diff(saved, settings)
             if diff:
-                raise ShrinkError(f"--resume: settings differ from the interrupted run in "
-                                  f"{', '.join(diff)} (saved in {settings_file}); use the same "
-                                  "options, or drop --resume and pass --force to start over")
+                raise ShrinkError(
+                    f"--resume: settings differ from the interrupted run in "
+                    f"{', '.join(diff)} (saved in {settings_file}); use the same "
+                    "options, or drop --resume and pass --force to start over"
+                )
             resume_from = last
     elif last is not None and not force:
-        raise ShrinkError(f"an interrupted heal left checkpoints in {work}: pass --resume to "
-                          "continue it, or --force to start over")
+        raise ShrinkError(
+            f"an interrupted heal left checkpoints in {work}: pass --resume to "
+            "continue it, or --force to start over"
+        )
     if state.is_main_process:
         if resume_from is None and work.exists():
             shutil.rmtree(work)
         for d in incomplete:  # killed while being written: the Trainer would trip over them
             if work.exists() and d.exists():
                 if show_progress:
-                    stderr.print(f"removing the incomplete checkpoint {d.name} "
-                                 f"({checkpoint_problem(d)})")
+                    stderr.print(
+                        f"removing the incomplete checkpoint {d.name} ({checkpoint_problem(d)})"
+                    )
                 shutil.rmtree(d, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
@@ -225,8 +257,17 @@ def prepare_work(work: Path, settings: dict, *, resume: bool, force: bool, state
     return resume_from
 
 
-def trainable_model(location: str, s: dict, target_modules: list[str], *, compute_dtype,
-                    on_cuda: bool, state, seed: int, load_kw: dict) -> nn.Module:
+def trainable_model(
+    location: str,
+    s: dict,
+    target_modules: list[str],
+    *,
+    compute_dtype,
+    on_cuda: bool,
+    state,
+    seed: int,
+    load_kw: dict,
+) -> nn.Module:
     """The model the Trainer updates: a peft model (LoRA on a 16/32-bit base, QLoRA on a 4-bit
     NF4 base), or for ``last-layers`` the model itself with only the LM head and the last K
     decoder layers trainable (full precision, no adapter)."""
@@ -236,12 +277,20 @@ def trainable_model(location: str, s: dict, target_modules: list[str], *, comput
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        qconf = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute_dtype)
+        qconf = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
         device_map = {"": state.local_process_index} if on_cuda else "cpu"
-        model = from_pretrained_checked(location, quantization_config=qconf,
-                                        dtype=compute_dtype, device_map=device_map, **load_kw)
+        model = from_pretrained_checked(
+            location,
+            quantization_config=qconf,
+            dtype=compute_dtype,
+            device_map=device_map,
+            **load_kw,
+        )
         model.train()  # before any forward: see guard_4bit_cpu
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on_cuda)
         guard_4bit_cpu(model)
@@ -253,14 +302,20 @@ def trainable_model(location: str, s: dict, target_modules: list[str], *, comput
     if s["method"] == "last-layers":
         model.requires_grad_(False)
         _, _, layers = find_layers(model)
-        for layer in list(layers)[-s["last_layers"]:]:
+        for layer in list(layers)[-s["last_layers"] :]:
             layer.requires_grad_(True)
         model.get_output_embeddings().requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
-                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=s["rank"],
+        lora_alpha=s["alpha"],
+        lora_dropout=s["dropout"],
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lcfg)
 
 
@@ -276,10 +331,22 @@ class Trained:
     info: dict = field(default_factory=dict)
 
 
-def train(model: nn.Module, train_ids: torch.Tensor, s: dict, *, work: Path, seed: int,
-          on_cuda: bool, teacher_model: nn.Module | None, temperature: float,
-          save_steps: int | None, resume_from: str | None, callbacks: list | None,
-          show_progress: bool, state) -> Trained:
+def train(
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    s: dict,
+    *,
+    work: Path,
+    seed: int,
+    on_cuda: bool,
+    teacher_model: nn.Module | None,
+    temperature: float,
+    save_steps: int | None,
+    resume_from: str | None,
+    callbacks: list | None,
+    show_progress: bool,
+    state,
+) -> Trained:
     """Run the Hugging Face Trainer (AdamW, cosine schedule with warm-up, clipping 1.0) and save
     the adapter (or the trained model) under ``work``."""
     from transformers import TrainingArguments, default_data_collator
@@ -289,30 +356,59 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: dict, *, work: Path, see
     if save_steps is None:
         save_steps = max(1, min(500, math.ceil(s["steps"] / 10)))
     args = TrainingArguments(
-        output_dir=str(work), max_steps=s["steps"], per_device_train_batch_size=s["batch_size"],
-        gradient_accumulation_steps=s["grad_accum"], learning_rate=s["lr"],
-        lr_scheduler_type="cosine", warmup_steps=s["warmup"], weight_decay=0.0, max_grad_norm=1.0,
-        logging_strategy="steps", logging_steps=1, save_strategy="steps", save_steps=save_steps,
-        save_total_limit=2, report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
-        use_cpu=not on_cuda, bf16=bf16, fp16=on_cuda and not bf16,
+        output_dir=str(work),
+        max_steps=s["steps"],
+        per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=s["grad_accum"],
+        learning_rate=s["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=s["warmup"],
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        use_cpu=not on_cuda,
+        bf16=bf16,
+        fp16=on_cuda and not bf16,
         ddp_find_unused_parameters=False,
-        dataloader_num_workers=0, dataloader_pin_memory=on_cuda, remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_cuda,
+        remove_unused_columns=False,
     )
     guard = guard_callback() if s["method"] == "qlora" else None
     cbs = [cb for cb in [guard] + list(callbacks or []) if cb is not None]
     if show_progress:
         cbs.append(progress_callback())
     trainer = trainer_class()(
-        model=model, args=args, train_dataset=Blocks(train_ids),
-        data_collator=default_data_collator, callbacks=cbs, teacher=teacher_model,
-        temperature=temperature, kd_alpha=s["kd_alpha"] if teacher_model is not None else 0.0)
+        model=model,
+        args=args,
+        train_dataset=Blocks(train_ids),
+        data_collator=default_data_collator,
+        callbacks=cbs,
+        teacher=teacher_model,
+        temperature=temperature,
+        kd_alpha=s["kd_alpha"] if teacher_model is not None else 0.0,
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     out = trainer.train(resume_from_checkpoint=resume_from)
 
-    losses = [{k: round(float(v), 6) for k, v in r.items()
-               if k in ("step", "loss", "lm_loss", "kd_loss", "learning_rate", "grad_norm")}
-              for r in trainer.state.log_history if "loss" in r]
+    losses = [
+        {
+            k: round(float(v), 6)
+            for k, v in r.items()
+            if k in ("step", "loss", "lm_loss", "kd_loss", "learning_rate", "grad_norm")
+        }
+        for r in trainer.state.log_history
+        if "loss" in r
+    ]
     for r in losses:
         r["step"] = int(r["step"])
     n_tail = max(1, min(10, len(losses) // 10))
@@ -329,8 +425,9 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: dict, *, work: Path, see
     return Trained(saved, steps, final_loss, losses, info)
 
 
-def _throughput(trainer, s: dict, on_cuda: bool, seconds: float, resume_from: str | None
-                ) -> dict | None:
+def _throughput(
+    trainer, s: dict, on_cuda: bool, seconds: float, resume_from: str | None
+) -> dict | None:
     """Tokens/s of this run's steps and the fraction of the machine's matmul rate (CPU only:
     the rate measured is the CPU's)."""
     from shrink.core.measures import training_throughput
