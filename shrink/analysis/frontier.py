@@ -163,6 +163,8 @@ class Choice:
     chosen: Point | None
     rejected: list[tuple[Point, str]]
     budget: str
+    max_bytes: int | None = None
+    min_tps: float | None = None
 
     def lines(self) -> list[str]:
         out = [f"budget: {self.budget}"]
@@ -181,6 +183,9 @@ class Choice:
     def to_dict(self) -> dict:
         return {
             "budget": self.budget,
+            "max_bytes": self.max_bytes,
+            "min_tps": self.min_tps,
+            "lines": self.lines(),
             "chosen": self.chosen.to_dict() if self.chosen else None,
             "rejected": [{"label": p.label, "why": why} for p, why in self.rejected],
         }
@@ -236,7 +241,7 @@ def choose(
         else:
             survivors.append(p)
     if not survivors:
-        return Choice(None, rejected, budget)
+        return Choice(None, rejected, budget, max_bytes, min_tps)
     best = min(survivors, key=lambda p: (p.quality(), p.bytes))
     for p in survivors:
         if p is not best:
@@ -247,4 +252,4 @@ def choose(
                     f"{best.quality():.2f} (geometric mean of perplexities)",
                 )
             )
-    return Choice(best, rejected, budget)
+    return Choice(best, rejected, budget, max_bytes, min_tps)

@@ -70,6 +70,21 @@ GGUF_BITS = {
     "q4_0": 4.5,
     "q3_k_m": 3.91,
     "q2_k": 2.63,
+    # llama.cpp's nominal bits per weight of the other types it writes
+    "q5_1": 6.0,
+    "q5_k_s": 5.54,
+    "q4_1": 5.0,
+    "q4_k_s": 4.58,
+    "iq4_nl": 4.5,
+    "iq4_xs": 4.25,
+    "q3_k_l": 4.27,
+    "q3_k_s": 3.5,
+    "iq3_s": 3.44,
+    "iq3_xxs": 3.06,
+    "q2_k_s": 2.56,
+    "iq2_m": 2.7,
+    "iq2_s": 2.5,
+    "iq2_xs": 2.31,
 }
 
 

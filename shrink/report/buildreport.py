@@ -81,9 +81,21 @@ def assemble(
     ]
     report["command"] = command
     report["artifacts"] = {name: name for name in ctx.published()}
+    if ctx.budget is not None:
+        report["budget"] = budget_outcome(ctx.budget, report)
     book = getattr(ctx, "book", None)  # every perplexity the build computed, each once
     report["perplexity_book"] = book.to_dict() if book is not None else None
     return report
+
+
+def budget_outcome(budget: dict, report: dict) -> dict:
+    """The budget's choice with what the build really made: the shipped GGUF's bytes and
+    whether they are within the size budget."""
+    gguf = (report.get("export") or {}).get("gguf") or {}
+    made = gguf.get("size_bytes")
+    limit = budget.get("max_bytes")
+    met = None if made is None or limit is None else made <= limit
+    return {**budget, "made_bytes": made, "within_size": met}
 
 
 def write_report(out: Path, report: dict) -> None:

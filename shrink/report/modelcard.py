@@ -176,6 +176,7 @@ def model_card(report: dict, scores: dict | None, has_plot: bool, recipe_text: s
         ]
     for fmt, entry in (report.get("export") or {}).items():
         lines += ["", kinds.get(fmt).export_note(entry)]
+    lines += budget_lines(report.get("budget"))
     lines += ["", "## Use", ""]
     if report.get("quantize"):
         lines += [
@@ -214,6 +215,26 @@ def model_card(report: dict, scores: dict | None, has_plot: bool, recipe_text: s
         "",
     ]
     return "\n".join(lines)
+
+
+def budget_lines(budget: dict | None) -> list[str]:
+    """The card's account of a build to a budget: what the measured frontier offered, what was
+    chosen, every rejected candidate and why, and what the build really made."""
+    if not budget:
+        return []
+    lines = ["", "## Built to a budget", ""]
+    lines += [f"- {line}" for line in budget.get("lines", [])]
+    made, met = budget.get("made_bytes"), budget.get("within_size")
+    if made is not None and met is not None:
+        lines.append(
+            f"- made: {made / 1e6:.1f} MB, "
+            + (
+                "within the budget"
+                if met
+                else "OVER the budget (the frontier was measured on other settings?)"
+            )
+        )
+    return lines
 
 
 def artifact_card(report: dict, artifact: str) -> str:

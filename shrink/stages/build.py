@@ -220,6 +220,38 @@ def _start_over(out: Path, force: bool, resume: bool) -> Path:
     return stages_dir
 
 
+def preview(
+    config: BuildConfig,
+    output: str | Path | None = None,
+    gpu: str | None = None,
+    ram: str | None = None,
+) -> tuple[list[str], bool]:
+    """What ``build`` would do, without doing it: the stage plan and the memory plan (for this
+    machine, or the GPU and RAM sizes given), and whether every stage fits."""
+    from shrink.analysis.memory import format_plan
+    from shrink.stages.memoryplan import build_plan
+
+    stages = build_stages(config)
+    ctx = validate(config, stages)
+    out = Path(output or default_output(config, stages)).expanduser()
+    memory = build_plan(config, gpu, ram)
+    return plan(ctx, stages, out, estimate_disk(ctx, stages)).splitlines() + format_plan(
+        memory
+    ), memory.fits
+
+
+def check_memory(config: BuildConfig, show: bool) -> None:
+    """Print the memory plan; refuse with one line when a stage cannot fit this machine."""
+    from shrink.analysis.memory import format_plan
+    from shrink.stages.memoryplan import build_plan
+
+    memory = build_plan(config)
+    if show:
+        stderr.print("\n".join(format_plan(memory)), highlight=False)
+    if not memory.fits:
+        raise ShrinkError(f"the build cannot run on this machine: {memory.refusal}")
+
+
 def build(
     config: BuildConfig | None = None,
     output: str | Path | None = None,
@@ -228,12 +260,15 @@ def build(
     command: str | None = None,
     keep_stages: bool = False,
     show_progress: bool = True,
+    budget: dict | None = None,
 ) -> BuildResult:
-    """Run the whole chain into ``output``; see the module docstring."""
+    """Run the whole chain into ``output``; see the module docstring. ``budget``: what a
+    build to a budget chose (:func:`shrink.stages.frontier.budget_config`), for the report."""
     s = config or BuildConfig()
     stages = build_stages(s)
     ctx = validate(s, stages, show_progress)
-    ctx.resume = resume
+    ctx.resume, ctx.budget = resume, budget
+    check_memory(s, show_progress)
     out = ctx.output = Path(output or default_output(s, stages)).expanduser()
     _open_output(out, ctx, resume, force)
     disk = estimate_disk(ctx, stages)

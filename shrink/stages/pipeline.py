@@ -58,6 +58,7 @@ class BuildContext:
     evaluation: dict[str, dict] = field(default_factory=dict)  # label -> perplexity row
     scores: dict | None = None  # the layer scores the build pruned by (for the card's plot)
     book: Any = None  # a shared perplexity book (shrink.core.measures), when there is one
+    budget: dict | None = None  # what a --target-size/--target-speed build chose, and why
     _source: Any = None
 
     def __post_init__(self) -> None:

@@ -145,3 +145,10 @@ def test_estimate_prints_the_plan_and_refuses_what_cannot_fit():
         main, ["estimate", "llama-2-70b", "--drop", "40", "--gpu", "24GB", "--ram", "8GB"]
     )
     assert bad.exit_code == 2 and "refused: stage quantize cannot fit" in bad.output
+
+
+def test_every_gguf_type_shrink_writes_can_be_planned():
+    from shrink.analysis.memory import GGUF_BITS
+    from shrink.stages.export.gguf_types import GGUF_TYPES
+
+    assert set(GGUF_TYPES) <= set(GGUF_BITS)

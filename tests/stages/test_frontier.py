@@ -135,3 +135,38 @@ def test_a_tiny_frontier_end_to_end(tiny_model_dir, tmp_path):
     # resumable: a second run reuses every step's result
     again = frontier(str(model), tmp_path / "f", config)
     assert [p["ppl"] for p in again["points"]] == [p["ppl"] for p in result["points"]]
+
+
+def test_build_to_a_budget_plans_the_chosen_artifact(tmp_path, tiny_model_dir):
+    """`shrink build --target-size` reads the frontier, prints the choice and every rejected
+    candidate, and builds (here: plans) the chosen depth and type."""
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    model = tiny_model_dir("llama", layers=6)
+    (tmp_path / "frontier.json").write_text(json.dumps({"points": [p.to_dict() for p in POINTS]}))
+    r = CliRunner().invoke(
+        main, ["build", str(model), "--target-size", "85MB", "--frontier", str(tmp_path), "--plan"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "chosen: drop 3 healed q2_k" in r.output
+    assert "rejected: dense iq4_nl: 92.0 MB is over 85.0 MB" in r.output
+    assert "3 of 6 layers" in r.output and "GGUF" in r.output and "q2_k" in r.output
+    missing = CliRunner().invoke(
+        main, ["build", str(model), "--target-size", "85MB", "--frontier", str(tmp_path / "none")]
+    )
+    assert missing.exit_code == 2 and "run 'shrink frontier" in missing.output
+
+
+def test_the_report_says_whether_the_build_met_its_budget():
+    from shrink.report.buildreport import budget_outcome
+    from shrink.report.modelcard import budget_lines
+
+    budget = {"max_bytes": 85_000_000, "lines": ["budget: at most 85.0 MB", "chosen: x"]}
+    ok = budget_outcome(budget, {"export": {"gguf": {"size_bytes": 80_000_000}}})
+    assert ok["within_size"] is True and ok["made_bytes"] == 80_000_000
+    over = budget_outcome(budget, {"export": {"gguf": {"size_bytes": 90_000_000}}})
+    assert over["within_size"] is False
+    card = "\n".join(budget_lines(over))
+    assert "## Built to a budget" in card and "OVER the budget" in card and "chosen: x" in card

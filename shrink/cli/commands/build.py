@@ -3,88 +3,18 @@ several stages share a name, with the defaults a build applies."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import click
 
+from shrink.cli.buildopts import (
+    EXTRA,
+    build_options,
+    build_values,
+    plan_and_budget_options,
+    show_plan,
+    to_budget,
+)
 from shrink.cli.common import check_writable, console, model_options, write_json
-from shrink.cli.options import config_options, values
-from shrink.stages.configs import STAGE_CONFIGS, BuildConfig, ModelOptions
-
-BUILD_PREFIX = {
-    "prune": "prune",
-    "heal": "heal",
-    "quantize": "quantize",
-    "export": "export",
-    "evaluate": "eval",
-}
-
-
-def build_prefixes() -> dict[str, dict[str, str]]:
-    """Per stage, the option prefix of each setting: none when the name is unique among the
-    stages (``--drop``, ``--gptq``, ``--onnx``), the stage's prefix when several stages use it
-    (``--heal-seq-len``, ``--eval-samples``, ``--quantize-seed``)."""
-    names = Counter(n for cls in STAGE_CONFIGS.values() for n in cls.model_fields)
-    names.update(list(ModelOptions.model_fields))
-    return {
-        stage: {n: (BUILD_PREFIX[stage] if names[n] > 1 else "") for n in cls.model_fields}
-        for stage, cls in STAGE_CONFIGS.items()
-    }
-
-
-def build_defaults(stage: str) -> dict:
-    """The settings a build gives ``stage`` where they differ from the stage command's own
-    (prune: strategy auto, bridge auto, text of both domains); none for a stage a build only
-    runs when asked (quantize, export)."""
-    config = getattr(BuildConfig(), stage, None)
-    if config is None:
-        return {}
-    out = {}
-    for name, field in type(config).model_fields.items():
-        value = getattr(config, name)
-        if field.is_required() or value != field.get_default(call_default_factory=True):
-            out[name] = value
-    return out
-
-
-def build_options(f):
-    prefixes = build_prefixes()
-    for stage, cls in reversed(list(STAGE_CONFIGS.items())):
-        defaults = build_defaults(stage)
-        for prefix in sorted(set(prefixes[stage].values())):
-            exclude = tuple(n for n, pre in prefixes[stage].items() if pre != prefix)
-            f = config_options(cls, prefix, exclude=exclude, defaults=defaults)(f)
-    return f
-
-
-def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) -> dict:
-    """The recipe's settings with the options the user typed on top."""
-    prefixes = build_prefixes()
-    for stage, cls in STAGE_CONFIGS.items():
-        given: dict = {}
-        for prefix in set(prefixes[stage].values()):
-            sub = {
-                k: v
-                for k, v in kwargs.items()
-                if k
-                in {
-                    (f"{prefix}_{n}" if prefix else n)
-                    for n, pre in prefixes[stage].items()
-                    if pre == prefix
-                }
-            }
-            given.update(values(cls, sub, prefix, ctx=ctx, only_given=True))
-        if given:
-            earlier = dict(base.get(stage) or {})
-            if stage == "prune" and ({"drop", "layers"} & set(given)):
-                earlier.pop("drop", None)  # --layers replaces the recipe's --drop, and back
-                earlier.pop("layers", None)
-            base[stage] = {**earlier, **given}
-    if no_heal:
-        base["heal"] = None
-    for name, value in values(ModelOptions, kwargs, ctx=ctx, only_given=True).items():
-        base[name] = value
-    return base
+from shrink.stages.configs import BuildConfig
 
 
 @click.command("build")
@@ -122,6 +52,7 @@ def build_values(ctx: click.Context, kwargs: dict, base: dict, no_heal: bool) ->
     metavar="FILE",
     help="Write report.json here too (- for stdout).",
 )
+@plan_and_budget_options
 @build_options
 @model_options
 @click.pass_context
@@ -158,8 +89,15 @@ def command(
         base["model"] = model
     if allow_degraded:
         base["allow_degraded"] = True
+    extra = {k: kwargs.pop(k) for k in EXTRA}
+    if extra["no_prune"]:
+        base["prune"] = None
     config = recipe_config(build_values(ctx, kwargs, base, no_heal), "settings")
     check_writable(json_out)
+    config, budget = to_budget(config, model or config.model, extra)
+    if extra["plan"]:
+        show_plan(config, output, extra["gpu"], extra["ram"])
+        return
     result = build(
         config,
         output=output,
@@ -167,6 +105,7 @@ def command(
         force=force,
         command=command_line(),
         keep_stages=keep_stages,
+        budget=budget,
     )
     if json_out:
         write_json(result.report, json_out, config.settings())
