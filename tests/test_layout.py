@@ -164,7 +164,7 @@ LARGE_MODULES = {
 LONG_STAGE_FUNCTIONS = {
     "shrink/stages/bench.py:bench",
     "shrink/stages/export/gguf.py:_write_metadata",
-    "shrink/stages/export/gguf.py:_write_vocab",
+    "shrink/stages/export/gguf_vocab.py:write_vocab",
     "shrink/stages/export/gguf.py:export_gguf",
     "shrink/stages/export/onnx.py:_torch_export",
     "shrink/stages/export/onnx.py:verify_onnx",
