@@ -164,6 +164,8 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
         if pruned and dense
         else None
     )
+    if comparison is not None:
+        _record_measured(ctx, dest, comparison["this"])
     return {
         "path": str(dest),
         "type": g.type,
@@ -175,6 +177,24 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
         "imatrix": g.get("imatrix"),
         "comparison": comparison,
     }
+
+
+def _record_measured(ctx: BuildContext, folder: Path, this: dict) -> None:
+    """The exported file's perplexities, measured for the dense comparison, go into the build's
+    book, so that the evaluate stage does not measure the same file on the same blocks again."""
+    import math
+
+    from shrink.core.measures import weights_key
+    from shrink.core.perplexity import PerplexityResult
+
+    if ctx.book is None:
+        return
+    key = weights_key(folder)
+    for s in this["evaluation"]:
+        value = this["perplexity"][s["data"]]
+        result = PerplexityResult(value, math.log(value), s["samples"] * (s["seq_len"] - 1), 0.0)
+        name = f"{s['data']}, {s['samples']} x {s['seq_len']} tokens, seed {s['seed']}"
+        ctx.book.put(key, name, result, by="export", what=f"{folder} (beside the dense model)")
 
 
 def _log(ctx: BuildContext):
