@@ -35,35 +35,42 @@ def domains_of(points: list[Point]) -> list[str]:
 
 def pruning_verdicts(points: list[Point]) -> list[str]:
     """For every pruned point: the best dense quant-only file of the same size or smaller, and
-    whether pruning beat it on both domains (pays), on one, or on none."""
+    whether pruning beat it on both domains (pays), on one, or on none; for a healed point, the
+    same against the dense model given the same fine-tune (the control), so that what the
+    fine-tune did is not credited to pruning."""
     domains = domains_of(points)
-    dense = [p for p in points if p.family == "dense"]
     lines = []
     for p in sorted((q for q in points if q.drop > 0), key=lambda q: q.bytes):
-        rivals = [d for d in dense if d.bytes <= p.bytes]
-        if not rivals:
-            lines.append(
-                f"- {p.label} ({p.bytes / 1e6:.1f} MB): smaller than every dense file "
-                "measured: pruning is the only road to this size here"
-            )
-            continue
-        best = min(rivals, key=lambda d: d.quality())
-        wins = [d for d in domains if p.ppl.get(d, math.inf) < best.ppl.get(d, math.inf)]
-        verdict = (
-            "pays on both domains"
-            if len(wins) == len(domains)
-            else f"pays only on {', '.join(wins)}"
-            if wins
-            else "does not pay"
-        )
-        diff = ", ".join(
-            f"{d} {p.ppl.get(d, math.nan):.2f} vs {best.ppl.get(d, math.nan):.2f}" for d in domains
-        )
-        lines.append(
-            f"- {p.label} ({p.bytes / 1e6:.1f} MB): {verdict} against {best.label} "
-            f"({best.bytes / 1e6:.1f} MB): {diff}"
-        )
+        lines.append(_verdict(p, [d for d in points if d.family == "dense"], domains, ""))
+        if p.healed and any(d.family == "dense-healed" for d in points):
+            control = [d for d in points if d.family == "dense-healed"]
+            lines.append(_verdict(p, control, domains, "fine-tuned dense control file"))
     return lines
+
+
+def _verdict(p: Point, rivals: list[Point], domains: list[str], what: str) -> str:
+    head = f"- {p.label} ({p.bytes / 1e6:.1f} MB)"
+    fit = [d for d in rivals if d.bytes <= p.bytes]
+    if not fit:
+        smallest = min(rivals, key=lambda d: d.bytes)
+        return (
+            f"{head}: smaller than every {what or 'dense file'} measured (the smallest: "
+            f"{smallest.label}, {smallest.bytes / 1e6:.1f} MB): pruning is the only road "
+            "to this size here"
+        )
+    best = min(fit, key=lambda d: d.quality())
+    wins = [d for d in domains if p.ppl.get(d, math.inf) < best.ppl.get(d, math.inf)]
+    verdict = (
+        "pays on both domains"
+        if len(wins) == len(domains)
+        else f"pays only on {', '.join(wins)}"
+        if wins
+        else "does not pay"
+    )
+    diff = ", ".join(
+        f"{d} {p.ppl.get(d, math.nan):.2f} vs {best.ppl.get(d, math.nan):.2f}" for d in domains
+    )
+    return f"{head}: {verdict} against {best.label} ({best.bytes / 1e6:.1f} MB): {diff}"
 
 
 def _mark(p: Point, axis: str) -> str:
