@@ -13,8 +13,19 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0", "q3_k_m", "q2_k", "iq3_s",
-         "iq2_m"]
+ORDER = [
+    "f16",
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q4_k_m",
+    "iq4_nl",
+    "q4_0",
+    "q3_k_m",
+    "q2_k",
+    "iq3_s",
+    "iq2_m",
+]
 
 
 def _result(path: Path) -> dict:
@@ -30,38 +41,54 @@ def read(work: Path) -> dict:
             continue
         r = _result(ev)
         export = _result(work / f"{slug}.export.json")["gguf"]
-        name = slug[len("dense-"):]
+        name = slug[len("dense-") :]
         plain = name.endswith("-plain")
         rows.setdefault(name.removesuffix("-plain"), {})["plain" if plain else "imatrix"] = {
-            "mb": export["bytes"] / 1e6, "p": r["perplexity"], "t": r["second"]["perplexity"],
-            "types": export.get("tensor_types") or {}}
+            "mb": export["bytes"] / 1e6,
+            "p": r["perplexity"],
+            "t": r["second"]["perplexity"],
+            "types": export.get("tensor_types") or {},
+        }
     return rows
 
 
 def markdown(rows: dict, source: str) -> str:
-    out = ["# GGUF with and without shrink's importance matrix: SmolLM2-135M, dense", "",
-           f"Read from the dense ladder of `shrink frontier` ({source}; see "
-           "[frontier.md](frontier.md) for the command, CPU and load; quality figures do not "
-           "depend on the load). Perplexity with llama.cpp on the fixed evaluation sets, "
-           "Persuasion | technical prose, 8 x 512 tokens each, seed 0. Importance matrix: mean "
-           "squared input per column of every quantized matrix on 16 x 256 tokens of "
-           "austen:calibration+tech:calibration, handed to llama.cpp's quantizer.", "",
-           "| type | MB | plain | with imatrix | change (P / T) | tensor types of the file |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "# GGUF with and without shrink's importance matrix: SmolLM2-135M, dense",
+        "",
+        f"Read from the dense ladder of `shrink frontier` ({source}; see "
+        "[frontier.md](frontier.md) for the command, CPU and load; quality figures do not "
+        "depend on the load). Perplexity with llama.cpp on the fixed evaluation sets, "
+        "Persuasion | technical prose, 8 x 512 tokens each, seed 0. Importance matrix: mean "
+        "squared input per column of every quantized matrix on 16 x 256 tokens of "
+        "austen:calibration+tech:calibration, handed to llama.cpp's quantizer.",
+        "",
+        "| type | MB | plain | with imatrix | change (P / T) | tensor types of the file |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in sorted(rows, key=lambda k: ORDER.index(k) if k in ORDER else 99):
         im, pl = rows[t].get("imatrix"), rows[t].get("plain")
         if im is None:
             continue
         plain = f"{pl['p']:.2f} / {pl['t']:.2f}" if pl else "-"
-        change = (f"{(im['p'] / pl['p'] - 1) * 100:+.1f}% / {(im['t'] / pl['t'] - 1) * 100:+.1f}%"
-                  if pl else "-")
+        change = (
+            f"{(im['p'] / pl['p'] - 1) * 100:+.1f}% / {(im['t'] / pl['t'] - 1) * 100:+.1f}%"
+            if pl
+            else "-"
+        )
         types = ", ".join(f"{k} {v}" for k, v in sorted(im["types"].items(), key=lambda kv: -kv[1]))
-        out.append(f"| {t} | {im['mb']:.1f} | {plain} | {im['p']:.2f} / {im['t']:.2f} | "
-                   f"{change} | {types or 'written by shrink'} |")
-    out += ["", "f16 and q8_0 are written by shrink itself (no quantizer, no importance matrix); "
-            "iq3_s and iq2_m are refused without one. SmolLM2's rows are 576 wide, not a "
-            "multiple of 256, so most k-quant and IQ tensors fall back to 32-wide block types: "
-            "the last column shows what each file really holds.", ""]
+        out.append(
+            f"| {t} | {im['mb']:.1f} | {plain} | {im['p']:.2f} / {im['t']:.2f} | "
+            f"{change} | {types or 'written by shrink'} |"
+        )
+    out += [
+        "",
+        "f16 and q8_0 are written by shrink itself (no quantizer, no importance matrix); "
+        "iq3_s and iq2_m are refused without one. SmolLM2's rows are 576 wide, not a "
+        "multiple of 256, so most k-quant and IQ tensors fall back to 32-wide block types: "
+        "the last column shows what each file really holds.",
+        "",
+    ]
     return "\n".join(out)
 
 
