@@ -380,6 +380,10 @@ def test_build_embedded_default_recipe_shortened(tmp_path, embedded_dir):
     assert gguf["type"] == "iq4_nl" and gguf["imatrix"] and (out / "gguf").is_dir()
     # the dense model through the same type, measured on the same blocks, beside this one
     assert gguf["comparison"]["dense"]["bytes"] > gguf["size_bytes"]
+    # the file measured beside the dense model is not measured again by evaluate
+    ledger = report["perplexity_book"]["ledger"]
+    assert [r["by"] for r in ledger if "gguf" in r["what"]] == ["export", "export"]
+    assert len({(r["key"], r["set"]) for r in ledger}) == len(ledger)
     assert report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "license: apache-2.0" in (out / "README.md").read_text()
     ppl = {k: v["perplexity"] for k, v in report["perplexity"].items()}

@@ -192,8 +192,23 @@ def _record_measured(ctx: BuildContext, folder: Path, this: dict) -> None:
     key = weights_key(folder)
     for s in this["evaluation"]:
         value = this["perplexity"][s["data"]]
-        result = PerplexityResult(value, math.log(value), s["samples"] * (s["seq_len"] - 1), 0.0)
         name = f"{s['data']}, {s['samples']} x {s['seq_len']} tokens, seed {s['seed']}"
+        data = {
+            "source": s["data"],
+            "samples": s["samples"],
+            "seq_len": s["seq_len"],
+            "seed": s["seed"],
+            "tokens": s["samples"] * s["seq_len"],
+            "set": name,
+        }
+        result = PerplexityResult(
+            value,
+            math.log(value),
+            s["samples"] * (s["seq_len"] - 1),
+            0.0,
+            data=data,
+            model=str(folder),
+        )
         ctx.book.put(key, name, result, by="export", what=f"{folder} (beside the dense model)")
 
 
