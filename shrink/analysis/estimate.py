@@ -1,6 +1,6 @@
 """Analytic estimates from a model's config alone: parameters, weight memory, KV cache, FLOPs, GPU fit.
 
-Nothing here loads weights. The formulas follow /work/shared/reference/papers.md:
+Nothing here loads weights. The formulas follow the papers (ShortGPT, Gromov et al.) and the vendors' figures:
 
 - per layer: attention ``d*h*d_h + 2*d*h_kv*d_h + h*d_h*d`` (= ``2 d^2 + 2 d h_kv d_h`` when
   ``d_h = d/h``), gated MLP ``3 d f``, two norms ``2 d``; embedding ``V d``; head ``V d`` unless tied.
@@ -388,7 +388,7 @@ APPLE_RESERVE = 0.25
 
 @dataclass(frozen=True)
 class Gpu:
-    """Vendor figures (papers.md). ``memory_gb`` is the marketed size, which for VRAM and unified
+    """Vendor figures. ``memory_gb`` is the marketed size, which for VRAM and unified
     memory is binary: a "24 GB" card holds 24 * 2**30 bytes. ``reserve`` is the fraction kept free for
     the runtime (CUDA context, activations, fragmentation; on macOS the GPU may by default wire only
     about 75% of unified memory)."""

@@ -1,1 +1,1 @@
-"""Core algorithms added for issue 13 (bridge, automatic strategy, quality guard)."""
+"""Core algorithms: the linear bridge, the automatic strategy and the quality guard."""

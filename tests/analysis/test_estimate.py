@@ -1,4 +1,4 @@
-"""Analytic estimates: hand-computed tiny config, papers.md reference table, bad inputs, CLI."""
+"""Analytic estimates: hand-computed tiny config, the papers' reference table, bad inputs, CLI."""
 
 import json
 
@@ -94,7 +94,7 @@ def test_tiny_kv_and_flops_by_hand():
     assert flops_per_token(TINY, context=10, drop=1).matmul == 2 * (576 + 80)
 
 
-# --------------------------------------------------------------------------- papers.md table
+# --------------------------------------------------------------------------- the papers' reference table
 
 REFERENCE = [  # alias, drop, params B, fp16 GB, GPTQ-4 g128 GB, matmul GFLOPs/token
     ("llama-2-7b", 0, 6.738, 13.48, 3.89, 13.2),

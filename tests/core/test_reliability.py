@@ -1,4 +1,4 @@
-"""Reliability (issue 14): strict loading, damaged input, --force safety, locks, stale
+"""Reliability: strict loading, damaged input, --force safety, locks, stale
 temporaries, heal resume, Ctrl-C during GPTQ. Tiny random models; real processes for the
 interrupt and concurrency cases."""
 

@@ -1,4 +1,4 @@
-"""QLoRA on CPU: the bitsandbytes gradient trap (see stack.md) and the guard against it."""
+"""QLoRA on CPU: the bitsandbytes gradient trap and the guard against it."""
 
 from __future__ import annotations
 
