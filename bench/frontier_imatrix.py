@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-ORDER = [
-    "f16",
-    "q8_0",
-    "q6_k",
-    "q5_k_m",
-    "q4_k_m",
-    "iq4_nl",
-    "q4_0",
-    "q3_k_m",
-    "q2_k",
-    "iq3_s",
-    "iq2_m",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shrink.stages.frontier import DENSE_LADDER  # noqa: E402
+
+ORDER = DENSE_LADDER  # the frontier's dense ladder, in its order
 
 
 def _result(path: Path) -> dict:
