@@ -25,6 +25,9 @@ import torch
 GUARD_TOKENS = 4 * 256  # the quality guard's fixed blocks (shrink.core.guard)
 AUTO_HELDOUT_SAMPLES = 8  # held-out blocks per auto candidate (shrink.stages.prune)
 AUTO_CANDIDATES = 3  # bi, angular, relmag (shrink.stages.auto.DEFAULT_CANDIDATES)
+# the GGUF check in a fresh process: perplexity on 4 x 256 tokens in llama.cpp and one 256-token
+# block through PyTorch for the logit comparison (shrink.runtime.gguf.verify_gguf's defaults)
+GGUF_VERIFY_TOKENS = 4 * 256 + 256
 
 
 def shapes(cfg: dict) -> dict:
@@ -112,6 +115,9 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
             "linear (2 d_in^2 T_cal + d_in^3 + "
             "2 d_out d_in^2)",
         }
+    g = (report.get("export") or {}).get("gguf")
+    if g:
+        out["export"] = _gguf_flops(g, P0, P1)
     if ev:
         n = _measured_by_evaluate(report)
         f = sum(2 * (P0 if label == "dense" else P1) * T_eval for label in n)
@@ -120,6 +126,29 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
             "formula": f"2 P T_eval for each of {', '.join(n) or 'none'}",
         }
     return out
+
+
+def _gguf_flops(g: dict, P0: int, P1: int) -> dict:
+    """The forward passes of a GGUF export: its importance matrix (unless cached), the check in
+    a fresh process, and the dense comparison's work done in this build (its file and its
+    measurement are cached across builds). llama.cpp's own quantization search is not in it."""
+    im = g.get("imatrix") or {}
+    T_im = 0 if im.get("cached") else int(im.get("tokens") or 0)
+    f = 2 * P1 * (T_im + GGUF_VERIFY_TOKENS)
+    formula = "2 P_pruned (T_imatrix + T_verify)"
+    comparison = g.get("comparison") or {}
+    this = (comparison.get("this") or {}).get("work") or {}
+    dense = (comparison.get("dense") or {}).get("work") or {}
+    if this.get("measured_tokens"):
+        f += 2 * P1 * this["measured_tokens"]
+        formula += " + 2 P_pruned T_eval (the file in llama.cpp)"
+    if dense:
+        f += 2 * P0 * (dense.get("imatrix_tokens", 0) + dense.get("measured_tokens", 0))
+        formula += (
+            f" + 2 P_dense (T_imatrix + T_eval) for the dense comparison (done now: "
+            f"{dense.get('imatrix_tokens', 0)} + {dense.get('measured_tokens', 0)} tokens)"
+        )
+    return {"flops": f, "formula": formula}
 
 
 def _measured_by_evaluate(report: dict) -> list[str]:
@@ -246,7 +275,8 @@ def markdown(r: dict) -> str:
         "",
         "P: weights of the linear layers a token passes (LM head included unless "
         "noted), T: tokens. The floor is the arithmetic alone at the measured matmul "
-        "rate; loading, saving, verification and conversion are not in it.",
+        "rate; loading, saving, process starts, llama.cpp's quantization search and "
+        "conversion are not in it.",
         "",
     ]
     return "\n".join(lines)

@@ -73,5 +73,35 @@ def test_floor_and_ratio_per_stage(tmp_path, monkeypatch):
     assert "| heal | 20.0 |" in bt.markdown(r)
 
 
+def test_gguf_export_floor_counts_only_work_done_in_this_build(tmp_path, monkeypatch):
+    bt = _module()
+    monkeypatch.setattr(
+        bt,
+        "matmul_rate",
+        lambda s: {"flops_per_second": 1e9, "rows": 1, "threads": 1, "per_shape_gflops": {}},
+    )
+    folder = _stub(tmp_path)
+    report = json.loads((folder / "report.json").read_text())
+    comparison = {
+        "this": {"work": {"written": False, "imatrix_tokens": 0, "measured_tokens": 32}},
+        "dense": {"work": {"written": True, "imatrix_tokens": 64, "measured_tokens": 32}},
+    }
+    report["export"] = {
+        "gguf": {"imatrix": {"tokens": 64, "cached": False}, "comparison": comparison}
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+    s = bt.shapes(CONFIG)
+    P6, P4 = (n * s["layer_params"] + s["head_params"] for n in (6, 4))
+    row = {x["stage"]: x for x in bt.analyse(folder)["stages"]}["export"]
+    assert row["flops"] == 2 * P4 * (64 + bt.GGUF_VERIFY_TOKENS + 32) + 2 * P6 * (64 + 32)
+    assert row["ratio"] == round(3.0 / (row["flops"] / 1e9), 2)
+    # a second build: the importance matrix and the dense point come from their caches
+    report["export"]["gguf"]["imatrix"]["cached"] = True
+    comparison["dense"]["work"] = {"written": False, "imatrix_tokens": 0, "measured_tokens": 0}
+    (folder / "report.json").write_text(json.dumps(report))
+    row = {x["stage"]: x for x in bt.analyse(folder)["stages"]}["export"]
+    assert row["flops"] == 2 * P4 * (bt.GGUF_VERIFY_TOKENS + 32)
+
+
 def test_refuses_a_folder_without_report(tmp_path):
     assert _module().main([str(tmp_path)]) == 2

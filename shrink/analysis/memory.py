@@ -19,9 +19,11 @@ s bytes per compute element: 2 on a GPU, 4 on the CPU):
   (4.127 bits a weight) and the rest in 16 bits, with gradient checkpointing (one 16-bit
   ``d``-vector per token per layer, plus one layer's activations). Both add the adapter with its
   AdamW state (16 bytes a parameter), fp32 logits and their gradient ``2 T V 4``. ``auto``
-  picks LoRA when it fits the GPU, else QLoRA, and says so. On a CPU the model is float32.
+  picks LoRA when it fits the GPU (on a CPU: the RAM), else QLoRA, and says so. On a CPU LoRA's
+  model is float32; QLoRA computes in bfloat16 on either device.
   The host streams the checkpoint in tensor by tensor (safetensors): two of the largest tensor.
-- merge: streamed, one tensor in float32 with its LoRA factors and delta (three copies).
+- merge: streamed, one decoder Linear in float32 with its LoRA factors and delta (three copies);
+  other tensors are copied through one buffer.
 - GPTQ (GPTQModel): one decoder layer in 16 bits on the device with the Hessian of its largest
   input ``K^2 4`` and the calibration hidden states (inputs and outputs); the host holds the
   quantized layers as they accumulate, the 16-bit embedding and head, and one layer.
@@ -287,13 +289,13 @@ def heal_bytes(m: ModelFacts, method: str, st: PlanSettings, device: str) -> flo
     """Peak device memory of LoRA or QLoRA training (see the module docstring)."""
     d, f, L = m.shape.hidden, m.shape.intermediate, m.pruned.layers
     T = st.heal_batch * st.heal_seq_len
-    s = 2 if device == "cuda" else 4
+    s = 2 if device == "cuda" or method == "qlora" else 4
     linear = m.pruned.linear_weights
     other = m.pruned.total - linear
     adapter = _lora_params(m, st.heal_targets, st.heal_rank) * 16
     logits = 2 * T * m.shape.vocab * 4
     layer_acts = T * s * (8 * d + 5 * f)
-    if method == "qlora":
+    if method == "qlora":  # 16-bit compute on either device
         weights = linear * NF4_BITS / 8 + other * 2
         biggest = max(k * n for _, k, n in layer_linears(m.shape)) * 2  # one weight dequantized
         return weights + biggest + T * d * 2 * L + layer_acts + adapter + logits
@@ -304,20 +306,20 @@ def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
     host = b.runtime + 2 * m.largest_tensor * m.source_bytes
     disk = _lora_params(m, st.heal_targets, st.heal_rank) * 4 * 3  # adapter + 2 checkpoints
     if b.gpu <= 0:
-        if st.heal_method == "qlora":
-            return StagePlan(
-                "heal",
-                "cpu",
-                "whole",
-                "4-bit",
-                0,
-                host,
-                disk,
-                "",
-                "QLoRA needs a CUDA GPU (bitsandbytes); none was given",
-            )
-        need = heal_bytes(m, "lora", st, "cpu")
-        return _stage("heal", b, "cpu", "whole", "32-bit", need, host, disk, "LoRA on the CPU")
+        lora = heal_bytes(m, "lora", st, "cpu")
+        method, note = st.heal_method, "LoRA on the CPU"
+        if method == "auto" and b.short(0, lora + host):
+            method = "qlora"
+        if method == "qlora":
+            note = "QLoRA on the CPU (bfloat16 compute, gradient checkpointing)"
+            if st.heal_method == "auto":
+                note = (
+                    f"QLoRA chosen: a float32 LoRA base and its activations need "
+                    f"{lora / GB:.1f} GB, the RAM has {b.ram / GB:.1f} GB usable"
+                )
+            need = heal_bytes(m, "qlora", st, "cpu")
+            return _stage("heal", b, "cpu", "whole (qlora)", "4-bit", need, host, disk, note)
+        return _stage("heal", b, "cpu", "whole (lora)", "32-bit", lora, host, disk, note)
     lora = heal_bytes(m, "lora", st, "cuda")
     qlora = heal_bytes(m, "qlora", st, "cuda")
     method = st.heal_method
@@ -341,7 +343,9 @@ def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
 
 
 def _merge(m: ModelFacts, b: _Budget) -> StagePlan:
-    host = b.runtime + 3 * m.largest_tensor * 4 + COPY_BUFFER
+    # the adapted tensors are decoder Linears; the others (the embeddings too) are byte copies
+    largest_linear = max(k * n for _, k, n in layer_linears(m.shape))
+    host = b.runtime + 3 * largest_linear * 4 + COPY_BUFFER
     return _stage(
         "merge",
         b,

@@ -61,7 +61,7 @@ def is_gguf_file(path: str | Path) -> bool:
 def check_gguf_file(path: str | Path) -> None:
     """Refuse what llama.cpp should not be handed, with one line: not a regular file, shorter than
     a GGUF header, no GGUF magic, an unknown version, or a header whose tensors do not fit in the
-    file (truncated), as the gguf package's reader sees them."""
+    file (truncated), as its header says."""
     p = Path(path)
     if not p.is_file():
         raise ShrinkError(f"no such GGUF file '{path}'")
@@ -75,17 +75,10 @@ def check_gguf_file(path: str | Path) -> None:
     version = int.from_bytes(head[4:8], "little")
     if version not in (2, 3):
         raise ShrinkError(f"'{path}' is GGUF version {version}; llama.cpp reads versions 2 and 3")
-    try:
-        import gguf
-    except ImportError:
-        return  # llama.cpp's own checks remain
-    try:
-        reader = gguf.GGUFReader(str(p))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError...: one line
-        raise ShrinkError(
-            f"'{path}' is a damaged GGUF file ({first_line(e)}); it may be truncated"
-        ) from None
+    from shrink.runtime.gguf_header import read_header
+
+    header = read_header(p)  # a cut or damaged header: one line
+    end = max((t.offset + t.n_bytes for t in header.tensors), default=0)
     if end > size:
         raise ShrinkError(
             f"'{path}' is truncated: its tensors end at byte {end}, the file has {size}"
@@ -261,15 +254,17 @@ class GgufRunner:
     def perplexity(self, input_ids_blocks, show_progress: bool = False) -> dict:
         """Token-weighted perplexity over (samples, seq_len) blocks, teacher-forced: the mean
         negative log-likelihood of token t+1 given tokens 0..t, as shrink.evaluate computes it."""
+        import torch
+
         rows = np.asarray(input_ids_blocks, dtype=np.int64)
         total_nll, total_tokens = 0.0, 0
         t0 = time.perf_counter()
         for row in rows:
-            logits = self.logits(row.tolist()).astype(np.float64)[:-1]
-            targets = row[1:]
-            m = logits.max(axis=1, keepdims=True)
-            lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
-            total_nll += float((lse - logits[np.arange(len(targets)), targets]).sum())
+            # float64 log-softmax in PyTorch: NumPy's single-threaded pass over seq_len x vocab
+            # logits took as long as llama.cpp's forward (float32 drifts in the 5th digit)
+            logits = torch.from_numpy(self.logits(row.tolist())[:-1]).double()
+            targets = torch.from_numpy(row[1:])
+            total_nll += float(-logits.log_softmax(-1).gather(1, targets[:, None]).sum())
             total_tokens += len(targets)
         mean = total_nll / total_tokens
         return {
@@ -379,25 +374,18 @@ def quantize_file(
 
 
 def _gguf_fields(path: Path) -> dict:
-    """Key/values of a GGUF file read with the gguf package (arrays included)."""
-    import gguf
+    """Key/values of a GGUF file (arrays up to 1024 items included) but the tokenizer's, and
+    ``_tensor_types``: the tensor type counts, most frequent first."""
+    from shrink.runtime.gguf_header import read_header, tensor_type_counts
 
-    reader = gguf.GGUFReader(str(path))
-    out = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in (
-            "tokenizer.ggml.model",
-            "tokenizer.ggml.pre",
-        ):
-            continue
-        try:
-            out[key] = f.contents()
-        except Exception:  # noqa: BLE001 - odd field types are not needed here
-            continue
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    out["_tensor_types"] = dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
+    header = read_header(path)
+    out = {
+        key: value
+        for key, value in header.kv.items()
+        if not key.startswith("tokenizer.ggml.")
+        or key in ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+    }
+    out["_tensor_types"] = tensor_type_counts(header)
     return out
 
 

@@ -89,12 +89,9 @@ def imatrix_overrides(llama_cpp, dataset: str, entries: int, chunks: int):
 def tensor_type_counts(path: str | Path) -> dict[str, int]:
     """How many tensors of each type the GGUF file holds, e.g. {"Q5_0": 150, "Q8_0": 1, ...}:
     with a k-quant type, which tensors fell back to another type (rows not a multiple of 256)."""
-    import gguf
+    from shrink.runtime import gguf_header
 
-    types: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
+    return gguf_header.tensor_type_counts(gguf_header.read_header(path))
 
 
 def types_line(types: dict[str, int]) -> str:

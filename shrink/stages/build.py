@@ -229,27 +229,31 @@ def preview(
     """What ``build`` would do, without doing it: the stage plan and the memory plan (for this
     machine, or the GPU and RAM sizes given), and whether every stage fits."""
     from shrink.analysis.memory import format_plan
-    from shrink.stages.memoryplan import build_plan
+    from shrink.stages.memoryplan import build_plan, with_planned_heal
 
+    validate(config)
+    memory = build_plan(config, gpu, ram)
+    config = with_planned_heal(config, memory)
     stages = build_stages(config)
     ctx = validate(config, stages)
     out = Path(output or default_output(config, stages)).expanduser()
-    memory = build_plan(config, gpu, ram)
     return plan(ctx, stages, out, estimate_disk(ctx, stages)).splitlines() + format_plan(
         memory
     ), memory.fits
 
 
-def check_memory(config: BuildConfig, show: bool) -> None:
-    """Print the memory plan; refuse with one line when a stage cannot fit this machine."""
+def check_memory(config: BuildConfig, show: bool) -> BuildConfig:
+    """Print the memory plan; refuse with one line when a stage cannot fit this machine.
+    Returns ``config`` with the heal method the plan chose when the config left it open."""
     from shrink.analysis.memory import format_plan
-    from shrink.stages.memoryplan import build_plan
+    from shrink.stages.memoryplan import build_plan, with_planned_heal
 
     memory = build_plan(config)
     if show:
         stderr.print("\n".join(format_plan(memory)), highlight=False)
     if not memory.fits:
         raise ShrinkError(f"the build cannot run on this machine: {memory.refusal}")
+    return with_planned_heal(config, memory)
 
 
 def build(
@@ -267,8 +271,11 @@ def build(
     s = config or BuildConfig()
     stages = build_stages(s)
     ctx = validate(s, stages, show_progress)
+    planned = check_memory(s, show_progress)
+    if planned is not s:  # the plan chose QLoRA: the stages and their keys follow it
+        s, stages = planned, build_stages(planned)
+        ctx = validate(s, stages, show_progress)
     ctx.resume, ctx.budget = resume, budget
-    check_memory(s, show_progress)
     out = ctx.output = Path(output or default_output(s, stages)).expanduser()
     _open_output(out, ctx, resume, force)
     disk = estimate_disk(ctx, stages)

@@ -15,7 +15,7 @@ def plan_settings(c: BuildConfig) -> PlanSettings:
     if c.prune is not None:
         s.score_samples, s.score_seq_len = c.prune.samples, c.prune.seq_len
     if c.heal is not None:
-        s.heal_method = c.heal.method or "lora"
+        s.heal_method = c.heal.method or "auto"
         s.heal_rank = c.heal.rank or s.heal_rank
         s.heal_targets = c.heal.targets if c.heal.targets in ("mlp", "attn", "all") else "all"
         s.heal_batch = c.heal.batch_size or s.heal_batch
@@ -60,3 +60,14 @@ def build_plan(c: BuildConfig, gpu: str | None = None, ram: str | None = None) -
     return plan_build(
         c.model, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, drop=drop, settings=plan_settings(c)
     )
+
+
+def with_planned_heal(c: BuildConfig, plan: Plan) -> BuildConfig:
+    """``c`` with the heal method the plan chose when the build left it open: QLoRA where a
+    LoRA base would not fit (the plan's heal row says why), else ``c`` unchanged."""
+    if c.heal is None or c.heal.method is not None:
+        return c
+    row = next((s for s in plan.stages if s.stage == "heal"), None)
+    if row is None or row.mode != "whole (qlora)":
+        return c
+    return c.model_copy(update={"heal": c.heal.model_copy(update={"method": "qlora"})})

@@ -59,17 +59,23 @@ def test_too_small_ram_is_refused_naming_stage_and_shortfall():
     assert format_plan(plan)[-1] == f"refused: {plan.refusal}"
 
 
-def test_qlora_without_gpu_and_a_card_too_small():
-    no_gpu = plan_build(
-        "llama-2-13b",
-        gpu_bytes=0,
-        ram_bytes=64 * GIB,
-        drop=10,
-        settings=PlanSettings(heal_method="qlora"),
-    )
-    assert no_gpu.refusal == (
-        "stage heal cannot fit: QLoRA needs a CUDA GPU (bitsandbytes); none was given"
-    )
+def test_qlora_on_the_cpu_and_a_card_too_small():
+    def cpu(method):
+        return plan_build(
+            "llama-2-13b",
+            gpu_bytes=0,
+            ram_bytes=64 * GIB,
+            drop=10,
+            settings=PlanSettings(heal_method=method),
+        ).stage("heal")
+
+    # a float32 LoRA base of 30 layers and its activations do not fit 64 GB: auto picks QLoRA
+    lora, auto, qlora = cpu("lora"), cpu("auto"), cpu("qlora")
+    assert lora.short.startswith("needs ") and lora.precision == "32-bit"
+    assert auto.fits and auto.mode == "whole (qlora)" and auto.device == "cpu"
+    assert "QLoRA chosen: a float32 LoRA base" in auto.note
+    assert qlora.host_bytes == auto.host_bytes < lora.host_bytes / 3
+    assert "bfloat16" in qlora.note
     small = plan_for_estimate("llama-2-70b", 40, "12GB", "64GB")
     assert small.refusal.startswith("stage heal cannot fit: needs ")
     assert "even with QLoRA" in small.refusal

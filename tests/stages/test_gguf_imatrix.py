@@ -6,6 +6,7 @@ the per-file tensor-type report of the GGUF export, and the dense-through-the-sa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -189,11 +190,19 @@ def test_dense_point_is_cached_and_measured_on_each_set(tmp_path, monkeypatch, t
 
     blocks = shrink.token_blocks(AutoTokenizer.from_pretrained(folder), "tech:evaluation", 1, 64, 0)
     with GgufRunner(p["file"], n_ctx=64, n_threads=2) as r:
-        ref = r.perplexity(blocks.input_ids)["perplexity"]
-    assert p["perplexity"]["tech:evaluation"] == pytest.approx(ref, rel=1e-6)
+        logits = r.logits(blocks.input_ids[0].tolist()).astype(np.float64)[:-1]
+    # the log-softmax written out in float64 NumPy, independent of the runner's own
+    targets = blocks.input_ids[0, 1:].numpy()
+    m = logits.max(axis=1)
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+    ref = math.exp(float((lse - logits[np.arange(len(targets)), targets]).mean()))
+    assert p["perplexity"]["tech:evaluation"] == pytest.approx(ref, rel=1e-9)
+    assert p["work"] == {"written": True, "imatrix_tokens": 0, "measured_tokens": 128}
     mtime = Path(p["file"]).stat().st_mtime_ns
     again = gguf_point(folder, "q4_0", imatrix=False, evaluation=ev, threads=2)
-    assert again == p and Path(p["file"]).stat().st_mtime_ns == mtime
+    assert again["work"] == {"written": False, "imatrix_tokens": 0, "measured_tokens": 0}
+    assert {**again, "work": None} == {**p, "work": None}
+    assert Path(p["file"]).stat().st_mtime_ns == mtime
     # an export compared with "the dense model" (here itself): the same numbers on both sides
     c = compare_with_dense(p["file"], folder, "q4_0", DenseComparison(folder, ev), threads=2)
     assert c["this"]["perplexity"] == c["dense"]["perplexity"] == p["perplexity"]

@@ -53,6 +53,14 @@ def cached_gguf(
 ) -> Path:
     """``model_dir`` through ``gguf_type`` as a file in shrink's cache, written once (by the
     export stage, unverified: measuring it loads it in llama.cpp)."""
+    return _cached_gguf(model_dir, gguf_type, imatrix=imatrix, threads=threads, log=log)[0]
+
+
+def _cached_gguf(
+    model_dir: str | Path, gguf_type: str, *, imatrix=None, threads: int | None = None, log=None
+) -> tuple[Path, dict]:
+    """:func:`cached_gguf` and the work it did now: {written, imatrix_tokens} (the tokens the
+    importance matrix was computed on in this call, 0 when it came from its cache)."""
     from shrink.core.models import cache_dir
     from shrink.stages.export.imatrix import weights_hash
 
@@ -62,10 +70,11 @@ def cached_gguf(
     key = _key(weights_hash(model_dir), gguf_type, spec.settings() if spec else None)
     folder = cache_dir() / "gguf" / key
     file = folder / gguf_file_name(model_dir, gguf_type)
+    work = {"written": False, "imatrix_tokens": 0}
     if not file.is_file():
         if log:
             log(f"writing {model_dir.name} as GGUF {gguf_type} into the cache ({folder})")
-        export_gguf(
+        g = export_gguf(
             model_dir,
             folder,
             gguf_type,
@@ -75,7 +84,9 @@ def cached_gguf(
             imatrix=spec if spec else False,
             log=log,
         )
-    return file
+        im = g.get("imatrix") or {}
+        work = {"written": True, "imatrix_tokens": 0 if im.get("cached") else im.get("tokens", 0)}
+    return file, work
 
 
 def gguf_point(
@@ -98,17 +109,18 @@ def gguf_point(
     spec = imatrix_spec(gguf_type, imatrix)
     sets = evaluation_sets(evaluation)
     cached = gguf_file is None
-    file = (
-        Path(gguf_file)
-        if gguf_file
-        else cached_gguf(
+    if cached:
+        file, work = _cached_gguf(
             model_dir, gguf_type, imatrix=spec if spec else False, threads=threads, log=log
         )
-    )
+    else:
+        file, work = Path(gguf_file), {"written": False, "imatrix_tokens": 0}
     memo = file.parent / f"measured-{_key(sets)}.json"
+    work["measured_tokens"] = 0
     if cached and memo.is_file():
         m = json.loads(memo.read_text())
     else:
+        work["measured_tokens"] = sum(int(s["samples"]) * int(s["seq_len"]) for s in sets)
         if log:
             log(f"measuring {file.name} in llama.cpp on {', '.join(s['data'] for s in sets)}")
         m = measure_in_subprocess(file, model_dir, sets, threads=threads)
@@ -123,6 +135,7 @@ def gguf_point(
         "perplexity": m["perplexity"],
         "tensor_types": m["tensor_types"],
         "evaluation": sets,
+        "work": work,
     }
 
 

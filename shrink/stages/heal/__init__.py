@@ -338,9 +338,11 @@ def _train(job: _HealJob, work: Path, callbacks) -> tuple:
     c, s, settings, state = job.config, job.s, job.settings, job.state
     resume_from = job.resume_from
     job.on_cuda = on_cuda = job.device.startswith("cuda")
+    # QLoRA computes in 16 bits on either device (its point is a base that fits); LoRA on a
+    # CPU trains in float32
     compute_dtype = (
         torch.bfloat16
-        if on_cuda and torch.cuda.is_bf16_supported()
+        if (on_cuda and torch.cuda.is_bf16_supported()) or (not on_cuda and s["method"] == "qlora")
         else torch.float16
         if on_cuda
         else torch.float32

@@ -292,7 +292,12 @@ def trainable_model(
             **load_kw,
         )
         model.train()  # before any forward: see guard_4bit_cpu
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on_cuda)
+        # checkpointing on the CPU too: QLoRA is chosen when memory is short
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
         guard_4bit_cpu(model)
     else:
         model = from_pretrained_checked(location, dtype=compute_dtype, **load_kw)
