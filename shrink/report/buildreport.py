@@ -77,7 +77,14 @@ def assemble(
         _merge(report, part)
     report["sizes_bytes"]["final_model"] = safetensors_bytes(out / "model")
     report["stages"] = [
-        {"name": r.name, "seconds": r.seconds, "skipped": r.skipped, "key": r.key} for r in runs
+        {
+            "name": r.name,
+            "seconds": r.seconds,
+            "skipped": r.skipped,
+            "key": r.key,
+            "peak_rss_bytes": r.peak_rss_bytes,
+        }
+        for r in runs
     ]
     report["command"] = command
     report["artifacts"] = {name: name for name in ctx.published()}

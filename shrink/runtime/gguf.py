@@ -423,68 +423,23 @@ def _check_metadata(fields: dict, config: dict, runner: GgufRunner) -> list[str]
     return problems
 
 
-def verify_gguf(
-    gguf_path: str | Path,
-    model_dir: str | Path,
-    gguf_type: str,
-    threads: int | None = None,
-    samples: int = 4,
-    seq_len: int = 256,
-    data: str | None = None,
-    max_new_tokens: int = 16,
-    prompts: Sequence[str] = PROMPTS,
-    seed: int = 0,
-) -> dict:
-    """Load the GGUF in llama.cpp and check it against the HF folder it came from (run this in a
-    fresh process: :func:`verify_in_subprocess`)."""
+def _compare_with_torch(
+    result,
+    model_dir,
+    tok,
+    prompts,
+    prompt_ids,
+    gguf_greedy,
+    first_logits,
+    blocks,
+    block_logits,
+    max_new_tokens,
+) -> list[bool]:
+    """The PyTorch reference on the same token ids: greedy tokens, logits of the first prompt
+    and top-1 agreement on a block, into ``result``; returns which prompts' tokens agree."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from shrink.core.data import EVALUATION, token_blocks
-
-    gguf_path, model_dir = Path(gguf_path), Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    fields = _gguf_fields(gguf_path)
-    blocks = token_blocks(tok, data or EVALUATION, samples, seq_len, seed, at_most=True)
-    prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
-    n_ctx = max(seq_len, max(len(p) for p in prompt_ids) + max_new_tokens)
-
-    result: dict = {
-        "type": gguf_type,
-        "bytes": gguf_path.stat().st_size,
-        "architecture": fields.get("general.architecture"),
-        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
-        "tensor_types": fields["_tensor_types"],
-    }
-    t0 = time.perf_counter()
-    runner = GgufRunner(gguf_path, n_ctx=n_ctx, n_threads=threads)
-    result["seconds_load"] = round(time.perf_counter() - t0, 3)
-    try:
-        result["block_count"] = runner.n_layer
-        problems = _check_metadata(fields, config, runner)
-        # the tokenizer embedded in the GGUF against the HF tokenizer
-        tok_texts = list(prompts)
-        if len(blocks.input_ids):  # and a piece of the held-out text
-            tok_texts.append(
-                tok.decode(blocks.input_ids[0][:64].tolist(), skip_special_tokens=True)
-            )
-        tok_mismatch = [t for t in tok_texts if runner.encode(t) != list(tok(t)["input_ids"])]
-        result["tokenizer_matches"] = not tok_mismatch
-        if tok_mismatch:
-            problems.append(
-                f"llama.cpp tokenizes {tok_mismatch[0]!r} differently from the HF tokenizer"
-            )
-        gguf_greedy = [runner.generate_ids(ids, max_new_tokens) for ids in prompt_ids]
-        first_logits = runner.logits(prompt_ids[0])
-        block_logits = (
-            runner.logits(blocks.input_ids[0].tolist()) if len(blocks.input_ids) else None
-        )
-        ppl = runner.perplexity(blocks.input_ids) if len(blocks.input_ids) else None
-    finally:
-        runner.close()
-
-    # the PyTorch reference, on the same token ids
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     eos = model.generation_config.eos_token_id
@@ -532,6 +487,89 @@ def verify_gguf(
         result["top1_agreement"] = round(
             float((block_logits.argmax(-1) == ref_block.argmax(-1)).mean()), 4
         )
+    return same
+
+
+def verify_gguf(
+    gguf_path: str | Path,
+    model_dir: str | Path,
+    gguf_type: str,
+    threads: int | None = None,
+    samples: int = 4,
+    seq_len: int = 256,
+    data: str | None = None,
+    max_new_tokens: int = 16,
+    prompts: Sequence[str] = PROMPTS,
+    seed: int = 0,
+) -> dict:
+    """Load the GGUF in llama.cpp and check it against the HF folder it came from (run this in a
+    fresh process: :func:`verify_in_subprocess`)."""
+    from transformers import AutoTokenizer
+
+    from shrink.core.data import EVALUATION, token_blocks
+
+    gguf_path, model_dir = Path(gguf_path), Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    fields = _gguf_fields(gguf_path)
+    blocks = token_blocks(tok, data or EVALUATION, samples, seq_len, seed, at_most=True)
+    prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
+    n_ctx = max(seq_len, max(len(p) for p in prompt_ids) + max_new_tokens)
+
+    result: dict = {
+        "type": gguf_type,
+        "bytes": gguf_path.stat().st_size,
+        "architecture": fields.get("general.architecture"),
+        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
+        "tensor_types": fields["_tensor_types"],
+    }
+    t0 = time.perf_counter()
+    runner = GgufRunner(gguf_path, n_ctx=n_ctx, n_threads=threads)
+    result["seconds_load"] = round(time.perf_counter() - t0, 3)
+    try:
+        result["block_count"] = runner.n_layer
+        problems = _check_metadata(fields, config, runner)
+        # the tokenizer embedded in the GGUF against the HF tokenizer
+        tok_texts = list(prompts)
+        if len(blocks.input_ids):  # and a piece of the held-out text
+            tok_texts.append(
+                tok.decode(blocks.input_ids[0][:64].tolist(), skip_special_tokens=True)
+            )
+        tok_mismatch = [t for t in tok_texts if runner.encode(t) != list(tok(t)["input_ids"])]
+        result["tokenizer_matches"] = not tok_mismatch
+        if tok_mismatch:
+            problems.append(
+                f"llama.cpp tokenizes {tok_mismatch[0]!r} differently from the HF tokenizer"
+            )
+        gguf_greedy = [runner.generate_ids(ids, max_new_tokens) for ids in prompt_ids]
+        first_logits = runner.logits(prompt_ids[0])
+        block_logits = (
+            runner.logits(blocks.input_ids[0].tolist()) if len(blocks.input_ids) else None
+        )
+        ppl = runner.perplexity(blocks.input_ids) if len(blocks.input_ids) else None
+    finally:
+        runner.close()
+
+    from shrink.runtime.verify import too_big_to_load
+
+    if too_big_to_load(model_dir):
+        result["reference"] = "skipped: the float32 model does not fit this process's memory"
+        result["prompts"], result["greedy_gguf"] = list(prompts), gguf_greedy
+        result["completion"] = tok.decode(gguf_greedy[0], skip_special_tokens=True)
+        same = [True]
+    else:
+        same = _compare_with_torch(
+            result,
+            model_dir,
+            tok,
+            prompts,
+            prompt_ids,
+            gguf_greedy,
+            first_logits,
+            blocks,
+            block_logits,
+            max_new_tokens,
+        )
     if ppl is not None:
         result["perplexity"] = ppl["perplexity"]
         result["nll"] = ppl["nll"]
@@ -544,7 +582,7 @@ def verify_gguf(
         i = same.index(False)
         problems.append(
             f"{gguf_type} greedy tokens differ from PyTorch's on {prompts[i]!r}: "
-            f"{gguf_greedy[i]} vs {torch_greedy[i]}"
+            f"{gguf_greedy[i]} vs {result['greedy_torch'][i]}"
         )
     if not all(len(g) > 0 for g in gguf_greedy):
         problems.append("llama.cpp generated no tokens")

@@ -17,13 +17,18 @@ PROMPT = "The capital of France is"
 
 def verify_model_dir(path: str | Path, prompt: str = PROMPT, max_new_tokens: int = 8) -> dict:
     """from_pretrained the folder; check finite logits, and that greedy generation with the KV
-    cache gives the same tokens as generation without it (a wrong layer_idx breaks the cache)."""
+    cache gives the same tokens as generation without it (a wrong layer_idx breaks the cache).
+    A folder too large for this process's memory is checked streamed instead."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shrink.core.models import check_tokenizer, check_tokenizer_files, from_pretrained_checked
 
     path = Path(path)
+    if too_big_to_load(path):
+        from shrink.streaming.verify import verify_streamed
+
+        return verify_streamed(path)
     check_tokenizer_files(path)
     tok = AutoTokenizer.from_pretrained(path)
     check_tokenizer(tok, path)
@@ -51,6 +56,22 @@ def verify_model_dir(path: str | Path, prompt: str = PROMPT, max_new_tokens: int
         "completion": tok.decode(new, skip_special_tokens=True),
         "ok": finite and bool(torch.equal(cached, uncached)) and new.numel() > 0,
     }
+
+
+def too_big_to_load(path: Path) -> bool:
+    """Whether a safetensors folder in float32 would not fit (with 30% headroom) in the memory
+    this process may use: then it is checked piece by piece
+    (:func:`shrink.streaming.verify.verify_streamed`)."""
+    import torch
+
+    from shrink.streaming.checkpoint import weights_bytes
+    from shrink.streaming.memory import available_memory
+
+    try:
+        need = weights_bytes(path, torch.float32)
+    except ShrinkError:
+        return False  # no safetensors: the whole load says what is wrong
+    return need * 1.3 > available_memory("cpu")
 
 
 def verify_in_subprocess(path: str | Path, timeout: float = 1800) -> dict:

@@ -26,6 +26,7 @@ from shrink.core.errors import ShrinkError
 
 RESULT = "SHRINK_RESULT "
 ERROR = "SHRINK_ERROR "
+PEAK = "SHRINK_PEAK "  # the child's resident peak in bytes, before its result line
 
 
 def run_worker(
@@ -46,6 +47,11 @@ def run_worker(
     if log is not None:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"--- worker {task}\n{proc.stderr}")
+    from shrink.core.peaks import WORKER_PEAKS
+
+    for line in proc.stdout.splitlines():
+        if line.startswith(PEAK):
+            WORKER_PEAKS.append(int(line[len(PEAK) :]))
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])
@@ -70,6 +76,11 @@ def main(argv: list[str]) -> int:
         real_stdout.write(ERROR + str(e).replace("\n", " ") + "\n")
         real_stdout.flush()
         return 2
+    from shrink.core.peaks import status_bytes
+
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        real_stdout.write(f"{PEAK}{peak}\n")
     real_stdout.write(RESULT + json.dumps(result, default=str) + "\n")
     real_stdout.flush()
     return 0

@@ -34,6 +34,7 @@ from shrink.core.outputs import (
     lock_output,
     mark_output,
 )
+from shrink.core.peaks import peaks_since, reset_peak
 from shrink.core.progress import stderr
 from shrink.report import buildreport
 from shrink.stages.configs import BuildConfig
@@ -124,6 +125,7 @@ class StageRun:
     skipped: bool
     seconds: float
     info: dict = field(default_factory=dict)
+    peak_rss_bytes: dict | None = None  # {main, workers}: see shrink.core.peaks
 
 
 @dataclass
@@ -169,10 +171,10 @@ def _run_stage(
     stage_dir.mkdir(parents=True, exist_ok=True)
     if ctx.show_progress:
         stderr.rule(f"[bold]{title}")
+    mark = reset_peak()
     info = stage.run(ctx, stage_dir)
-    return _mark(
-        stage_dir, key, {"stage": stage.name, "info": info, "seconds": time.perf_counter() - t0}
-    ), False
+    record = {"stage": stage.name, "info": info, "seconds": time.perf_counter() - t0}
+    return _mark(stage_dir, key, {**record, "peak_rss_bytes": peaks_since(mark)}), False
 
 
 def run_stages(
@@ -191,7 +193,16 @@ def run_stages(
         info = marker["info"]
         stage.apply(ctx, info)
         sections.append(stage.report(ctx, info))
-        runs.append(StageRun(stage.name, key, skipped, marker.get("seconds", 0.0), info))
+        runs.append(
+            StageRun(
+                stage.name,
+                key,
+                skipped,
+                marker.get("seconds", 0.0),
+                info,
+                marker.get("peak_rss_bytes"),
+            )
+        )
     return runs, sections
 
 

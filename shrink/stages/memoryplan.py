@@ -36,7 +36,7 @@ def plan_settings(c: BuildConfig) -> PlanSettings:
 
 def machine_memory() -> tuple[float, float]:
     """(GPU bytes, RAM bytes) of this machine: the first CUDA device (0 when none) and the
-    physical RAM."""
+    physical RAM, or the process's memory limit when it is smaller."""
     gpu = 0.0
     try:
         import torch
@@ -45,8 +45,11 @@ def machine_memory() -> tuple[float, float]:
             gpu = float(torch.cuda.get_device_properties(0).total_memory)
     except Exception:  # noqa: BLE001 - a broken CUDA set-up plans for the CPU
         gpu = 0.0
+    from shrink.streaming.memory import process_limit
+
     ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return gpu, ram
+    limit = process_limit()  # a data limit or a container's: what this build may use
+    return gpu, min(ram, float(limit)) if limit else ram
 
 
 def build_plan(c: BuildConfig, gpu: str | None = None, ram: str | None = None) -> Plan:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -393,23 +392,10 @@ def offload_setting(folder: Path | None, device: str) -> dict:
     if "offload_to_disk" not in {f.name for f in dataclasses.fields(GPTQConfig)}:
         return {}
     need = 3 * safetensors_bytes(folder) if folder is not None else None  # fp32 copy + work
-    avail = _available_memory()
-    fits = need is not None and avail is not None and need < avail
+    from shrink.streaming.memory import available_memory
+
+    fits = need is not None and need < available_memory("cpu")
     return {"offload_to_disk": not fits}
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (MemAvailable; else the free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 @contextmanager

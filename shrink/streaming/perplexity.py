@@ -125,16 +125,24 @@ def stream_perplexity(
     offload_dir: str | Path | None = None,
     show_progress: bool = False,
     trust_remote_code: bool = False,
+    hooks=None,
+    head_on_last: bool = False,
 ) -> PerplexityResult:
     """Token-weighted perplexity of the checkpoint in ``model_dir`` (without layers ``remove``,
     with tensors ``replace``) over ``blocks`` (a (samples, seq_len) tensor or TokenBlocks), one
     layer in memory at a time; equal to the in-memory perplexity to float rounding. The head
     runs ``chunk`` positions of a batch at a time (default: as many as keep the fp32 logits
-    under ``LOGIT_BYTES``)."""
+    under ``LOGIT_BYTES``). ``hooks(model)``: called once with the (not yet loaded) model, to
+    register forward hooks on its modules; they fire as each layer and the head run.
+    ``head_on_last``: run the head on each block's last position too (it predicts no token of
+    the block, so the loss skips it; hooks on the head then see every position, as in a whole
+    forward)."""
     ids, attention_mask = _check_blocks(blocks, attention_mask)
     device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)
     sk = open_skeleton(Path(model_dir), torch_dtype, device, trust_remote_code)
+    if hooks is not None:
+        hooks(sk.model)
     L = len(sk.layers)
     remove = _check_remove(remove, L)
     replace = dict(replace or {})
@@ -164,9 +172,12 @@ def stream_perplexity(
             loader.free(sk.layers[i])
         norm, head = load_head(sk, loader)
         for sl, mask in zip(batches, masks):
-            nll, n = _head_nll(sk, norm, head, acts[sl].to(device), ids[sl].to(device), mask, chunk)
+            x = acts[sl].to(device)
+            nll, n = _head_nll(sk, norm, head, x, ids[sl].to(device), mask, chunk)
             total_nll += nll
             tokens += n
+            if head_on_last:
+                head(norm(x[:, -1:]))
     finally:
         del acts
         if acts_file is not None:

@@ -309,6 +309,11 @@ def test_build_all_stages_tiny(tiny_model_dir, tmp_path):
         "evaluate",
     ]
     assert set(report["perplexity"]) >= {"dense", "pruned", "healed", "quantized", "onnx"}
+    # each stage's resident peak, its own and its fresh processes' (every stage here verifies
+    # its output in one, except evaluate)
+    peaks = {s["name"]: s["peak_rss_bytes"] for s in report["stages"]}
+    assert all(p["main"] > 100e6 for p in peaks.values())
+    assert all(peaks[n]["workers"] > 100e6 for n in ("prune", "heal", "quantize", "export"))
     # stages/ is gone: the report points at the copies in OUT, and at nothing for the removed
     assert not (out / "stages").exists()
     paths = {k: row["path"] for k, row in report["perplexity"].items()}

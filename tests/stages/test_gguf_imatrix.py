@@ -80,6 +80,20 @@ def test_imatrix_is_the_mean_squared_input_per_column():
     assert "output.weight" not in compute_imatrix(_tiny_llama(tied=True), ids)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_imatrix_equals_the_in_memory_one(tmp_path, tied):
+    from shrink.stages.export.imatrix import compute_imatrix_streamed
+
+    model = _tiny_llama(tied=tied)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 49152, (3, 20), generator=torch.Generator().manual_seed(1))
+    whole = compute_imatrix(model, ids, batch_size=2)
+    streamed = compute_imatrix_streamed(tmp_path / "m", ids, batch_size=2)
+    assert set(streamed) == set(whole)
+    for name, value in whole.items():
+        np.testing.assert_allclose(streamed[name], value, rtol=1e-5, err_msg=name)
+
+
 def _folder(tmp_path, embedded_dir, tokenizer_files, hidden: int):
     """A tiny llama saved with the embedded tokenizer; hidden 256 so that q2_k's 256-wide
     blocks really are used (narrower rows fall back to q4_0)."""

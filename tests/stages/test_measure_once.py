@@ -44,3 +44,23 @@ def test_build_heal_is_the_default_and_the_recipe():
     config, _ = load_recipe("smollm2-135m")
     assert config.heal == HealConfig(**BUILD_HEAL)
     assert BUILD_HEAL["steps"] == 48 and BUILD_HEAL["dropout"] == 0.0
+
+
+def test_evaluate_streams_a_model_too_big_for_the_process(tiny_model_dir, monkeypatch):
+    """The evaluate stage measures a folder that does not fit one layer at a time, keyed by its
+    files in the book; the value equals the in-memory one."""
+    import shrink.runtime.verify as verify
+    from shrink.core.measures import PerplexityBook
+    from shrink.stages.evaluate import evaluate
+
+    folder = str(tiny_model_dir("llama"))
+    ev = EvaluateConfig(samples=2, seq_len=32)
+    whole = evaluate(folder, ev, show_progress=False, book=PerplexityBook())
+    monkeypatch.setattr(verify, "too_big_to_load", lambda path: True)
+    book = PerplexityBook()
+    streamed = evaluate(folder, ev, show_progress=False, book=book)
+    assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-4)
+    assert streamed.second.perplexity == pytest.approx(whole.second.perplexity, rel=1e-4)
+    assert [r["key"][:6] for r in book.ledger] == ["files:", "files:"]
+    again = evaluate(folder, ev, show_progress=False, book=book)  # from the book
+    assert len(book.ledger) == 2 and again.perplexity == streamed.perplexity

@@ -170,7 +170,17 @@ def test_heal_merge_streams_when_the_base_does_not_fit(sharded_llama, tmp_path, 
     )
     ref = heal_merge.merge(str(sharded_llama), tmp_path / "work" / "adapter", "lora", cfg, **kw)
     monkeypatch.setattr(heal_merge, "needs_streamed_merge", lambda *a: True)
-    got = heal_merge.merge(str(sharded_llama), tmp_path / "work" / "adapter", "lora", cfg, **kw)
+    from shrink.core.measures import PerplexityBook, weights_key
+
+    book = PerplexityBook()
+    got = heal_merge.merge(
+        str(sharded_llama), tmp_path / "work" / "adapter", "lora", cfg, book=book, **kw
+    )
+    # both measurements are in the build's book, keyed by the folders' bytes
+    assert book.get(weights_key(sharded_llama), "evaluation").perplexity == got.before.perplexity
+    assert book.get(weights_key(tmp_path / "work" / "merged"), "evaluation").perplexity == (
+        got.after.perplexity
+    )
     assert isinstance(got.model, heal_merge.StreamedModel) and got.check["streamed"]
     for a, b in ((got.before, ref.before), (got.after, ref.after)):
         assert abs(a.perplexity - b.perplexity) / b.perplexity < 1e-4

@@ -83,3 +83,40 @@ def test_broken_cache_is_caught(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(layers_mod, "swap_layers", broken)
     with pytest.raises(ShrinkError, match="KV cache"):
         verify_streamed(tiny_model_dir("llama"))
+
+
+def test_verification_streams_a_model_too_big_for_the_process(tiny_model_dir, monkeypatch):
+    import shrink.streaming.memory as memory
+    from shrink.runtime.verify import verify_model_dir
+
+    folder = tiny_model_dir("llama")
+    whole = verify_model_dir(folder)
+    assert "reload" not in whole and whole["cache_matches_no_cache"]
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
+    streamed = verify_model_dir(folder)
+    assert streamed["reload"] == "streamed" and streamed["ok"]
+
+
+def test_available_memory_follows_the_data_limit():
+    """Under ``prlimit --data`` (RLIMIT_DATA) the memory a process may use is its headroom under
+    the limit, not the machine's free RAM."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from shrink.streaming.memory import available_memory, process_limit\n"
+        "from shrink.core.peaks import status_bytes\n"
+        "free = available_memory('cpu')\n"
+        "used = status_bytes('VmData')\n"
+        "limit = used + (300 << 20)\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))\n"
+        "capped = available_memory('cpu')\n"
+        "assert process_limit() == limit, (process_limit(), limit)\n"
+        "assert 250 << 20 < capped <= 300 << 20 < free, (capped, free)\n"
+        "from shrink.stages.memoryplan import machine_memory\n"
+        "assert machine_memory()[1] == limit\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

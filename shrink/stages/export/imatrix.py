@@ -92,26 +92,68 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+class _Squares:
+    """Forward pre-hooks summing the squared inputs of each quantized Linear, per column."""
+
+    def __init__(self, model: nn.Module):
+        self.names = gguf_names(model)
+        modules = dict(model.named_modules())
+        self.sums = {
+            n: torch.zeros(modules[n].in_features, dtype=torch.float64) for n in self.names
+        }
+        self.counts = dict.fromkeys(self.names, 0)
+        self.handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            self.sums[name] += x.square().sum(0, dtype=torch.float64).cpu()
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def result(self) -> dict[str, np.ndarray]:
+        for h in self.handles:
+            h.remove()
+        return {
+            self.names[n]: (self.sums[n] / max(self.counts[n], 1)).numpy().astype(np.float32)
+            for n in self.names
+        }
+
+
+def compute_imatrix_streamed(
+    model_dir: str | Path, input_ids_blocks, *, batch_size: int = 4, log=None
+) -> dict[str, np.ndarray]:
+    """:func:`compute_imatrix` of a checkpoint too large to load, one layer in memory at a time
+    (the walk of :func:`shrink.streaming.perplexity.stream_perplexity`, with the same hooks)."""
+    from shrink.streaming.perplexity import stream_perplexity
+
+    squares: list[_Squares] = []
+    t0 = time.perf_counter()
+    ids = torch.as_tensor(input_ids_blocks)
+    stream_perplexity(
+        model_dir,
+        ids,
+        dtype=torch.float32,
+        batch_size=batch_size,
+        hooks=lambda model: squares.append(_Squares(model)),
+        head_on_last=True,
+    )
+    if log:
+        log(
+            f"importance matrix (streamed): {len(squares[0].names)} matrices over "
+            f"{ids.numel()} tokens in {time.perf_counter() - t0:.1f} s"
+        )
+    return squares[0].result()
+
+
 def compute_imatrix(
     model: nn.Module, input_ids_blocks, *, batch_size: int = 4, log=None
 ) -> dict[str, np.ndarray]:
     """Mean over every token of ``input_ids_blocks`` of the squared input of each quantized
     Linear, per input column: {GGUF tensor name: float32 array of the matrix's input width}."""
-    names = gguf_names(model)
-    modules = dict(model.named_modules())
-    sums = {n: torch.zeros(modules[n].in_features, dtype=torch.float64) for n in names}
-    counts = dict.fromkeys(names, 0)
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            sums[name] += x.square().sum(0, dtype=torch.float64).cpu()
-            counts[name] += x.shape[0]
-
-        return hook
-
-    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
+    squares = _Squares(model)
     ids = torch.as_tensor(input_ids_blocks)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -122,15 +164,14 @@ def compute_imatrix(
             for i in range(0, len(ids), batch_size):
                 model(ids[i : i + batch_size].to(device), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        result = squares.result()
         model.train(was_training)
     if log:
         log(
-            f"importance matrix: {len(names)} matrices over {ids.numel()} tokens in "
+            f"importance matrix: {len(result)} matrices over {ids.numel()} tokens in "
             f"{time.perf_counter() - t0:.1f} s"
         )
-    return {names[n]: (sums[n] / max(counts[n], 1)).numpy().astype(np.float32) for n in names}
+    return result
 
 
 def weights_hash(model_dir: str | Path) -> str:
@@ -171,9 +212,14 @@ def imatrix_file(
         log(f"computing the importance matrix on {spec.describe()}")
     tok = AutoTokenizer.from_pretrained(model_dir)
     blocks = token_blocks(tok, spec.data, spec.samples, spec.seq_len, spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    data = compute_imatrix(model, blocks.input_ids, log=log)
-    del model
+    from shrink.runtime.verify import too_big_to_load
+
+    if too_big_to_load(Path(model_dir)):
+        data = compute_imatrix_streamed(model_dir, blocks.input_ids, log=log)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        data = compute_imatrix(model, blocks.input_ids, log=log)
+        del model
     meta = {"key": key[:32], **spec.settings(), "tokens": blocks.num_tokens, "matrices": len(data)}
     save_imatrix(file, data)
     meta_file.write_text(json.dumps(meta))

@@ -78,30 +78,41 @@ def merge_streamed(
     eval_ids: torch.Tensor,
     second_ids: torch.Tensor | None,
     show_progress: bool,
+    book: PerplexityBook | None = None,
+    set_names: tuple[str, str | None] = ("evaluation", "second"),
 ) -> Merged:
     """The adapter merged tensor by tensor into a folder next to it
     (:func:`shrink.streaming.merge.merge_adapter_streamed`), with perplexity before and after
-    measured one layer at a time; nothing is loaded whole."""
+    measured one layer at a time (through ``book``, keyed by the folders' bytes); nothing is
+    loaded whole."""
     from shrink.streaming.merge import merge_adapter_streamed
     from shrink.streaming.perplexity import stream_perplexity
 
-    def measure(folder) -> PerplexityResult:
+    def one(folder, ids, name, key, what) -> PerplexityResult:
+        found = book.get(key, name) if book is not None else None
+        if found is not None:
+            return found
         result = stream_perplexity(
-            folder, eval_ids, device=device, dtype=None, show_progress=show_progress
+            folder, ids, device=device, dtype=None, show_progress=show_progress
         )
+        if book is not None:
+            book.put(key, name, result, by="heal", what=what)
+        return result
+
+    def measure(folder, what) -> PerplexityResult:
+        key = weights_key(folder) if book is not None else None
+        result = one(folder, eval_ids, set_names[0], key, what)
         if second_ids is not None:
-            result.second = stream_perplexity(
-                folder, second_ids, device=device, dtype=None, show_progress=show_progress
-            )
+            result.second = one(folder, second_ids, set_names[1], key, what)
         return result
 
     out = Path(trained).parent / "merged"
     shutil.rmtree(out, ignore_errors=True)
-    before = measure(location)
+    before = measure(location, "before")
     info = merge_adapter_streamed(
         location, trained, out, log=stderr.print if show_progress else None
     )
-    after = measure(out)
+    after = measure(out, "after")
     check = {
         "max_abs_logit_diff": None,
         "tokens": 0,
@@ -169,6 +180,8 @@ def merge(
             eval_ids=eval_ids,
             second_ids=second_ids,
             show_progress=show_progress,
+            book=book,
+            set_names=set_names,
         )
     base = from_pretrained_checked(location, dtype=merge_dtype, **load_kw)
     base.to(device).eval()
