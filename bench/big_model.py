@@ -204,6 +204,120 @@ def predictions(a, limit: int) -> dict[str, float]:
     return pred
 
 
+# the plan's rows behind each stage of a build
+BUILD_ROWS = {
+    "prune": ("score", "prune", "bridge"),
+    "heal": ("heal", "merge"),
+    "quantize": ("quantize",),
+    "export": ("export gguf",),
+    "evaluate": ("evaluate",),
+}
+
+
+def build_flags(a) -> list[str]:
+    """The whole build of the synthetic model, scaled down in tokens, not in weights."""
+    return [
+        "--drop",
+        str(a.drop),
+        "--strategy",
+        "bi",
+        "--prune-samples",
+        str(a.samples),
+        "--prune-seq-len",
+        str(a.seq_len),
+        "--steps",
+        str(a.heal_steps),
+        "--heal-batch-size",
+        "1",
+        "--heal-seq-len",
+        "128",
+        "--warmup",
+        "0",
+        *(["--gptq", "4bit"] if a.gptq else []),
+        "--quantize-samples",
+        "4",
+        "--quantize-seq-len",
+        "128",
+        "--gguf",
+        a.gguf,
+        "--imatrix-samples",
+        "4",
+        "--imatrix-seq-len",
+        "128",
+        "--eval-samples",
+        str(a.eval_samples),
+        "--eval-seq-len",
+        str(a.eval_seq_len),
+        "--keep-stages",
+        "--force",
+    ]
+
+
+def run_build(a, work: Path, limit: int, weights: int) -> list[str]:
+    """``shrink build`` of the synthetic model in one process under the data limit; each
+    stage's peak (its own and its fresh processes') next to the plan the build printed and
+    recorded."""
+    out = work / "build"
+    cmd = [
+        "prlimit",
+        f"--data={limit}",
+        sys.executable,
+        "-m",
+        "shrink",
+        "build",
+        str(work / "dense"),
+    ]
+    cmd += ["-o", str(out), *build_flags(a)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (work / "build.stderr").write_text(proc.stderr)
+    lines = [
+        f"## The whole build in one process under `prlimit --data={limit}` "
+        f"({limit / 1e9:.2f} GB, {limit / weights:.0%} of the float32 weights)",
+        "",
+        f"Command: `prlimit --data={limit} shrink build {work / 'dense'} -o {out} "
+        f"{' '.join(build_flags(a))}` (exit code {proc.returncode}, wall {wall:.0f} s).",
+        "",
+    ]
+    if proc.returncode != 0 or not (out / "report.json").is_file():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return lines + [f"The build failed: `{tail[:300]}`", ""]
+    report = json.loads((out / "report.json").read_text())
+    plan = {row["stage"]: row for row in report.get("memory_plan") or []}
+    lines += [
+        "| stage | plan: where, how | predicted host peak | measured peak RSS (own / fresh "
+        "processes) | within plan | seconds |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for st in report["stages"]:
+        rows = [plan[r] for r in BUILD_ROWS.get(st["name"], ()) if r in plan]
+        predicted = max((r["host_bytes"] for r in rows), default=0)
+        how = "; ".join(f"{r['stage']}: {r['device']}, {r['mode']}, {r['precision']}" for r in rows)
+        peaks = st.get("peak_rss_bytes") or {}
+        own, child = peaks.get("main") or 0, peaks.get("workers") or 0
+        measured = max(own, child)
+        within = predicted and measured <= 1.25 * predicted
+        lines.append(
+            f"| {st['name']} | {how or '-'} | {predicted / 1e9:.2f} GB | {measured / 1e9:.2f} GB "
+            f"({own / 1e9:.2f} / {child / 1e9:.2f}) | {'yes' if within else 'NO'} | "
+            f"{st['seconds']:.1f} |"
+        )
+    ppl = report.get("perplexity") or {}
+    lines += [
+        "",
+        "Perplexity (random weights: only finiteness and agreement between runtimes mean "
+        "anything): "
+        + ", ".join(
+            f"{k} {v.get('perplexity', float('nan')):.4g}"
+            for k, v in ppl.items()
+            if isinstance(v, dict)
+        ),
+        "",
+    ]
+    return lines
+
+
 def weights_bytes(a) -> int:
     from shrink.analysis.estimate import count_params
 
@@ -233,6 +347,15 @@ def main() -> None:
         help="RLIMIT_DATA bytes of each step (default: half the float32 weights)",
     )
     ap.add_argument("--out", default=None, help="markdown table (default: print only)")
+    ap.add_argument(
+        "--build",
+        action="store_true",
+        help="also run the whole `shrink build` of the model under the limit (after the steps)",
+    )
+    ap.add_argument("--build-only", action="store_true", help="only the whole build")
+    ap.add_argument("--heal-steps", type=int, default=2)
+    ap.add_argument("--gguf", default="q4_k_m")
+    ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -245,7 +368,7 @@ def main() -> None:
     limit = a.data_limit or weights // 2
     pred = predictions(a, limit)
     rows = []
-    for step in STEPS:
+    for step in STEPS if not a.build_only else ("make",) if not (work / "dense").is_dir() else ():
         cmd = [
             "prlimit",
             f"--data={limit}",
@@ -277,7 +400,9 @@ def main() -> None:
         )
         if not out["ok"]:
             break
-    table = report(rows, a, weights, limit)
+    table = report(rows, a, weights, limit) if rows else []
+    if a.build or a.build_only:
+        table += [""] + run_build(a, work, limit, weights)
     print("\n".join(table))
     if a.out:
         Path(a.out).write_text("\n".join(table) + "\n")

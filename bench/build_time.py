@@ -25,9 +25,11 @@ import torch
 GUARD_TOKENS = 4 * 256  # the quality guard's fixed blocks (shrink.core.guard)
 AUTO_HELDOUT_SAMPLES = 8  # held-out blocks per auto candidate (shrink.stages.prune)
 AUTO_CANDIDATES = 3  # bi, angular, relmag (shrink.stages.auto.DEFAULT_CANDIDATES)
-# the GGUF check in a fresh process: perplexity on 4 x 256 tokens in llama.cpp and one 256-token
-# block through PyTorch for the logit comparison (shrink.runtime.gguf.verify_gguf's defaults)
-GGUF_VERIFY_TOKENS = 4 * 256 + 256
+# the GGUF check in a fresh process (shrink.runtime.gguf.verify_gguf's defaults): one 256-token
+# block through llama.cpp and PyTorch for the logit comparison, and perplexity on 4 x 256 tokens
+# in llama.cpp unless it measured the evaluation sets instead
+GGUF_CHECK_BLOCK_TOKENS = 2 * 256
+GGUF_VERIFY_TOKENS = 4 * 256 + GGUF_CHECK_BLOCK_TOKENS
 
 
 def shapes(cfg: dict) -> dict:
@@ -134,11 +136,13 @@ def _gguf_flops(g: dict, P0: int, P1: int) -> dict:
     measurement are cached across builds). llama.cpp's own quantization search is not in it."""
     im = g.get("imatrix") or {}
     T_im = 0 if im.get("cached") else int(im.get("tokens") or 0)
-    f = 2 * P1 * (T_im + GGUF_VERIFY_TOKENS)
-    formula = "2 P_pruned (T_imatrix + T_verify)"
     comparison = g.get("comparison") or {}
     this = (comparison.get("this") or {}).get("work") or {}
     dense = (comparison.get("dense") or {}).get("work") or {}
+    # a check that measured the evaluation sets did not measure its own blocks
+    T_verify = GGUF_CHECK_BLOCK_TOKENS if this.get("in_check") else GGUF_VERIFY_TOKENS
+    f = 2 * P1 * (T_im + T_verify)
+    formula = "2 P_pruned (T_imatrix + T_verify)"
     if this.get("measured_tokens"):
         f += 2 * P1 * this["measured_tokens"]
         formula += " + 2 P_pruned T_eval (the file in llama.cpp)"

@@ -473,6 +473,19 @@ def bridge_and_prune(
     return results
 
 
+def prune_with_fitted(model: nn.Module, remove: list[int], runs: list[BridgeRun]) -> None:
+    """Fold bridges already fitted on this model for exactly ``remove`` (the automatic
+    strategy's winner, with their transforms), then remove the layers, in place: the same
+    weights :func:`bridge_and_prune` computes on the same blocks."""
+    _, _, layers = find_layers(model)
+    if sorted(i for r in runs for i in r.layers) != sorted(remove):
+        raise ShrinkError("the fitted bridges are for other layers than the ones removed")
+    for r in runs:
+        if r.bridged:
+            fold(down_proj(layers[r.folded_into]), r.transform)
+    prune_model(model, remove)
+
+
 @contextmanager
 def bridged_without(
     model: nn.Module,

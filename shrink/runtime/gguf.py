@@ -490,6 +490,22 @@ def _compare_with_torch(
     return same
 
 
+def _measure_sets(runner: GgufRunner, tok, sets: list[dict]) -> tuple[dict, dict]:
+    """Perplexity of the loaded file on each text set: (the first one's record, {data: value})."""
+    from shrink.core.data import token_blocks
+
+    first, measured = None, {}
+    for x in sets:
+        blocks = token_blocks(
+            tok, x["data"], int(x["samples"]), int(x["seq_len"]), int(x.get("seed", 0))
+        )
+        r = runner.perplexity(blocks.input_ids)
+        measured[x["data"]] = r["perplexity"]
+        if first is None:
+            first = {**r, "data": blocks.describe()}
+    return first, measured
+
+
 def verify_gguf(
     gguf_path: str | Path,
     model_dir: str | Path,
@@ -501,9 +517,12 @@ def verify_gguf(
     max_new_tokens: int = 16,
     prompts: Sequence[str] = PROMPTS,
     seed: int = 0,
+    sets: list[dict] | None = None,
 ) -> dict:
     """Load the GGUF in llama.cpp and check it against the HF folder it came from (run this in a
-    fresh process: :func:`verify_in_subprocess`)."""
+    fresh process: :func:`verify_in_subprocess`). ``sets`` ({data, samples, seq_len, seed}):
+    also measure the file's perplexity on each (into ``measured``), in the same process; the
+    first one's is then the check's perplexity."""
     from transformers import AutoTokenizer
 
     from shrink.core.data import EVALUATION, token_blocks
@@ -514,7 +533,10 @@ def verify_gguf(
     fields = _gguf_fields(gguf_path)
     blocks = token_blocks(tok, data or EVALUATION, samples, seq_len, seed, at_most=True)
     prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
-    n_ctx = max(seq_len, max(len(p) for p in prompt_ids) + max_new_tokens)
+    n_ctx = max(
+        [seq_len, max(len(p) for p in prompt_ids) + max_new_tokens]
+        + [int(x["seq_len"]) for x in sets or []]
+    )
 
     result: dict = {
         "type": gguf_type,
@@ -546,7 +568,10 @@ def verify_gguf(
         block_logits = (
             runner.logits(blocks.input_ids[0].tolist()) if len(blocks.input_ids) else None
         )
-        ppl = runner.perplexity(blocks.input_ids) if len(blocks.input_ids) else None
+        if sets:
+            ppl, result["measured"] = _measure_sets(runner, tok, sets)
+        else:
+            ppl = runner.perplexity(blocks.input_ids) if len(blocks.input_ids) else None
     finally:
         runner.close()
 
@@ -575,7 +600,7 @@ def verify_gguf(
         result["nll"] = ppl["nll"]
         result["perplexity_tokens"] = ppl["tokens"]
         result["perplexity_seconds"] = round(ppl["seconds"], 2)
-        result["data"] = blocks.describe()
+        result["data"] = ppl.get("data") or blocks.describe()
         if not math.isfinite(ppl["perplexity"]):
             problems.append("perplexity is not finite")
     if gguf_type in ("f32", "f16") and not all(same):
@@ -601,6 +626,7 @@ def verify_in_subprocess(
     data: str | None = None,
     max_new_tokens: int = 16,
     timeout: float = 3600,
+    sets: list[dict] | None = None,
 ) -> dict:
     """:func:`verify_gguf` in a fresh process; raise ShrinkError naming the first problem."""
     result = run_worker(
@@ -614,6 +640,7 @@ def verify_in_subprocess(
         seq_len=seq_len,
         data=data,
         max_new_tokens=max_new_tokens,
+        sets=sets,
     )
     if not result.get("ok"):
         raise ShrinkError(f"verification of {gguf_path} failed: {result['problems'][0]}")

@@ -19,13 +19,14 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from shrink.core.bridge import (
     DEFAULT_RIDGE,
+    BridgeRun,
     bridge_dense_layers,
     bridged_without,
     first_changed_layer,
@@ -62,9 +63,13 @@ class AutoResult:
     bridged: bool
     candidates: list[Candidate]
     heldout: dict = field(default_factory=dict)
+    # the winner's fitted bridges (transforms included), for pruning without fitting them again
+    fitted: list[BridgeRun] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, fitted=None))
+        d.pop("fitted")
+        return d
 
 
 def heldout_blocks(
@@ -216,6 +221,7 @@ def choose_auto(
         show_progress=show_progress,
     )
     measured: list[Candidate] = []
+    fitted: dict[str, list[BridgeRun]] = {}
     for name, layers, reason in progress_named(
         proposals, "auto: candidate", lambda p: f"{p[0]} {p[1]}", show_progress
     ):
@@ -255,6 +261,8 @@ def choose_auto(
                 [r.to_dict() for r in runs] if bridge else None,
             )
         )
+        if bridge:
+            fitted[name] = runs
     best = min(measured, key=lambda c: (c.perplexity, c.strategy))
     return AutoResult(
         best.strategy,
@@ -263,4 +271,5 @@ def choose_auto(
         bridge,
         measured + skipped,
         {"samples": int(heldout_input_ids.shape[0]), "seq_len": int(heldout_input_ids.shape[1])},
+        fitted.get(best.strategy.split("=")[0]),
     )

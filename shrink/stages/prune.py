@@ -157,6 +157,7 @@ class _PruneJob:
     show_progress: bool
     loaded: object = None  # the in-memory model (None when streamed)
     blocks: object = None  # calibration blocks, when choosing the layers tokenized them
+    fitted: list | None = None  # bridges --strategy auto fitted for the chosen layers
 
 
 def _plan_prune(
@@ -182,14 +183,14 @@ def _plan_prune(
             can_stream=config.layers is not None or strategy.streams,
             show_progress=show_progress,
         )
-    loaded = blocks = None
+    loaded = blocks = fitted = None
     if streamed:
         remove, reason, label, scores, calib = _choose_streamed(
             model, resolved, L, config, strategy, load, show_progress
         )
     else:
         loaded = load_model(model, **load.load_kwargs())
-        remove, reason, label, scores, calib, blocks = _choose_in_memory(
+        remove, reason, label, scores, calib, blocks, fitted = _choose_in_memory(
             model, loaded, L, config, strategy, show_progress
         )
     kept = [i for i in range(L) if i not in remove]
@@ -229,6 +230,7 @@ def _plan_prune(
         show_progress=show_progress,
         loaded=loaded,
         blocks=blocks,
+        fitted=fitted,
     )
 
 
@@ -325,7 +327,12 @@ def _write_in_memory(job: _PruneJob, tmp: Path):
         if guard is not None
         else None
     )
-    if config.bridge == "linear":
+    if config.bridge == "linear" and job.fitted is not None:
+        from shrink.core.bridge import prune_with_fitted
+
+        prune_with_fitted(hf, job.remove, job.fitted)  # auto fitted them on the same blocks
+        record["bridge"] = [r.to_dict() for r in job.fitted]
+    elif config.bridge == "linear":
         from shrink.core.bridge import bridge_and_prune
 
         if job.blocks is None:
@@ -404,7 +411,7 @@ def _choose_in_memory(
     model: str, loaded, L: int, config: PruneConfig, strategy, show_progress: bool
 ):
     if config.layers is not None:
-        return sorted(config.layers), "listed by the user", "explicit", None, None, None
+        return sorted(config.layers), "listed by the user", "explicit", None, None, None, None
     blocks = (
         token_blocks(loaded.tokenizer, config.data, config.samples, config.seq_len, config.seed)
         if strategy.needs_scores or not strategy.streams
@@ -451,9 +458,10 @@ def _choose_in_memory(
         bridge=config.bridge == "linear",
         ridge=config.ridge,
     )
+    fitted = details.pop("auto_fitted", None)
     if details and calib is not None:
         calib.update(details)
-    return remove, reason, config.strategy, scores, calib, blocks
+    return remove, reason, config.strategy, scores, calib, blocks, fitted
 
 
 def _choose_streamed(

@@ -244,6 +244,8 @@ def _auto(sel: Selection):
         show_progress=sel.show_progress,
     )
     sel.details["auto"] = res.to_dict()
+    if res.fitted is not None:  # not recorded: the prune stage folds them instead of refitting
+        sel.details["auto_fitted"] = res.fitted
     shown = ", ".join(
         f"{c.strategy} {c.perplexity:.2f}" for c in res.candidates if c.perplexity is not None
     )

@@ -15,6 +15,7 @@ from shrink.core.bridge import (
     first_changed_layer,
 )
 from shrink.core.dense import DenseStates
+from shrink.core.errors import ShrinkError
 from shrink.core.layers import without_layers
 from shrink.core.perplexity import perplexity
 from shrink.stages.auto import choose_auto
@@ -110,6 +111,21 @@ def test_auto_chooses_and_measures_as_before(bridge):
     assert res.layers == proposals[best]
     assert res.perplexity == before[best][0]
     assert [c.strategy for c in res.candidates][0] == "bi=iterative"
+    assert "fitted" not in res.to_dict()
+    if not bridge:
+        assert res.fitted is None
+        return
+    # the winner's bridges fold into the same weights as fitting them again for the prune
+    from shrink.core.bridge import bridge_and_prune, prune_with_fitted
+
+    a, b = _tiny(), _tiny()
+    prune_with_fitted(a, res.layers, res.fitted)
+    bridge_and_prune(b, res.layers, calib, batch_size=4)
+    assert len(a.model.layers) == len(b.model.layers) == 8 - len(res.layers)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(ShrinkError, match="other layers"):
+        prune_with_fitted(_tiny(), [1, 2], res.fitted)
 
 
 def test_first_changed_layer():

@@ -220,4 +220,16 @@ def test_dense_point_is_cached_and_measured_on_each_set(tmp_path, monkeypatch, t
     # an export compared with "the dense model" (here itself): the same numbers on both sides
     c = compare_with_dense(p["file"], folder, "q4_0", DenseComparison(folder, ev), threads=2)
     assert c["this"]["perplexity"] == c["dense"]["perplexity"] == p["perplexity"]
+    # the export's check measures the same sets in its own fresh process: the same numbers, and
+    # the comparison takes them instead of measuring the file again
+    from shrink.runtime.gguf import verify_gguf
+    from shrink.stages.export.gguf_point import evaluation_sets
+
+    v = verify_gguf(p["file"], folder, "q4_0", threads=2, sets=evaluation_sets(ev))
+    assert v["ok"] and v["measured"] == p["perplexity"]
+    assert v["perplexity"] == p["perplexity"]["austen:evaluation"]
+    c2 = compare_with_dense(
+        p["file"], folder, "q4_0", DenseComparison(folder, ev), threads=2, measured=v["measured"]
+    )
+    assert c2["this"]["perplexity"] == p["perplexity"] and c2["this"]["work"]["in_check"]
     assert c["line"].startswith("dense q4_0: ") and "; this model: " in c["line"]

@@ -130,7 +130,11 @@ def _export_onnx(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
 
 def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
     from shrink.stages.export.gguf import export_gguf
-    from shrink.stages.export.gguf_point import DenseComparison, compare_with_dense
+    from shrink.stages.export.gguf_point import (
+        DenseComparison,
+        compare_with_dense,
+        evaluation_sets,
+    )
     from shrink.stages.export.imatrix import ImatrixSpec
 
     # from the full-precision model: llama.cpp quantizes it itself (a GPTQ checkpoint would be
@@ -141,6 +145,7 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
     # over quantization alone (a local source only: a hub id has no folder to quantize)
     dense = getattr(ctx.source, "path", None)
     imatrix = ImatrixSpec.from_config(config)
+    compare = pruned and dense
     g = export_gguf(
         ctx.float_model,
         dest,
@@ -150,6 +155,8 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
         log=_log(ctx),
         name=name,
         imatrix=imatrix,
+        # the check in llama.cpp measures the evaluation sets too: one fresh process
+        measure=evaluation_sets(ctx.config.evaluate) if compare else None,
     )
     comparison = (
         compare_with_dense(
@@ -159,9 +166,10 @@ def _export_gguf(ctx: BuildContext, config: ExportConfig, dest: Path) -> dict:
             DenseComparison(Path(dense), ctx.config.evaluate),
             imatrix=imatrix,
             threads=config.threads,
+            measured=g.verification.get("measured"),
             log=_log(ctx),
         )
-        if pruned and dense
+        if compare
         else None
     )
     if comparison is not None:

@@ -549,6 +549,7 @@ def export_gguf(
     log=None,
     name: str | None = None,
     imatrix=None,
+    measure: list[dict] | None = None,
 ) -> GgufResult:
     """Convert an HF folder shrink wrote to a GGUF llama.cpp loads, verified in a fresh process.
 
@@ -559,7 +560,9 @@ def export_gguf(
     used for perplexity (``data``: a text source, default the held-out novel). ``threads``:
     llama.cpp threads (default: all cores). ``imatrix``: an
     :class:`~shrink.stages.export.imatrix.ImatrixSpec` (which calibration text), True/None for
-    the default one, False for none; used for ``IMATRIX_TYPES``.
+    the default one, False for none; used for ``IMATRIX_TYPES``. ``measure``: text sets
+    ({data, samples, seq_len, seed}) the check also measures the file on, in the same fresh
+    process (its ``verification["measured"]``).
     (:func:`shrink.stages.export.gguf_point.compare_with_dense` puts the written file next to
     the dense model through the same type.)
 
@@ -641,6 +644,7 @@ def export_gguf(
                 data=data,
                 max_new_tokens=max_new_tokens,
                 timeout=timeout,
+                sets=measure,
             )
             return info["verification"]
 

@@ -97,11 +97,14 @@ def gguf_point(
     evaluation: EvaluateConfig | None = None,
     threads: int | None = None,
     gguf_file: str | Path | None = None,
+    measured: dict | None = None,
     log=None,
 ) -> dict:
     """``model_dir`` through ``gguf_type``: {bytes, perplexity: {text set: value}, tensor_types,
     imatrix settings, file}. ``gguf_file``: measure this file (already written from
-    ``model_dir``) instead of the cached one. ``imatrix``: as for ``export_gguf``."""
+    ``model_dir``) instead of the cached one; ``measured``: its perplexity on each set, as its
+    check in llama.cpp measured it ({data: value}; nothing is measured again). ``imatrix``: as
+    for ``export_gguf``."""
     from shrink.runtime.gguf_measure import measure_in_subprocess
 
     evaluation = evaluation or EvaluateConfig()
@@ -119,6 +122,16 @@ def gguf_point(
     work["measured_tokens"] = 0
     if cached and memo.is_file():
         m = json.loads(memo.read_text())
+    elif measured is not None and not cached:
+        from shrink.runtime.gguf_quant import tensor_type_counts
+
+        m = {
+            "bytes": file.stat().st_size,
+            "tensor_types": tensor_type_counts(file),
+            "perplexity": {s["data"]: measured[s["data"]] for s in sets},
+        }
+        work["measured_tokens"] = sum(int(s["samples"]) * int(s["seq_len"]) for s in sets)
+        work["in_check"] = True
     else:
         work["measured_tokens"] = sum(int(s["samples"]) * int(s["seq_len"]) for s in sets)
         if log:
@@ -158,10 +171,12 @@ def compare_with_dense(
     *,
     imatrix=None,
     threads: int | None = None,
+    measured: dict | None = None,
     log=None,
 ) -> dict:
     """``file`` (written from ``model_dir``) and the dense model through the same type and
-    importance matrix settings, on the same evaluation sets: {dense, this, line}."""
+    importance matrix settings, on the same evaluation sets: {dense, this, line}.
+    ``measured``: ``file``'s perplexities from its check (see :func:`gguf_point`)."""
     imatrix = imatrix if imatrix else False
     this = gguf_point(
         model_dir,
@@ -170,6 +185,7 @@ def compare_with_dense(
         evaluation=compare.evaluation,
         threads=threads,
         gguf_file=file,
+        measured=measured,
         log=log,
     )
     dense = gguf_point(
