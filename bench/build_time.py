@@ -85,7 +85,7 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
             formula += f" + {AUTO_CANDIDATES} x 2 P_pruned T_held (candidates)"
         if p.get("bridge") in ("linear", "auto"):
             f += 2 * forward_params(s, L0, head=False) * T_cal
-            formula += " + 2 P_dense T_cal (bridge fit)"
+            formula += " + 2 P_dense T_cal (the dense pass the bridge fits read)"
         out["prune"] = {"flops": f, "formula": formula}
     h = st.get("heal") or {}
     if h:

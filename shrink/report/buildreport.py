@@ -86,6 +86,7 @@ def assemble(
         }
         for r in runs
     ]
+    report["memory_plan"] = getattr(ctx, "memory_plan", None)  # predicted, beside the peaks
     report["command"] = command
     report["artifacts"] = {name: name for name in ctx.published()}
     if ctx.budget is not None:

@@ -253,9 +253,10 @@ def preview(
     ), memory.fits
 
 
-def check_memory(config: BuildConfig, show: bool) -> BuildConfig:
+def check_memory(config: BuildConfig, show: bool) -> tuple[BuildConfig, list[dict]]:
     """Print the memory plan; refuse with one line when a stage cannot fit this machine.
-    Returns ``config`` with the heal method the plan chose when the config left it open."""
+    Returns ``config`` with the heal method the plan chose when the config left it open, and
+    the plan's rows (for the report)."""
     from shrink.analysis.memory import format_plan
     from shrink.stages.memoryplan import build_plan, with_planned_heal
 
@@ -264,7 +265,8 @@ def check_memory(config: BuildConfig, show: bool) -> BuildConfig:
         stderr.print("\n".join(format_plan(memory)), highlight=False)
     if not memory.fits:
         raise ShrinkError(f"the build cannot run on this machine: {memory.refusal}")
-    return with_planned_heal(config, memory)
+    rows = [{**asdict(row), "fits": row.fits} for row in memory.stages]
+    return with_planned_heal(config, memory), rows
 
 
 def build(
@@ -282,11 +284,11 @@ def build(
     s = config or BuildConfig()
     stages = build_stages(s)
     ctx = validate(s, stages, show_progress)
-    planned = check_memory(s, show_progress)
+    planned, memory_plan = check_memory(s, show_progress)
     if planned is not s:  # the plan chose QLoRA: the stages and their keys follow it
         s, stages = planned, build_stages(planned)
         ctx = validate(s, stages, show_progress)
-    ctx.resume, ctx.budget = resume, budget
+    ctx.resume, ctx.budget, ctx.memory_plan = resume, budget, memory_plan
     out = ctx.output = Path(output or default_output(s, stages)).expanduser()
     _open_output(out, ctx, resume, force)
     disk = estimate_disk(ctx, stages)

@@ -59,6 +59,7 @@ class BuildContext:
     scores: dict | None = None  # the layer scores the build pruned by (for the card's plot)
     book: Any = None  # a shared perplexity book (shrink.core.measures), when there is one
     budget: dict | None = None  # what a --target-size/--target-speed build chose, and why
+    memory_plan: list[dict] | None = None  # each planned step: where, how, predicted peaks
     _source: Any = None
 
     def __post_init__(self) -> None:

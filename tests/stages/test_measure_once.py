@@ -35,6 +35,11 @@ def test_a_build_measures_nothing_twice(tiny_model_dir, tmp_path):
     assert rows["pruned"]["perplexity"] == report["heal"]["ppl_before"]
     assert rows["healed"]["perplexity"] == report["heal"]["ppl_after"]
     assert rows["healed"]["second"] == report["heal"]["ppl_after_second"]
+    # the memory plan the build printed is in the report, beside each stage's measured peak
+    plan = {r["stage"]: r for r in report["memory_plan"]}
+    assert {"score", "heal", "merge", "evaluate"} <= set(plan) and plan["heal"]["fits"]
+    assert plan["heal"]["mode"] == "whole (lora)" and plan["heal"]["host_bytes"] > 0
+    assert all(s["peak_rss_bytes"]["main"] > 0 for s in report["stages"])
 
 
 def test_build_heal_is_the_default_and_the_recipe():
