@@ -305,7 +305,8 @@ def heal_bytes(m: ModelFacts, method: str, st: PlanSettings, device: str) -> flo
 def _heal(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
     host = b.runtime + 2 * m.largest_tensor * m.source_bytes
     disk = _lora_params(m, st.heal_targets, st.heal_rank) * 4 * 3  # adapter + 2 checkpoints
-    if b.gpu <= 0:
+    if b.gpu <= 0:  # the model is built in host memory: one checkpoint tensor in flight
+        host = b.runtime + m.largest_tensor * m.source_bytes
         lora = heal_bytes(m, "lora", st, "cpu")
         method, note = st.heal_method, "LoRA on the CPU"
         if method == "auto" and b.short(0, lora + host):

@@ -31,7 +31,7 @@ MIXED_HEALING = "austen:healing+tech:calibration"
 # 50.43 / 22.32 for 60 steps at 1e-3 with dropout 0.05, in a quarter less training time). The
 # default BuildConfig and the shipped recipe recipes/smollm2-135m.yaml both use these values.
 BUILD_HEAL = {
-    "method": "lora",
+    "method": None,  # LoRA, or QLoRA where the memory plan finds no room for a LoRA base
     "rank": 8,
     "targets": "mlp",
     "steps": 48,
