@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -652,10 +653,13 @@ def from_pretrained_checked(
     local = Path(location).is_dir()
     tensors = check_weights_files(location) if local else None
     try:
-        with third_party_quiet():
+        with (
+            third_party_quiet(),
+            _read_not_mapped(location, local, kwargs, trust_remote_code) as model_class,
+        ):
             kwargs["use_safetensors"] = True
-            model, info = auto_class.from_pretrained(
-                str(location),
+            model, info = (model_class or auto_class).from_pretrained(
+                None if "state_dict" in kwargs else str(location),
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
                 **kwargs,
@@ -679,6 +683,42 @@ def from_pretrained_checked(
         raise ShrinkError(f"cannot load '{name}': {first_line(e)}") from None
     check_loading_info(info, location)
     return model
+
+
+@contextlib.contextmanager
+def _read_not_mapped(location, local: bool, kwargs: dict, trust_remote_code: bool):
+    """Under a memory limit the checkpoint does not fit (``ulimit -d``, a container), give
+    from_pretrained the tensors as safetensors slices read with pread instead of its default
+    copy-on-write mappings of every shard, which count in full against such a limit even when
+    only one tensor is read at a time (transformers does the same on Windows, for the same
+    reason). Elsewhere nothing changes."""
+    import transformers
+
+    from shrink.streaming.memory import process_headroom
+
+    headroom = process_headroom()
+    files = safetensors_files(Path(location)) if local and headroom else []
+    if not files or sum(f.stat().st_size for f in files) < min(headroom):
+        yield None
+        return
+    config = kwargs.get("config") or transformers.AutoConfig.from_pretrained(
+        str(location), trust_remote_code=trust_remote_code
+    )
+    # the concrete class: the auto classes need a path, and a path means mapped files
+    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    if model_class is None:  # remote code: loaded the usual way
+        yield None
+        return
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    kwargs["config"] = config
+    kwargs["state_dict"] = {k: h.get_slice(k) for h in handles for k in h.keys()}
+    try:
+        yield model_class
+    finally:
+        kwargs.pop("state_dict", None)
+        del handles
 
 
 def check_model_folder(folder: str | Path, config=None, trust_remote_code: bool = False) -> None:

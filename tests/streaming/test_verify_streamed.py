@@ -120,3 +120,29 @@ def test_available_memory_follows_the_data_limit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_loading_under_a_memory_limit_reads_instead_of_mapping(tiny_model_dir, monkeypatch):
+    """Under a limit the checkpoint does not fit, from_pretrained gets pread-backed slices
+    instead of mapping every shard: the same model."""
+    import safetensors
+
+    import shrink.streaming.memory as memory
+    from shrink.core.models import from_pretrained_checked
+
+    folder = tiny_model_dir("llama")
+    whole = from_pretrained_checked(folder, dtype=torch.float32)
+    opened = []
+    real = safetensors.safe_open
+
+    def spy(*args, **kwargs):
+        opened.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", spy)
+    monkeypatch.setattr(memory, "process_headroom", lambda: [1000])
+    limited = from_pretrained_checked(folder, dtype=torch.float32)
+    assert opened and set(opened) == {"pread"}
+    a, b = whole.state_dict(), limited.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert limited.generation_config is not None
