@@ -210,6 +210,11 @@ def merged_tensor(e: Entry, handles: dict) -> torch.Tensor:
     return w.to(DTYPES[e.dtype])
 
 
+# Loaders that map a whole shard (transformers, GPTQModel) hold its full size in their address
+# space, which a data limit counts: small shards keep a model larger than memory loadable.
+SHARD_BYTES = 512 << 20
+
+
 def write_shard(path: Path, entries: list[Entry], metadata: dict, handles: dict) -> int:
     """A safetensors file: header from the planned shapes, then each tensor computed or copied
     in turn, so one tensor is held at a time."""
@@ -284,7 +289,7 @@ def merge_adapter_streamed(
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 2 << 30,
+    max_shard_bytes: int = SHARD_BYTES,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Write ``base_dir`` with the LoRA adapter of ``adapter_dir`` merged into ``out_dir`` (see
