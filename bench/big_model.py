@@ -233,11 +233,11 @@ def build_flags(a) -> list[str]:
         "128",
         "--warmup",
         "0",
-        *(["--gptq", "4bit"] if a.gptq else []),
-        "--quantize-samples",
-        "4",
-        "--quantize-seq-len",
-        "128",
+        *(
+            ["--gptq", "4bit", "--quantize-samples", "4", "--quantize-seq-len", "128"]
+            if a.gptq
+            else []
+        ),
         "--gguf",
         a.gguf,
         "--imatrix-samples",
@@ -249,7 +249,7 @@ def build_flags(a) -> list[str]:
         "--eval-seq-len",
         str(a.eval_seq_len),
         "--keep-stages",
-        "--force",
+        "--resume" if a.resume else "--force",
     ]
 
 
@@ -354,6 +354,9 @@ def main() -> None:
     )
     ap.add_argument("--build-only", action="store_true", help="only the whole build")
     ap.add_argument("--heal-steps", type=int, default=2)
+    ap.add_argument(
+        "--resume", action="store_true", help="resume the build's finished stages (--resume)"
+    )
     ap.add_argument("--gguf", default="q4_k_m")
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
