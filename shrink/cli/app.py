@@ -102,8 +102,10 @@ def main(verbose, quiet):
     MODEL is a local Hugging Face folder, a hub id (org/name), an alias such as llama-2-13b, or
     the embedded default smollm2-135m (no network needed).
     """
+    import shrink.core.peaks as peaks
     from shrink.core.quiet import quiet_process
     from shrink.core.signals import install_sigterm_as_interrupt
 
     quiet_process()
     install_sigterm_as_interrupt()  # a kill cleans up like Ctrl-C
+    peaks.RESET_OWN_PEAK = True  # the CLI owns its process: each stage gets its own peak

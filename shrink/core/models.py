@@ -694,7 +694,7 @@ def _read_not_mapped(location, local: bool, kwargs: dict, trust_remote_code: boo
     reason). Elsewhere nothing changes."""
     import transformers
 
-    from shrink.streaming.memory import process_headroom
+    from shrink.core.peaks import process_headroom
 
     headroom = process_headroom()
     files = safetensors_files(Path(location)) if local and headroom else []

@@ -45,7 +45,7 @@ def machine_memory() -> tuple[float, float]:
             gpu = float(torch.cuda.get_device_properties(0).total_memory)
     except Exception:  # noqa: BLE001 - a broken CUDA set-up plans for the CPU
         gpu = 0.0
-    from shrink.streaming.memory import process_limit
+    from shrink.core.peaks import process_limit
 
     ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     limit = process_limit()  # a data limit or a container's: what this build may use

@@ -31,6 +31,8 @@ def available_memory(device: str) -> int:
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
+    from shrink.core.peaks import process_headroom
+
     return min([_ram_available()] + process_headroom())
 
 
@@ -44,37 +46,6 @@ def _ram_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
         return 0
-
-
-def process_limit() -> int | None:
-    """The smaller of this process's data limit (``RLIMIT_DATA``) and its cgroup v2 memory
-    limit, in bytes; None when neither is set."""
-    limits = [x for x, _ in _limits_and_use()]
-    return min(limits) if limits else None
-
-
-def process_headroom() -> list[int]:
-    """Bytes left under each limit of :func:`process_limit` (empty when none is set)."""
-    return [max(0, limit - used) for limit, used in _limits_and_use()]
-
-
-def _limits_and_use() -> list[tuple[int, int]]:
-    import resource
-
-    out = []
-    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
-    if soft != resource.RLIM_INFINITY:
-        from shrink.core.peaks import status_bytes
-
-        out.append((int(soft), status_bytes("VmData") or 0))
-    try:  # cgroup v2: the container's limit and what the whole group uses
-        cg = Path("/sys/fs/cgroup")
-        text = (cg / "memory.max").read_text().strip()
-        if text != "max":
-            out.append((int(text), int((cg / "memory.current").read_text())))
-    except (OSError, ValueError):
-        pass
-    return out
 
 
 def decide_streaming(

@@ -105,8 +105,8 @@ def test_available_memory_follows_the_data_limit():
 
     code = (
         "import resource\n"
-        "from shrink.streaming.memory import available_memory, process_limit\n"
-        "from shrink.core.peaks import status_bytes\n"
+        "from shrink.streaming.memory import available_memory\n"
+        "from shrink.core.peaks import process_limit, status_bytes\n"
         "free = available_memory('cpu')\n"
         "used = status_bytes('VmData')\n"
         "limit = used + (300 << 20)\n"
@@ -127,7 +127,7 @@ def test_loading_under_a_memory_limit_reads_instead_of_mapping(tiny_model_dir, m
     instead of mapping every shard: the same model."""
     import safetensors
 
-    import shrink.streaming.memory as memory
+    import shrink.core.peaks as peaks
     from shrink.core.models import from_pretrained_checked
 
     folder = tiny_model_dir("llama")
@@ -140,7 +140,7 @@ def test_loading_under_a_memory_limit_reads_instead_of_mapping(tiny_model_dir, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(safetensors, "safe_open", spy)
-    monkeypatch.setattr(memory, "process_headroom", lambda: [1000])
+    monkeypatch.setattr(peaks, "process_headroom", lambda: [1000])
     limited = from_pretrained_checked(folder, dtype=torch.float32)
     assert opened and set(opened) == {"pread"}
     a, b = whole.state_dict(), limited.state_dict()

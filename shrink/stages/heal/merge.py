@@ -72,7 +72,6 @@ def needs_streamed_merge(location: str, device: str, dtype: torch.dtype) -> bool
 def merge_streamed(
     location: str,
     trained: Path,
-    hf_config,
     *,
     device: str,
     eval_ids: torch.Tensor,
@@ -85,8 +84,12 @@ def merge_streamed(
     (:func:`shrink.streaming.merge.merge_adapter_streamed`), with perplexity before and after
     measured one layer at a time (through ``book``, keyed by the folders' bytes); nothing is
     loaded whole."""
+    from transformers import AutoConfig
+
     from shrink.streaming.merge import merge_adapter_streamed
     from shrink.streaming.perplexity import stream_perplexity
+
+    hf_config = AutoConfig.from_pretrained(location)
 
     def one(folder, ids, name, key, what) -> PerplexityResult:
         found = book.get(key, name) if book is not None else None
@@ -175,7 +178,6 @@ def merge(
         return merge_streamed(
             location,
             trained,
-            hf_config,
             device=device,
             eval_ids=eval_ids,
             second_ids=second_ids,
