@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -117,6 +118,30 @@ class PerplexityBook:
 
     def to_dict(self) -> dict:
         return {"ledger": list(self.ledger), "duplicates": [list(d) for d in self.duplicates()]}
+
+    def save(self, path: Path) -> None:
+        """The values and the ledger, for a resumed build (written to a sibling, renamed)."""
+        rows = [
+            {"key": k, "set": n, "result": {**asdict(r), "second": None}}
+            for (k, n), r in self.values.items()
+        ]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"values": rows, "ledger": self.ledger}))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PerplexityBook:
+        """What :meth:`save` wrote; an empty book when the file is missing or unreadable (a
+        resumed build then measures again, which is only slower)."""
+        try:
+            data = json.loads(path.read_text())
+            values = {
+                (row["key"], row["set"]): PerplexityResult(**row["result"])
+                for row in data["values"]
+            }
+            return cls(values, list(data["ledger"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
 
 
 def measure(

@@ -42,6 +42,7 @@ from shrink.stages.pipeline import BuildContext, Stage, build_stages
 from shrink.stages.recipes import load_recipe, recipe_config  # noqa: F401 - the API's names
 
 MARKER = "done.json"
+BOOK = "perplexities.json"  # the build's perplexity book, kept for --resume
 
 
 def validate(
@@ -184,12 +185,18 @@ def run_stages(
     runs: list[StageRun] = []
     sections: list[dict] = []
     key = _hash({"source": ctx.source.location, "layers": ctx.source_layers})
+    book_file = stages_dir / BOOK
+    if ctx.resume and ctx.book is not None and book_file.is_file():
+        # what the finished stages measured: evaluate does not measure it again
+        ctx.book = type(ctx.book).load(book_file)
     for n, stage in enumerate(stages, 1):
         stage_dir = stages_dir / f"{n:02d}-{stage.name}"
         key = stage_key(ctx, stage, key)
         marker, skipped = _run_stage(
             ctx, stage, stage_dir, key, f"stage {n}/{len(stages)}: {stage.name}"
         )
+        if not skipped and ctx.book is not None:
+            ctx.book.save(book_file)
         info = marker["info"]
         stage.apply(ctx, info)
         sections.append(stage.report(ctx, info))

@@ -69,3 +69,25 @@ def test_evaluate_streams_a_model_too_big_for_the_process(tiny_model_dir, monkey
     assert [r["key"][:6] for r in book.ledger] == ["files:", "files:"]
     again = evaluate(folder, ev, show_progress=False, book=book)  # from the book
     assert len(book.ledger) == 2 and again.perplexity == streamed.perplexity
+
+
+def test_a_resumed_build_keeps_what_the_finished_stages_measured(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    c = BuildConfig(
+        model=str(tiny_model_dir("llama")),
+        prune=PruneConfig(drop=2, samples=2, seq_len=32),
+        heal=HealConfig(steps=2, batch_size=2, seq_len=32, rank=4),
+        evaluate=EvaluateConfig(samples=1, seq_len=64),
+    )
+    build(c, output=out, show_progress=False, keep_stages=True)
+    first = json.loads((out / "report.json").read_text())["perplexity_book"]["ledger"]
+    evaluate_marker = next((out / "stages").glob("*-evaluate")) / "done.json"
+    evaluate_marker.unlink()  # evaluate runs again; prune and heal are resumed
+    build(c, output=out, show_progress=False, keep_stages=True, resume=True)
+    report = json.loads((out / "report.json").read_text())
+    assert [s["skipped"] for s in report["stages"]] == [True, True, False]
+    # nothing is measured again: the ledger is the first run's, with no duplicate
+    assert report["perplexity_book"]["ledger"] == first
+    assert report["perplexity_book"]["duplicates"] == []
+    assert report["perplexity"]["healed"]["perplexity"] == report["heal"]["ppl_after"]
