@@ -24,6 +24,17 @@ def _module():
     return mod
 
 
+def _module_at_1_gflops(monkeypatch):
+    """The module with its matmul rate fixed at 1 GFLOP/s, so that floors are FLOPs / 1e9."""
+    bt = _module()
+    monkeypatch.setattr(
+        bt,
+        "matmul_rate",
+        lambda s: {"flops_per_second": 1e9, "rows": 1, "threads": 1, "per_shape_gflops": {}},
+    )
+    return bt
+
+
 def _stub(tmp_path: Path) -> Path:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG))
@@ -50,12 +61,7 @@ def _stub(tmp_path: Path) -> Path:
 
 
 def test_floor_and_ratio_per_stage(tmp_path, monkeypatch):
-    bt = _module()
-    monkeypatch.setattr(
-        bt,
-        "matmul_rate",
-        lambda s: {"flops_per_second": 1e9, "rows": 1, "threads": 1, "per_shape_gflops": {}},
-    )
+    bt = _module_at_1_gflops(monkeypatch)
     r = bt.analyse(_stub(tmp_path))
     s = bt.shapes(CONFIG)
     layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128  # q, o; k, v (2 kv heads); mlp
@@ -74,12 +80,7 @@ def test_floor_and_ratio_per_stage(tmp_path, monkeypatch):
 
 
 def test_gguf_export_floor_counts_only_work_done_in_this_build(tmp_path, monkeypatch):
-    bt = _module()
-    monkeypatch.setattr(
-        bt,
-        "matmul_rate",
-        lambda s: {"flops_per_second": 1e9, "rows": 1, "threads": 1, "per_shape_gflops": {}},
-    )
+    bt = _module_at_1_gflops(monkeypatch)
     folder = _stub(tmp_path)
     report = json.loads((folder / "report.json").read_text())
     comparison = {

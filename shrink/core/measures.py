@@ -155,17 +155,26 @@ def measure(
     key: str | None = None,
     batch_size: int = 4,
     show_progress: bool = True,
+    compute=None,
 ) -> PerplexityResult:
     """The perplexity of ``model`` on ``input_ids`` (the block set ``set_name``): the book's value
     when it has one for these weights on this set, else computed and recorded. Without a book it
-    is simply computed. ``key`` skips hashing when the caller already has it."""
-    if book is None:
+    is simply computed. ``key`` skips hashing when the caller already has it. ``compute(ids)``
+    computes it instead of the in-memory forward (a streamed walk over a folder: ``model`` is
+    then the folder, keyed by its files)."""
+
+    def run() -> PerplexityResult:
+        if compute is not None:
+            return compute(input_ids)
         return perplexity(model, input_ids, batch_size=batch_size, show_progress=show_progress)
+
+    if book is None:
+        return run()
     key = key or weights_key(model)
     found = book.get(key, set_name)
     if found is not None:
         return found
-    result = perplexity(model, input_ids, batch_size=batch_size, show_progress=show_progress)
+    result = run()
     book.put(key, set_name, result, by=by, what=what)
     return result
 

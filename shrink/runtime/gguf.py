@@ -427,7 +427,6 @@ def _compare_with_torch(
     result,
     model_dir,
     tok,
-    prompts,
     prompt_ids,
     gguf_greedy,
     first_logits,
@@ -474,12 +473,9 @@ def _compare_with_torch(
     n_tokens = sum(max(len(g), len(t)) for g, t in zip(gguf_greedy, torch_greedy))
     result.update(
         {
-            "prompts": list(prompts),
-            "greedy_gguf": gguf_greedy,
             "greedy_torch": torch_greedy,
             "greedy_equal": all(same),
             "greedy_token_agreement": round(agree_tokens / max(n_tokens, 1), 4),
-            "completion": tok.decode(gguf_greedy[0], skip_special_tokens=True),
             "max_abs_logit_diff": float(np.abs(first_logits - ref_first).max()),
         }
     )
@@ -575,19 +571,18 @@ def verify_gguf(
     finally:
         runner.close()
 
-    from shrink.runtime.verify import too_big_to_load
+    from shrink.streaming.memory import too_big_to_load
 
+    result["prompts"], result["greedy_gguf"] = list(prompts), gguf_greedy
+    result["completion"] = tok.decode(gguf_greedy[0], skip_special_tokens=True)
     if too_big_to_load(model_dir):
         result["reference"] = "skipped: the float32 model does not fit this process's memory"
-        result["prompts"], result["greedy_gguf"] = list(prompts), gguf_greedy
-        result["completion"] = tok.decode(gguf_greedy[0], skip_special_tokens=True)
         same = [True]
     else:
         same = _compare_with_torch(
             result,
             model_dir,
             tok,
-            prompts,
             prompt_ids,
             gguf_greedy,
             first_logits,

@@ -25,6 +25,8 @@ def verify_model_dir(path: str | Path, prompt: str = PROMPT, max_new_tokens: int
     from shrink.core.models import check_tokenizer, check_tokenizer_files, from_pretrained_checked
 
     path = Path(path)
+    from shrink.streaming.memory import too_big_to_load
+
     if too_big_to_load(path):
         from shrink.streaming.verify import verify_streamed
 
@@ -56,22 +58,6 @@ def verify_model_dir(path: str | Path, prompt: str = PROMPT, max_new_tokens: int
         "completion": tok.decode(new, skip_special_tokens=True),
         "ok": finite and bool(torch.equal(cached, uncached)) and new.numel() > 0,
     }
-
-
-def too_big_to_load(path: Path) -> bool:
-    """Whether a safetensors folder in float32 would not fit (with 30% headroom) in the memory
-    this process may use: then it is checked piece by piece
-    (:func:`shrink.streaming.verify.verify_streamed`)."""
-    import torch
-
-    from shrink.streaming.checkpoint import weights_bytes
-    from shrink.streaming.memory import available_memory
-
-    try:
-        need = weights_bytes(path, torch.float32)
-    except ShrinkError:
-        return False  # no safetensors: the whole load says what is wrong
-    return need * 1.3 > available_memory("cpu")
 
 
 def verify_in_subprocess(path: str | Path, timeout: float = 1800) -> dict:

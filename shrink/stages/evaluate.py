@@ -49,21 +49,40 @@ def _hf_measured(
     book,
     show_progress: bool,
 ) -> list[PerplexityResult]:
-    """A transformers model, loaded as the other stages load it, measured through the book."""
+    """A transformers model, loaded as the other stages load it, measured through the book; a
+    folder too large for this process is measured one layer at a time, keyed by its files."""
     from shrink.core.measures import measure, weights_key
-    from shrink.core.models import load_model
-    from shrink.runtime.verify import too_big_to_load
+    from shrink.streaming.memory import too_big_to_load
 
-    if Path(model).is_dir() and too_big_to_load(Path(model)):
-        return _streamed(Path(model), sources, config, load, book, show_progress)
-    loaded = load_model(str(model), **load.load_kwargs())
-    key = weights_key(loaded.model)
+    compute = None
+    if too_big_to_load(model):
+        from transformers import AutoTokenizer
+
+        from shrink.streaming.perplexity import stream_perplexity
+
+        weights, tokenizer = model, AutoTokenizer.from_pretrained(model)
+
+        def compute(ids):
+            return stream_perplexity(
+                model,
+                ids,
+                device=load.device or "cpu",
+                dtype=None,
+                batch_size=config.batch_size,
+                show_progress=show_progress,
+            )
+    else:
+        from shrink.core.models import load_model
+
+        loaded = load_model(str(model), **load.load_kwargs())
+        weights, tokenizer = loaded.model, loaded.tokenizer
+    key = weights_key(weights)
     results = []
     for source in sources:
-        blocks = _blocks(loaded.tokenizer, source, config)
+        blocks = _blocks(tokenizer, source, config)
         r = measure(
             book,
-            loaded.model,
+            weights,
             blocks.input_ids,
             config.name(source),
             "evaluate",
@@ -71,43 +90,8 @@ def _hf_measured(
             key=key,
             batch_size=config.batch_size,
             show_progress=show_progress,
+            compute=compute,
         )
-        r.data = blocks.describe()
-        results.append(r)
-    return results
-
-
-def _streamed(
-    folder: Path,
-    sources: list[str],
-    config: EvaluateConfig,
-    load: ModelOptions,
-    book,
-    show_progress: bool,
-) -> list[PerplexityResult]:
-    """A model too large for this process, measured one layer at a time and keyed by its
-    files' bytes in the book."""
-    from transformers import AutoTokenizer
-
-    from shrink.core.measures import weights_key
-    from shrink.streaming.perplexity import stream_perplexity
-
-    key = weights_key(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    results = []
-    for source in sources:
-        blocks = _blocks(tok, source, config)
-        r = book.get(key, config.name(source))
-        if r is None:
-            r = stream_perplexity(
-                folder,
-                blocks.input_ids,
-                device=load.device or "cpu",
-                dtype=None,
-                batch_size=config.batch_size,
-                show_progress=show_progress,
-            )
-            book.put(key, config.name(source), r, by="evaluate", what=str(folder))
         r.data = blocks.describe()
         results.append(r)
     return results

@@ -48,6 +48,22 @@ def _ram_available() -> int:
         return 0
 
 
+def too_big_to_load(
+    folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> bool:
+    """Whether a local safetensors folder, loaded in ``dtype``, would not fit (with 30% headroom
+    for the work on it) in the memory ``device`` has for this process: then it is read one
+    layer or one tensor at a time. False for anything that is not such a folder (its loader
+    says what is wrong)."""
+    if not Path(folder).is_dir():
+        return False
+    try:
+        need = weights_bytes(folder, dtype)
+    except ShrinkError:
+        return False
+    return need * 1.3 > available_memory(device)
+
+
 def decide_streaming(
     resolved,
     device: str | None,

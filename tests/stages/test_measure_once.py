@@ -11,16 +11,21 @@ from shrink.stages.build import build
 from shrink.stages.configs import BUILD_HEAL, BuildConfig, EvaluateConfig, HealConfig, PruneConfig
 
 
-@pytest.mark.slow
-def test_a_build_measures_nothing_twice(tiny_model_dir, tmp_path):
-    pytest.importorskip("peft")
-    out = tmp_path / "out"
-    c = BuildConfig(
+def _tiny_build(tiny_model_dir) -> BuildConfig:
+    """prune 2 layers, a 2-step heal and evaluate, on a 6-layer tiny llama."""
+    return BuildConfig(
         model=str(tiny_model_dir("llama")),
         prune=PruneConfig(drop=2, samples=2, seq_len=32),
         heal=HealConfig(steps=2, batch_size=2, seq_len=32, rank=4),
         evaluate=EvaluateConfig(samples=1, seq_len=64),
     )
+
+
+@pytest.mark.slow
+def test_a_build_measures_nothing_twice(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    c = _tiny_build(tiny_model_dir)
     build(c, output=out, show_progress=False)
     report = json.loads((out / "report.json").read_text())
     book = report["perplexity_book"]
@@ -54,14 +59,14 @@ def test_build_heal_is_the_default_and_the_recipe():
 def test_evaluate_streams_a_model_too_big_for_the_process(tiny_model_dir, monkeypatch):
     """The evaluate stage measures a folder that does not fit one layer at a time, keyed by its
     files in the book; the value equals the in-memory one."""
-    import shrink.runtime.verify as verify
+    import shrink.streaming.memory as memory
     from shrink.core.measures import PerplexityBook
     from shrink.stages.evaluate import evaluate
 
     folder = str(tiny_model_dir("llama"))
     ev = EvaluateConfig(samples=2, seq_len=32)
     whole = evaluate(folder, ev, show_progress=False, book=PerplexityBook())
-    monkeypatch.setattr(verify, "too_big_to_load", lambda path: True)
+    monkeypatch.setattr(memory, "too_big_to_load", lambda *a, **k: True)
     book = PerplexityBook()
     streamed = evaluate(folder, ev, show_progress=False, book=book)
     assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-4)
@@ -74,12 +79,7 @@ def test_evaluate_streams_a_model_too_big_for_the_process(tiny_model_dir, monkey
 def test_a_resumed_build_keeps_what_the_finished_stages_measured(tiny_model_dir, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "out"
-    c = BuildConfig(
-        model=str(tiny_model_dir("llama")),
-        prune=PruneConfig(drop=2, samples=2, seq_len=32),
-        heal=HealConfig(steps=2, batch_size=2, seq_len=32, rank=4),
-        evaluate=EvaluateConfig(samples=1, seq_len=64),
-    )
+    c = _tiny_build(tiny_model_dir)
     build(c, output=out, show_progress=False, keep_stages=True)
     first = json.loads((out / "report.json").read_text())["perplexity_book"]["ledger"]
     evaluate_marker = next((out / "stages").glob("*-evaluate")) / "done.json"

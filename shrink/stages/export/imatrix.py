@@ -212,9 +212,9 @@ def imatrix_file(
         log(f"computing the importance matrix on {spec.describe()}")
     tok = AutoTokenizer.from_pretrained(model_dir)
     blocks = token_blocks(tok, spec.data, spec.samples, spec.seq_len, spec.seed)
-    from shrink.runtime.verify import too_big_to_load
+    from shrink.streaming.memory import too_big_to_load
 
-    if too_big_to_load(Path(model_dir)):
+    if too_big_to_load(model_dir):
         data = compute_imatrix_streamed(model_dir, blocks.input_ids, log=log)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -57,16 +57,9 @@ class StreamedModel:
 def needs_streamed_merge(location: str, device: str, dtype: torch.dtype) -> bool:
     """Whether the base of a local safetensors folder, loaded in ``dtype`` for the merge, would
     not fit the device's available memory (with 30% headroom for the merge and the evaluation)."""
-    from shrink.core.errors import ShrinkError
-    from shrink.streaming import available_memory, weights_bytes
+    from shrink.streaming.memory import too_big_to_load
 
-    if not Path(location).is_dir():
-        return False
-    try:
-        need = weights_bytes(location, dtype)
-    except ShrinkError:
-        return False
-    return need * 1.3 > available_memory(device)
+    return too_big_to_load(location, device, dtype)
 
 
 def merge_streamed(
@@ -91,22 +84,26 @@ def merge_streamed(
 
     hf_config = AutoConfig.from_pretrained(location)
 
-    def one(folder, ids, name, key, what) -> PerplexityResult:
-        found = book.get(key, name) if book is not None else None
-        if found is not None:
-            return found
-        result = stream_perplexity(
-            folder, ids, device=device, dtype=None, show_progress=show_progress
-        )
-        if book is not None:
-            book.put(key, name, result, by="heal", what=what)
-        return result
-
     def measure(folder, what) -> PerplexityResult:
         key = weights_key(folder) if book is not None else None
-        result = one(folder, eval_ids, set_names[0], key, what)
+
+        def one(ids, name) -> PerplexityResult:
+            return measure_once(
+                book,
+                folder,
+                ids,
+                name,
+                "heal",
+                what,
+                key=key,
+                compute=lambda x: stream_perplexity(
+                    folder, x, device=device, dtype=None, show_progress=show_progress
+                ),
+            )
+
+        result = one(eval_ids, set_names[0])
         if second_ids is not None:
-            result.second = one(folder, second_ids, set_names[1], key, what)
+            result.second = one(second_ids, set_names[1])
         return result
 
     out = Path(trained).parent / "merged"
