@@ -65,13 +65,6 @@ def synthetic_config(hidden, layers, intermediate, heads, kv_heads):
     )
 
 
-def vm(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def blocks(samples: int, seq_len: int, seed: int):
     import torch
 
@@ -168,14 +161,16 @@ def run_child(step: str, work: Path, a) -> dict:
 
 def child_main(a) -> None:
     t0 = time.perf_counter()
-    out = {"step": a.child, "baseline_rss": vm("VmRSS:")}
+    from shrink.core.peaks import status_bytes
+
+    out = {"step": a.child, "baseline_rss": status_bytes("VmRSS") or 0}
     try:
         out["result"] = run_child(a.child, Path(a.workdir), a)
         out["ok"] = True
     except (MemoryError, RuntimeError, OSError) as e:
         out.update(ok=False, error=(type(e).__name__ + ": " + str(e).splitlines()[0])[:240])
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss"] = vm("VmHWM:")
+    out["peak_rss"] = status_bytes("VmHWM") or 0
     print(json.dumps(out))
 
 
