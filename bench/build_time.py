@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
-GUARD_TOKENS = 4 * 256  # the quality guard's fixed blocks (shrink.core.guard)
+GUARD_LEN = 256
+GUARD_TOKENS = 4 * GUARD_LEN  # the quality guard's fixed blocks (shrink.core.guard)
 AUTO_HELDOUT_SAMPLES = 8  # held-out blocks per auto candidate (shrink.stages.prune)
 AUTO_CANDIDATES = 3  # bi, angular, relmag (shrink.stages.auto.DEFAULT_CANDIDATES)
 # the GGUF check in a fresh process (shrink.runtime.gguf.verify_gguf's defaults): one 256-token
 # block through llama.cpp and PyTorch for the logit comparison, and perplexity on 4 x 256 tokens
 # in llama.cpp unless it measured the evaluation sets instead
-GGUF_CHECK_BLOCK_TOKENS = 2 * 256
-GGUF_VERIFY_TOKENS = 4 * 256 + GGUF_CHECK_BLOCK_TOKENS
+GGUF_CHECK_LEN = 256
+GGUF_CHECK_BLOCK_TOKENS = 2 * GGUF_CHECK_LEN
+GGUF_VERIFY_TOKENS = 4 * GGUF_CHECK_LEN + GGUF_CHECK_BLOCK_TOKENS
 
 
 def shapes(cfg: dict) -> dict:
@@ -54,11 +56,24 @@ def shapes(cfg: dict) -> dict:
         "linears": linears,
         "layer_params": sum(i * o for i, o in linears.values()),
         "head_params": d * V,
+        "attn_width": H * hd,
     }
 
 
 def forward_params(s: dict, layers: int, head: bool = True) -> int:
     return layers * s["layer_params"] + (s["head_params"] if head else 0)
+
+
+def attention(s: dict, layers: int, n: int) -> int:
+    """Causal attention's FLOPs per token of an n-token block, forward: position t multiplies
+    its query by t keys and t values (2 t W each, W = heads x head_dim), t = 1..n on average
+    (n + 1) / 2, in every layer."""
+    return layers * 2 * (n + 1) * s["attn_width"]
+
+
+def forward(s: dict, layers: int, n: int, head: bool = True) -> int:
+    """FLOPs per token of a forward pass over n-token blocks: 2 P + A(n)."""
+    return 2 * forward_params(s, layers, head) + attention(s, layers, n)
 
 
 def _tokens(section: dict | None, samples_key: str = "samples") -> int:
@@ -70,22 +85,24 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
     """{stage: {"flops": F, "formula": text}} for the stages the build ran."""
     st = report.get("settings") or {}
     L0, L1 = report["num_layers"]
-    P0, P1 = forward_params(s, L0), forward_params(s, L1)
     ev = st.get("evaluate") or {}
+    n_eval = int(ev.get("seq_len") or 0)
     T_eval = _tokens(ev) * (2 if ev.get("second", "tech:evaluation") else 1)
     out: dict[str, dict] = {}
     p = st.get("prune") or {}
     if p:
+        n = int(p.get("seq_len") or 0)
         T_cal = _tokens(p)
-        T_held = AUTO_HELDOUT_SAMPLES * int(p.get("seq_len") or 0)
-        f = 2 * forward_params(s, L0, head=False) * T_cal + 2 * (P0 + P1) * GUARD_TOKENS
-        formula = "2 P_dense T_cal (scoring) + 2 (P_dense + P_pruned) T_guard"
+        T_held = AUTO_HELDOUT_SAMPLES * n
+        body = forward(s, L0, n, head=False)
+        f = body * T_cal + (forward(s, L0, GUARD_LEN) + forward(s, L1, GUARD_LEN)) * GUARD_TOKENS
+        formula = "F_dense T_cal (scoring, no head) + (F_dense + F_pruned) T_guard"
         if p.get("strategy") == "auto":
-            f += AUTO_CANDIDATES * 2 * P1 * T_held
-            formula += f" + {AUTO_CANDIDATES} x 2 P_pruned T_held (candidates)"
+            f += AUTO_CANDIDATES * forward(s, L1, n) * T_held
+            formula += f" + {AUTO_CANDIDATES} x F_pruned T_held (candidates)"
         if p.get("bridge") in ("linear", "auto"):
-            f += 2 * forward_params(s, L0, head=False) * T_cal
-            formula += " + 2 P_dense T_cal (the dense pass the bridge fits read)"
+            f += body * T_cal
+            formula += " + F_dense T_cal (the dense pass the bridge fits read)"
         out["prune"] = {"flops": f, "formula": formula}
     h = st.get("heal") or {}
     if h:
@@ -101,55 +118,60 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
             for n, (i, o) in s["linears"].items()
             if n in ("gate_proj", "up_proj", "down_proj")
         )
-        f = (4 * P1 + 2 * lora) * T + 2 * 2 * P1 * T_eval
+        n = int(h.get("seq_len") or 0)
+        train = 4 * forward_params(s, L1) + 2 * lora + 3 * attention(s, L1, n)
+        f = train * T + 2 * forward(s, L1, n_eval) * T_eval
         out["heal"] = {
             "flops": f,
-            "formula": "(4 P_pruned + 2 P_lora) T_train + 2 x 2 P_pruned T_eval (before, after)",
+            "formula": "(4 P_pruned + 2 P_lora + 3 A) T_train + 2 F_pruned T_eval (before, after)",
         }
     q = st.get("quantize") or {}
     if q:
         T = _tokens(q)
         hess = sum(2 * i * i * T + i**3 + 2 * o * i * i for i, o in s["linears"].values()) * L1
-        f = 2 * 2 * forward_params(s, L1, head=False) * T + hess
+        f = 2 * forward(s, L1, int(q.get("seq_len") or 0), head=False) * T + hess
         out["quantize"] = {
             "flops": f,
-            "formula": "2 x 2 P_layers T_cal (inputs, outputs) + per "
+            "formula": "2 F_layers T_cal (inputs, outputs) + per "
             "linear (2 d_in^2 T_cal + d_in^3 + "
             "2 d_out d_in^2)",
         }
     g = (report.get("export") or {}).get("gguf")
     if g:
-        out["export"] = _gguf_flops(g, P0, P1)
+        out["export"] = _gguf_flops(g, s, (L0, L1), n_eval)
     if ev:
         n = _measured_by_evaluate(report)
-        f = sum(2 * (P0 if label == "dense" else P1) * T_eval for label in n)
+        f = sum(forward(s, L0 if label == "dense" else L1, n_eval) * T_eval for label in n)
         out["evaluate"] = {
             "flops": f,
-            "formula": f"2 P T_eval for each of {', '.join(n) or 'none'}",
+            "formula": f"F T_eval for each of {', '.join(n) or 'none'}",
         }
     return out
 
 
-def _gguf_flops(g: dict, P0: int, P1: int) -> dict:
+def _gguf_flops(g: dict, s: dict, layers: tuple[int, int], n_eval: int) -> dict:
     """The forward passes of a GGUF export: its importance matrix (unless cached), the check in
     a fresh process, and the dense comparison's work done in this build (its file and its
     measurement are cached across builds). llama.cpp's own quantization search is not in it."""
+    L0, L1 = layers
     im = g.get("imatrix") or {}
+    n_im = int(im.get("seq_len") or GGUF_CHECK_LEN)
     T_im = 0 if im.get("cached") else int(im.get("tokens") or 0)
     comparison = g.get("comparison") or {}
     this = (comparison.get("this") or {}).get("work") or {}
     dense = (comparison.get("dense") or {}).get("work") or {}
     # a check that measured the evaluation sets did not measure its own blocks
     T_verify = GGUF_CHECK_BLOCK_TOKENS if this.get("in_check") else GGUF_VERIFY_TOKENS
-    f = 2 * P1 * (T_im + T_verify)
-    formula = "2 P_pruned (T_imatrix + T_verify)"
+    f = forward(s, L1, n_im) * T_im + forward(s, L1, GGUF_CHECK_LEN) * T_verify
+    formula = "F_pruned (T_imatrix + T_verify)"
     if this.get("measured_tokens"):
-        f += 2 * P1 * this["measured_tokens"]
-        formula += " + 2 P_pruned T_eval (the file in llama.cpp)"
+        f += forward(s, L1, n_eval) * this["measured_tokens"]
+        formula += " + F_pruned T_eval (the file in llama.cpp)"
     if dense:
-        f += 2 * P0 * (dense.get("imatrix_tokens", 0) + dense.get("measured_tokens", 0))
+        f += forward(s, L0, n_im) * dense.get("imatrix_tokens", 0)
+        f += forward(s, L0, n_eval) * dense.get("measured_tokens", 0)
         formula += (
-            f" + 2 P_dense (T_imatrix + T_eval) for the dense comparison (done now: "
+            f" + F_dense (T_imatrix + T_eval) for the dense comparison (done now: "
             f"{dense.get('imatrix_tokens', 0)} + {dense.get('measured_tokens', 0)} tokens)"
         )
     return {"flops": f, "formula": formula}
@@ -278,9 +300,11 @@ def markdown(r: dict) -> str:
         f"| **total** | {r['total_wall_s']} | | {r['total_floor_s']} | {r['ratio']} | |",
         "",
         "P: weights of the linear layers a token passes (LM head included unless "
-        "noted), T: tokens. The floor is the arithmetic alone at the measured matmul "
-        "rate; loading, saving, process starts, llama.cpp's quantization search and "
-        "conversion are not in it.",
+        "noted), T: tokens. A: causal attention per token of an n-token block, "
+        "2 (n + 1) x heads x head_dim per layer. F = 2 P + A: one forward token. The floor "
+        "is the arithmetic alone at the measured matmul rate; loading, saving, process "
+        "starts, elementwise work, llama.cpp's quantization search and conversion are "
+        "not in it.",
         "",
     ]
     return "\n".join(lines)

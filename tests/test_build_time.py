@@ -68,10 +68,14 @@ def test_floor_and_ratio_per_stage(tmp_path, monkeypatch):
     assert s["layer_params"] == layer
     P4 = 4 * layer + 64 * 1000
     rows = {x["stage"]: x for x in r["stages"]}
+    # causal attention per token of an n-token block: 4 heads x 16 dims, (n + 1) / 2 keys and
+    # values on average, 2 FLOPs each, per layer
+    att = lambda layers, n: layers * 4 * 64 * (n + 1) / 2  # noqa: E731
     # evaluate computed only the dense model (pruned and healed came from heal's measurements)
-    assert rows["evaluate"]["flops"] == 2 * (6 * layer + 64 * 1000) * 16
+    assert rows["evaluate"]["flops"] == (2 * (6 * layer + 64 * 1000) + att(6, 16)) * 16
     lora = 4 * 3 * 4 * (64 + 128)
-    assert rows["heal"]["flops"] == (4 * P4 + 2 * lora) * 3 * 2 * 8 + 2 * 2 * P4 * 16
+    train = (4 * P4 + 2 * lora + 3 * att(4, 8)) * 3 * 2 * 8  # forward + backward (2x)
+    assert rows["heal"]["flops"] == train + 2 * (2 * P4 + att(4, 16)) * 16
     assert rows["heal"]["floor_s"] == round(rows["heal"]["flops"] / 1e9, 2)
     assert rows["heal"]["ratio"] == round(20.0 / (rows["heal"]["flops"] / 1e9), 2)
     assert rows["export"]["flops"] is None and rows["export"]["ratio"] is None
@@ -88,20 +92,28 @@ def test_gguf_export_floor_counts_only_work_done_in_this_build(tmp_path, monkeyp
         "dense": {"work": {"written": True, "imatrix_tokens": 64, "measured_tokens": 32}},
     }
     report["export"] = {
-        "gguf": {"imatrix": {"tokens": 64, "cached": False}, "comparison": comparison}
+        "gguf": {
+            "imatrix": {"tokens": 64, "seq_len": 16, "cached": False},
+            "comparison": comparison,
+        }
     }
     (folder / "report.json").write_text(json.dumps(report))
     s = bt.shapes(CONFIG)
     P6, P4 = (n * s["layer_params"] + s["head_params"] for n in (6, 4))
+    att = lambda layers, n: layers * 4 * 64 * (n + 1) / 2  # noqa: E731
     row = {x["stage"]: x for x in bt.analyse(folder)["stages"]}["export"]
-    assert row["flops"] == 2 * P4 * (64 + bt.GGUF_VERIFY_TOKENS + 32) + 2 * P6 * (64 + 32)
+    # imatrix and evaluation blocks are 16 tokens, the check's 256
+    this = (2 * P4 + att(4, 16)) * (64 + 32) + (2 * P4 + att(4, 256)) * bt.GGUF_VERIFY_TOKENS
+    assert row["flops"] == this + (2 * P6 + att(6, 16)) * (64 + 32)
     assert row["ratio"] == round(3.0 / (row["flops"] / 1e9), 2)
     # a second build: the importance matrix and the dense point come from their caches
     report["export"]["gguf"]["imatrix"]["cached"] = True
     comparison["dense"]["work"] = {"written": False, "imatrix_tokens": 0, "measured_tokens": 0}
     (folder / "report.json").write_text(json.dumps(report))
     row = {x["stage"]: x for x in bt.analyse(folder)["stages"]}["export"]
-    assert row["flops"] == 2 * P4 * (bt.GGUF_VERIFY_TOKENS + 32)
+    assert (
+        row["flops"] == (2 * P4 + att(4, 256)) * bt.GGUF_VERIFY_TOKENS + (2 * P4 + att(4, 16)) * 32
+    )
 
 
 def test_refuses_a_folder_without_report(tmp_path):

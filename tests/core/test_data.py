@@ -77,3 +77,32 @@ def test_at_most_takes_what_the_source_holds(tok, tmp_path):
     assert torch.equal(few.input_ids, token_blocks(tok, str(txt), 2, 32, seed=3).input_ids)
     none = token_blocks(tok, str(txt), 5, 4096, at_most=True)
     assert none.available == 0 and none.input_ids.numel() == 0
+
+
+def test_corpus_streams_are_tokenized_once_per_tokenizer(tok, embedded_dir, monkeypatch):
+    """The embedded corpora are tokenized once per process and tokenizer; the memo gives the
+    same ids as tokenizing again, and a different tokenizer (another EOS) is not served them."""
+    from shrink.core import data
+
+    data._STREAMS.clear()
+    first = data.token_stream(tok, "tech:evaluation")
+    calls = []
+    real = type(tok).__call__
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    again = data.token_stream(tok, "tech:evaluation")
+    assert again == first and not calls  # served from the memo, as a fresh list
+    again.append(-1)
+    assert data.token_stream(tok, "tech:evaluation") == first
+    other = AutoTokenizer.from_pretrained(embedded_dir)
+    other.eos_token = other.bos_token or "<|im_start|>"
+    assert other.eos_token_id != tok.eos_token_id
+    theirs = data.token_stream(other, "tech:evaluation")
+    assert calls and theirs[-1] == other.eos_token_id
+    monkeypatch.undo()
+    data._STREAMS.clear()
+    assert data.token_stream(tok, "tech:evaluation") == first
