@@ -36,6 +36,7 @@ memory is sold.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -107,6 +108,8 @@ class PlanSettings:
     gptq_samples: int = 64
     gptq_seq_len: int = 512
     gguf: str | None = "q4_k_m"  # None: no GGUF export
+    imatrix_samples: int = 16  # 0: the export computes no importance matrix
+    imatrix_seq_len: int = 256
     eval_samples: int = 8
     eval_seq_len: int = 512
 
@@ -384,7 +387,8 @@ def _gptq(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
     )
 
 
-def _gguf(m: ModelFacts, b: _Budget, kind: str) -> StagePlan:
+def _gguf(m: ModelFacts, b: _Budget, st: PlanSettings) -> StagePlan:
+    kind = st.gguf
     if kind not in GGUF_BITS:
         raise ShrinkError(
             f"unknown GGUF type '{kind}' for the plan; use one of {', '.join(GGUF_BITS)}"
@@ -392,17 +396,25 @@ def _gguf(m: ModelFacts, b: _Budget, kind: str) -> StagePlan:
     params = m.pruned.total
     host = b.runtime + m.largest_tensor * (4 + GGUF_BITS[kind] / 8)
     disk = params * 2 + params * GGUF_BITS[kind] / 8
-    return _stage(
-        "export gguf",
-        b,
-        "cpu",
-        "tensor by tensor",
-        kind,
-        0,
-        host,
-        disk,
-        "a 16-bit GGUF first, then llama.cpp's quantizer",
-    )
+    mode, note = "tensor by tensor", "a 16-bit GGUF first, then llama.cpp's quantizer"
+    if st.imatrix_samples and kind not in ("f32", "f16", "bf16", "q8_0"):
+        # the importance matrix: a float32 forward walk of the pruned model on the CPU over
+        # its calibration blocks, whole or one layer at a time, before the quantizer runs
+        on_cpu = copy.copy(b)
+        on_cpu.gpu = 0.0
+        walk = _walk(
+            "imatrix",
+            m,
+            on_cpu,
+            st.imatrix_samples,
+            st.imatrix_seq_len,
+            st.batch_size,
+            params=m.pruned,
+            head=True,
+        )
+        host = max(host, walk.host_bytes)
+        note = f"the importance matrix ({walk.mode}, 32-bit), then " + note
+    return _stage("export gguf", b, "cpu", mode, kind, 0, host, disk, note)
 
 
 def _evaluate(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePlan:
@@ -449,7 +461,7 @@ def plan_build(
     if st.gptq_bits:
         stages.append(_gptq(m, b, st, cfg))
     if st.gguf:
-        stages.append(_gguf(m, b, st.gguf))
+        stages.append(_gguf(m, b, st))
     stages.append(_evaluate(m, b, st, cfg))
     assumptions = [
         f"usable: {1 - DEFAULT_RESERVE:.0%} of the GPU, {1 - HOST_RESERVE:.0%} of the "

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -719,6 +720,47 @@ def _read_not_mapped(location, local: bool, kwargs: dict, trust_remote_code: boo
     finally:
         kwargs.pop("state_dict", None)
         del handles
+
+
+@contextlib.contextmanager
+def shards_read_not_mapped(location, packages: tuple[str, ...]) -> Iterator[bool]:
+    """For a library that opens the checkpoint's shards itself (GPTQModel's lazy loader and its
+    disk offload): under a memory limit the checkpoint does not fit, every ``safe_open`` made
+    by ``packages`` (and through ``safetensors.safe_open``) while inside reads with pread, as
+    :func:`_read_not_mapped` does for transformers. safetensors' default maps the whole shard
+    copy-on-write, which such a limit counts in full. Nothing is patched elsewhere; every
+    patched name is restored on the way out. Yields whether it patched."""
+    import sys
+
+    from shrink.core.peaks import process_headroom
+
+    headroom = process_headroom()
+    folder = Path(location)
+    files = safetensors_files(folder) if headroom and folder.is_dir() else []
+    if not files or sum(f.stat().st_size for f in files) < min(headroom):
+        yield False
+        return
+    import safetensors
+
+    original = safetensors.safe_open
+
+    def pread_open(*args, **kwargs):
+        kwargs.setdefault("backend", "pread")
+        return original(*args, **kwargs)
+
+    prefixes = tuple(f"{p}." for p in packages)
+
+    def swap(old, new) -> None:
+        for name, module in list(sys.modules.items()):
+            ours = name == "safetensors" or name in packages or name.startswith(prefixes)
+            if ours and module is not None and getattr(module, "safe_open", None) is old:
+                module.safe_open = new
+
+    swap(original, pread_open)
+    try:
+        yield True
+    finally:
+        swap(pread_open, original)
 
 
 def check_model_folder(folder: str | Path, config=None, trust_remote_code: bool = False) -> None:

@@ -30,6 +30,10 @@ def plan_settings(c: BuildConfig) -> PlanSettings:
     else:
         s.gptq_bits = None
     s.gguf = c.export.gguf if c.export is not None and c.export.gguf else None
+    if s.gguf:
+        uses = c.export.uses_imatrix()
+        s.imatrix_samples = c.export.imatrix_samples if uses else 0
+        s.imatrix_seq_len = c.export.imatrix_seq_len
     s.eval_samples, s.eval_seq_len = c.evaluate.samples, c.evaluate.seq_len
     return s
 

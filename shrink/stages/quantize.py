@@ -34,6 +34,7 @@ from shrink.core.models import (
     load_config,
     read_shrink_json,
     resolve,
+    shards_read_not_mapped,
 )
 from shrink.core.outputs import check_output, safetensors_bytes
 from shrink.core.progress import stderr
@@ -262,17 +263,21 @@ def quantize(
                 )
             except (ValueError, TypeError) as e:
                 raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
-            try:
-                qmodel = GPTQModel.load(resolved.location, qconfig)
-            except Exception as e:  # noqa: BLE001 - unsupported architectures: one line
-                raise ShrinkError(
-                    f"GPTQModel cannot load '{resolved.name}' for quantization: {first_line(e)}"
-                ) from None
-            t0 = time.perf_counter()
-            with logs_outside_cwd(), layer_progress(qmodel, hf_config, show_progress):
-                qmodel.quantize(calibration, batch_size=config.batch_size)
-            seconds = time.perf_counter() - t0
-            qmodel.save(str(tmp))
+            # under a memory limit the checkpoint does not fit, GPTQModel's lazy loader reads
+            # its shards with pread instead of mapping each whole shard
+            reads = shards_read_not_mapped(resolved.location, ("gptqmodel",))
+            with reads:
+                try:
+                    qmodel = GPTQModel.load(resolved.location, qconfig)
+                except Exception as e:  # noqa: BLE001 - unsupported architectures: one line
+                    raise ShrinkError(
+                        f"GPTQModel cannot load '{resolved.name}' for quantization: {first_line(e)}"
+                    ) from None
+                t0 = time.perf_counter()
+                with logs_outside_cwd(), layer_progress(qmodel, hf_config, show_progress):
+                    qmodel.quantize(calibration, batch_size=config.batch_size)
+                seconds = time.perf_counter() - t0
+                qmodel.save(str(tmp))
         del qmodel
         gc.collect()
         keep_generation_config(resolved.path, tmp)

@@ -110,6 +110,12 @@ def test_settings_are_the_stages_defaults():
         default(EvaluateConfig, "samples"),
         default(EvaluateConfig, "seq_len"),
     )
+    from shrink.stages.configs import ExportConfig
+
+    assert (st.imatrix_samples, st.imatrix_seq_len) == (
+        default(ExportConfig, "imatrix_samples"),
+        default(ExportConfig, "imatrix_seq_len"),
+    )
     assert (st.heal_rank, st.heal_batch, st.heal_seq_len, st.heal_targets) == (
         DEFAULTS["rank"],
         DEFAULTS["batch_size"],
@@ -158,3 +164,26 @@ def test_every_gguf_type_shrink_writes_can_be_planned():
     from shrink.stages.export.gguf_types import GGUF_TYPES
 
     assert set(GGUF_TYPES) <= set(GGUF_BITS)
+
+
+def test_gguf_export_row_holds_its_importance_matrix_walk():
+    """The export's peak is the importance matrix's float32 forward walk of the pruned model on
+    the CPU (whole when it fits the RAM, else streamed) or the writer's one tensor, whichever is
+    larger; without an importance matrix it is the writer's."""
+
+    def row(ram: str, **kw):
+        settings = PlanSettings(gptq_bits=None, **{"gguf": "q4_k_m", **kw})
+        return plan_for_estimate("llama-2-13b", 10, "24GB", ram, settings=settings).stage(
+            "export gguf"
+        )
+
+    plain = row("64GB", imatrix_samples=0)
+    assert "importance" not in plain.note and plain.host_bytes < 3 * GB  # one tensor
+    assert "importance" not in row("64GB", gguf="f16").note  # written directly, no quantizer
+    pruned = count_params(load_config("llama-2-13b"), 10).total
+    whole = row("64GB")  # 30 float32 layers fit 64 GB: the walk holds the whole model
+    assert whole.note.startswith("the importance matrix (whole, 32-bit)")
+    assert pruned * 4 < whole.host_bytes < pruned * 4 + 6 * GB
+    streamed = row("16GB")
+    assert streamed.note.startswith("the importance matrix (streamed, 32-bit)")
+    assert plain.host_bytes <= streamed.host_bytes < 4 * GB and streamed.fits

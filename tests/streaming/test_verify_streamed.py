@@ -146,3 +146,50 @@ def test_loading_under_a_memory_limit_reads_instead_of_mapping(tiny_model_dir, m
     a, b = whole.state_dict(), limited.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert limited.generation_config is not None
+
+
+def test_a_library_opening_shards_itself_reads_them_under_a_limit(tmp_path):
+    """GPTQModel opens the checkpoint's shards with safe_open itself. Under a data limit smaller
+    than a shard, safetensors' default (the whole shard mapped copy-on-write) fails; inside
+    ``shards_read_not_mapped`` the library's safe_open reads with pread, gets the same tensor,
+    and is given back its own safe_open on the way out. A module of another package is not
+    touched."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    tensors = {f"t{i}": torch.full((1 << 20,), float(i)) for i in range(48)}  # 48 x 4 MiB
+    save_file(tensors, folder / "model.safetensors")
+    code = (
+        "import resource, sys, types, safetensors\n"
+        "from shrink.core.models import shards_read_not_mapped\n"
+        "from shrink.core.peaks import status_bytes\n"
+        "lib = types.ModuleType('fakelib'); lib.safe_open = safetensors.safe_open\n"
+        "other = types.ModuleType('otherlib'); other.safe_open = safetensors.safe_open\n"
+        "sys.modules.update(fakelib=lib, otherlib=other)\n"
+        "limit = status_bytes('VmData') + (120 << 20)\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))\n"
+        f"shard = {str(folder / 'model.safetensors')!r}\n"
+        "try:\n"
+        "    with lib.safe_open(shard, framework='pt') as f: f.get_tensor('t7')\n"
+        "    print('mapped'); sys.exit(1)\n"
+        "except Exception as e:\n"
+        "    assert 'mmap' in str(e) or 'memory' in str(e).lower(), e\n"
+        f"with shards_read_not_mapped({str(folder)!r}, ('fakelib',)) as patched:\n"
+        "    assert patched and other.safe_open is safetensors.__dict__['_safetensors_rust']"
+        ".safe_open\n"
+        "    with lib.safe_open(shard, framework='pt') as f: t = f.get_tensor('t7')\n"
+        "    assert float(t[0]) == 7.0 and t.numel() == 1 << 20\n"
+        "assert lib.safe_open is other.safe_open is safetensors.safe_open\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-2000:]
+    # without a limit nothing is patched
+    from shrink.core.models import shards_read_not_mapped
+
+    with shards_read_not_mapped(folder, ("fakelib",)) as patched:
+        assert not patched
