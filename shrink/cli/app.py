@@ -109,3 +109,9 @@ def main(verbose, quiet):
     quiet_process()
     install_sigterm_as_interrupt()  # a kill cleans up like Ctrl-C
     peaks.RESET_OWN_PEAK = True  # the CLI owns its process: each stage gets its own peak
+    if peaks.process_limit():
+        # Arrow's default allocator (mimalloc, loaded with datasets by GPTQModel) reserves 1 GiB
+        # of writable address space on its first allocation, which a data limit (ulimit -d)
+        # counts in full; the system allocator reserves nothing. Set before Arrow is imported,
+        # and inherited by the fresh processes the CLI starts.
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")

@@ -149,3 +149,36 @@ def test_bench_table_and_markdown_share_their_cells():
     assert "pruned" in shown and "| out/pruned |" in md
     assert "size x" in shown and "size x" not in md  # each keeps its own columns
     assert "cores busy" in md and "cores busy" not in shown
+
+
+def test_under_a_data_limit_arrow_allocates_from_the_system():
+    """Arrow's mimalloc pool reserves 1 GiB of writable address space, which a data limit
+    counts: the CLI under such a limit gives Arrow (and the processes it starts) the system
+    allocator. Without a limit nothing in the environment changes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, resource, sys\n"
+        "from shrink.core.peaks import status_bytes\n"
+        "limited = sys.argv[1] == 'limited'\n"
+        "if limited:\n"
+        "    limit = status_bytes('VmData') + (6 << 30)\n"
+        "    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))\n"
+        "from shrink.cli import main\n"
+        "try:\n"
+        "    main(['estimate', 'smollm2-135m', '--drop', '1', '--ram', '8GB'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "import pyarrow\n"
+        "print(os.environ.get('ARROW_DEFAULT_MEMORY_POOL'),"
+        " pyarrow.default_memory_pool().backend_name)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    # (without a limit Arrow keeps its build's default pool: mimalloc or jemalloc)
+    for mode, want in (("limited", "system system"), ("free", "None")):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1].startswith(want), out.stdout
