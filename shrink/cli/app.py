@@ -57,6 +57,35 @@ class ShrinkGroup(click.Group):
             sys.exit(1)
 
 
+def allocate_for_a_limit() -> None:
+    """Under a data limit (``ulimit -d``, ``prlimit --data``), which counts writable address
+    space rather than resident pages, keep the allocators from holding address space they do
+    not use. For this process and, through the environment, the fresh processes it starts:
+
+    - Arrow's default pool (mimalloc, imported with datasets by GPTQModel) reserves 1 GiB on
+      its first allocation; the system allocator reserves nothing.
+    - glibc gives each thread its own arena (up to 8 per core, each growing by up to 64 MB)
+      and raises its mmap threshold to 32 MB after large frees, so freed tensors stay in the
+      heap as address space. Two arenas and a fixed 1 MB threshold (every tensor its own
+      mapping, unmapped when freed) cut GPTQ's peak under the limit by about 0.5 GB.
+    """
+    import ctypes
+    import platform
+
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    if platform.libc_ver()[0] != "glibc":
+        return
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8  # malloc.h
+    libc.mallopt(m_arena_max, int(os.environ["MALLOC_ARENA_MAX"]))
+    libc.mallopt(m_mmap_threshold, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))
+
+
 def interrupted() -> None:
     """Ctrl-C: one line and exit 130."""
     err.quiet = False
@@ -110,8 +139,4 @@ def main(verbose, quiet):
     install_sigterm_as_interrupt()  # a kill cleans up like Ctrl-C
     peaks.RESET_OWN_PEAK = True  # the CLI owns its process: each stage gets its own peak
     if peaks.process_limit():
-        # Arrow's default allocator (mimalloc, loaded with datasets by GPTQModel) reserves 1 GiB
-        # of writable address space on its first allocation, which a data limit (ulimit -d)
-        # counts in full; the system allocator reserves nothing. Set before Arrow is imported,
-        # and inherited by the fresh processes the CLI starts.
-        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+        allocate_for_a_limit()
