@@ -54,14 +54,25 @@ def too_big_to_load(
     """Whether a local safetensors folder, loaded in ``dtype``, would not fit (with 30% headroom
     for the work on it) in the memory ``device`` has for this process: then it is read one
     layer or one tensor at a time. False for anything that is not such a folder (its loader
-    says what is wrong)."""
-    if not Path(folder).is_dir():
+    says what is wrong), and for a quantized one (GPTQ): the layer-by-layer readers read float
+    checkpoints, and its loader keeps the packed weights as they are on disk."""
+    if not Path(folder).is_dir() or _quantized(Path(folder)):
         return False
     try:
         need = weights_bytes(folder, dtype)
     except ShrinkError:
         return False
     return need * 1.3 > available_memory(device)
+
+
+def _quantized(folder: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("quantization_config"))
 
 
 def decide_streaming(

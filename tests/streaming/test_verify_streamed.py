@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,19 @@ def test_a_library_opening_shards_itself_reads_them_under_a_limit(tmp_path):
 
     with shards_read_not_mapped(folder, ("fakelib",)) as patched:
         assert not patched
+
+
+def test_a_quantized_folder_is_never_read_layer_by_layer(tiny_model_dir, tmp_path, monkeypatch):
+    """The layer-by-layer readers read float checkpoints: a folder whose config says it is
+    quantized (GPTQ) is loaded by its own loader, whatever the memory, while the same folder
+    without that key is streamed when it does not fit."""
+    import shrink.streaming.memory as memory
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
+    assert memory.too_big_to_load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not memory.too_big_to_load(folder)
