@@ -73,8 +73,14 @@ def _hf_measured(
             )
     else:
         from shrink.core.models import load_model
+        from shrink.streaming.memory import quantized_cpu_dtype
 
-        loaded = load_model(str(model), **load.load_kwargs())
+        kwargs = load.load_kwargs()
+        if kwargs["dtype"] is None and (kwargs["device"] or "cpu") == "cpu":
+            # a GPTQ model whose float32 embeddings and head do not fit: bfloat16 (its
+            # kernel computes in bfloat16 anyway)
+            kwargs["dtype"] = quantized_cpu_dtype(model)
+        loaded = load_model(str(model), **kwargs)
         weights, tokenizer = loaded.model, loaded.tokenizer
     key = weights_key(weights)
     results = []

@@ -58,11 +58,25 @@ def too_big_to_load(
     checkpoints, and its loader keeps the packed weights as they are on disk."""
     if not Path(folder).is_dir() or _quantized(Path(folder)):
         return False
+    return _does_not_fit(folder, device, dtype)
+
+
+def _does_not_fit(folder: str | Path, device: str, dtype: torch.dtype) -> bool:
     try:
         need = weights_bytes(folder, dtype)
     except ShrinkError:
         return False
     return need * 1.3 > available_memory(device)
+
+
+def quantized_cpu_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype to load a quantized folder's float tensors (embeddings, LM head, norms) in on
+    the CPU: None (the loader's default, float32) when that fits this process's memory, else
+    bfloat16. GPTQModel's CPU kernel computes in bfloat16 either way; only the embeddings and
+    the head's precision change. None for a folder that is not quantized."""
+    if not Path(folder).is_dir() or not _quantized(Path(folder)):
+        return None
+    return torch.bfloat16 if _does_not_fit(folder, "cpu", torch.float32) else None
 
 
 def _quantized(folder: Path) -> bool:

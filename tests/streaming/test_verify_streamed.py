@@ -210,3 +210,8 @@ def test_a_quantized_folder_is_never_read_layer_by_layer(tiny_model_dir, tmp_pat
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (folder / "config.json").write_text(json.dumps(config))
     assert not memory.too_big_to_load(folder)
+    # its float tensors are loaded in float32 when they fit, else in bfloat16
+    assert memory.quantized_cpu_dtype(folder) == torch.bfloat16
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 40)
+    assert memory.quantized_cpu_dtype(folder) is None
+    assert memory.quantized_cpu_dtype(tiny_model_dir("llama")) is None  # not quantized
