@@ -725,19 +725,18 @@ def _read_not_mapped(location, local: bool, kwargs: dict, trust_remote_code: boo
 @contextlib.contextmanager
 def shards_read_not_mapped(location, packages: tuple[str, ...]) -> Iterator[bool]:
     """For a library that opens the checkpoint's shards itself (GPTQModel's lazy loader and its
-    disk offload): under a memory limit the checkpoint does not fit, every ``safe_open`` made
-    by ``packages`` (and through ``safetensors.safe_open``) while inside reads with pread, as
-    :func:`_read_not_mapped` does for transformers. safetensors' default maps the whole shard
-    copy-on-write, which such a limit counts in full. Nothing is patched elsewhere; every
-    patched name is restored on the way out. Yields whether it patched."""
+    disk offload, transformers loading a GPTQ folder): under a data limit, every ``safe_open``
+    made by ``packages`` (and through ``safetensors.safe_open``) while inside reads with pread.
+    safetensors' default maps the whole shard copy-on-write, which a data limit counts in full
+    beside the tensors made from it. (A container's limit counts mapped file pages as page
+    cache: nothing changes there.) Nothing is patched elsewhere; every patched name is restored
+    on the way out. Yields whether it patched."""
     import sys
 
-    from shrink.core.peaks import process_headroom
+    from shrink.core.peaks import data_limit
 
-    headroom = process_headroom()
     folder = Path(location)
-    files = safetensors_files(folder) if headroom and folder.is_dir() else []
-    if not files or sum(f.stat().st_size for f in files) < min(headroom):
+    if data_limit() is None or not folder.is_dir() or not safetensors_files(folder):
         yield False
         return
     import safetensors

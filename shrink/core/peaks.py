@@ -57,6 +57,16 @@ def process_limit() -> int | None:
     return min(limits) if limits else None
 
 
+def data_limit() -> int | None:
+    """This process's data limit (``RLIMIT_DATA``: ``ulimit -d``, ``prlimit --data``), which
+    counts writable private address space, a copy-on-write file mapping in full; None when
+    unset."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def process_headroom() -> list[int]:
     """Bytes left under each limit of :func:`process_limit` (empty when none is set)."""
     return [max(0, limit - used) for limit, used in _limits_and_use()]

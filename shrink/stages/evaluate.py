@@ -80,7 +80,10 @@ def _hf_measured(
             # a GPTQ model whose float32 embeddings and head do not fit: bfloat16 (its
             # kernel computes in bfloat16 anyway)
             kwargs["dtype"] = quantized_cpu_dtype(model)
-        loaded = load_model(str(model), **kwargs)
+        from shrink.core.models import shards_read_not_mapped
+
+        with shards_read_not_mapped(model, ("transformers", "gptqmodel", "optimum")):
+            loaded = load_model(str(model), **kwargs)
         weights, tokenizer = loaded.model, loaded.tokenizer
     key = weights_key(weights)
     results = []
