@@ -72,18 +72,10 @@ def _hf_measured(
                 show_progress=show_progress,
             )
     else:
-        from shrink.core.models import load_model
-        from shrink.streaming.memory import quantized_cpu_dtype
+        from shrink.core.models import load_model, shards_read_not_mapped
 
-        kwargs = load.load_kwargs()
-        if kwargs["dtype"] is None and (kwargs["device"] or "cpu") == "cpu":
-            # a GPTQ model whose float32 embeddings and head do not fit: bfloat16 (its
-            # kernel computes in bfloat16 anyway)
-            kwargs["dtype"] = quantized_cpu_dtype(model)
-        from shrink.core.models import shards_read_not_mapped
-
-        with shards_read_not_mapped(model, ("transformers", "gptqmodel", "optimum")):
-            loaded = load_model(str(model), **kwargs)
+        with shards_read_not_mapped(model, ("transformers",)):
+            loaded = load_model(str(model), **load.load_kwargs())
         weights, tokenizer = loaded.model, loaded.tokenizer
     key = weights_key(weights)
     results = []

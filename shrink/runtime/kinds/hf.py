@@ -74,10 +74,17 @@ class HfKind(Kind):
     def perplexity(
         self, model, make_blocks, *, load=None, batch_size: int = 4, show_progress: bool = True
     ) -> list:
-        from shrink.core.models import load_model
+        from shrink.core.models import load_model, shards_read_not_mapped
         from shrink.core.perplexity import perplexity
+        from shrink.streaming.memory import quantized_cpu_dtype
 
-        loaded = load_model(str(model), **(load.load_kwargs() if load is not None else {}))
+        kwargs = load.load_kwargs() if load is not None else {}
+        if kwargs.get("dtype") is None and (kwargs.get("device") or "cpu") == "cpu":
+            # a GPTQ model whose float32 embeddings and head do not fit this process: bfloat16
+            # (its CPU kernel computes in bfloat16 anyway); None leaves the loader's default
+            kwargs["dtype"] = quantized_cpu_dtype(model)
+        with shards_read_not_mapped(model, ("transformers", "gptqmodel", "optimum")):
+            loaded = load_model(str(model), **kwargs)
         results = []
         for blocks in make_blocks(loaded.tokenizer):
             r = perplexity(
