@@ -428,6 +428,20 @@ def _evaluate(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePl
         plan.device_bytes = max(plan.device_bytes, q + work)
         plan.note += f"; the {st.gptq_bits}-bit model whole on the GPU"
         plan.short = b.short(plan.device_bytes, plan.host_bytes)
+    elif st.gptq_bits:
+        # the GPTQ folder is loaded whole (its packed layers cannot be streamed), its float
+        # tensors in float32 unless twice that does not fit, then in bfloat16 (as
+        # shrink.streaming.memory.quantized_cpu_dtype decides); the CPU kernel repacks each
+        # Linear's weights on its first forward through int32 copies
+        q = weight_memory(cfg, m.drop, st.gptq_bits, st.group_size)
+        float32 = q.linear_bytes + 2 * q.other_bytes
+        weights = float32 if 2 * float32 <= b.ram else q.total_bytes
+        repack = 4 * 4 * max(k * n for _, k, n in layer_linears(m.shape))
+        work = _batch_bytes(m, min(st.batch_size, st.eval_samples), st.eval_seq_len, 4)
+        plan.host_bytes = max(plan.host_bytes, b.runtime + weights + repack + work)
+        precision = "float32" if weights == float32 else "bfloat16"
+        plan.note += f"; the {st.gptq_bits}-bit model whole ({precision} embeddings)"
+        plan.short = b.short(plan.device_bytes, plan.host_bytes)
     return plan
 
 

@@ -187,3 +187,21 @@ def test_gguf_export_row_holds_its_importance_matrix_walk():
     streamed = row("16GB")
     assert streamed.note.startswith("the importance matrix (streamed, 32-bit)")
     assert plain.host_bytes <= streamed.host_bytes < 4 * GB and streamed.fits
+
+
+def test_evaluate_row_on_a_cpu_holds_the_gptq_model_whole():
+    """On a CPU the evaluate stage loads the GPTQ folder whole (packed layers cannot be
+    streamed): float32 embeddings when twice that fits the RAM, else bfloat16 ones."""
+    from shrink.analysis.estimate import weight_memory
+
+    cfg = load_config("smollm2-135m")
+    q = weight_memory(cfg, 6, 4, 128)
+    big = plan_for_estimate("smollm2-135m", 6, "none", "64GB").stage("evaluate")
+    assert "4-bit model whole (float32 embeddings)" in big.note
+    assert big.host_bytes > q.linear_bytes + 2 * q.other_bytes
+    small = plan_for_estimate("smollm2-135m", 6, "none", "0.3GB").stage("evaluate")
+    assert "4-bit model whole (bfloat16 embeddings)" in small.note
+    assert small.host_bytes < big.host_bytes
+    no_gptq = PlanSettings(gptq_bits=None)
+    plain = plan_for_estimate("smollm2-135m", 6, "none", "64GB", settings=no_gptq)
+    assert "4-bit" not in plain.stage("evaluate").note
