@@ -261,3 +261,32 @@ def test_smollm2_4bit_perplexity(embedded_dir, tmp_path, needs_gptq):
     assert result.size_bytes_after < result.size_bytes_before / 2.5
     assert result.perplexity_after < 1.5 * result.perplexity_before
     assert result.verification["finite_logits"]
+
+
+def test_under_a_memory_limit_a_gptq_model_is_measured_in_a_fresh_process(tiny_gptq, monkeypatch):
+    """Under a memory limit the evaluate stage measures a GPTQ folder in a fresh process (its
+    memory then holds the 4-bit model alone); the values equal the in-process ones."""
+    import shrink.core.peaks as peaks
+    import shrink.runtime.worker as worker
+    from shrink.core.measures import PerplexityBook
+    from shrink.stages.configs import EvaluateConfig
+    from shrink.stages.evaluate import evaluate
+
+    out, _ = tiny_gptq
+    ev = EvaluateConfig(samples=2, seq_len=32)
+    here = evaluate(str(out), ev, show_progress=False, book=PerplexityBook())
+    tasks = []
+    real = worker.run_worker
+
+    def spy(task, **kw):
+        tasks.append(task)
+        return real(task, **kw)
+
+    monkeypatch.setattr(worker, "run_worker", spy)
+    monkeypatch.setattr("shrink.runtime.kinds.gptq.run_worker", spy)
+    monkeypatch.setattr(peaks, "process_limit", lambda: 64 << 30)
+    fresh = evaluate(str(out), ev, show_progress=False, book=PerplexityBook())
+    assert tasks == ["shrink.runtime.kinds.gptq:measure_blocks"]
+    assert fresh.perplexity == pytest.approx(here.perplexity, rel=1e-5)
+    assert fresh.second.perplexity == pytest.approx(here.second.perplexity, rel=1e-5)
+    assert fresh.data == here.data

@@ -28,6 +28,36 @@ class GptqKind(HfKind):
     def load_kwargs(self, device: str) -> dict:
         return {"device_map": device}
 
+    def perplexity(
+        self, model, make_blocks, *, load=None, batch_size: int = 4, show_progress: bool = True
+    ) -> list:
+        """As a Hugging Face folder's; under a memory limit in a fresh process, whose memory
+        holds the 4-bit model alone (a build's process also holds what its earlier stages,
+        GPTQModel's among them, left behind)."""
+        from shrink.core.peaks import process_limit
+
+        if process_limit() is None or not Path(model).is_dir():
+            return super().perplexity(
+                model, make_blocks, load=load, batch_size=batch_size, show_progress=show_progress
+            )
+        from transformers import AutoTokenizer
+
+        from shrink.core.perplexity import PerplexityResult
+
+        all_blocks = make_blocks(AutoTokenizer.from_pretrained(model))
+        device = load.load_kwargs().get("device") if load is not None else None
+        r = run_worker(
+            "shrink.runtime.kinds.gptq:measure_blocks",
+            path=str(model),
+            blocks=[b.input_ids.tolist() for b in all_blocks],
+            batch_size=batch_size,
+            device=device,
+        )
+        return [
+            PerplexityResult(x["perplexity"], x["nll"], x["tokens"], x["seconds"], b.describe())
+            for x, b in zip(r["results"], all_blocks)
+        ]
+
     def measure_kwargs(self, device: str) -> dict:
         return {"device_map": device}
 
@@ -90,3 +120,24 @@ class GptqKind(HfKind):
             ]
             + hf.usage,
         )
+
+
+def measure_blocks(path: str, blocks: list, batch_size: int = 4, device: str | None = None) -> dict:
+    """Perplexity of the GPTQ folder on each set of token blocks (run in a fresh process by
+    :meth:`GptqKind.perplexity`): {results: [{perplexity, nll, tokens, seconds}]}."""
+    import torch
+
+    from shrink.core.models import load_model, shards_read_not_mapped
+    from shrink.core.perplexity import perplexity
+    from shrink.streaming.memory import quantized_cpu_dtype
+
+    dtype = quantized_cpu_dtype(path) if (device or "cpu") == "cpu" else None
+    with shards_read_not_mapped(path, ("transformers", "gptqmodel", "optimum")):
+        loaded = load_model(path, dtype=dtype, device=device)
+    out = []
+    for ids in blocks:
+        r = perplexity(loaded.model, torch.tensor(ids), batch_size=batch_size, show_progress=False)
+        out.append(
+            {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "seconds": r.seconds}
+        )
+    return {"results": out}
