@@ -205,3 +205,15 @@ def test_evaluate_row_on_a_cpu_holds_the_gptq_model_whole():
     no_gptq = PlanSettings(gptq_bits=None)
     plain = plan_for_estimate("smollm2-135m", 6, "none", "64GB", settings=no_gptq)
     assert "4-bit" not in plain.stage("evaluate").note
+
+
+def test_stages_after_gptq_carry_what_gptqmodel_leaves_in_the_process():
+    from shrink.analysis.memory import GPTQ_LEFTOVER
+
+    def row(name, bits):
+        settings = PlanSettings(gptq_bits=bits, gguf="q4_k_m")
+        return plan_for_estimate("llama-2-13b", 10, "none", "64GB", settings=settings).stage(name)
+
+    assert row("export gguf", 4).host_bytes == row("export gguf", None).host_bytes + GPTQ_LEFTOVER
+    # evaluate's row also holds the 4-bit model when there is one: at least the leftover more
+    assert row("evaluate", 4).host_bytes >= row("evaluate", None).host_bytes + GPTQ_LEFTOVER
