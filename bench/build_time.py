@@ -29,6 +29,7 @@ AUTO_CANDIDATES = 3  # bi, angular, relmag (shrink.stages.auto.DEFAULT_CANDIDATE
 # the GGUF check in a fresh process (shrink.runtime.gguf.verify_gguf's defaults): one 256-token
 # block through llama.cpp and PyTorch for the logit comparison, and perplexity on 4 x 256 tokens
 # in llama.cpp unless it measured the evaluation sets instead
+RATE_ROUNDS = 8  # matmul-rate measurements; the best one sets the floor
 GGUF_CHECK_LEN = 256
 GGUF_CHECK_BLOCK_TOKENS = 2 * GGUF_CHECK_LEN
 GGUF_VERIFY_TOKENS = 4 * GGUF_CHECK_LEN + GGUF_CHECK_BLOCK_TOKENS
@@ -218,12 +219,22 @@ def matmul_rate(s: dict, rows: int = 1024, seconds: float = 0.5) -> dict:
     }
 
 
+def best_rate(s: dict, rounds: int = RATE_ROUNDS) -> dict:
+    """:func:`matmul_rate` ``rounds`` times; the best one, with every round's figure. On a shared
+    machine consecutive rounds differ by up to 40% (171 to 241 GFLOP/s within a few seconds on
+    a 2-core VM): the best is what the machine can do, so the floor it gives is the lowest one
+    and the ratio the least flattering."""
+    runs = [matmul_rate(s) for _ in range(rounds)]
+    best = max(runs, key=lambda r: r["flops_per_second"])
+    return {**best, "rounds_gflops": [round(r["flops_per_second"] / 1e9, 1) for r in runs]}
+
+
 def analyse(out_dir: Path) -> dict:
     report = json.loads((out_dir / "report.json").read_text())
     cfg = json.loads((out_dir / "model" / "config.json").read_text())
     s = shapes(cfg.get("text_config") or cfg)
     load_before = os.getloadavg()
-    rate = matmul_rate(s)
+    rate = best_rate(s)
     load_after = os.getloadavg()
     flops = stage_flops(report, s)
     rows = []
@@ -283,7 +294,9 @@ def markdown(r: dict) -> str:
         f"torch {r['machine']['torch']}. Command: `{r['command']}`.",
         "",
         f"Matmul rate measured in this run on the model's own shapes ({m['rows']} tokens x each "
-        f"linear and the LM head, float32, {m['threads']} threads): "
+        f"linear and the LM head, float32, {m['threads']} threads), the best of "
+        f"{len(m.get('rounds_gflops') or [1])} rounds "
+        f"({', '.join(str(x) for x in m.get('rounds_gflops') or [])} GFLOP/s): "
         f"**{m['flops_per_second'] / 1e9:.1f} GFLOP/s**. Load average (1, 5, 15 min) before "
         f"{_load(r['load_average']['before'])}, after {_load(r['load_average']['after'])}.",
         "",
