@@ -138,5 +138,5 @@ def main(verbose, quiet):
     quiet_process()
     install_sigterm_as_interrupt()  # a kill cleans up like Ctrl-C
     peaks.RESET_OWN_PEAK = True  # the CLI owns its process: each stage gets its own peak
-    if peaks.process_limit():
+    if peaks.data_limit():
         allocate_for_a_limit()

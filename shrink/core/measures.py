@@ -28,8 +28,8 @@ from shrink.core.perplexity import PerplexityResult, perplexity
 # Files whose bytes are a folder's weights (config and tokenizer files are hashed beside them).
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".data", ".gguf", ".bin")
 _CHUNK = 1 << 24
-# sha256: the CPUs shrink runs on hash it in hardware (SHA extensions), about twice blake2b's
-# speed; a build keys every model it measures, hundreds of MB each
+# Keys are sha256 digests: CPUs with SHA extensions hash it at about twice blake2b's speed, and a
+# build keys every model it measures, hundreds of MB each.
 
 
 def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
