@@ -81,11 +81,18 @@ def env(**values: str | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def third_party_quiet() -> Iterator[None]:
-    """Everything a library call may quiet, restored afterwards: transformers, the noisy loggers
-    and Python warnings."""
-    with hf_quiet(), loggers_at(logging.ERROR, *NOISY_LOGGERS), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """Everything a library call may quiet or change, restored afterwards: transformers, the
+    noisy loggers, Python warnings and the environment (GPTQModel, imported by peft's LoRA
+    dispatch, sets PYTORCH_ALLOC_CONF and CUDA_DEVICE_ORDER on import)."""
+    saved = dict(os.environ)
+    try:
+        with hf_quiet(), loggers_at(logging.ERROR, *NOISY_LOGGERS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,10 @@ def test_quiet_helpers_restore_what_they_change():
         assert transformers.logging.get_verbosity() == transformers.logging.ERROR
     assert transformers.logging.get_verbosity() == transformers.logging.WARNING
     assert logging.getLogger("torchao").level == level and warnings.filters == filters
+    os.environ.pop("SHRINK_TEST_SET", None)
+    with third_party_quiet():  # a library that sets variables on import (GPTQModel does)
+        os.environ["SHRINK_TEST_SET"] = "1"
+    assert "SHRINK_TEST_SET" not in os.environ
     os.environ.pop("SHRINK_TEST_VAR", None)
     with env(SHRINK_TEST_VAR="1"):
         assert os.environ["SHRINK_TEST_VAR"] == "1"

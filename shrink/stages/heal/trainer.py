@@ -327,7 +327,10 @@ def trainable_model(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lcfg)
+    from shrink.core.quiet import third_party_quiet
+
+    with third_party_quiet():  # peft's dispatch imports GPTQModel, which sets variables
+        return get_peft_model(model, lcfg)
 
 
 @dataclass
