@@ -90,9 +90,11 @@ def third_party_quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        if dict(os.environ) != saved:
-            os.environ.clear()
-            os.environ.update(saved)
+        for k in set(os.environ) - set(saved):
+            del os.environ[k]
+        for k, v in saved.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
