@@ -263,10 +263,9 @@ def quantize(
                 )
             except (ValueError, TypeError) as e:
                 raise ShrinkError(f"GPTQModel refuses these settings: {first_line(e)}") from None
-            # under a memory limit the checkpoint does not fit, GPTQModel's lazy loader reads
-            # its shards with pread instead of mapping each whole shard
-            reads = shards_read_not_mapped(resolved.location, ("gptqmodel",))
-            with reads:
+            # under a data limit GPTQModel's lazy loader reads its shards with pread instead of
+            # mapping each whole shard copy-on-write
+            with shards_read_not_mapped(resolved.location, ("gptqmodel",)):
                 try:
                     qmodel = GPTQModel.load(resolved.location, qconfig)
                 except Exception as e:  # noqa: BLE001 - unsupported architectures: one line

@@ -81,8 +81,9 @@ def quantized_cpu_dtype(folder: str | Path) -> torch.dtype | None:
     except ShrinkError:
         return None
     # twice the weights: loading holds temporaries, and the CPU kernel repacks each layer's
-    # weights on its first forward (a 5.1 GB model's 4-bit folder, 0.78 GB: 1.2 GB of weights
-    # in float32, 1.6 GB more after loading and 2.0 GB after a forward)
+    # weights on its first forward (measured on a 5.1 GB model's 4-bit folder, 0.78 GB on disk
+    # and 1.2 GB of weights in float32: loading took 1.6 GB, and the first forward then failed
+    # with 1.9 GB of headroom; in bfloat16, 0.8 GB after loading and 1.2 GB after a forward)
     return torch.bfloat16 if need * 2 > available_memory("cpu") else None
 
 
