@@ -104,6 +104,14 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
         if p.get("bridge") in ("linear", "auto"):
             f += body * T_cal
             formula += " + F_dense T_cal (the dense pass the bridge fits read)"
+        walks = candidate_bridge_walks(report.get("_prune_record") or {})
+        if walks:
+            layer = forward(s, 1, n, head=False)
+            f += walks * layer * T_cal
+            formula += (
+                f" + {walks} layer passes x F_layer T_cal (the auto candidates' bridge fits, "
+                "each walking its bridged layers)"
+            )
         out["prune"] = {"flops": f, "formula": formula}
     h = st.get("heal") or {}
     if h:
@@ -148,6 +156,27 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
             "formula": f"F T_eval for each of {', '.join(n) or 'none'}",
         }
     return out
+
+
+def candidate_bridge_walks(prune_record: dict) -> int:
+    """Layer passes over the calibration blocks that ``--strategy auto`` spends fitting its
+    candidates' bridges (shrink.core.bridge.apply_bridges with the dense states recorded): the
+    first run's kept layer k once, then for each later run the kept layers from the previous
+    run's k (again, now with its bridge folded in) up to this run's k. The winner's fits are
+    reused by the prune, so every candidate counts once."""
+    auto = (prune_record.get("calibration") or {}).get("auto") or {}
+    total = 0
+    for c in auto.get("candidates") or []:
+        removed = set(c.get("layers") or [])
+        ks = sorted(
+            r["folded_into"] for r in c.get("bridge") or [] if r.get("folded_into") is not None
+        )
+        if not ks:
+            continue
+        total += 1
+        for prev, k in zip(ks, ks[1:]):
+            total += sum(1 for i in range(prev, k + 1) if i not in removed)
+    return total
 
 
 def _gguf_flops(g: dict, s: dict, layers: tuple[int, int], n_eval: int) -> dict:
@@ -232,6 +261,10 @@ def best_rate(s: dict, rounds: int = RATE_ROUNDS) -> dict:
 def analyse(out_dir: Path) -> dict:
     report = json.loads((out_dir / "report.json").read_text())
     cfg = json.loads((out_dir / "model" / "config.json").read_text())
+    record = out_dir / "model" / "shrink.json"  # the prune stage's record, the candidates in it
+    if record.is_file():
+        stages = json.loads(record.read_text()).get("stages") or []
+        report["_prune_record"] = next((x for x in stages if x.get("stage") == "prune"), {})
     s = shapes(cfg.get("text_config") or cfg)
     load_before = os.getloadavg()
     rate = best_rate(s)

@@ -118,3 +118,24 @@ def test_gguf_export_floor_counts_only_work_done_in_this_build(tmp_path, monkeyp
 
 def test_refuses_a_folder_without_report(tmp_path):
     assert _module().main([str(tmp_path)]) == 2
+
+
+def test_auto_candidates_bridge_walks_are_in_the_prune_floor(tmp_path, monkeypatch):
+    """Each auto candidate fits its bridges on its own pruned stream: its first bridged layer
+    once, then from each bridged layer (again, folded) up to the next one."""
+    bt = _module_at_1_gflops(monkeypatch)
+    folder = _stub(tmp_path)
+    base = {x["stage"]: x for x in bt.analyse(folder)["stages"]}["prune"]["flops"]
+    candidates = [
+        # runs folded into layers 0 and 3 (layer 1 removed): 1 + layers 0, 2, 3 = 4 passes
+        {"layers": [1, 4], "bridge": [{"folded_into": 0}, {"folded_into": 3}]},
+        {"layers": [2, 3], "bridge": [{"folded_into": 1}]},  # one run: 1 pass
+        {"layers": [0, 1], "bridge": [{"folded_into": None}]},  # not bridged: none
+    ]
+    record = {"stages": [{"stage": "prune", "calibration": {"auto": {"candidates": candidates}}}]}
+    (folder / "model" / "shrink.json").write_text(json.dumps(record))
+    row = {x["stage"]: x for x in bt.analyse(folder)["stages"]}["prune"]
+    s = bt.shapes(CONFIG)
+    layer = 2 * s["layer_params"] + 4 * 64 * (8 + 1) / 2  # one layer, 8-token blocks
+    assert row["flops"] == base + 5 * layer * 2 * 8
+    assert "5 layer passes" in row["formula"]
