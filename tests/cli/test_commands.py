@@ -158,6 +158,9 @@ def test_under_a_data_limit_the_allocators_hold_no_idle_address_space():
     import subprocess
     import sys
 
+    import pytest
+
+    pytest.importorskip("pyarrow")  # installed with datasets (GPTQModel's dependency)
     code = (
         "import os, resource, sys\n"
         "from shrink.core.peaks import status_bytes\n"
