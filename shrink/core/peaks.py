@@ -73,12 +73,10 @@ def process_headroom() -> list[int]:
 
 
 def _limits_and_use() -> list[tuple[int, int]]:
-    import resource
-
     out = []
-    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
-    if soft != resource.RLIM_INFINITY:
-        out.append((int(soft), status_bytes("VmData") or 0))
+    data = data_limit()
+    if data is not None:
+        out.append((data, status_bytes("VmData") or 0))
     try:  # cgroup v2: the container's limit and what the whole group uses
         cg = Path("/sys/fs/cgroup")
         text = (cg / "memory.max").read_text().strip()

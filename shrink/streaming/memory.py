@@ -61,12 +61,14 @@ def too_big_to_load(
     return _does_not_fit(folder, device, dtype)
 
 
-def _does_not_fit(folder: str | Path, device: str, dtype: torch.dtype) -> bool:
+def _does_not_fit(folder: str | Path, device: str, dtype: torch.dtype, margin: float = 1.3) -> bool:
+    """Whether the folder's weights in ``dtype``, times ``margin`` for the work on them, exceed
+    what ``device`` has for this process (False when the folder has no safetensors)."""
     try:
         need = weights_bytes(folder, dtype)
     except ShrinkError:
         return False
-    return need * 1.3 > available_memory(device)
+    return need * margin > available_memory(device)
 
 
 def quantized_cpu_dtype(folder: str | Path) -> torch.dtype | None:
@@ -76,15 +78,11 @@ def quantized_cpu_dtype(folder: str | Path) -> torch.dtype | None:
     the head's precision change. None for a folder that is not quantized."""
     if not Path(folder).is_dir() or not _quantized(Path(folder)):
         return None
-    try:
-        need = weights_bytes(folder, torch.float32)
-    except ShrinkError:
-        return None
     # twice the weights: loading holds temporaries, and the CPU kernel repacks each layer's
     # weights on its first forward (measured on a 5.1 GB model's 4-bit folder, 0.78 GB on disk
     # and 1.2 GB of weights in float32: loading took 1.6 GB, and the first forward then failed
     # with 1.9 GB of headroom; in bfloat16, 0.8 GB after loading and 1.2 GB after a forward)
-    return torch.bfloat16 if need * 2 > available_memory("cpu") else None
+    return torch.bfloat16 if _does_not_fit(folder, "cpu", torch.float32, margin=2.0) else None
 
 
 def _quantized(folder: Path) -> bool:
