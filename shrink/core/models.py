@@ -656,6 +656,9 @@ def from_pretrained_checked(
     try:
         with (
             third_party_quiet(),
+            # under a data limit: pread instead of copy-on-write mappings, for transformers and
+            # the GPTQ loaders it hands a quantized folder to
+            shards_read_not_mapped(location, ("transformers", "gptqmodel", "optimum")),
             _read_not_mapped(location, local, kwargs, trust_remote_code) as model_class,
         ):
             kwargs["use_safetensors"] = True

@@ -72,10 +72,9 @@ def _hf_measured(
                 show_progress=show_progress,
             )
     else:
-        from shrink.core.models import load_model, shards_read_not_mapped
+        from shrink.core.models import load_model
 
-        with shards_read_not_mapped(model, ("transformers",)):
-            loaded = load_model(str(model), **load.load_kwargs())
+        loaded = load_model(str(model), **load.load_kwargs())
         weights, tokenizer = loaded.model, loaded.tokenizer
     key = weights_key(weights)
     results = []

@@ -127,13 +127,10 @@ def measure_blocks(path: str, blocks: list, batch_size: int = 4, device: str | N
     :meth:`GptqKind.perplexity`): {results: [{perplexity, nll, tokens, seconds}]}."""
     import torch
 
-    from shrink.core.models import load_model, shards_read_not_mapped
     from shrink.core.perplexity import perplexity
-    from shrink.streaming.memory import quantized_cpu_dtype
+    from shrink.runtime.kinds.hf import load_for_measuring
 
-    dtype = quantized_cpu_dtype(path) if (device or "cpu") == "cpu" else None
-    with shards_read_not_mapped(path, ("transformers", "gptqmodel", "optimum")):
-        loaded = load_model(path, dtype=dtype, device=device)
+    loaded = load_for_measuring(path, device=device)
     out = []
     for ids in blocks:
         r = perplexity(loaded.model, torch.tensor(ids), batch_size=batch_size, show_progress=False)

@@ -26,6 +26,18 @@ def quant_method(path: Path) -> str:
     return str((cfg.get("quantization_config") or {}).get("quant_method", "")).lower()
 
 
+def load_for_measuring(model, dtype=None, device: str | None = None, **kwargs):
+    """:func:`shrink.core.models.load_model`, but a quantized folder whose float32 embeddings
+    and head do not fit this process loads them in bfloat16 on the CPU (GPTQModel's CPU kernel
+    computes in bfloat16 anyway; see :func:`shrink.streaming.memory.quantized_cpu_dtype`)."""
+    from shrink.core.models import load_model
+    from shrink.streaming.memory import quantized_cpu_dtype
+
+    if dtype is None and (device or "cpu") == "cpu":
+        dtype = quantized_cpu_dtype(model)  # None leaves the loader's default
+    return load_model(str(model), dtype=dtype, device=device, **kwargs)
+
+
 class HfKind(Kind):
     """A plain Hugging Face model folder, in float precision."""
 
@@ -74,17 +86,9 @@ class HfKind(Kind):
     def perplexity(
         self, model, make_blocks, *, load=None, batch_size: int = 4, show_progress: bool = True
     ) -> list:
-        from shrink.core.models import load_model, shards_read_not_mapped
         from shrink.core.perplexity import perplexity
-        from shrink.streaming.memory import quantized_cpu_dtype
 
-        kwargs = load.load_kwargs() if load is not None else {}
-        if kwargs.get("dtype") is None and (kwargs.get("device") or "cpu") == "cpu":
-            # a GPTQ model whose float32 embeddings and head do not fit this process: bfloat16
-            # (its CPU kernel computes in bfloat16 anyway); None leaves the loader's default
-            kwargs["dtype"] = quantized_cpu_dtype(model)
-        with shards_read_not_mapped(model, ("transformers", "gptqmodel", "optimum")):
-            loaded = load_model(str(model), **kwargs)
+        loaded = load_for_measuring(model, **(load.load_kwargs() if load is not None else {}))
         results = []
         for blocks in make_blocks(loaded.tokenizer):
             r = perplexity(
