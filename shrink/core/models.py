@@ -679,7 +679,10 @@ def from_pretrained_checked(
                     cfg = AutoConfig.from_pretrained(
                         str(location), trust_remote_code=trust_remote_code
                     )
-                check_checkpoint(location, meta_model(cfg, trust_remote_code), tensors)
+                # a quantized folder's packed tensors are not the float model's state_dict (as
+                # in check_model_folder): its own error is the one to show
+                if not getattr(cfg, "quantization_config", None):
+                    check_checkpoint(location, meta_model(cfg, trust_remote_code), tensors)
             except ShrinkError:
                 raise
             except Exception:  # noqa: BLE001 - the diagnosis failed: fall back to the message

@@ -290,3 +290,22 @@ def test_under_a_memory_limit_a_gptq_model_is_measured_in_a_fresh_process(tiny_g
     assert fresh.perplexity == pytest.approx(here.perplexity, rel=1e-5)
     assert fresh.second.perplexity == pytest.approx(here.second.perplexity, rel=1e-5)
     assert fresh.data == here.data
+
+
+def test_a_gptq_folder_that_fails_to_load_names_the_real_error(tiny_gptq, monkeypatch):
+    """A load failure of a GPTQ folder is reported as it happened, not as a mismatch between
+    its packed tensors and the float model's (which every GPTQ folder has)."""
+    from transformers import AutoModelForCausalLM
+
+    from shrink.core.errors import ShrinkError
+    from shrink.core.models import from_pretrained_checked
+
+    out, _ = tiny_gptq
+
+    def fail(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fail)
+    with pytest.raises(ShrinkError, match="can't allocate memory") as e:
+        from_pretrained_checked(out)
+    assert "does not match" not in str(e.value)
