@@ -82,8 +82,9 @@ def _tokens(section: dict | None, samples_key: str = "samples") -> int:
     return int(section.get(samples_key) or 0) * int(section.get("seq_len") or 0)
 
 
-def stage_flops(report: dict, s: dict) -> dict[str, dict]:
-    """{stage: {"flops": F, "formula": text}} for the stages the build ran."""
+def stage_flops(report: dict, s: dict, prune_record: dict | None = None) -> dict[str, dict]:
+    """{stage: {"flops": F, "formula": text}} for the stages the build ran. ``prune_record``:
+    the prune stage's record in the output's shrink.json (auto's candidates are in it)."""
     st = report.get("settings") or {}
     L0, L1 = report["num_layers"]
     ev = st.get("evaluate") or {}
@@ -104,7 +105,7 @@ def stage_flops(report: dict, s: dict) -> dict[str, dict]:
         if p.get("bridge") in ("linear", "auto"):
             f += body * T_cal
             formula += " + F_dense T_cal (the dense pass the bridge fits read)"
-        walks = candidate_bridge_walks(report.get("_prune_record") or {})
+        walks = candidate_bridge_walks(prune_record or {})
         if walks:
             layer = forward(s, 1, n, head=False)
             f += walks * layer * T_cal
@@ -261,15 +262,14 @@ def best_rate(s: dict, rounds: int = RATE_ROUNDS) -> dict:
 def analyse(out_dir: Path) -> dict:
     report = json.loads((out_dir / "report.json").read_text())
     cfg = json.loads((out_dir / "model" / "config.json").read_text())
-    record = out_dir / "model" / "shrink.json"  # the prune stage's record, the candidates in it
-    if record.is_file():
-        stages = json.loads(record.read_text()).get("stages") or []
-        report["_prune_record"] = next((x for x in stages if x.get("stage") == "prune"), {})
+    record = out_dir / "model" / "shrink.json"
+    stages = json.loads(record.read_text()).get("stages") or [] if record.is_file() else []
+    prune_record = next((x for x in stages if x.get("stage") == "prune"), None)
     s = shapes(cfg.get("text_config") or cfg)
     load_before = os.getloadavg()
     rate = best_rate(s)
     load_after = os.getloadavg()
-    flops = stage_flops(report, s)
+    flops = stage_flops(report, s, prune_record)
     rows = []
     for st in report.get("stages", []):
         wall = float(st.get("seconds") or 0.0)
