@@ -64,6 +64,9 @@ HOST_RESERVE = 0.10  # of the RAM, for the OS and the page cache
 NF4_BITS = 4.127  # bitsandbytes NF4 with double-quantized absmax
 COPY_BUFFER = 64 << 20
 LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk (shrink.streaming.perplexity.LOGIT_BYTES)
+# a GPTQ folder's float tensors stay float32 on the CPU when this many times its float32
+# weights fit, else bfloat16 (shrink.streaming.memory.QUANTIZED_FLOAT32_MARGIN)
+QUANTIZED_FLOAT32_MARGIN = 2.0
 GGUF_BITS = {
     "f32": 32,
     "f16": 16,
@@ -433,12 +436,12 @@ def _evaluate(m: ModelFacts, b: _Budget, st: PlanSettings, cfg: dict) -> StagePl
         plan.short = b.short(plan.device_bytes, plan.host_bytes)
     elif st.gptq_bits:
         # the GPTQ folder is loaded whole (its packed layers cannot be streamed), its float
-        # tensors in float32 unless twice that does not fit, then in bfloat16 (as
-        # shrink.streaming.memory.quantized_cpu_dtype decides); the CPU kernel repacks each
-        # Linear's weights on its first forward through int32 copies
+        # tensors in float32 unless QUANTIZED_FLOAT32_MARGIN times that does not fit, then in
+        # bfloat16 (as shrink.streaming.memory.quantized_cpu_dtype decides); the CPU kernel
+        # repacks each Linear's weights on its first forward through int32 copies
         q = weight_memory(cfg, m.drop, st.gptq_bits, st.group_size)
-        float32 = q.linear_bytes + 2 * q.other_bytes
-        weights = float32 if 2 * float32 <= b.ram else q.total_bytes
+        float32 = q.linear_bytes + 2 * q.other_bytes  # the 16-bit float tensors doubled
+        weights = float32 if QUANTIZED_FLOAT32_MARGIN * float32 <= b.ram else q.total_bytes
         repack = 4 * 4 * max(k * n for _, k, n in layer_linears(m.shape))
         work = _batch_bytes(m, min(st.batch_size, st.eval_samples), st.eval_seq_len, 4)
         plan.host_bytes = max(plan.host_bytes, b.runtime + weights + repack + work)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from shrink.core.errors import ShrinkError
+from shrink.core.hfconfig import quant_method
 from shrink.core.models import check_device, parse_dtype
 from shrink.core.progress import stderr
 from shrink.streaming.checkpoint import Checkpoint, load_folder_config, weights_bytes
@@ -56,7 +57,7 @@ def too_big_to_load(
     layer or one tensor at a time. False for anything that is not such a folder (its loader
     says what is wrong), and for a quantized one (GPTQ): the layer-by-layer readers read float
     checkpoints, and its loader keeps the packed weights as they are on disk."""
-    if not Path(folder).is_dir() or _quantized(Path(folder)):
+    if not Path(folder).is_dir() or quant_method(folder):
         return False
     return _does_not_fit(folder, device, dtype)
 
@@ -71,28 +72,25 @@ def _does_not_fit(folder: str | Path, device: str, dtype: torch.dtype, margin: f
     return need * margin > available_memory(device)
 
 
+# A quantized folder's float tensors load in float32 only when this many times its weights (in
+# float32) fit: loading holds temporaries, and the CPU kernel repacks each layer's weights on
+# its first forward (measured on a 5.1 GB model's 4-bit folder, 0.78 GB on disk and 1.2 GB of
+# weights in float32: loading took 1.6 GB, and the first forward then failed with 1.9 GB of
+# headroom; in bfloat16, 0.8 GB after loading and 1.2 GB after a forward). The memory plan's
+# evaluate row applies the same rule (shrink.analysis.memory.QUANTIZED_FLOAT32_MARGIN).
+QUANTIZED_FLOAT32_MARGIN = 2.0
+
+
 def quantized_cpu_dtype(folder: str | Path) -> torch.dtype | None:
     """The dtype to load a quantized folder's float tensors (embeddings, LM head, norms) in on
-    the CPU: None (the loader's default, float32) when that fits this process's memory, else
-    bfloat16. GPTQModel's CPU kernel computes in bfloat16 either way; only the embeddings and
-    the head's precision change. None for a folder that is not quantized."""
-    if not Path(folder).is_dir() or not _quantized(Path(folder)):
+    the CPU: None (the loader's default, float32) when ``QUANTIZED_FLOAT32_MARGIN`` times that
+    fits this process's memory, else bfloat16. GPTQModel's CPU kernel computes in bfloat16
+    either way; only the embeddings and the head's precision change. None for a folder that is
+    not quantized."""
+    if not Path(folder).is_dir() or not quant_method(folder):
         return None
-    # twice the weights: loading holds temporaries, and the CPU kernel repacks each layer's
-    # weights on its first forward (measured on a 5.1 GB model's 4-bit folder, 0.78 GB on disk
-    # and 1.2 GB of weights in float32: loading took 1.6 GB, and the first forward then failed
-    # with 1.9 GB of headroom; in bfloat16, 0.8 GB after loading and 1.2 GB after a forward)
-    return torch.bfloat16 if _does_not_fit(folder, "cpu", torch.float32, margin=2.0) else None
-
-
-def _quantized(folder: Path) -> bool:
-    import json
-
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and bool(config.get("quantization_config"))
+    too_big = _does_not_fit(folder, "cpu", torch.float32, margin=QUANTIZED_FLOAT32_MARGIN)
+    return torch.bfloat16 if too_big else None
 
 
 def decide_streaming(

@@ -131,6 +131,26 @@ def test_logit_chunk_is_the_streamed_perplexity_one():
     assert LOGIT_BYTES == perplexity.LOGIT_BYTES
 
 
+def test_gptq_float32_margin_is_the_quantized_loader_one():
+    """The evaluate row keeps a GPTQ folder's float tensors in float32 exactly when the loader
+    does: while QUANTIZED_FLOAT32_MARGIN times their float32 size fits the usable RAM."""
+    from shrink.analysis.estimate import weight_memory
+    from shrink.analysis.memory import HOST_RESERVE, QUANTIZED_FLOAT32_MARGIN
+    from shrink.streaming import memory
+
+    assert QUANTIZED_FLOAT32_MARGIN == memory.QUANTIZED_FLOAT32_MARGIN
+    cfg = load_config("smollm2-135m")
+    st = PlanSettings()
+    q = weight_memory(cfg, 6, st.gptq_bits, st.group_size)
+    edge = QUANTIZED_FLOAT32_MARGIN * (q.linear_bytes + 2 * q.other_bytes) / (1 - HOST_RESERVE)
+
+    def note(ram: float) -> str:
+        return plan_build(cfg, gpu_bytes=0, ram_bytes=ram, drop=6).stage("evaluate").note
+
+    assert "(float32 embeddings)" in note(edge * 1.001)
+    assert "(bfloat16 embeddings)" in note(edge * 0.999)
+
+
 def test_parse_memory():
     assert parse_memory("24GB", "gpu") == 24 * GIB == parse_memory("24 GiB", "gpu")
     assert parse_memory("512MB", "ram") == 512 * 2**20

@@ -215,3 +215,22 @@ def test_a_quantized_folder_is_never_read_layer_by_layer(tiny_model_dir, tmp_pat
     monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 40)
     assert memory.quantized_cpu_dtype(folder) is None
     assert memory.quantized_cpu_dtype(tiny_model_dir("llama")) is None  # not quantized
+
+
+def test_a_quantized_folder_keeps_float32_while_the_margin_fits(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """float32 while QUANTIZED_FLOAT32_MARGIN times the float32 weights fit, bfloat16 past it."""
+    import shrink.streaming.memory as memory
+    from shrink.streaming.checkpoint import weights_bytes
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    edge = int(weights_bytes(folder, torch.float32) * memory.QUANTIZED_FLOAT32_MARGIN)
+    monkeypatch.setattr(memory, "available_memory", lambda device: edge)
+    assert memory.quantized_cpu_dtype(folder) is None
+    monkeypatch.setattr(memory, "available_memory", lambda device: edge - 1)
+    assert memory.quantized_cpu_dtype(folder) == torch.bfloat16

@@ -16,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrink.core.errors import ShrinkError
+from shrink.core.hfconfig import quant_method
 from shrink.runtime.artifacts import artifact_path
 from shrink.runtime.kinds.base import Card, Kind, Measure
 from shrink.runtime.kinds.gguf import GgufKind
 from shrink.runtime.kinds.gptq import GptqKind
-from shrink.runtime.kinds.hf import HfKind, quant_method
+from shrink.runtime.kinds.hf import HfKind
 from shrink.runtime.kinds.onnx import OnnxKind
 
 __all__ = [

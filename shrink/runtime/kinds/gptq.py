@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from shrink.core.errors import ShrinkError
+from shrink.core.hfconfig import quant_method, read_config
 from shrink.runtime.kinds.base import Card
-from shrink.runtime.kinds.hf import HfKind, quant_method, read_config
+from shrink.runtime.kinds.hf import HfKind
 from shrink.runtime.worker import run_worker
 
 

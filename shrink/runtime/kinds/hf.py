@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from shrink.core.errors import ShrinkError, first_line, install_hint
+from shrink.core.hfconfig import quant_method, read_config
 from shrink.runtime.kinds.base import Card, Kind, Measure, Stream
-
-
-def read_config(path: Path) -> dict | None:
-    """A folder's config.json, or None when it has none."""
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ShrinkError(f"cannot read {f}: {e}") from None
-
-
-def quant_method(path: Path) -> str:
-    """The ``quant_method`` of a folder's quantization_config ('' when not quantized)."""
-    cfg = read_config(path) or {}
-    return str((cfg.get("quantization_config") or {}).get("quant_method", "")).lower()
 
 
 def load_for_measuring(model, dtype=None, device: str | None = None, **kwargs):
