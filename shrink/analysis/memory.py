@@ -18,7 +18,9 @@ s bytes per compute element: 2 on a GPU, 4 on the CPU):
   (``T L 2 (8d + 5f)``); QLoRA holds the decoder Linears in NF4 with double quantization
   (4.127 bits a weight) and the rest in 16 bits, with gradient checkpointing (one 16-bit
   ``d``-vector per token per layer, plus one layer's activations). Both add the adapter with its
-  AdamW state (16 bytes a parameter), fp32 logits and their gradient ``2 T V 4``. ``auto``
+  AdamW state (16 bytes a parameter), and the loss: the chunked linear cross-entropy holds
+  the fp32 logits of one chunk of positions and their gradient (``2 HEAD_CHUNK_BYTES``) and the
+  hidden states' copy and gradient ``2 T d 4``. ``auto``
   picks LoRA when it fits the GPU (on a CPU: the RAM), else QLoRA, and says so. On a CPU LoRA's
   model is float32; QLoRA computes in bfloat16 on either device.
   The host streams the checkpoint in tensor by tensor (safetensors): two of the largest tensor.
@@ -67,6 +69,8 @@ LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk (shrink.streaming.perplexity
 # a GPTQ folder's float tensors stay float32 on the CPU when this many times its float32
 # weights fit, else bfloat16 (shrink.streaming.memory.QUANTIZED_FLOAT32_MARGIN)
 QUANTIZED_FLOAT32_MARGIN = 2.0
+# fp32 logits of one chunk of the healing loss (shrink.stages.heal.headloss.HEAD_CHUNK_BYTES)
+HEAD_CHUNK_BYTES = 64 << 20
 GGUF_BITS = {
     "f32": 32,
     "f16": 16,
@@ -302,7 +306,7 @@ def heal_bytes(m: ModelFacts, method: str, st: PlanSettings, device: str) -> flo
     linear = m.pruned.linear_weights
     other = m.pruned.total - linear
     adapter = _lora_params(m, st.heal_targets, st.heal_rank) * 16
-    logits = 2 * T * m.shape.vocab * 4
+    logits = 2 * min(HEAD_CHUNK_BYTES, T * m.shape.vocab * 4) + 2 * T * d * 4
     layer_acts = T * s * (8 * d + 5 * f)
     if method == "qlora":  # 16-bit compute on either device
         weights = linear * NF4_BITS / 8 + other * 2

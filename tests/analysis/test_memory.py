@@ -131,6 +131,13 @@ def test_logit_chunk_is_the_streamed_perplexity_one():
     assert LOGIT_BYTES == perplexity.LOGIT_BYTES
 
 
+def test_heal_logit_chunk_is_the_healing_loss_one():
+    from shrink.analysis.memory import HEAD_CHUNK_BYTES
+    from shrink.stages.heal import headloss
+
+    assert HEAD_CHUNK_BYTES == headloss.HEAD_CHUNK_BYTES
+
+
 def test_gptq_float32_margin_is_the_quantized_loader_one():
     """The evaluate row keeps a GPTQ folder's float tensors in float32 exactly when the loader
     does: while QUANTIZED_FLOAT32_MARGIN times their float32 size fits the usable RAM."""
