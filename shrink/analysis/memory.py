@@ -65,7 +65,7 @@ GPTQ_LEFTOVER = 0.3e9
 HOST_RESERVE = 0.10  # of the RAM, for the OS and the page cache
 NF4_BITS = 4.127  # bitsandbytes NF4 with double-quantized absmax
 COPY_BUFFER = 64 << 20
-LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk (shrink.streaming.perplexity.LOGIT_BYTES)
+LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk (shrink.core.perplexity.LOGIT_BYTES)
 # a GPTQ folder's float tensors stay float32 on the CPU when this many times its float32
 # weights fit, else bfloat16 (shrink.streaming.memory.QUANTIZED_FLOAT32_MARGIN)
 QUANTIZED_FLOAT32_MARGIN = 2.0

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from shrink.core.errors import ShrinkError
+from shrink.core.head import plain_head
 from shrink.core.progress import progress_bar
+
+LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk of positions (the loss needs about twice that)
 
 
 @dataclass
@@ -41,6 +44,7 @@ def perplexity(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = next(model.parameters()).device
+    parts = plain_head(model)
     total_nll, total_tokens = 0.0, 0
     t0 = time.perf_counter()
     for start in progress_bar(
@@ -48,15 +52,8 @@ def perplexity(
     ):
         ids = input_ids[start : start + batch_size].to(device)
         mask = attention_mask[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total_nll += nll.item()
+        total_nll += _batch_nll(model, parts, ids, mask, targets)
         total_tokens += int((targets != -100).sum())
     if total_tokens == 0:
         raise ShrinkError("perplexity needs at least one predicted token (every block is padding)")
@@ -70,3 +67,37 @@ def perplexity(
             "model's predictions are far from the text"
         )
     return PerplexityResult(ppl, mean, total_tokens, time.perf_counter() - t0)
+
+
+def _batch_nll(
+    model: nn.Module,
+    parts: tuple[nn.Module, nn.Linear] | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+) -> float:
+    """Summed next-token NLL of one batch. With a plain head (``parts``, see
+    :func:`shrink.core.head.plain_head`) the head runs on ``LOGIT_BYTES`` of logits at a time,
+    as the streamed perplexity does; else the model's own logits of every position."""
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        ).item()
+    decoder, head = parts
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    chunk = max(1, LOGIT_BYTES // (ids.shape[0] * head.out_features * 4))
+    total = 0.0
+    for s in range(0, ids.shape[1] - 1, chunk):
+        e = min(s + chunk, ids.shape[1] - 1)
+        logits = head(hidden[:, s:e]).float()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets[:, s:e].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        ).item()
+    return total

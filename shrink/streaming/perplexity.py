@@ -23,13 +23,11 @@ import torch.nn.functional as F
 
 from shrink.core.errors import ShrinkError
 from shrink.core.models import check_device, parse_dtype
-from shrink.core.perplexity import PerplexityResult
+from shrink.core.perplexity import LOGIT_BYTES, PerplexityResult
 from shrink.core.progress import progress_bar
 from shrink.streaming.memory import activation_store, activations_on_disk
 from shrink.streaming.score import Skeleton, embed_into, layer_forward, open_skeleton
 from shrink.streaming.skeleton import Loader, module_name
-
-LOGIT_BYTES = 128 << 20  # fp32 logits of one chunk of positions (the loss needs about twice that)
 
 
 def _check_blocks(blocks, attention_mask):

@@ -18,16 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shrink.core.head import plain_head
+
 # Rows of hidden states per chunk: the float32 logits of one chunk stay under this many bytes.
 # Measured on a 2-core AVX-512 CPU (SmolLM2's 49,152-token head, 576 wide, 1,024 tokens): the
 # head's forward and backward took 0.41-0.49 s in chunks of 128 or 256 rows, 0.53-0.62 s in
 # chunks of 64, 1.2 s with torch's default chunking on a CPU (16 rows) and 0.56-0.70 s with the
 # logits at once.
 HEAD_CHUNK_BYTES = 64 << 20
-# families whose causal-LM forward is ``lm_head(norm(decoder output))`` with nothing after it
-# (Gemma 2's logit soft-capping and the like are refused by the config checks below as well)
-PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text"})
-_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
 def chunk_rows(vocab: int) -> int:
@@ -36,23 +34,15 @@ def chunk_rows(vocab: int) -> int:
 
 
 def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder, head) when the loss can skip the logits (see the module docstring), else None.
+    """(decoder, head) when the loss can skip the logits (see the module docstring): a plain
+    head (:func:`shrink.core.head.plain_head`) that is not trained, and torch 2.13 or later.
     ``model`` may be wrapped by peft."""
     if not hasattr(F, "linear_cross_entropy"):  # torch before 2.13
         return None
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(lm, "config", None)
-    if config is None or getattr(config, "model_type", "") not in PLAIN_HEAD_TYPES:
+    parts = plain_head(model)
+    if parts is None or parts[1].weight.requires_grad:
         return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _AFTER_HEAD):
-        return None
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
-        return None
-    if decoder is None or decoder is lm:
-        return None
-    return decoder, head
+    return parts
 
 
 def lm_loss(
@@ -75,3 +65,13 @@ def lm_loss(
     return F.linear_cross_entropy(
         h, head.weight, target, ignore_index=-100, reduction="mean", options=options
     )
+
+
+def loss_without_logits(model: nn.Module, inputs: dict, one_process: bool) -> torch.Tensor | None:
+    """:func:`lm_loss` of a training batch when :func:`fused_parts` applies and training runs in
+    one process (a model wrapped for distributed training must be called through its wrapper,
+    which synchronizes the gradients); None when the model's own forward must compute it."""
+    parts = fused_parts(model) if one_process else None
+    if parts is None:
+        return None
+    return lm_loss(parts, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"))

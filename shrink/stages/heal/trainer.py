@@ -68,21 +68,13 @@ def trainer_class():
             self._parts: dict[str, list[float]] = {"lm_loss": [], "kd_loss": []}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            parts = None
-            # one process only: a model wrapped for distributed training must be called
-            # through its wrapper, which synchronizes the gradients
-            if self.teacher is None and not return_outputs and self.args.world_size == 1:
-                from shrink.stages.heal.headloss import fused_parts
+            if self.teacher is None and not return_outputs:
+                from shrink.stages.heal.headloss import loss_without_logits
 
-                parts = fused_parts(model)
-            if parts is not None:  # the same loss without the logits of every position
-                from shrink.stages.heal.headloss import lm_loss
-
-                lm = lm_loss(
-                    parts, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
-                )
-                self._parts["lm_loss"].append(lm.detach().item())
-                return lm
+                lm = loss_without_logits(model, inputs, self.args.world_size == 1)
+                if lm is not None:
+                    self._parts["lm_loss"].append(lm.detach().item())
+                    return lm
             outputs = model(
                 input_ids=inputs["input_ids"],
                 labels=inputs["labels"],
