@@ -10,7 +10,7 @@ from torch import nn
 
 # families whose causal-LM forward is ``lm_head(decoder(ids))`` with nothing after the head;
 # a config that scales or soft-caps the logits (Gemma 2, Cohere, Granite) is refused as well
-PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text"})
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
 _AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
@@ -21,8 +21,10 @@ def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     config = getattr(lm, "config", None)
     if config is None or getattr(config, "model_type", "") not in PLAIN_HEAD_TYPES:
         return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _AFTER_HEAD):
-        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for c in (config, text):
+        if any(getattr(c, name, None) not in (None, 1, 1.0) for name in _AFTER_HEAD):
+            return None
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     if type(head) is not nn.Linear or head.bias is not None:
