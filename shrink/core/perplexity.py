@@ -89,11 +89,23 @@ def _batch_nll(
         ).item()
     decoder, head = parts
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    chunk = max(1, LOGIT_BYTES // (ids.shape[0] * head.out_features * 4))
+    chunk = chunk_positions(ids.shape[0], head.out_features)
+    return chunked_nll(lambda h: head(h).float(), hidden, targets, chunk)
+
+
+def chunk_positions(batch: int, vocab: int) -> int:
+    """Positions per chunk that keep a batch's fp32 logits under ``LOGIT_BYTES``."""
+    return max(1, LOGIT_BYTES // (batch * vocab * 4))
+
+
+def chunked_nll(logits_of, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> float:
+    """Summed next-token NLL of one batch from its last hidden states (batch, S, d),
+    ``chunk`` positions at a time: ``logits_of(hidden[:, s:e])`` gives their fp32 logits and
+    ``targets`` (batch, S - 1) the next tokens, -100 where nothing is predicted."""
     total = 0.0
-    for s in range(0, ids.shape[1] - 1, chunk):
-        e = min(s + chunk, ids.shape[1] - 1)
-        logits = head(hidden[:, s:e]).float()
+    for s in range(0, hidden.shape[1] - 1, chunk):
+        e = min(s + chunk, hidden.shape[1] - 1)
+        logits = logits_of(hidden[:, s:e])
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             targets[:, s:e].reshape(-1),

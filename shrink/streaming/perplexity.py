@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from shrink.core.errors import ShrinkError
 from shrink.core.models import check_device, parse_dtype
-from shrink.core.perplexity import LOGIT_BYTES, PerplexityResult
+from shrink.core.perplexity import PerplexityResult, chunk_positions, chunked_nll
 from shrink.core.progress import progress_bar
 from shrink.streaming.memory import activation_store, activations_on_disk
 from shrink.streaming.score import Skeleton, embed_into, layer_forward, open_skeleton
@@ -94,18 +93,12 @@ def _head_nll(
     time: logits = head(norm(h)) (soft-capped where the model caps them), as the CausalLM does."""
     cap = getattr(sk.config.get_text_config(), "final_logit_softcapping", None)
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    total, count = 0.0, 0
-    for s in range(0, x.shape[1] - 1, chunk):
-        e = min(s + chunk, x.shape[1] - 1)
-        logits = head(norm(x[:, s:e])).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        t = targets[:, s:e]
-        total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((t != -100).sum())
-    return total, count
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        logits = head(norm(h)).float()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return chunked_nll(logits_of, x, targets, chunk), int((targets != -100).sum())
 
 
 @torch.no_grad()
@@ -130,8 +123,9 @@ def stream_perplexity(
     with tensors ``replace``) over ``blocks`` (a (samples, seq_len) tensor or TokenBlocks), one
     layer in memory at a time; equal to the in-memory perplexity to float rounding. The head
     runs ``chunk`` positions of a batch at a time (default: as many as keep the fp32 logits
-    under ``LOGIT_BYTES``). ``hooks(model)``: called once with the (not yet loaded) model, to
-    register forward hooks on its modules; they fire as each layer and the head run.
+    under ``shrink.core.perplexity.LOGIT_BYTES``). ``hooks(model)``: called once with the (not
+    yet loaded) model, to register forward hooks on its modules; they fire as each layer and
+    the head run.
     ``head_on_last``: run the head on each block's last position too (it predicts no token of
     the block, so the loss skips it; hooks on the head then see every position, as in a whole
     forward)."""
@@ -150,8 +144,7 @@ def stream_perplexity(
     N, S = ids.shape
     H = sk.config.get_text_config().hidden_size
     if chunk is None:
-        rows = min(batch_size, N) * sk.config.get_text_config().vocab_size * 4
-        chunk = max(1, LOGIT_BYTES // rows)
+        chunk = chunk_positions(min(batch_size, N), sk.config.get_text_config().vocab_size)
     on_disk = activations_on_disk((N, S, H), torch_dtype, offload_dir)
     t0 = time.perf_counter()
     acts, acts_file = activation_store((N, S, H), torch_dtype, offload_dir, on_disk)

@@ -124,11 +124,14 @@ def test_settings_are_the_stages_defaults():
     )
 
 
-def test_logit_chunk_is_the_streamed_perplexity_one():
+def test_logit_chunk_is_the_perplexity_one():
+    """The plan's chunk is the one both perplexities (in memory and streamed) run the head on."""
     from shrink.analysis.memory import LOGIT_BYTES
-    from shrink.streaming import perplexity
+    from shrink.core import perplexity
+    from shrink.streaming import perplexity as streamed
 
     assert LOGIT_BYTES == perplexity.LOGIT_BYTES
+    assert streamed.chunk_positions is perplexity.chunk_positions
 
 
 def test_heal_logit_chunk_is_the_healing_loss_one():
